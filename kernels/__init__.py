@@ -1,0 +1,1 @@
+"""Triton kernels for PixArt-alpha blocks, imported as `pixart_fast.kernels`."""

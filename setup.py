@@ -1,0 +1,26 @@
+"""pixart_fast: fast PixArt-alpha training. See README.md."""
+from setuptools import setup
+
+setup(
+    name="pixart_fast",
+    version="0.1.0",
+    description="Fast PixArt-alpha text-to-image training: a lean model, Triton kernels, a three-stage trainer",
+    python_requires=">=3.10",
+    # DESIGN.md section 3: kernels/ and train/ are imported as pixart_fast.kernels and pixart_fast.train.
+    # Never install a top-level `kernels` module: transformers probes for Hugging Face's package of that name.
+    packages=["pixart_fast", "pixart_fast.kernels", "pixart_fast.train"],
+    package_dir={"pixart_fast": "pixart_fast", "pixart_fast.kernels": "kernels", "pixart_fast.train": "train"},
+    install_requires=[
+        "torch>=2.5,<2.15",
+        "triton>=3.1; platform_system == 'Linux'",
+        "numpy",
+        "safetensors",
+        "transformers>=4.44",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30"],
+        "gpu": ["nvidia-ml-py"],
+    },
+)

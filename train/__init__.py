@@ -1,0 +1,1 @@
+"""The trainer and its stage recipes, imported as `pixart_fast.train`."""
