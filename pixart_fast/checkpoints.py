@@ -1,0 +1,207 @@
+"""Checkpoint formats: ours (safetensors), the official PixArt `.pth`, facebookresearch/DiT `.pt`, and
+diffusers' `PixArtTransformer2DModel` (state dict, `.safetensors` file or folder).
+
+Inside the project every state dict uses the official repo's names (DESIGN.md section 1). diffusers names map
+one-to-one, except that diffusers splits `qkv` / `kv_linear` into to_q, to_k, to_v and keeps neither
+`pos_embed` (recomputed) nor `y_embedding` (its pipeline encodes an empty prompt instead).
+"""
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+# official name prefix  <->  diffusers name prefix, for parameters that map one-to-one.
+_RENAMES = [
+    ("x_embedder.proj.", "pos_embed.proj."),
+    ("t_embedder.mlp.0.", "adaln_single.emb.timestep_embedder.linear_1."),
+    ("t_embedder.mlp.2.", "adaln_single.emb.timestep_embedder.linear_2."),
+    ("t_block.1.", "adaln_single.linear."),
+    ("csize_embedder.mlp.0.", "adaln_single.emb.resolution_embedder.linear_1."),
+    ("csize_embedder.mlp.2.", "adaln_single.emb.resolution_embedder.linear_2."),
+    ("ar_embedder.mlp.0.", "adaln_single.emb.aspect_ratio_embedder.linear_1."),
+    ("ar_embedder.mlp.2.", "adaln_single.emb.aspect_ratio_embedder.linear_2."),
+    ("y_embedder.y_proj.fc1.", "caption_projection.linear_1."),
+    ("y_embedder.y_proj.fc2.", "caption_projection.linear_2."),
+    ("final_layer.scale_shift_table", "scale_shift_table"),
+    ("final_layer.linear.", "proj_out."),
+]
+_BLOCK_RENAMES = [  # inside blocks.i / transformer_blocks.i
+    ("scale_shift_table", "scale_shift_table"),
+    ("attn.proj.", "attn1.to_out.0."),
+    ("cross_attn.q_linear.", "attn2.to_q."),
+    ("cross_attn.proj.", "attn2.to_out.0."),
+    ("mlp.fc1.", "ff.net.0.proj."),
+    ("mlp.fc2.", "ff.net.2."),
+]
+# official fused projections -> the diffusers parts they are concatenated from (along the output dim).
+_FUSED = [("attn.qkv.", ("attn1.to_q.", "attn1.to_k.", "attn1.to_v.")),
+          ("cross_attn.kv_linear.", ("attn2.to_k.", "attn2.to_v."))]
+# Official-only entries: recomputed (pos_embed) or absent from diffusers (y_embedding).
+NOT_IN_DIFFUSERS = ("pos_embed", "y_embedder.y_embedding")
+
+
+class CheckpointMismatch(ValueError):
+    """A state dict does not fit a model: lists missing, unexpected and shape-mismatched keys."""
+
+
+def _rename(key: str, pairs, src: int) -> str | None:
+    for pair in pairs:
+        if key.startswith(pair[src]):
+            return pair[1 - src] + key[len(pair[src]):]
+    return None
+
+
+def to_diffusers(sd: dict) -> dict:
+    """Official-named PixArt state dict -> diffusers PixArtTransformer2DModel names. Drops pos_embed and
+    y_embedding, which diffusers does not keep."""
+    out = {}
+    for key, value in sd.items():
+        if key in NOT_IN_DIFFUSERS:
+            continue
+        m = re.match(r"blocks\.(\d+)\.(.*)", key)
+        if m is None:
+            new = _rename(key, _RENAMES, 0)
+        else:
+            i, rest = m.groups()
+            fused = [parts for name, parts in _FUSED if rest.startswith(name)]
+            if fused:
+                suffix = rest.split(".")[-1]  # weight / bias
+                for part, chunk in zip(fused[0], value.chunk(len(fused[0]), dim=0)):
+                    out[f"transformer_blocks.{i}.{part}{suffix}"] = chunk.clone()
+                continue
+            new = _rename(rest, _BLOCK_RENAMES, 0)
+            new = None if new is None else f"transformer_blocks.{i}.{new}"
+        if new is None:
+            raise KeyError(f"no diffusers name for {key!r}: not a PixArt state dict?")
+        out[new] = value
+    return out
+
+
+def from_diffusers(sd: dict) -> dict:
+    """diffusers PixArtTransformer2DModel state dict -> official names (no y_embedding: diffusers has none;
+    load with `load_state_dict_strict(model, sd, allow_missing=("y_embedder.y_embedding",))`)."""
+    out, pending = {}, {}
+    for key, value in sd.items():
+        m = re.match(r"transformer_blocks\.(\d+)\.(.*)", key)
+        if m is None:
+            new = _rename(key, _RENAMES, 1)
+            if new is None:
+                raise KeyError(f"no official name for diffusers key {key!r}: not a PixArtTransformer2DModel?")
+            out[new] = value
+            continue
+        i, rest = m.groups()
+        fused = [(name, parts) for name, parts in _FUSED if rest.startswith(parts)]
+        if fused:
+            pending[(i, rest)] = value
+            continue
+        new = _rename(rest, _BLOCK_RENAMES, 1)
+        if new is None:
+            raise KeyError(f"no official name for diffusers key {key!r}")
+        out[f"blocks.{i}.{new}"] = value
+    blocks = sorted({i for i, _ in pending}, key=int)
+    for i in blocks:
+        for name, parts in _FUSED:
+            for suffix in ("weight", "bias"):
+                keys = [(i, part + suffix) for part in parts]
+                missing = [f"transformer_blocks.{i}.{r}" for _, r in keys if (i, r) not in pending]
+                if missing:
+                    raise KeyError(f"diffusers state dict lacks {missing} to build blocks.{i}.{name}{suffix}")
+                out[f"blocks.{i}.{name}{suffix}"] = torch.cat([pending[k] for k in keys], dim=0)
+    return out
+
+
+def load_state_dict_strict(model: torch.nn.Module, sd: dict, allow_missing=()) -> None:
+    """Load sd into model, refusing any mismatch: raises CheckpointMismatch listing every missing, unexpected
+    and shape-mismatched key (allow_missing: keys that may be absent and keep the model's values)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and k not in allow_missing]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint does not fit {type(model).__name__} (config {getattr(model, 'config', '?')}):"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+        raise CheckpointMismatch("\n".join(lines))
+    model.load_state_dict(sd, strict=False)
+
+
+def save_safetensors(sd: dict, path, metadata: dict | None = None) -> None:
+    """Write a state dict as safetensors (tensors made contiguous; metadata values JSON-encoded)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+
+
+def load_safetensors(path) -> dict:
+    return load_file(str(path))
+
+
+def _torch_load_weights(path) -> dict:
+    """torch.load with weights_only=True: a file that carries pickled code is refused, never run."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError (or others) for anything beyond plain tensors
+        raise ValueError(f"{path}: refused to load. Only plain weight files are accepted (torch.load with "
+                         f"weights_only=True failed: {type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def load_official(path) -> dict:
+    """Official PixArt `.pth`: the dict under 'state_dict' (or the file itself), pos_embed dropped."""
+    obj = _torch_load_weights(path)
+    sd = obj.get("state_dict", obj)
+    return {k: v for k, v in sd.items() if k != "pos_embed"}
+
+
+def load_dit(path) -> dict:
+    """facebookresearch/DiT `.pt`: the plain state dict, or its 'ema' / 'model' entry; pos_embed dropped."""
+    obj = _torch_load_weights(path)
+    sd = obj.get("ema", obj.get("model", obj))
+    return {k: v for k, v in sd.items() if k != "pos_embed"}
+
+
+def load_diffusers(path) -> dict:
+    """A diffusers transformer folder (its `transformer/` subfolder also accepted, sharded or not) or a single
+    `.safetensors` file with diffusers names -> official names."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "transformer").is_dir():
+            path = path / "transformer"
+        index = path / "diffusion_pytorch_model.safetensors.index.json"
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            sd = {k: v for f in files for k, v in load_file(str(path / f)).items()}
+        elif (path / "diffusion_pytorch_model.safetensors").exists():
+            sd = load_file(str(path / "diffusion_pytorch_model.safetensors"))
+        else:
+            raise FileNotFoundError(f"{path}: no diffusion_pytorch_model.safetensors (or its index) in this folder")
+    else:
+        sd = load_file(str(path))
+    return from_diffusers(sd)
+
+
+def load_any(path) -> tuple[str, dict]:
+    """Load a checkpoint of any supported format -> (format, state dict in official names).
+
+    format: "pixart_fast" (our safetensors), "diffusers" (folder, or safetensors with diffusers names),
+    "official" (.pth) or "dit" (.pt, class-conditional: contains adaLN_modulation keys)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        return "diffusers", load_diffusers(path)
+    if path.suffix == ".safetensors":
+        sd = load_file(str(path))
+        if any(k.startswith("transformer_blocks.") for k in sd):
+            return "diffusers", from_diffusers(sd)
+        return ("dit" if any("adaLN_modulation" in k for k in sd) else "pixart_fast"), sd
+    if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        sd = load_official(path)
+        return ("dit" if any("adaLN_modulation" in k for k in sd) else "official"), sd
+    raise ValueError(f"{path}: unknown checkpoint format {path.suffix!r} (expected a folder, .safetensors, .pth or .pt)")
+

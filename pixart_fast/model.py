@@ -1,0 +1,562 @@
+"""PixArt-alpha (arXiv 2310.00426) and the class-conditional DiT it starts from, in one file.
+
+Read top to bottom: configs, position embeddings, embedders, attention and MLP, the PixArt block, the final
+layer, the PixArt model, the DiT model of stage 1, and `reparameterize` (DiT -> PixArt, paper section 2.3).
+Parameter names are the official PixArt repo's (and facebookresearch/DiT's for `DiT`), so their checkpoints
+load unchanged. Shapes: B batch, C channels, H x W input, T = (H/p)(W/p) image tokens, D hidden size,
+L caption tokens (at most 120), E caption channels (4096 for T5-XXL).
+"""
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from pixart_fast.kernels.backend import BACKENDS
+from pixart_fast.kernels.cross_attn import cross_attention
+from pixart_fast.kernels.modulate import gated_residual, gated_residual_modulate, modulate
+from pixart_fast.kernels.patchify import patchify, unpatchify
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PixArtConfig:
+    """Shape of a PixArt model (and of the stage-1 DiT built from the same numbers)."""
+
+    input_size: int = 32  # side of the model input in latent pixels (32, 64, 128 at 256/512/1024 px)
+    patch_size: int = 2
+    in_channels: int = 4  # SD-VAE latents; 3 for the embedded pixel-space default
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    learn_sigma: bool = True  # output eps and the learned-range variance: 2 * in_channels channels
+    caption_channels: int = 4096  # T5 v1.1 XXL feature size
+    max_tokens: int = 120  # caption tokens; the null caption `y_embedding` has this many
+    class_dropout_prob: float = 0.1  # caption (or class) replaced by the null one with this probability in training
+    pe_interpolation: float = 1.0  # position-embedding grid divisor: 1 at 256/512 px, 2 at 1024 px
+    micro_conditions: bool = False  # PixArtMS: add image size and aspect-ratio embeddings to t
+    num_classes: int = 1000  # classes of the stage-1 class-conditional DiT (unused by PixArt)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
+        if self.micro_conditions and self.hidden_size % 3:
+            raise ValueError(f"micro_conditions need hidden_size divisible by 3 (2 size + 1 ratio third), got {self.hidden_size}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+_XL = PixArtConfig()
+CONFIGS = {
+    # The paper's models (DESIGN.md section 1): 611 M parameters.
+    "PixArt-XL/2-256": _XL,
+    "PixArt-XL/2-512": replace(_XL, input_size=64),
+    "PixArtMS-XL/2-1024": replace(_XL, input_size=128, pe_interpolation=2.0, micro_conditions=True),
+    # The embedded default (DESIGN.md section 5): 32 px pixel space, 256 tokens, the tiny T5's 64 channels.
+    "PixArt-pixel-32": PixArtConfig(input_size=32, in_channels=3, hidden_size=192, depth=6, num_heads=3,
+                                    caption_channels=64, num_classes=24),
+    "PixArtMS-pixel-64": PixArtConfig(input_size=64, patch_size=4, in_channels=3, hidden_size=192, depth=6,
+                                      num_heads=3, caption_channels=64, micro_conditions=True),
+    # Tiny models for tests.
+    "PixArt-tiny": PixArtConfig(input_size=8, in_channels=4, hidden_size=48, depth=2, num_heads=2,
+                                caption_channels=24, max_tokens=10, num_classes=5),
+    "PixArtMS-tiny": PixArtConfig(input_size=8, in_channels=4, hidden_size=48, depth=2, num_heads=2,
+                                  caption_channels=24, max_tokens=10, micro_conditions=True),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fixed 2-D sin-cos position embedding
+# ----------------------------------------------------------------------------------------------------------
+
+
+def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """pos (M,) -> (M, dim): [sin(pos * w), cos(pos * w)] with w = 10000^(-k / (dim/2))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = pos.double()[:, None] * omega[None]
+    return torch.cat([out.sin(), out.cos()], dim=1)
+
+
+def pos_embed_2d(dim: int, grid_h: int, grid_w: int, base_size: int, pe_interpolation: float) -> torch.Tensor:
+    """(grid_h * grid_w, dim) float32, row-major over the token grid; the first half encodes the column
+    coordinate, the second the row (the official repo's and diffusers' order). Coordinates are scaled so a grid
+    of any size spans the base grid: arange(G) / (G / base_size) / pe_interpolation."""
+    rows = torch.arange(grid_h, dtype=torch.float64) / (grid_h / base_size) / pe_interpolation
+    cols = torch.arange(grid_w, dtype=torch.float64) / (grid_w / base_size) / pe_interpolation
+    rr, cc = torch.meshgrid(rows, cols, indexing="ij")  # (grid_h, grid_w) each
+    emb = torch.cat([sincos_1d(dim // 2, cc.flatten()), sincos_1d(dim // 2, rr.flatten())], dim=1)
+    return emb.float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embedders
+# ----------------------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, T, D) with a stride-p convolution (kept as `proj` so checkpoints load), run as
+    patchify + matmul so the reshape can be the fused kernel."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int, kernels: str):
+        super().__init__()
+        self.patch_size, self.kernels = patch_size, kernels
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        tokens = patchify(x, self.patch_size, backend=self.kernels)  # (B, T, C*p*p), (c, i, j) order
+        return F.linear(tokens, self.proj.weight.flatten(1), self.proj.bias)  # (B, T, D)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """t (N,) float, possibly fractional -> (N, dim) = [cos(t * f), sin(t * f)], f = max_period^(-k / (dim/2))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t (B,) -> (B, D): 256-dim sinusoid, Linear, SiLU, Linear."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class SizeEmbedder(TimestepEmbedder):
+    """PixArtMS micro-condition: s (B, k) sizes -> (B, k * D') with each of the k numbers embedded like a
+    timestep (image height and width: k = 2; aspect ratio: k = 1)."""
+
+    def forward(self, s):
+        s = s.reshape(s.shape[0], -1)  # (B, k)
+        return super().forward(s.flatten()).reshape(s.shape[0], -1)  # (B, k * D')
+
+
+class CaptionEmbedder(nn.Module):
+    """T5 features (B, L, E) -> (B, L, D) through Linear, tanh-GELU, Linear. Owns the null caption
+    `y_embedding` (max_tokens, E) that classifier-free guidance and caption dropout use."""
+
+    def __init__(self, caption_channels: int, hidden_size: int, max_tokens: int):
+        super().__init__()
+        self.y_proj = Mlp(caption_channels, hidden_size, hidden_size)
+        self.register_buffer("y_embedding", torch.randn(max_tokens, caption_channels) / caption_channels**0.5)
+
+    def forward(self, y):
+        return self.y_proj(y)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention and MLP
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Mlp(nn.Module):
+    """Linear, tanh-approximate GELU, Linear (timm's Mlp names: fc1, fc2)."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc2 = nn.Linear(hidden_features, out_features)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over image tokens: (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens (B, T, D) attend to caption tokens (B, L, D) where mask (B, L) is True. A caption with
+    no valid token contributes zero (never NaN)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, kernels: str):
+        super().__init__()
+        self.num_heads, self.kernels = num_heads, kernels
+        self.q_linear = nn.Linear(hidden_size, hidden_size)
+        self.kv_linear = nn.Linear(hidden_size, 2 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x, y, mask):
+        B, T, D = x.shape
+        H, L = self.num_heads, y.shape[1]
+        q = self.q_linear(x).view(B, T, H, D // H)  # (B, T, H, Dh)
+        k, v = self.kv_linear(y).view(B, L, 2, H, D // H).unbind(2)  # (B, L, H, Dh) each
+        x = cross_attention(q, k, v, mask, backend=self.kernels)  # (B, T, H, Dh)
+        return self.proj(x.reshape(B, T, D))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The PixArt block (adaLN-single) and the final layer
+# ----------------------------------------------------------------------------------------------------------
+
+
+class PixArtBlock(nn.Module):
+    """x += gate_msa * attn(modulate(LN(x))); x += cross_attn(x, y); x += gate_mlp * mlp(modulate(LN(x))).
+
+    The six modulation vectors are this block's `scale_shift_table` (6, D) plus the shared t0 (B, 6D)
+    (adaLN-single). The residual add that closes the attention branch is fused with the LayerNorm and
+    modulation that open the MLP branch (`gated_residual_modulate`)."""
+
+    def __init__(self, config: PixArtConfig, kernels: str):
+        super().__init__()
+        D = config.hidden_size
+        self.kernels = kernels
+        self.attn = Attention(D, config.num_heads)
+        self.cross_attn = CrossAttention(D, config.num_heads, kernels)
+        self.mlp = Mlp(D, int(D * config.mlp_ratio), D)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, D) / D**0.5)
+
+    def forward(self, x, y, t0, mask):
+        B = x.shape[0]
+        mods = (self.scale_shift_table[None] + t0.reshape(B, 6, -1)).unbind(1)  # 6 x (B, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        h = self.attn(modulate(x, shift_msa, scale_msa, backend=self.kernels))  # (B, T, D)
+        x = gated_residual(x, gate_msa, h, backend=self.kernels)
+        x = x + self.cross_attn(x, y, mask)
+        # The MLP branch's LN + modulation read the stream once, fused with nothing before it: cross-attention
+        # has no gate, so its residual add is a plain one.
+        h = self.mlp(modulate(x, shift_mlp, scale_mlp, backend=self.kernels))
+        return gated_residual(x, gate_mlp, h, backend=self.kernels)
+
+
+class FinalLayer(nn.Module):
+    """LN, modulate by (table (2, D) + t), Linear to p*p*out_channels per token."""
+
+    def __init__(self, config: PixArtConfig, kernels: str):
+        super().__init__()
+        D, p = config.hidden_size, config.patch_size
+        self.kernels = kernels
+        self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
+        self.linear = nn.Linear(D, p * p * config.out_channels)
+
+    def forward(self, x, t):
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).unbind(1)  # (B, D) each
+        return self.linear(modulate(x, shift, scale, backend=self.kernels))  # (B, T, p*p*out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PixArt
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _as_bool_mask(mask, y):
+    """mask (B, L) of 0/1 or bool, or None (all valid) -> bool (B, L)."""
+    if mask is None:
+        return torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
+    if mask.shape != y.shape[:2]:
+        raise ValueError(f"caption mask shape {tuple(mask.shape)} does not match captions {tuple(y.shape[:2])}")
+    return mask.bool()
+
+
+class PixArt(nn.Module):
+    """PixArt-alpha: a DiT with adaLN-single, cross-attention to T5 features, optional PixArtMS micro-conditions.
+
+    kernels: "auto" (Triton on CUDA, PyTorch on CPU), "triton" or "torch" (DESIGN.md section 4).
+    grad_checkpointing: recompute each block in the backward pass instead of storing its activations.
+    """
+
+    def __init__(self, config: PixArtConfig, kernels: str = "auto", grad_checkpointing: bool = False):
+        super().__init__()
+        if kernels not in BACKENDS:
+            raise ValueError(f"kernels must be one of {BACKENDS}, got {kernels!r}")
+        self.config, self.kernels, self.grad_checkpointing = config, kernels, grad_checkpointing
+        D, c = config.hidden_size, config
+        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, D, kernels)
+        self.t_embedder = TimestepEmbedder(D)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))  # adaLN-single: computed once per forward
+        self.y_embedder = CaptionEmbedder(c.caption_channels, D, c.max_tokens)
+        if c.micro_conditions:
+            self.csize_embedder = SizeEmbedder(D // 3)  # image (height, width) -> 2 * D/3
+            self.ar_embedder = SizeEmbedder(D // 3)  # aspect ratio -> D/3
+        self.blocks = nn.ModuleList([PixArtBlock(c, kernels) for _ in range(c.depth)])
+        self.final_layer = FinalLayer(c, kernels)
+        grid = c.input_size // c.patch_size
+        self.register_buffer("pos_embed", pos_embed_2d(D, grid, grid, grid, c.pe_interpolation)[None], persistent=False)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Linear layers: Xavier-uniform, zero bias (as the official repo and DiT).
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Patch embedding: like a Linear over the flattened patch.
+        nn.init.xavier_uniform_(self.x_embedder.proj.weight.view(self.config.hidden_size, -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        # Timestep, adaLN-single, caption and size embedders: small normal.
+        embedders = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
+                     self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
+        if self.config.micro_conditions:
+            embedders += [self.csize_embedder.mlp[0], self.csize_embedder.mlp[2],
+                          self.ar_embedder.mlp[0], self.ar_embedder.mlp[2]]
+        for m in embedders:
+            nn.init.normal_(m.weight, std=0.02)
+        # Cross-attention output and the final projection start at zero: each block starts as the identity
+        # on its text branch and the model predicts zero.
+        for block in self.blocks:
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def drop_captions(self, y, mask, drop):
+        """Replace the captions where drop (B,) is True by the null caption (all its tokens valid)."""
+        null = self.y_embedding_like(y)
+        y = torch.where(drop[:, None, None], null, y)
+        return y, torch.where(drop[:, None], True, mask)
+
+    def y_embedding_like(self, y):
+        """The null caption broadcast to y's batch, length and dtype: (B, L, E)."""
+        B, L, E = y.shape
+        if L != self.config.max_tokens or E != self.config.caption_channels:
+            raise ValueError(f"captions must be (B, {self.config.max_tokens}, {self.config.caption_channels}) "
+                             f"to be swapped for the null caption, got {tuple(y.shape)}")
+        return self.y_embedder.y_embedding.to(y.dtype).expand(B, L, E)
+
+    def forward(self, x, t, y, mask=None, img_hw=None, aspect_ratio=None, force_drop_ids=None):
+        """Predict eps (and the variance interpolation) for noisy input x at timesteps t given captions y.
+
+        x: (B, C, H, W); H and W divisible by the patch size (non-square works).
+        t: (B,) diffusion timesteps in [0, 1000), int or float.
+        y: (B, L, caption_channels) T5 features; mask: (B, L) of 0/1 or bool, 1 = real token (None: all real).
+        img_hw: (B, 2) original image height and width in pixels; aspect_ratio: (B,) or (B, 1) height/width.
+            Both required when config.micro_conditions, ignored otherwise.
+        force_drop_ids: (B,) bool, captions to replace by the null caption. None: in training mode each caption
+            is replaced with probability config.class_dropout_prob; in eval mode none is.
+        Returns (B, out_channels, H, W).
+        """
+        c = self.config
+        B, C, H, W = x.shape
+        p = c.patch_size
+        if C != c.in_channels or H % p or W % p:
+            raise ValueError(f"input must be (B, {c.in_channels}, H, W) with H, W divisible by {p}, got {tuple(x.shape)}")
+        if y.shape[0] != B or y.shape[-1] != c.caption_channels:
+            raise ValueError(f"captions must be (B={B}, L, {c.caption_channels}), got {tuple(y.shape)}")
+        mask = _as_bool_mask(mask, y)
+        if force_drop_ids is None and self.training and c.class_dropout_prob > 0:
+            force_drop_ids = torch.rand(B, device=x.device) < c.class_dropout_prob
+        if force_drop_ids is not None:
+            y, mask = self.drop_captions(y, mask, force_drop_ids.bool())
+
+        x = self.x_embedder(x) + self.pos_embed_for(H // p, W // p, x.device)  # (B, T, D)
+        t = self.t_embedder(t)  # (B, D)
+        if c.micro_conditions:
+            if img_hw is None or aspect_ratio is None:
+                raise ValueError("this model uses micro-conditions: pass img_hw (B, 2) and aspect_ratio (B,)")
+            t = t + torch.cat([self.csize_embedder(img_hw), self.ar_embedder(aspect_ratio)], dim=1)  # (B, D)
+        t0 = self.t_block(t)  # (B, 6D), shared by every block
+        y = self.y_embedder(y)  # (B, L, D)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, y, t0, mask, use_reentrant=False)
+            else:
+                x = block(x, y, t0, mask)  # (B, T, D)
+        x = self.final_layer(x, t)  # (B, T, p*p*out)
+        return unpatchify(x, p, c.out_channels, H, W, backend=self.kernels)  # (B, out, H, W)
+
+    def pos_embed_for(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
+        """(1, grid_h * grid_w, D): the stored table for the configured square grid, else built for this grid."""
+        if grid_h * grid_w == self.pos_embed.shape[1] and grid_h == grid_w:
+            return self.pos_embed
+        base = self.config.input_size // self.config.patch_size
+        return pos_embed_2d(self.config.hidden_size, grid_h, grid_w, base, self.config.pe_interpolation)[None].to(device)
+
+    def forward_with_cfg(self, x, t, y, mask=None, cfg_scale=4.5, img_hw=None, aspect_ratio=None):
+        """Classifier-free guidance in one batched call: x (B, C, H, W) is run with its captions and with the
+        null caption; returns (B, out_channels, H, W) whose first C channels are the guided eps
+        uncond + cfg_scale * (cond - uncond) and whose other channels are the conditional prediction's."""
+        B = x.shape[0]
+        mask = _as_bool_mask(mask, y)
+        drop = torch.arange(2 * B, device=x.device) >= B  # second half: null caption
+        two = lambda a: None if a is None else torch.cat([a, a])  # noqa: E731
+        out = self.forward(two(x), two(t), two(y), two(mask), two(img_hw), two(aspect_ratio), force_drop_ids=drop)
+        C = self.config.in_channels
+        cond, uncond = out[:B], out[B:]
+        eps = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])
+        return torch.cat([eps, cond[:, C:]], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The class-conditional DiT of stage 1 (facebookresearch/DiT architecture and names)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def dit_modulate(x, shift, scale):
+    """DiT's modulate: x (B, T, D) * (1 + scale (B, D)) + shift (B, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels (B,) -> (B, D); the extra last row is the null class used by classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def forward(self, labels, drop):
+        if drop is not None:
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
+class DiTBlock(nn.Module):
+    """DiT block with adaLN-Zero: each block maps c (B, D) to its own six modulation vectors."""
+
+    def __init__(self, config: PixArtConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(D, config.num_heads)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(D, int(D * config.mlp_ratio), D)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(dit_modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(dit_modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class DiTFinalLayer(nn.Module):
+    def __init__(self, config: PixArtConfig):
+        super().__init__()
+        D, p = config.hidden_size, config.patch_size
+        self.norm_final = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(D, p * p * config.out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(dit_modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Class-conditional DiT (Peebles & Xie) for stage 1, with the PixArt config's shape numbers and
+    `config.num_classes` classes. forward(x (B,C,H,W), t (B,), labels (B,) long) -> (B, out_channels, H, W)."""
+
+    def __init__(self, config: PixArtConfig, grad_checkpointing: bool = False):
+        super().__init__()
+        self.config, self.grad_checkpointing = config, grad_checkpointing
+        D = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D, kernels="torch")
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
+        self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
+        self.final_layer = DiTFinalLayer(config)
+        grid = config.input_size // config.patch_size
+        self.register_buffer("pos_embed", pos_embed_2d(D, grid, grid, grid, 1.0)[None], persistent=False)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # As facebookresearch/DiT: Xavier Linear layers, small-normal embedders, zero adaLN and output layers.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.x_embedder.proj.weight.view(self.config.hidden_size, -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[1] for b in self.blocks] + [self.final_layer.adaLN_modulation[1],
+                                                                    self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, labels, force_drop_ids=None):
+        """force_drop_ids (B,) bool: labels to replace by the null class; None: random in training mode."""
+        c = self.config
+        B, _, H, W = x.shape
+        if force_drop_ids is None and self.training and c.class_dropout_prob > 0:
+            force_drop_ids = torch.rand(B, device=x.device) < c.class_dropout_prob
+        x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
+        cond = self.t_embedder(t) + self.y_embedder(labels, force_drop_ids)  # (B, D)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cond, use_reentrant=False)
+            else:
+                x = block(x, cond)
+        x = self.final_layer(x, cond)  # (B, T, p*p*out)
+        return unpatchify(x, c.patch_size, c.out_channels, H, W, backend="torch")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Re-parameterization: DiT -> PixArt (paper section 2.3)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reparameterize(dit_state_dict: dict, config: PixArtConfig, t: float = 500.0, seed: int = 0) -> dict:
+    """A PixArt state dict that starts where a class-conditional DiT left off.
+
+    DiT block i modulates with f_i(c) = adaLN_modulation_i(c); PixArt with f(t) + E_i, f = t_block shared.
+    f takes the first block's weights and each E_i (the block's scale_shift_table) is set so that
+    f(t) + E_i = f_i(t) at t = 500 with no class embedding; the final layer's table likewise. Patch, timestep,
+    attention and MLP weights carry over by name. New parts (cross-attention, caption embedder, micro-condition
+    embedders) get PixArt's initialisation from `seed`, cross-attention output projections zero.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        out = PixArt(config, kernels="torch").state_dict()
+    dit = {k: v for k, v in dit_state_dict.items() if k != "pos_embed"}
+    carried = [k for k in out if k.startswith(("x_embedder.", "t_embedder.", "final_layer.linear."))
+               or ".attn." in k or ".mlp." in k]
+    for k in carried:
+        if k not in dit:
+            raise KeyError(f"DiT state dict has no {k!r}: not a DiT checkpoint of this config?")
+        if dit[k].shape != out[k].shape:
+            raise ValueError(f"{k}: DiT shape {tuple(dit[k].shape)} != PixArt shape {tuple(out[k].shape)} for this config")
+        out[k] = dit[k].clone()
+
+    D = config.hidden_size
+    t_emb = TimestepEmbedder(D).to(torch.float64)
+    t_emb.mlp[0].weight.copy_(dit["t_embedder.mlp.0.weight"]); t_emb.mlp[0].bias.copy_(dit["t_embedder.mlp.0.bias"])
+    t_emb.mlp[2].weight.copy_(dit["t_embedder.mlp.2.weight"]); t_emb.mlp[2].bias.copy_(dit["t_embedder.mlp.2.bias"])
+    temb = t_emb(torch.tensor([t], dtype=torch.float64))  # (1, D)
+    silu = F.silu(temb)
+
+    def adaln(prefix):  # DiT's modulation at t: (n * D,)
+        return (silu @ dit[prefix + ".weight"].double().T + dit[prefix + ".bias"].double())[0]
+
+    out["t_block.1.weight"] = dit["blocks.0.adaLN_modulation.1.weight"].clone()
+    out["t_block.1.bias"] = dit["blocks.0.adaLN_modulation.1.bias"].clone()
+    shared = adaln("blocks.0.adaLN_modulation.1")  # f(t), (6D,)
+    for i in range(config.depth):
+        own = adaln(f"blocks.{i}.adaLN_modulation.1")
+        out[f"blocks.{i}.scale_shift_table"] = (own - shared).reshape(6, D).to(out[f"blocks.{i}.scale_shift_table"].dtype)
+    final = adaln("final_layer.adaLN_modulation.1").reshape(2, D)
+    out["final_layer.scale_shift_table"] = (final - temb).to(out["final_layer.scale_shift_table"].dtype)
+    return out
