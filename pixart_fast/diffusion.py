@@ -1,0 +1,207 @@
+"""Gaussian diffusion for PixArt-alpha: the linear 1000-step schedule, the training loss, and two samplers.
+
+Shapes: B batch, C data channels, H x W spatial. Timesteps are integer training steps t in [0, T), T = 1000;
+t = 0 is the least noisy. `abar[t]` is the cumulative product of (1 - beta) up to and including step t, so
+x_t = sqrt(abar[t]) x_0 + sqrt(1 - abar[t]) eps.
+
+Training (`Diffusion.training_losses`) is improved DDPM's / DiT's "MSE + learned-range variance" loss. Sampling
+(`Diffusion.ddim`, `Diffusion.dpm_solver`) runs a model function eps_fn(x, t) -> (B, C or 2C, H, W) whose first
+C channels are the predicted noise. PixArt's `forward_with_cfg` plugs in directly:
+
+    eps_fn = lambda x, t: model.forward_with_cfg(x, t, y, mask, cfg_scale=4.5)
+    images = Diffusion().dpm_solver(eps_fn, torch.randn(B, C, H, W, generator=g), steps=20)
+
+`guided` builds the same guided eps_fn from any model that takes a doubled [conditional; unconditional] batch.
+"""
+import math
+from typing import Callable
+
+import torch
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, C, H, W), t (B,) int64) -> (B, C or 2C, H, W)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats; arguments broadcast."""
+    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
+
+
+def discretized_gaussian_nll(x, mean, log_scale):
+    """-log P(x) in nats, elementwise, for data x in [-1, 1] quantised to 8 bits (bins of width 2/255) under
+    N(mean, exp(log_scale)^2); the two edge bins extend to -inf and +inf.
+
+    Improved DDPM's decoder term. It uses the exact normal CDF where DiT uses a tanh approximation of it
+    (error up to about 1e-4); probabilities are clamped at 1e-12 as there.
+    """
+    inv_std = torch.exp(-log_scale)
+    cdf_hi = torch.special.ndtr(inv_std * (x - mean + 1 / 255))
+    cdf_lo = torch.special.ndtr(inv_std * (x - mean - 1 / 255))
+    prob = torch.where(x < -0.999, cdf_hi, torch.where(x > 0.999, 1.0 - cdf_lo, cdf_hi - cdf_lo))
+    return -torch.log(prob.clamp(min=1e-12))
+
+
+def _mean_flat(x):
+    """Mean over all dimensions but the batch: (B, ...) -> (B,)."""
+    return x.mean(dim=list(range(1, x.ndim)))
+
+
+def guided(model_fn: ModelFn, scale: float = 4.5) -> ModelFn:
+    """Classifier-free guidance in one batched model call.
+
+    model_fn(x2, t2) gets the batch twice, x2 = [x; x] (2B, C, H, W) and t2 = [t; t], and must treat the first
+    half as conditional and the second as unconditional: bind the captions in a closure, e.g.
+    `lambda x2, t2: model(x2, t2, torch.cat([y, y_null]), torch.cat([mask, mask_null]))`.
+    Returns eps_fn(x, t) -> (B, C', H, W): the first C channels uncond + scale * (cond - uncond), the other
+    C' - C channels (the variance) the conditional half's, as PixArt's `forward_with_cfg` does.
+    """
+
+    def eps_fn(x, t):
+        cond, uncond = model_fn(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
+        C = x.shape[1]
+        eps = uncond[:, :C] + scale * (cond[:, :C] - uncond[:, :C])
+        return torch.cat([eps, cond[:, C:]], dim=1)
+
+    return eps_fn
+
+
+class Diffusion:
+    """The discrete-time VP diffusion of DDPM with linearly spaced betas (PixArt: 1000 steps, 1e-4 -> 0.02).
+
+    All tables are float64 (T,) tensors on the CPU; they are gathered per batch and cast to the data's dtype.
+    learn_sigma: the model outputs 2C channels, eps and the learned-range variance v in [-1, 1] (PixArt, DiT);
+    otherwise C channels, eps only, and the loss is the MSE alone.
+    """
+
+    def __init__(
+        self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, learn_sigma: bool = True
+    ):
+        if not 0 < beta_start <= beta_end < 1:
+            raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
+        if num_timesteps < 2:
+            raise ValueError(f"num_timesteps must be at least 2, got {num_timesteps}")
+        self.num_timesteps, self.learn_sigma = num_timesteps, learn_sigma
+        self.betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        abar, abar_prev = self.alphas_cumprod, torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+        # Posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, posterior_variance)  (DDPM eq. 6-7).
+        self.posterior_variance = self.betas * (1.0 - abar_prev) / (1.0 - abar)
+        # The variance is 0 at t = 0; the log uses the t = 1 value there (the decoder's lower variance bound).
+        var = self.posterior_variance
+        self.posterior_log_variance_clipped = torch.log(torch.cat([var[1:2], var[1:]]))
+        self.posterior_mean_coef1 = self.betas * abar_prev.sqrt() / (1.0 - abar)
+        self.posterior_mean_coef2 = (1.0 - abar_prev) * (1.0 - self.betas).sqrt() / (1.0 - abar)
+
+    @staticmethod
+    def _at(table, t, like):
+        """table[t] as a (B, 1, ..., 1) tensor of like's dtype and rank, t (B,) int64 on like's device."""
+        return table.to(t.device)[t].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) noise. x0, noise (B, C, H, W); t (B,) int64."""
+        abar = self.alphas_cumprod
+        return self._at(abar.sqrt(), t, x0) * x0 + self._at((1.0 - abar).sqrt(), t, x0) * noise
+
+    def training_losses(
+        self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample loss, as DiT's LossType.MSE with learned-range variance: loss = mse + vb.
+
+        x0 (B, C, H, W) clean data (latents); t (B,) int64 in [0, T); noise defaults to randn_like(x0).
+        model_fn(x_t, t) -> (B, 2C, H, W) [eps, v] if learn_sigma else (B, C, H, W) eps.
+        mse: mean over C, H, W of (eps - noise)^2.
+        vb: the variational bound term in bits per dimension, KL(q(x_{t-1}|x_t, x_0) || p(x_{t-1}|x_t)) for t > 0
+            and the discretized Gaussian decoder NLL -log p(x_0|x_1) at t = 0. Its mean uses a DETACHED eps, so
+            vb trains only the variance v and mse only eps. Zeros when learn_sigma is False.
+        Returns dict(loss, mse, vb), each (B,) float32 (float64 for float64 x0).
+        """
+        if t.shape != x0.shape[:1]:
+            raise ValueError(f"t must have shape (B,) = {tuple(x0.shape[:1])}, got {tuple(t.shape)}")
+        # The KL and the log-likelihood lose their precision in half precision: compute the loss in fp32 or wider.
+        x0 = x0.to(torch.promote_types(x0.dtype, torch.float32))
+        noise = torch.randn_like(x0) if noise is None else noise.to(x0.dtype)
+        x_t = self.q_sample(x0, t, noise)
+        out = model_fn(x_t, t).to(x0.dtype)
+        C = x0.shape[1]
+        want = (x0.shape[0], 2 * C if self.learn_sigma else C, *x0.shape[2:])
+        if out.shape != want:
+            raise ValueError(f"model output has shape {tuple(out.shape)}, expected {want} for "
+                             f"learn_sigma={self.learn_sigma}; set Diffusion(learn_sigma=...) to match the model")
+        eps = out[:, :C]
+        mse = _mean_flat((noise - eps) ** 2)
+        if not self.learn_sigma:
+            return dict(loss=mse, mse=mse, vb=torch.zeros_like(mse))
+        vb = self._vb_bits(eps.detach(), out[:, C:], x0, x_t, t)
+        return dict(loss=mse + vb, mse=mse, vb=vb)
+
+    def _vb_bits(self, eps, v, x0, x_t, t):
+        """The VLB term in bits per dimension, (B,): the KL for t > 0, the decoder NLL for t = 0."""
+        abar = self._at(self.alphas_cumprod, t, x0)
+        c1, c2 = self._at(self.posterior_mean_coef1, t, x0), self._at(self.posterior_mean_coef2, t, x0)
+        true_mean = c1 * x0 + c2 * x_t
+        true_logvar = self._at(self.posterior_log_variance_clipped, t, x0)
+        # Learned range: log variance interpolates between the posterior's (frac = 0) and beta_t's (frac = 1).
+        frac = (v + 1) / 2
+        logvar = frac * self._at(self.betas.log(), t, x0) + (1 - frac) * true_logvar
+        x0_pred = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+        mean = c1 * x0_pred + c2 * x_t
+        kl = _mean_flat(normal_kl(true_mean, true_logvar, mean, logvar)) / math.log(2.0)
+        nll = _mean_flat(discretized_gaussian_nll(x0, mean, 0.5 * logvar)) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Sampling
+    # ------------------------------------------------------------------------------------------------------
+
+    def timesteps(self, steps: int) -> list[int]:
+        """The integer timesteps a `steps`-step sampler visits, descending: "trailing" spacing,
+        t_i = round(T - i * T / steps) - 1 for i = 0 .. steps - 1 (T = 1000, steps = 20: 999, 949, ..., 49).
+
+        Starting at T - 1 (abar = 4e-5: x_999 = 0.006 x_0 + 1.0 eps) makes the initial noise the sample at the
+        noisiest trained step (Lin et al. 2023, "Common diffusion noise schedules and sample steps are flawed",
+        Table 2); diffusers calls it timestep_spacing="trailing". After the last one the samplers step to the
+        clean sample (abar = 1).
+        """
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"steps must be in [1, {self.num_timesteps}], got {steps}")
+        T = self.num_timesteps
+        return [round(T - i * T / steps) - 1 for i in range(steps)]
+
+    @staticmethod
+    def _eps(eps_fn, x, t):
+        """Call the model at integer timestep t for the whole batch; keep its first C (eps) channels."""
+        out = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
+        return out[:, : x.shape[1]].to(x.dtype)
+
+    @torch.no_grad()
+    def ddim(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int = 20) -> torch.Tensor:
+        """Deterministic DDIM (eta = 0, no clipping of x0) from noise = x_{T-1} (B, C, H, W) over
+        `self.timesteps(steps)`; the last step lands on the clean sample. Returns x_0 (B, C, H, W)."""
+        ts, x = self.timesteps(steps), noise
+        for i, t in enumerate(ts):
+            abar = self.alphas_cumprod[t].item()
+            abar_next = self.alphas_cumprod[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+            eps = self._eps(eps_fn, x, t)
+            x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+            x = math.sqrt(abar_next) * x0 + math.sqrt(1 - abar_next) * eps
+        return x
+
+    @torch.no_grad()
+    def dpm_solver(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int = 20) -> torch.Tensor:
+        """DPM-Solver++ 2M (Lu et al. 2022, multistep, second order, data prediction, midpoint form) from
+        noise = x_{T-1} (B, C, H, W) over `self.timesteps(steps)`. The first step is first order (no history
+        yet); the last goes to the clean sample (sigma = 0) with first order, which returns the x0 prediction.
+        Returns x_0 (B, C, H, W)."""
+        ts, x = self.timesteps(steps), noise
+        x0_prev = h_prev = None
+        for i, t in enumerate(ts):
+            alpha, sigma = self.alphas_cumprod[t].sqrt().item(), (1 - self.alphas_cumprod[t]).sqrt().item()
+            x0 = (x - sigma * self._eps(eps_fn, x, t)) / alpha
+            if i + 1 == len(ts):
+                return x0
+            abar_next = self.alphas_cumprod[ts[i + 1]].item()
+            alpha_next, sigma_next = math.sqrt(abar_next), math.sqrt(1 - abar_next)
+            h = math.log(alpha_next / sigma_next) - math.log(alpha / sigma)  # step in half-log-SNR lambda
+            # Second order: extrapolate x0 linearly in lambda to the interval's midpoint from the previous step.
+            d = x0 if x0_prev is None else x0 + (0.5 * h / h_prev) * (x0 - x0_prev)
+            x = (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * d
+            x0_prev, h_prev = x0, h
