@@ -1,0 +1,613 @@
+"""adaLN-single modulation of PixArt-alpha, fused: LayerNorm + (1 + scale) * x + shift, and the gated residual.
+
+A PixArt block computes, per sample b and token t (D = 1152 for PixArt-XL/2):
+
+    m = LN(x) * (1 + scale[b]) + shift[b]        modulate                 (LN: no affine, eps 1e-6)
+    h = x + gate[b] * y                           gated_residual
+    h, m = x + gate[b] * y, modulate(h, ...)      gated_residual_modulate  (the residual add fused with the next LN)
+
+shift / scale / gate are (B, D) per-sample vectors broadcast over the T tokens inside the kernels, never expanded to
+(B, T, D). They usually are strided views: `(table[None] + t0.reshape(B, 6, D)).chunk(6, 1)` squeezed gives
+(B, D) views with row stride 6 * D, which the kernels read in place.
+
+Forward: one program per token row. Backward: each program walks a block of tokens of one sample, recomputes the
+normalised rows from x and the stored (B*T,) mean / rstd, writes dx (and dy) and keeps fp32 partial sums of
+dshift / dscale / dgate over its tokens; the (B, n_blocks, D) partial rows are summed afterwards. No (B, T, D) temporary
+is saved for backward: the fused op recomputes h = x + gate * y from its inputs.
+
+All arithmetic is fp32; outputs take the dtype PyTorch's own expression would give (type promotion over the
+inputs), gradients the dtype of their input.
+"""
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .backend import use_triton
+
+Tensor = torch.Tensor
+
+MAX_D = 8192  # widest row one program holds in registers
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure-PyTorch references
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LN(x) * (1 + scale) + shift. x: (B, T, D); shift, scale: (B, D). Returns (B, T, D)."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+def gated_residual_ref(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + gate * y. x, y: (B, T, D); gate: (B, D). Returns (B, T, D)."""
+    return x + gate[:, None] * y
+
+
+def gated_residual_modulate_ref(x, gate, y, shift, scale, eps: float = 1e-6):
+    """(h, m) with h = x + gate * y and m = modulate_ref(h, shift, scale, eps)."""
+    h = gated_residual_ref(x, gate, y)
+    return h, modulate_ref(h, shift, scale, eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels. (B, T, D) inputs are addressed by batch / token strides (unit stride along D); outputs and
+# gradients are written contiguous, row r = b * T + t. (B, D) vectors are addressed by their row stride.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _modulate_fwd_kernel(
+    X,  # (B, T, D) input (the residual stream)
+    GATE,  # (B, D) residual gate; only with HAS_RESIDUAL
+    Y,  # (B, T, D) residual branch; only with HAS_RESIDUAL
+    SHIFT,  # (B, D)
+    SCALE,  # (B, D)
+    H,  # (B*T, D) out: h = x + gate * y; only with HAS_RESIDUAL
+    M,  # (B*T, D) out: LN(h) * (1 + scale) + shift   (h = x without HAS_RESIDUAL)
+    MEAN,  # (B*T,) fp32 out: mean of h over D
+    RSTD,  # (B*T,) fp32 out: 1 / sqrt(var(h) + eps)
+    T,
+    D,
+    stride_xb,
+    stride_xt,
+    stride_yb,
+    stride_yt,
+    stride_gate,  # row stride of GATE
+    stride_shift,  # row stride of SHIFT
+    stride_scale,  # row stride of SCALE
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    row = b * T + t
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+
+    h = tl.load(X + b * stride_xb + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        gate = tl.load(GATE + b * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + b * stride_yb + t * stride_yt + cols, mask=mask, other=0.0).to(tl.float32)
+        h += gate * y
+        tl.store(H + row * D + cols, h.to(H.dtype.element_ty), mask=mask)
+
+    mean = tl.sum(h, axis=0) / D
+    hc = tl.where(mask, h - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=0) / D + eps)
+    shift = tl.load(SHIFT + b * stride_shift + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + b * stride_scale + cols, mask=mask, other=0.0).to(tl.float32)
+    m = hc * rstd * (1.0 + scale) + shift
+    tl.store(M + row * D + cols, m.to(M.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _modulate_bwd_kernel(
+    DM,  # (B, T, D) grad of m
+    DH,  # (B, T, D) grad of h; only with HAS_RESIDUAL
+    X,  # (B, T, D) forward input
+    GATE,  # (B, D); only with HAS_RESIDUAL
+    Y,  # (B, T, D); only with HAS_RESIDUAL
+    SCALE,  # (B, D)
+    MEAN,  # (B*T,) fp32, from the forward
+    RSTD,  # (B*T,) fp32, from the forward
+    DX,  # (B*T, D) out: grad of x (= total grad of h)
+    DY,  # (B*T, D) out: grad of y = gate * grad of h; only with HAS_RESIDUAL
+    DSHIFT_PART,  # (B, n_blocks, D) fp32 out: sum of dm over this program's tokens
+    DSCALE_PART,  # (B, n_blocks, D) fp32 out: sum of dm * LN(h) over this program's tokens
+    DGATE_PART,  # (B, n_blocks, D) fp32 out: sum of dh * y over this program's tokens; only with HAS_RESIDUAL
+    T,
+    D,
+    rows_per_program,  # tokens of one sample reduced by one program
+    stride_dmb,
+    stride_dmt,
+    stride_dhb,
+    stride_dht,
+    stride_xb,
+    stride_xt,
+    stride_yb,
+    stride_yt,
+    stride_gate,  # row stride of GATE
+    stride_scale,  # row stride of SCALE
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    block = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+
+    scale1 = 1.0 + tl.load(SCALE + b * stride_scale + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        gate = tl.load(GATE + b * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    dshift = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dscale = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dgate = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    t_start = block.to(tl.int64) * rows_per_program
+    t_end = tl.minimum(t_start + rows_per_program, T)
+    for t in range(t_start, t_end):
+        row = b * T + t
+        # Recompute h and its normalised value instead of having stored them.
+        h = tl.load(X + b * stride_xb + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            y = tl.load(Y + b * stride_yb + t * stride_yt + cols, mask=mask, other=0.0).to(tl.float32)
+            h += gate * y
+        rstd = tl.load(RSTD + row)
+        hhat = tl.where(mask, (h - tl.load(MEAN + row)) * rstd, 0.0)
+        dm = tl.load(DM + b * stride_dmb + t * stride_dmt + cols, mask=mask, other=0.0).to(tl.float32)
+        dshift += dm
+        dscale += dm * hhat
+
+        # LayerNorm backward: dh = rstd * (g - mean(g) - hhat * mean(g * hhat)), g = dm * (1 + scale).
+        g = dm * scale1
+        dh = (g - (tl.sum(g, axis=0) / D + hhat * (tl.sum(g * hhat, axis=0) / D))) * rstd
+        if HAS_RESIDUAL:
+            dh += tl.load(DH + b * stride_dhb + t * stride_dht + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DY + row * D + cols, (gate * dh).to(DY.dtype.element_ty), mask=mask)
+            dgate += dh * y
+        tl.store(DX + row * D + cols, dh.to(DX.dtype.element_ty), mask=mask)
+
+    part = (b * tl.num_programs(0) + block) * D + cols
+    tl.store(DSHIFT_PART + part, dshift, mask=mask)
+    tl.store(DSCALE_PART + part, dscale, mask=mask)
+    if HAS_RESIDUAL:
+        tl.store(DGATE_PART + part, dgate, mask=mask)
+
+
+@triton.jit
+def _gated_residual_fwd_kernel(
+    X,  # (B, T, D) residual stream
+    GATE,  # (B, D)
+    Y,  # (B, T, D) residual branch
+    OUT,  # (B*T, D) out: x + gate * y
+    T,
+    D,
+    stride_xb,
+    stride_xt,
+    stride_yb,
+    stride_yt,
+    stride_gate,  # row stride of GATE
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(X + b * stride_xb + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + b * stride_yb + t * stride_yt + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(GATE + b * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + (b * T + t) * D + cols, (x + gate * y).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_residual_bwd_kernel(
+    DOUT,  # (B, T, D) grad of the output
+    GATE,  # (B, D)
+    Y,  # (B, T, D)
+    DY,  # (B*T, D) out: gate * dout
+    DGATE_PART,  # (B, n_blocks, D) fp32 out: sum of dout * y over this program's tokens
+    T,
+    D,
+    rows_per_program,  # tokens of one sample reduced by one program
+    stride_dob,
+    stride_dot,
+    stride_yb,
+    stride_yt,
+    stride_gate,  # row stride of GATE
+    BLOCK_D: tl.constexpr,
+):
+    block = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    gate = tl.load(GATE + b * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    dgate = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    t_start = block.to(tl.int64) * rows_per_program
+    t_end = tl.minimum(t_start + rows_per_program, T)
+    for t in range(t_start, t_end):
+        dout = tl.load(DOUT + b * stride_dob + t * stride_dot + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + b * stride_yb + t * stride_yt + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DY + (b * T + t) * D + cols, (gate * dout).to(DY.dtype.element_ty), mask=mask)
+        dgate += dout * y
+    tl.store(DGATE_PART + (b * tl.num_programs(0) + block) * D + cols, dgate, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _config(D: int, backward: bool) -> dict:
+    """Launch configuration for rows of width D; the token count does not enter (the backward's tokens per
+    program are a runtime argument). One row per program. The backward keeps three fp32 partial-sum rows and two
+    (B, D) vectors live across its token loop, so it spreads a row over twice as many threads: ~4 fp32 values per
+    thread per row tensor (at D = 1152: 64 registers, two programs per SM) instead of ~8 in the forward.
+    Compiled for sm_80 / sm_90 nothing spills up to D = 4096; at D = 8192 the backward spills (correct, slower)."""
+    if D > MAX_D:
+        raise ValueError(f"modulation kernels hold one row of D <= {MAX_D} values per program, got D = {D}; "
+                         "use backend='torch' for wider rows")
+    block_d = triton.next_power_of_2(D)
+    num_warps = min(max(block_d // (128 if backward else 256), 1), 16)
+    return {"BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 1}
+
+
+def _rows_per_program(B: int, T: int, device: torch.device) -> int:
+    """Tokens one backward program reduces: about 4 programs per SM over the whole batch, yet at least 8 tokens
+    each so the fp32 partial rows stay a small part of the memory traffic. (CPU interpreter: one 'SM'.)"""
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(8, triton.cdiv(T, triton.cdiv(4 * n_sm, B)))
+
+
+def _rows(t: Tensor | None) -> Tensor | None:
+    """The kernels need unit stride along D; any batch / token / row strides are read in place."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _bt_strides(t: Tensor | None) -> tuple[int, int]:
+    """Batch and token strides of a (B, T, D) tensor; (0, 0) for one the kernel does not read."""
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def _row_stride(v: Tensor | None) -> int:
+    """Row stride of a (B, D) vector; 0 for one the kernel does not read."""
+    return v.stride(0) if v is not None else 0
+
+
+def _result_dtype(*tensors: Tensor) -> torch.dtype:
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+
+
+def _check_triton(x: Tensor, *others: Tensor) -> dict:
+    """Checks only the Triton path needs; returns the forward's launch configuration."""
+    for t in (x, *others):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"modulation kernels support {SUPPORTED_DTYPES}, got {t.dtype}; cast the inputs or "
+                            "use backend='torch'")
+    if x.numel() == 0:
+        raise ValueError(f"modulation kernels need at least one token, got x of shape {tuple(x.shape)}")
+    return _config(x.shape[-1], backward=False)
+
+
+def _launch_modulate_fwd(x, gate, y, shift, scale, eps: float):
+    """(h, m, mean, rstd) as in the kernel; without gate / y (plain modulate) h is None and m = modulate(x)."""
+    residual = gate is not None
+    cfg = _check_triton(x, shift, scale, *((gate, y) if residual else ()))
+    x, gate, y, shift, scale = map(_rows, (x, gate, y, shift, scale))
+    B, T, D = x.shape
+    h = torch.empty((B, T, D), device=x.device, dtype=_result_dtype(x, gate, y)) if residual else None
+    m = torch.empty((B, T, D), device=x.device, dtype=_result_dtype(h if residual else x, shift, scale))
+    mean = torch.empty(B * T, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    _modulate_fwd_kernel[(T, B)](
+        x, gate, y, shift, scale, h, m, mean, rstd,
+        T, D, *_bt_strides(x), *_bt_strides(y), _row_stride(gate), _row_stride(shift), _row_stride(scale), eps,
+        HAS_RESIDUAL=residual, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return h, m, mean, rstd
+
+
+def _launch_modulate_bwd(dh, dm, x, gate, y, scale, mean, rstd, shift_dtype: torch.dtype):
+    """(dx, dgate, dy, dshift, dscale); without dh / gate / y (plain modulate) dgate and dy are None."""
+    residual = gate is not None
+    cfg = _config(x.shape[-1], backward=True)
+    dh, dm, x, gate, y, scale = map(_rows, (dh, dm, x, gate, y, scale))
+    B, T, D = x.shape
+    rows = _rows_per_program(B, T, x.device)
+    n_blocks = triton.cdiv(T, rows)
+    dx = torch.empty((B, T, D), device=x.device, dtype=x.dtype)
+    dy = torch.empty((B, T, D), device=x.device, dtype=y.dtype) if residual else None
+    dshift = torch.empty((B, n_blocks, D), device=x.device, dtype=torch.float32)
+    dscale = torch.empty_like(dshift)
+    dgate = torch.empty_like(dshift) if residual else None
+    _modulate_bwd_kernel[(n_blocks, B)](
+        dm, dh, x, gate, y, scale, mean, rstd, dx, dy, dshift, dscale, dgate,
+        T, D, rows, *_bt_strides(dm), *_bt_strides(dh), *_bt_strides(x), *_bt_strides(y),
+        _row_stride(gate), _row_stride(scale),
+        HAS_RESIDUAL=residual, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    dgate = dgate.sum(1).to(gate.dtype) if residual else None
+    return dx, dgate, dy, dshift.sum(1).to(shift_dtype), dscale.sum(1).to(scale.dtype)
+
+
+def _launch_gated_residual_fwd(x, gate, y):
+    """x + gate * y, (B, T, D)."""
+    cfg = _check_triton(x, gate, y)
+    x, gate, y = map(_rows, (x, gate, y))
+    B, T, D = x.shape
+    out = torch.empty((B, T, D), device=x.device, dtype=_result_dtype(x, gate, y))
+    _gated_residual_fwd_kernel[(T, B)](
+        x, gate, y, out, T, D, *_bt_strides(x), *_bt_strides(y), _row_stride(gate),
+        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def _launch_gated_residual_bwd(dout, gate, y):
+    """(dgate, dy); the grad of x is dout itself."""
+    cfg = _config(y.shape[-1], backward=True)
+    dout, gate, y = map(_rows, (dout, gate, y))
+    B, T, D = y.shape
+    rows = _rows_per_program(B, T, y.device)
+    n_blocks = triton.cdiv(T, rows)
+    dy = torch.empty((B, T, D), device=y.device, dtype=y.dtype)
+    dgate = torch.empty((B, n_blocks, D), device=y.device, dtype=torch.float32)
+    _gated_residual_bwd_kernel[(n_blocks, B)](
+        dout, gate, y, dy, dgate, T, D, rows, *_bt_strides(dout), *_bt_strides(y), _row_stride(gate),
+        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return dgate.sum(1).to(gate.dtype), dy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library registration (torch.compile sees these ops and their fakes)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _empty_rows(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+def _empty_stats(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
+
+
+def _empty_vector(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.new_empty((x.shape[0], x.shape[2]), dtype=dtype)
+
+
+@torch.library.custom_op("pixart_fast::modulate_fwd", mutates_args=())
+def _modulate_fwd_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    _, m, mean, rstd = _launch_modulate_fwd(x, None, None, shift, scale, eps)
+    return m, mean, rstd
+
+
+@_modulate_fwd_op.register_fake
+def _(x, shift, scale, eps):
+    return _empty_rows(x, _result_dtype(x, shift, scale)), _empty_stats(x), _empty_stats(x)
+
+
+@torch.library.custom_op("pixart_fast::modulate_bwd", mutates_args=())
+def _modulate_bwd_op(
+    dm: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor, shift_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx, _, _, dshift, dscale = _launch_modulate_bwd(None, dm, x, None, None, scale, mean, rstd, shift_dtype)
+    return dx, dshift, dscale
+
+
+@_modulate_bwd_op.register_fake
+def _(dm, x, scale, mean, rstd, shift_dtype):
+    return _empty_rows(x, x.dtype), _empty_vector(x, shift_dtype), _empty_vector(x, scale.dtype)
+
+
+@torch.library.custom_op("pixart_fast::gated_residual_fwd", mutates_args=())
+def _gated_residual_fwd_op(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    return _launch_gated_residual_fwd(x, gate, y)
+
+
+@_gated_residual_fwd_op.register_fake
+def _(x, gate, y):
+    return _empty_rows(x, _result_dtype(x, gate, y))
+
+
+@torch.library.custom_op("pixart_fast::gated_residual_bwd", mutates_args=())
+def _gated_residual_bwd_op(dout: Tensor, gate: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    return _launch_gated_residual_bwd(dout, gate, y)
+
+
+@_gated_residual_bwd_op.register_fake
+def _(dout, gate, y):
+    return _empty_vector(y, gate.dtype), _empty_rows(y, y.dtype)
+
+
+@torch.library.custom_op("pixart_fast::gated_residual_modulate_fwd", mutates_args=())
+def _gated_residual_modulate_fwd_op(
+    x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _launch_modulate_fwd(x, gate, y, shift, scale, eps)
+
+
+@_gated_residual_modulate_fwd_op.register_fake
+def _(x, gate, y, shift, scale, eps):
+    h_dtype = _result_dtype(x, gate, y)
+    m_dtype = functools.reduce(torch.promote_types, (h_dtype, shift.dtype, scale.dtype))
+    return _empty_rows(x, h_dtype), _empty_rows(x, m_dtype), _empty_stats(x), _empty_stats(x)
+
+
+@torch.library.custom_op("pixart_fast::gated_residual_modulate_bwd", mutates_args=())
+def _gated_residual_modulate_bwd_op(
+    dh: Tensor, dm: Tensor, x: Tensor, gate: Tensor, y: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
+    shift_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _launch_modulate_bwd(dh, dm, x, gate, y, scale, mean, rstd, shift_dtype)
+
+
+@_gated_residual_modulate_bwd_op.register_fake
+def _(dh, dm, x, gate, y, scale, mean, rstd, shift_dtype):
+    return (_empty_rows(x, x.dtype), _empty_vector(x, gate.dtype), _empty_rows(y, y.dtype),
+            _empty_vector(x, shift_dtype), _empty_vector(x, scale.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Modulate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shift, scale, eps):
+        m, mean, rstd = torch.ops.pixart_fast.modulate_fwd(x, shift, scale, eps)
+        ctx.save_for_backward(x, scale, mean, rstd)
+        ctx.shift_dtype = shift.dtype
+        return m
+
+    @staticmethod
+    def backward(ctx, dm):
+        x, scale, mean, rstd = ctx.saved_tensors
+        dx, dshift, dscale = torch.ops.pixart_fast.modulate_bwd(dm, x, scale, mean, rstd, ctx.shift_dtype)
+        return dx, dshift, dscale, None
+
+
+class _GatedResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, y):
+        ctx.save_for_backward(gate, y)
+        ctx.x_dtype = x.dtype
+        return torch.ops.pixart_fast.gated_residual_fwd(x, gate, y)
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate, y = ctx.saved_tensors
+        dgate, dy = torch.ops.pixart_fast.gated_residual_bwd(dout, gate, y)
+        return dout.to(ctx.x_dtype), dgate, dy
+
+
+class _GatedResidualModulate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, y, shift, scale, eps):
+        h, m, mean, rstd = torch.ops.pixart_fast.gated_residual_modulate_fwd(x, gate, y, shift, scale, eps)
+        # Save the inputs, not h: backward recomputes h = x + gate * y in fp32, exactly as the forward did.
+        ctx.save_for_backward(x, gate, y, scale, mean, rstd)
+        ctx.shift_dtype = shift.dtype
+        return h, m
+
+    @staticmethod
+    def backward(ctx, dh, dm):
+        x, gate, y, scale, mean, rstd = ctx.saved_tensors
+        dx, dgate, dy, dshift, dscale = torch.ops.pixart_fast.gated_residual_modulate_bwd(
+            dh, dm, x, gate, y, scale, mean, rstd, ctx.shift_dtype
+        )
+        return dx, dgate, dy, dshift, dscale, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Functional entry points
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_shapes(x: Tensor, y: Tensor | None = None, **vectors: Tensor) -> None:
+    """x (and y): (B, T, D); every vector: (B, D); all on x's device."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, T, D), got shape {tuple(x.shape)}")
+    B, T, D = x.shape
+    if y is not None and y.shape != x.shape:
+        raise ValueError(f"y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    for name, v in vectors.items():
+        if v.shape != (B, D):
+            raise ValueError(
+                f"{name} must be (B, D) = ({B}, {D}) for x of shape {tuple(x.shape)}, got {tuple(v.shape)}; "
+                "pass one vector per sample (squeeze a (B, 1, D) chunk to (B, D))"
+            )
+    for name, t in ({"y": y} | vectors).items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on one device")
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, backend: str = "auto") -> Tensor:
+    """adaLN modulation LN(x) * (1 + scale) + shift, LN over D without affine parameters.
+
+    x: (B, T, D); shift, scale: (B, D) per-sample vectors (strided views allowed), broadcast over the T tokens.
+    Returns (B, T, D) in the promoted dtype of (x, shift, scale). Triton: D <= 8192.
+    """
+    _check_shapes(x, shift=shift, scale=scale)
+    if not use_triton(backend, x):
+        return modulate_ref(x, shift, scale, eps)
+    return _Modulate.apply(x, shift, scale, eps)
+
+
+def gated_residual(x: Tensor, gate: Tensor, y: Tensor, backend: str = "auto") -> Tensor:
+    """Gated residual x + gate * y. x, y: (B, T, D); gate: (B, D) broadcast over tokens. Returns (B, T, D)."""
+    _check_shapes(x, y, gate=gate)
+    if not use_triton(backend, x):
+        return gated_residual_ref(x, gate, y)
+    return _GatedResidual.apply(x, gate, y)
+
+
+def gated_residual_modulate(
+    x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """The residual add of one branch fused with the next branch's LayerNorm + modulation, in one pass.
+
+    x, y: (B, T, D) residual stream and branch output; gate, shift, scale: (B, D) per-sample vectors.
+    Returns (h, m): h = x + gate * y, the new residual stream, and m = LN(h) * (1 + scale) + shift, both (B, T, D).
+    Gradients flow from both h and m. Triton: D <= 8192.
+    """
+    _check_shapes(x, y, gate=gate, shift=shift, scale=scale)
+    if not use_triton(backend, x):
+        return gated_residual_modulate_ref(x, gate, y, shift, scale, eps)
+    return _GatedResidualModulate.apply(x, gate, y, shift, scale, eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation specs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def aot_specs(D: int = 1152) -> list[dict]:
+    """One spec per kernel and launch configuration PixArt-XL/2 uses: D = 1152, bf16 and fp32 activations.
+
+    The configuration depends on D alone (256 / 1024 / 4096 tokens and batch 8 launch the same compiled kernels
+    with different grids), so each (kernel, dtype, HAS_RESIDUAL) appears once.
+    """
+    f32 = "*fp32"
+    specs = []
+    for dtype in ("bf16", "fp32"):
+        p = "*" + dtype
+        kernels = [
+            (_modulate_fwd_kernel, {"HAS_RESIDUAL": False},
+             {"X": p, "SHIFT": p, "SCALE": p, "M": p, "MEAN": f32, "RSTD": f32}),
+            (_modulate_fwd_kernel, {"HAS_RESIDUAL": True},
+             {"X": p, "GATE": p, "Y": p, "SHIFT": p, "SCALE": p, "H": p, "M": p, "MEAN": f32, "RSTD": f32}),
+            (_modulate_bwd_kernel, {"HAS_RESIDUAL": False},
+             {"DM": p, "X": p, "SCALE": p, "MEAN": f32, "RSTD": f32, "DX": p, "DSHIFT_PART": f32,
+              "DSCALE_PART": f32}),
+            (_modulate_bwd_kernel, {"HAS_RESIDUAL": True},
+             {"DM": p, "DH": p, "X": p, "GATE": p, "Y": p, "SCALE": p, "MEAN": f32, "RSTD": f32, "DX": p, "DY": p,
+              "DSHIFT_PART": f32, "DSCALE_PART": f32, "DGATE_PART": f32}),
+            (_gated_residual_fwd_kernel, {}, {"X": p, "GATE": p, "Y": p, "OUT": p}),
+            (_gated_residual_bwd_kernel, {}, {"DOUT": p, "GATE": p, "Y": p, "DY": p, "DGATE_PART": f32}),
+        ]
+        for fn, flags, pointers in kernels:
+            cfg = _config(D, backward="bwd" in fn.__name__)
+            constexprs = {"BLOCK_D": cfg["BLOCK_D"], **flags}
+            signature = {}
+            for arg in fn.arg_names:
+                if arg in constexprs:
+                    signature[arg] = "constexpr"
+                elif arg in pointers:
+                    signature[arg] = pointers[arg]
+                elif arg in ("T", "D") or arg.islower():  # sizes, strides, eps
+                    signature[arg] = "fp32" if arg == "eps" else "i32"
+                else:  # a pointer these flags leave unused: the launcher passes None
+                    signature[arg], constexprs[arg] = "constexpr", None
+            name = fn.__name__.strip("_") + f"_{dtype}" + ("_residual" if flags.get("HAS_RESIDUAL") else "")
+            specs.append({"name": name, "fn": fn, "signature": signature, "constexprs": constexprs,
+                          "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    return specs
