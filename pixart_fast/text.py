@@ -1,0 +1,148 @@
+"""The caption encoder: frozen T5 features and a padding mask, as PixArt feeds its cross-attention.
+
+PixArt pads every caption to 120 tokens; the mask marks the real ones, EOS included. Two encoders:
+    TextEncoder.from_pretrained(path)  a local T5 folder (T5 v1.1 XXL for the real model), offline
+    TextEncoder.embedded(seed)         the embedded default (DESIGN.md section 5): a tiny T5 encoder with fixed
+                                       random weights and ByT5's byte tokenizer, which needs no vocabulary file
+ByT5 spends one token per UTF-8 byte plus EOS. The longest caption `pixart_fast.data` can write has 119 bytes
+(120 tokens) and a typical one about 65, so the embedded default never truncates its own captions.
+"""
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
+
+MAX_TOKENS = 120  # PixArt's caption length: the null caption `y_embedding` has this many rows
+
+
+class TextEncoder:
+    """A frozen T5 encoder and its tokenizer. encode(captions) -> (features (B, 120, C) float32, mask (B, 120)
+    bool), on the encoder's device; C = `caption_channels`.
+
+    `encode_cached` keeps the features of every caption it has seen (on the CPU), for the fixed caption sets
+    a trainer encodes again and again; `save_cache` / `load_cache` keep them in a safetensors file.
+    `truncated` counts captions longer than max_length tokens that were cut (warned about once).
+    """
+
+    def __init__(self, model: T5EncoderModel, tokenizer, name: str, max_length: int = MAX_TOKENS):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer, self.name, self.max_length = tokenizer, name, max_length
+        self.caption_channels = model.config.d_model
+        self.truncated = 0
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # caption -> ((L, C), (L,)) on the CPU
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu") -> "TextEncoder":
+        """Load T5EncoderModel and its tokenizer from a local folder (never the hub). T5-XXL's encoder is
+        4.8 B parameters: pass dtype=torch.bfloat16 to halve its 19 GB (fp16 overflows in T5 v1.1)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"T5 folder {str(path)!r} does not exist; pass a local folder holding config.json, the weights "
+                "and the tokenizer files"
+            )
+        model = T5EncoderModel.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return cls(model, tokenizer, name=str(path.resolve()))
+
+    @classmethod
+    def embedded(
+        cls, seed: int = 0, d_model: int = 64, num_layers: int = 2, num_heads: int = 2, d_ff: int = 128, device="cpu"
+    ) -> "TextEncoder":
+        """The embedded default: a T5 v1.1-style encoder (gated-GELU MLP) with random weights fixed by seed,
+        built without touching the global RNG, and ByT5's tokenizer (vocabulary 384: 3 specials, 256 bytes,
+        125 sentinels). Its features carry the caption's bytes and their order; the diffusion model learns
+        to read them through its caption projection."""
+        config = T5Config(
+            vocab_size=384, d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff, num_layers=num_layers,
+            num_heads=num_heads, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        )
+        with torch.random.fork_rng(devices=[]):  # the weights depend on seed alone, and callers' RNG is untouched
+            torch.manual_seed(seed)
+            model = T5EncoderModel(config)
+        name = f"embedded-t5-d{d_model}-l{num_layers}-h{num_heads}-f{d_ff}-seed{seed}"
+        return cls(model.to(device), ByT5Tokenizer(), name=name)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device) -> "TextEncoder":
+        self.model.to(device)
+        return self
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """captions -> (token ids (B, max_length) int64, mask (B, max_length) bool), padded to max_length.
+        Captions longer than max_length tokens (EOS included) are cut and counted in `truncated`."""
+        if isinstance(captions, str):
+            raise TypeError(f"pass a list of captions, not one string ({captions[:40]!r}...)")
+        lengths = [len(ids) for ids in self.tokenizer(list(captions))["input_ids"]]  # untruncated, EOS included
+        cut = sum(n > self.max_length for n in lengths)
+        if cut and not self.truncated:
+            warnings.warn(
+                f"{cut} of {len(captions)} captions exceed {self.max_length} tokens (longest {max(lengths)}) and were "
+                f"truncated; later truncations are only counted in TextEncoder.truncated", stacklevel=3,
+            )
+        self.truncated += cut
+        tokens = self.tokenizer(
+            list(captions), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        return tokens.input_ids, tokens.attention_mask.bool()
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """captions (B strings) -> (features (B, max_length, C) float32, mask (B, max_length) bool, True for the
+        caption's tokens and its EOS), on the encoder's device. Padded positions hold T5's output there too, as
+        in PixArt; the mask is what hides them."""
+        ids, mask = self.tokenize(captions)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        features = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, C)
+        return features.float(), mask
+
+    def encode_cached(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like encode, but every distinct caption is encoded once per encoder (or taken from a loaded cache)."""
+        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
+        if missing:
+            features, mask = self.encode(missing)
+            for caption, f, m in zip(missing, features.cpu(), mask.cpu()):
+                self._cache[caption] = (f, m)
+        features = torch.stack([self._cache[c][0] for c in captions]).to(self.device)
+        mask = torch.stack([self._cache[c][1] for c in captions]).to(self.device)
+        return features, mask
+
+    def save_cache(self, path) -> None:
+        """Write the cached features to a safetensors file, tagged with this encoder's name."""
+        if not self._cache:
+            raise ValueError("the feature cache is empty; call encode_cached(captions) before save_cache")
+        captions = list(self._cache)
+        tensors = {
+            "features": torch.stack([self._cache[c][0] for c in captions]).contiguous(),  # (N, L, C)
+            "mask": torch.stack([self._cache[c][1] for c in captions]).contiguous(),  # (N, L)
+        }
+        save_file(tensors, str(path), metadata={"encoder": self.name, "captions": json.dumps(captions)})
+
+    def load_cache(self, path) -> None:
+        """Add the features of a file written by save_cache. Refuses a file from another encoder: its features
+        would be silently wrong for this one."""
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            if meta.get("encoder") != self.name:
+                raise ValueError(
+                    f"feature cache {str(path)!r} was written by encoder {meta.get('encoder')!r}, not {self.name!r}; "
+                    "delete it or encode again"
+                )
+            features, mask = f.get_tensor("features"), f.get_tensor("mask")
+        for caption, fi, mi in zip(json.loads(meta["captions"]), features, mask):
+            self._cache[caption] = (fi, mi)
+
+
+def load_text_encoder(path=None, dtype: torch.dtype = torch.float32, device="cpu") -> TextEncoder:
+    """The trainer's entry point: a local T5 folder when path is given, else the embedded default. dtype applies
+    to a loaded T5; the embedded one stays float32."""
+    if path is None:
+        return TextEncoder.embedded(device=device)
+    return TextEncoder.from_pretrained(path, dtype=dtype, device=device)

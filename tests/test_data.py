@@ -1,0 +1,176 @@
+"""The embedded default data set: determinism, ground truth that matches the pixels, buckets and batching."""
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pixart_fast.data import (
+    BACKGROUND, BUCKETS, CLASS_NAMES, COLOURS, NUM_CLASSES, REGIONS, SHAPES, SIZES, AspectScenes, BucketBatchSampler,
+    Scene, ShapeClasses, ShapeObject, ShapeScenes, collate, render, shape_coverage, validation_set,
+)
+
+def _rgb(colour):
+    """RGB in [0, 1] -> a hashable triple of thousandths, so float32 pixels compare with float64 constants."""
+    return tuple(int(v) for v in np.rint(np.asarray(colour, dtype=np.float64) * 1000))
+
+
+_PALETTE = {_rgb(c) for c in [*COLOURS.values(), BACKGROUND]}
+
+
+def _pixels(image):
+    """(3, H, W) in [-1, 1] -> the set of distinct pixel colours, as _rgb triples."""
+    rgb = np.unique(((image.double() + 1) / 2).permute(1, 2, 0).reshape(-1, 3).numpy(), axis=0)
+    return {_rgb(p) for p in rgb}
+
+
+@pytest.mark.parametrize("make", [ShapeClasses, ShapeScenes, AspectScenes])
+def test_sample_depends_only_on_seed_split_and_index(make):
+    a, b = make(length=50, seed=3), make(length=50, seed=3)
+    forward = [a[i] for i in (0, 7, 49)]
+    backward = [b[i] for i in (49, 7, 0)][::-1]  # other instance, other order
+    for x, y in zip(forward, backward):
+        assert torch.equal(x["image"], y["image"]) and x["truth"] == y["truth"]
+    assert not torch.equal(a[7]["image"], make(length=50, seed=4)[7]["image"])
+    assert not torch.equal(a[7]["image"], make(length=50, seed=3, split="val")[7]["image"])
+    assert make(length=1000, seed=3)[7]["truth"] == a[7]["truth"]  # the virtual length does not change a sample
+
+
+@pytest.mark.parametrize("make", [ShapeClasses, ShapeScenes, AspectScenes])
+def test_images_are_float_in_range(make):
+    ds = make(length=10)
+    for i in range(10):
+        image, truth = ds[i]["image"], ds[i]["truth"]
+        assert image.dtype == torch.float32 and image.shape == (3, truth.height, truth.width)
+        assert image.min() >= -1 and image.max() <= 1
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(IndexError):
+        ShapeScenes(length=5)[5]
+    with pytest.raises(ValueError, match="split"):
+        ShapeScenes(split="test")
+    with pytest.raises(ValueError, match="divisible by 8"):
+        AspectScenes(buckets=((64, 60),))
+    with pytest.raises(ValueError, match="max_objects"):
+        ShapeScenes(max_objects=4)[0]
+    with pytest.raises(ValueError, match="stage"):
+        validation_set(4)
+    with pytest.raises(ValueError, match="unknown shape"):
+        shape_coverage("star", 5, 5, 3, 10, 10)
+
+
+def test_stage1_labels_name_the_drawn_object():
+    ds = ShapeClasses(length=200)
+    assert ds.num_classes == NUM_CLASSES == len(SHAPES) * len(COLOURS) == 24
+    assert len(set(ds.class_names)) == 24 and ds.class_names == CLASS_NAMES
+    labels = set()
+    for i in range(200):
+        s = ds[i]
+        (obj,) = s["truth"].objects
+        assert CLASS_NAMES[s["label"]] == f"{obj.colour} {obj.shape}"
+        assert s["caption"] == f"a {obj.colour} {obj.shape}"
+        assert obj.region is None and obj.size is None  # stage 1 conditions on the class only
+        assert _pixels(s["image"]) == {_rgb(COLOURS[obj.colour]), _rgb(BACKGROUND)}
+        labels.add(s["label"])
+    assert len(labels) == 24
+
+
+def test_stage2_scenes_match_their_captions():
+    ds = ShapeScenes(length=150)
+    counts = set()
+    for i in range(150):
+        s = ds[i]
+        scene, image = s["truth"], s["image"]
+        objs = scene.objects
+        counts.add(len(objs))
+        assert len({o.colour for o in objs}) == len(objs) and len({o.region for o in objs}) == len(objs)
+        for o in objs:
+            assert o.phrase() in s["caption"]
+            row, col = divmod(REGIONS.index(o.region), 3)
+            # the whole bounding box lies in the stated cell, so objects never overlap
+            assert row * 32 / 3 <= o.cy - o.radius and o.cy + o.radius <= (row + 1) * 32 / 3
+            assert col * 32 / 3 <= o.cx - o.radius and o.cx + o.radius <= (col + 1) * 32 / 3
+        # hard edges: only palette colours and the background; every stated colour is drawn
+        assert _pixels(image) == {_rgb(c) for c in [BACKGROUND, *(COLOURS[o.colour] for o in objs)]}
+    assert counts == {1, 2, 3}
+
+
+def test_captions_fit_120_byt5_tokens():
+    """ByT5 takes one token per byte plus EOS: the longest caption the grammar allows must fit in 120."""
+    longest = lambda words, n: sorted(words, key=len, reverse=True)[:n]
+    worst = Scene(32, 32, tuple(
+        ShapeObject(colour, longest(SHAPES, 1)[0], 0.0, 0.0, 1.0, region, "small")
+        for colour, region in zip(longest(COLOURS, 3), longest(REGIONS, 3))
+    ))
+    assert len(worst.caption.encode()) + 1 <= 120, worst.caption
+    ds = ShapeScenes(length=500)
+    assert max(len(ds[i]["caption"].encode()) for i in range(500)) <= len(worst.caption.encode())
+
+
+def test_size_words():
+    scene = Scene(32, 32, tuple(ShapeObject("red", "circle", 5, 5, 2, "top left", size) for size in SIZES))
+    want = "a small red circle at top left, a red circle at top left and a large red circle at top left"
+    assert scene.caption == want
+
+
+def test_render_antialiasing():
+    scene = Scene(24, 24, (ShapeObject("red", "circle", 12.3, 11.7, 6.4, "center", "large"),))
+    hard, soft = render(scene), render(scene, supersample=4)
+    assert _pixels(hard) <= _PALETTE
+    assert len(_pixels(soft) - _PALETTE) > 10  # edge pixels blend the colour into the background
+    # coverage is area: the supersampled disc's total coverage is close to pi r^2
+    area = shape_coverage("circle", 12.3, 11.7, 6.4, 24, 24, supersample=8).sum()
+    assert abs(area - np.pi * 6.4**2) < 0.01 * np.pi * 6.4**2
+
+
+def test_stage3_buckets_and_micro_conditions():
+    ds = AspectScenes(length=20)
+    assert all(h % 8 == 0 and w % 8 == 0 for h, w in BUCKETS)
+    for i in range(10):
+        s = ds[i]
+        h, w = BUCKETS[ds.bucket_ids()[i]]
+        assert s["image"].shape == (3, h, w) and (s["truth"].height, s["truth"].width) == (h, w)
+        assert s["img_hw"].tolist() == [h, w] and s["aspect_ratio"].item() == pytest.approx(h / w)
+        assert len(_pixels(s["image"]) - _PALETTE) > 0  # anti-aliased
+    assert {tuple(ds[i]["image"].shape[1:]) for i in range(10)} == set(BUCKETS)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_bucket_batch_sampler(drop_last):
+    buckets = np.arange(103) % 5
+    sampler = BucketBatchSampler(buckets, batch_size=4, seed=1, drop_last=drop_last)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert all(len(set(buckets[b])) == 1 for b in batches)  # one bucket per batch
+    seen = sorted(i for b in batches for i in b)
+    if drop_last:
+        assert all(len(b) == 4 for b in batches) and len(seen) == len(set(seen)) == 100  # 5 buckets x 20
+    else:
+        assert seen == list(range(103))
+    assert list(BucketBatchSampler(buckets, 4, seed=1, drop_last=drop_last)) == batches  # deterministic
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    assert len({int(buckets[b[0]]) for b in batches[:10]}) > 1  # buckets interleave
+
+
+def test_dataloader_batches_one_bucket_at_a_time():
+    ds = AspectScenes(length=40)
+    loader = DataLoader(ds, batch_sampler=BucketBatchSampler(ds.bucket_ids(), batch_size=3), collate_fn=collate)
+    batch = next(iter(loader))
+    h, w = batch["truth"][0].height, batch["truth"][0].width
+    assert batch["image"].shape == (3, 3, h, w)
+    assert batch["img_hw"].shape == (3, 2) and batch["aspect_ratio"].shape == (3,)
+    assert len(batch["caption"]) == 3 and all(isinstance(c, str) for c in batch["caption"])
+    labels = collate([ShapeClasses(length=4)[i] for i in range(4)])["label"]
+    assert labels.dtype == torch.int64 and labels.shape == (4,)
+    with pytest.raises(ValueError, match="BucketBatchSampler"):
+        collate([ds[0], ds[1]])
+
+
+def test_validation_set_is_fixed_and_held_out():
+    for stage in (1, 2, 3):
+        val = validation_set(stage)
+        assert len(val) == 32
+        assert val[5]["truth"] == validation_set(stage)[5]["truth"]
+    val, train = validation_set(2), ShapeScenes(length=32)
+    assert sum(val[i]["truth"] == train[i]["truth"] for i in range(32)) == 0

@@ -1,0 +1,101 @@
+"""The caption encoder: PixArt's padding and mask, the fixed embedded default, the feature cache, truncation."""
+import warnings
+
+import pytest
+import torch
+
+from pixart_fast.data import ShapeScenes
+from pixart_fast.text import MAX_TOKENS, TextEncoder, load_text_encoder
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return TextEncoder.embedded()
+
+
+def test_features_padding_and_mask(encoder):
+    captions = ["a red circle at top left", "", "a small blue square at center and a large green diamond at right"]
+    features, mask = encoder.encode(captions)
+    assert features.shape == (3, MAX_TOKENS, encoder.caption_channels) and features.dtype == torch.float32
+    assert mask.shape == (3, MAX_TOKENS) and mask.dtype == torch.bool
+    # ByT5: one token per byte, then EOS; the mask marks exactly those, left-aligned
+    for row, caption in zip(mask, captions):
+        n = len(caption.encode()) + 1
+        assert row[:n].all() and not row[n:].any()
+    assert torch.isfinite(features).all()
+    # padding to a fixed length makes a caption's features independent of its batch
+    alone, _ = encoder.encode(captions[:1])
+    torch.testing.assert_close(alone[0], features[0], rtol=1e-5, atol=1e-5)
+    assert (features[0, :10] - features[2, :10]).abs().max() > 0.1  # different captions, different features
+
+
+def test_embedded_default_is_fixed_frozen_and_leaves_global_rng_alone(encoder):
+    assert encoder.caption_channels == 64
+    state = torch.random.get_rng_state()
+    again = TextEncoder.embedded()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for (name, a), b in zip(encoder.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    other = TextEncoder.embedded(seed=1).model.state_dict()
+    assert not torch.equal(other["shared.weight"], encoder.model.state_dict()["shared.weight"])
+    assert not encoder.model.training and not any(p.requires_grad for p in encoder.model.parameters())
+    features, _ = encoder.encode(["a red circle"])
+    assert not features.requires_grad
+
+
+def test_local_folder_round_trip(encoder, tmp_path):
+    encoder.model.save_pretrained(tmp_path)
+    encoder.tokenizer.save_pretrained(tmp_path)
+    loaded = load_text_encoder(tmp_path)
+    captions = ["a purple triangle at bottom", "a cyan square at top right"]
+    for got, want in zip(loaded.encode(captions), encoder.encode(captions)):
+        assert torch.equal(got, want)
+    assert loaded.caption_channels == encoder.caption_channels and loaded.name != encoder.name
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_text_encoder(tmp_path / "missing")
+
+
+def test_feature_cache(tmp_path):
+    encoder = TextEncoder.embedded()
+    captions = ["a red circle at top left", "a blue square at center", "a red circle at top left"]
+    calls = []
+    encoder.model.register_forward_hook(lambda module, args, out: calls.append(1))
+    cached = encoder.encode_cached(captions)
+    assert len(calls) == 1
+    for got, want in zip(cached, encoder.encode(captions)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    encoder.encode_cached(captions[::-1])
+    assert not calls  # every caption already cached
+
+    encoder.save_cache(tmp_path / "cache.safetensors")
+    fresh = TextEncoder.embedded()
+    fresh.model.register_forward_hook(lambda module, args, out: calls.append(1))
+    fresh.load_cache(tmp_path / "cache.safetensors")
+    for got, want in zip(fresh.encode_cached(captions), cached):
+        assert torch.equal(got, want)
+    assert not calls
+    with pytest.raises(ValueError, match="written by encoder"):
+        TextEncoder.embedded(seed=1).load_cache(tmp_path / "cache.safetensors")
+
+
+def test_truncation_is_counted_and_warned_once():
+    encoder = TextEncoder.embedded()
+    long = "a red circle at top left " * 8  # 200 bytes
+    with pytest.warns(UserWarning, match="exceed 120 tokens"):
+        _, mask = encoder.encode([long, "short"])
+    assert mask[0].all() and mask[1].sum() == 6 and encoder.truncated == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder.encode([long, long])  # counted, not warned again
+    assert encoder.truncated == 3
+
+
+def test_stage2_captions_are_never_truncated(encoder):
+    captions = [ShapeScenes(length=300)[i]["caption"] for i in range(300)]
+    _, mask = encoder.tokenize(captions)
+    assert encoder.truncated == 0
+    # bytes + EOS, which test_data bounds by 120 for the longest caption the grammar can write
+    assert mask.sum(1).tolist() == [len(c.encode()) + 1 for c in captions]
+    with pytest.raises(TypeError, match="list of captions"):
+        encoder.encode("a red circle")
