@@ -15,7 +15,7 @@ setup(
         "triton>=3.1; platform_system == 'Linux'",
         "numpy",
         "safetensors",
-        "transformers>=4.44",
+        "transformers>=4.56",
         "pillow",
         "tqdm",
     ],

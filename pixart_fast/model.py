@@ -70,9 +70,15 @@ CONFIGS = {
     # The embedded default (DESIGN.md section 5): 32 px pixel space, 256 tokens, the tiny T5's 64 channels.
     "PixArt-pixel-32": PixArtConfig(input_size=32, in_channels=3, hidden_size=192, depth=6, num_heads=3,
                                     caption_channels=64, num_classes=24),
-    "PixArtMS-pixel-64": PixArtConfig(input_size=64, patch_size=4, in_channels=3, hidden_size=192, depth=6,
-                                      num_heads=3, caption_channels=64, micro_conditions=True),
+    # Stage 3 of the embedded default: the same network at twice the side, multi-aspect, with micro-conditions;
+    # positions interpolated by 2 as PixArt does from 512 to 1024 px, so stage-2 weights carry over unchanged.
+    "PixArtMS-pixel-64": PixArtConfig(input_size=64, in_channels=3, hidden_size=192, depth=6, num_heads=3,
+                                      caption_channels=64, pe_interpolation=2.0, micro_conditions=True),
     # Tiny models for tests.
+    "PixArt-pixel-tiny": PixArtConfig(input_size=16, in_channels=3, hidden_size=48, depth=2, num_heads=2,
+                                      caption_channels=64, num_classes=24),
+    "PixArtMS-pixel-tiny": PixArtConfig(input_size=32, in_channels=3, hidden_size=48, depth=2, num_heads=2,
+                                        caption_channels=64, pe_interpolation=2.0, micro_conditions=True),
     "PixArt-tiny": PixArtConfig(input_size=8, in_channels=4, hidden_size=48, depth=2, num_heads=2,
                                 caption_channels=24, max_tokens=10, num_classes=5),
     "PixArtMS-tiny": PixArtConfig(input_size=8, in_channels=4, hidden_size=48, depth=2, num_heads=2,

@@ -1,0 +1,129 @@
+"""`python -m pixart_fast.sample --ckpt X --prompt "..." --out img.png`: text-to-image with a PixArt checkpoint.
+
+With --t5 and --vae (local folders) it runs a real PixArt (T5 features, SD-VAE latents); without them, the
+embedded default: the tiny byte-level T5 and pixel space (DESIGN.md section 5).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from pixart_fast.checkpoints import load_any, load_state_dict_strict
+from pixart_fast.diffusion import Diffusion
+from pixart_fast.model import CONFIGS, PixArt
+from pixart_fast.text import TextEncoder
+
+VAE_SCALE = 0.18215  # sd-vae-ft-ema latent scale
+VAE_FACTOR = 8  # pixels per latent pixel
+
+
+def model_name_of(path: Path) -> str | None:
+    """The config name our trainer stores in a checkpoint's metadata, if any."""
+    if path.suffix != ".safetensors":
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["model"]) if "model" in meta else None
+
+
+def load_pixart(ckpt: Path, model_name: str | None, device) -> PixArt:
+    """Build the model named by --model (or the checkpoint's metadata) and load the checkpoint strictly."""
+    name = model_name or model_name_of(ckpt)
+    if name is None:
+        raise ValueError(f"{ckpt} does not say which model it is: pass --model (one of {sorted(CONFIGS)})")
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(CONFIGS)}")
+    kind, sd = load_any(ckpt)
+    if kind == "dit":
+        raise ValueError(f"{ckpt} is a class-conditional DiT (stage 1): it takes class labels, not prompts")
+    model = PixArt(CONFIGS[name])
+    load_state_dict_strict(model, sd, allow_missing=("y_embedder.y_embedding",) if kind == "diffusers" else ())
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def generate(model: PixArt, text: TextEncoder, prompts: list[str], height: int, width: int, steps: int = 20,
+             cfg_scale: float = 4.5, sampler: str = "dpm", seed: int = 0, vae=None) -> torch.Tensor:
+    """Images (N, 3, height, width) in [-1, 1] for N prompts. height/width in pixels (with a VAE, 8 per latent
+    pixel). The noise comes from a CPU generator seeded with `seed`, so results do not depend on the device."""
+    cfg = model.config
+    factor = VAE_FACTOR if vae is not None else 1
+    p = cfg.patch_size * factor
+    if height % p or width % p:
+        raise ValueError(f"height and width must be multiples of {p} (patch {cfg.patch_size} x {factor}), got {height}x{width}")
+    device = next(model.parameters()).device
+    y, mask = (a.to(device) for a in text.encode(prompts))
+    N = len(prompts)
+    extra = {}
+    if cfg.micro_conditions:
+        extra = {"img_hw": torch.tensor([[height, width]] * N, dtype=torch.float32, device=device),
+                 "aspect_ratio": torch.full((N, 1), height / width, device=device)}
+    noise = torch.randn(N, cfg.in_channels, height // factor, width // factor,
+                        generator=torch.Generator().manual_seed(seed)).to(device)
+    eps_fn = lambda x, t: model.forward_with_cfg(x, t, y, mask, cfg_scale, **extra)  # noqa: E731
+    diffusion = Diffusion(learn_sigma=cfg.learn_sigma)
+    run = {"dpm": diffusion.dpm_solver, "ddim": diffusion.ddim}[sampler]
+    x = run(eps_fn, noise, steps=steps)
+    if vae is not None:
+        x = vae.decode(x / VAE_SCALE).sample
+    return x.float().clamp(-1, 1).cpu()
+
+
+def image_grid(images, cols: int = 8, scale: int = 4) -> Image.Image:
+    """Images (3, H, W) in [-1, 1], of any sizes -> one PIL grid, each in a cell the size of the largest plus a
+    1-pixel border, upscaled `scale` times (nearest: these are tiny images)."""
+    H = max(im.shape[1] for im in images) + 2
+    W = max(im.shape[2] for im in images) + 2
+    cols = min(cols, len(images))
+    rows = -(-len(images) // cols)
+    grid = torch.zeros(rows * H, cols * W, 3, dtype=torch.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        pix = ((im.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0)
+        grid[r * H + 1:r * H + 1 + pix.shape[0], c * W + 1:c * W + 1 + pix.shape[1]] = pix
+    img = Image.fromarray(grid.numpy())
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pixart_fast.sample", description=__doc__)
+    p.add_argument("--ckpt", required=True, help="PixArt weights: ours (.safetensors), official .pth or a diffusers folder")
+    p.add_argument("--prompt", required=True, action="append", help="caption; repeat for several images")
+    p.add_argument("--out", default="sample.png", help="PNG to write (a grid when there are several images)")
+    p.add_argument("--model", default=None, help=f"model config, one of {sorted(CONFIGS)} (default: from the checkpoint)")
+    p.add_argument("--t5", default=None, help="local T5 encoder folder (default: the embedded tiny T5)")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (default: pixel space, no VAE)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's size)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's size)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps")
+    p.add_argument("--cfg-scale", type=float, default=4.5, help="classifier-free guidance scale")
+    p.add_argument("--sampler", choices=("dpm", "ddim"), default="dpm", help="DPM-Solver++ 2M or DDIM")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--scale", type=int, default=4, help="upscale the written PNG by this factor (nearest)")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_pixart(Path(args.ckpt), args.model, device)
+    text = TextEncoder.from_pretrained(args.t5) if args.t5 else TextEncoder.embedded()
+    if text.caption_channels != model.config.caption_channels:
+        raise SystemExit(f"error: the text encoder gives {text.caption_channels}-dim features but the model expects "
+                         f"{model.config.caption_channels}: pass the T5 the model was trained with (--t5)")
+    vae = None
+    if args.vae:
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval()
+    factor = VAE_FACTOR if vae is not None else 1
+    side = model.config.input_size * factor
+    images = generate(model, text, args.prompt, args.height or side, args.width or side, args.steps,
+                      args.cfg_scale, args.sampler, args.seed, vae)
+    image_grid(list(images), cols=4, scale=args.scale).save(args.out)
+    print(f"wrote {args.out}: {len(args.prompt)} image(s) of {images.shape[2]}x{images.shape[3]} px")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The three training stages of PixArt-alpha as typed configs (paper section 2.1, DESIGN.md section 2).
+
+Stage 1 learns pixel dependency (a class-conditional DiT), stage 2 text-image alignment (captions), stage 3
+aesthetics (cleaner, larger, multi-aspect images with micro-conditions). The defaults are sized for the embedded
+dataset on a 2-core CPU (about 5 minutes a stage); the paper's own numbers are in `PAPER`, for reference and for
+real runs (`--lr 2e-5 --batch-size ...`). Every field can be overridden from the command line.
+"""
+from dataclasses import dataclass, field, replace
+
+
+def _field(default, help: str):
+    """A config field whose help text the command line shows."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: int = _field(2, "1 pixel dependency (class-conditional DiT), 2 text-image alignment, 3 aesthetics")
+    model: str = _field("PixArt-pixel-32", "a model config name from pixart_fast.model.CONFIGS")
+    steps: int = _field(300, "total optimizer steps of the run (a resumed run continues up to this total)")
+    batch_size: int = _field(32, "images per optimizer step")
+    lr: float = _field(1e-3, "peak AdamW learning rate, reached after --warmup steps, then held (paper: 2e-5)")
+    weight_decay: float = _field(0.03, "AdamW weight decay")
+    adam_eps: float = _field(1e-10, "AdamW epsilon")
+    warmup: int = _field(20, "linear learning-rate warm-up, in steps (paper: 1000)")
+    grad_clip: float = _field(1.0, "max global gradient norm (paper: 0.01 at lr 2e-5)")
+    ema_decay: float = _field(0.9999, "EMA decay of the weights; step s uses min(decay, (1 + s) / (10 + s))")
+    caption_dropout: float = _field(0.1, "probability that a caption (stage 1: a class) is replaced by the null one")
+    precision: str = _field("fp32", "fp32, bf16 or fp16 autocast (fp16 adds a gradient scaler)")
+    grad_checkpointing: bool = _field(False, "recompute each block in the backward pass to save activation memory")
+    kernels: str = _field("auto", "auto (Triton on CUDA, PyTorch on CPU), triton or torch")
+    seed: int = _field(0, "seed of the initial weights, the data order, noise, timesteps and caption dropout")
+    out: str = _field("runs", "output root; this stage writes <out>/stage<N>/")
+    resume: str | None = _field(None, "'latest' or a checkpoint folder of this run to continue from")
+    init: str | None = _field(None, "weights to start from: a DiT or PixArt checkpoint (official .pth, diffusers "
+                                    "folder, ours); default: the previous stage's newest EMA weights under --out")
+    data: str | None = _field(None, "a folder of extracted features; default: the embedded procedural dataset")
+    t5: str | None = _field(None, "a local T5 encoder folder; default: the embedded tiny T5 with a byte tokenizer")
+    log_every: int = _field(10, "steps between metrics.jsonl lines")
+    save_every: int = _field(100, "steps between checkpoints (one is always written at the end)")
+    sample_every: int = _field(0, "steps between validation sample grids (0: only at the end)")
+    sample_steps: int = _field(20, "DPM-Solver++ steps for validation samples")
+    cfg_scale: float = _field(4.5, "classifier-free guidance scale for validation samples")
+    num_val: int = _field(16, "held-out captions (stage 1: class samples) to sample and score")
+
+
+RECIPES = {
+    1: TrainConfig(stage=1),
+    2: TrainConfig(stage=2),
+    3: TrainConfig(stage=3, model="PixArtMS-pixel-64", steps=80, batch_size=12, lr=5e-4),
+}
+
+# The paper's Table 4 settings for PixArt-XL/2 (lr 2e-5, AdamW wd 0.03, grad clip 0.01, EMA 0.9999, warm-up 1000).
+PAPER = {
+    1: replace(RECIPES[1], model="PixArt-XL/2-256", steps=300_000, batch_size=1024, lr=2e-5, warmup=1000,
+               grad_clip=0.01, precision="bf16", grad_checkpointing=True),
+    2: replace(RECIPES[2], model="PixArt-XL/2-256", steps=150_000, batch_size=11392, lr=2e-5, warmup=1000,
+               grad_clip=0.01, precision="bf16", grad_checkpointing=True),
+    3: replace(RECIPES[3], model="PixArtMS-XL/2-1024", steps=16_000, batch_size=384, lr=2e-5, warmup=1000,
+               grad_clip=0.01, precision="bf16", grad_checkpointing=True),
+}
