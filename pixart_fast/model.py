@@ -232,8 +232,10 @@ class PixArtBlock(nn.Module):
     """x += gate_msa * attn(modulate(LN(x))); x += cross_attn(x, y); x += gate_mlp * mlp(modulate(LN(x))).
 
     The six modulation vectors are this block's `scale_shift_table` (6, D) plus the shared t0 (B, 6D)
-    (adaLN-single). The residual add that closes the attention branch is fused with the LayerNorm and
-    modulation that open the MLP branch (`gated_residual_modulate`)."""
+    (adaLN-single). The block takes its attention input already normalised and modulated, and closes with
+    one fused pass: the MLP's gated residual add together with the LayerNorm + modulation of whatever comes
+    next (the next block's attention input, or the final layer's), so the residual stream is read once there.
+    """
 
     def __init__(self, config: PixArtConfig, kernels: str):
         super().__init__()
@@ -244,32 +246,37 @@ class PixArtBlock(nn.Module):
         self.mlp = Mlp(D, int(D * config.mlp_ratio), D)
         self.scale_shift_table = nn.Parameter(torch.randn(6, D) / D**0.5)
 
-    def forward(self, x, y, t0, mask):
-        B = x.shape[0]
-        mods = (self.scale_shift_table[None] + t0.reshape(B, 6, -1)).unbind(1)  # 6 x (B, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        h = self.attn(modulate(x, shift_msa, scale_msa, backend=self.kernels))  # (B, T, D)
-        x = gated_residual(x, gate_msa, h, backend=self.kernels)
-        x = x + self.cross_attn(x, y, mask)
-        # The MLP branch's LN + modulation read the stream once, fused with nothing before it: cross-attention
-        # has no gate, so its residual add is a plain one.
+    def modulation(self, t0):
+        """t0 (B, 6D) -> shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, D)."""
+        return (self.scale_shift_table[None] + t0.reshape(t0.shape[0], 6, -1)).unbind(1)
+
+    def forward(self, x, x_mod, y, t0, mask, next_shift, next_scale):
+        """x: residual stream (B, T, D); x_mod: modulate(LN(x), shift_msa, scale_msa) (B, T, D);
+        next_shift/next_scale (B, D): the modulation of the layer after this block.
+        Returns the new stream and its normalised, modulated copy for the next layer."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t0)
+        x = gated_residual(x, gate_msa, self.attn(x_mod), backend=self.kernels)
+        x = x + self.cross_attn(x, y, mask)  # no norm, no modulation, no gate
         h = self.mlp(modulate(x, shift_mlp, scale_mlp, backend=self.kernels))
-        return gated_residual(x, gate_mlp, h, backend=self.kernels)
+        return gated_residual_modulate(x, gate_mlp, h, next_shift, next_scale, backend=self.kernels)
 
 
 class FinalLayer(nn.Module):
-    """LN, modulate by (table (2, D) + t), Linear to p*p*out_channels per token."""
+    """LN, modulate by (table (2, D) + t), Linear to p*p*out_channels per token. The LN and modulation run
+    fused into the last block's closing pass, so forward takes the modulated tokens."""
 
-    def __init__(self, config: PixArtConfig, kernels: str):
+    def __init__(self, config: PixArtConfig):
         super().__init__()
         D, p = config.hidden_size, config.patch_size
-        self.kernels = kernels
         self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
         self.linear = nn.Linear(D, p * p * config.out_channels)
 
-    def forward(self, x, t):
-        shift, scale = (self.scale_shift_table[None] + t[:, None]).unbind(1)  # (B, D) each
-        return self.linear(modulate(x, shift, scale, backend=self.kernels))  # (B, T, p*p*out)
+    def modulation(self, t):
+        """t (B, D), the timestep embedding before t_block -> shift, scale, each (B, D)."""
+        return (self.scale_shift_table[None] + t[:, None]).unbind(1)
+
+    def forward(self, x_mod):
+        return self.linear(x_mod)  # (B, T, p*p*out)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,7 +314,7 @@ class PixArt(nn.Module):
             self.csize_embedder = SizeEmbedder(D // 3)  # image (height, width) -> 2 * D/3
             self.ar_embedder = SizeEmbedder(D // 3)  # aspect ratio -> D/3
         self.blocks = nn.ModuleList([PixArtBlock(c, kernels) for _ in range(c.depth)])
-        self.final_layer = FinalLayer(c, kernels)
+        self.final_layer = FinalLayer(c)
         grid = c.input_size // c.patch_size
         self.register_buffer("pos_embed", pos_embed_2d(D, grid, grid, grid, c.pe_interpolation)[None], persistent=False)
         self.initialize_weights()
@@ -384,12 +391,15 @@ class PixArt(nn.Module):
             t = t + torch.cat([self.csize_embedder(img_hw), self.ar_embedder(aspect_ratio)], dim=1)  # (B, D)
         t0 = self.t_block(t)  # (B, 6D), shared by every block
         y = self.y_embedder(y)  # (B, L, D)
-        for block in self.blocks:
+        shift, scale = self.blocks[0].modulation(t0)[:2] if c.depth else self.final_layer.modulation(t)
+        x_mod = modulate(x, shift, scale, backend=self.kernels)  # (B, T, D)
+        for i, block in enumerate(self.blocks):
+            nxt = self.blocks[i + 1].modulation(t0)[:2] if i + 1 < c.depth else self.final_layer.modulation(t)
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, y, t0, mask, use_reentrant=False)
+                x, x_mod = checkpoint(block, x, x_mod, y, t0, mask, *nxt, use_reentrant=False)
             else:
-                x = block(x, y, t0, mask)  # (B, T, D)
-        x = self.final_layer(x, t)  # (B, T, p*p*out)
+                x, x_mod = block(x, x_mod, y, t0, mask, *nxt)  # (B, T, D) each
+        x = self.final_layer(x_mod)  # (B, T, p*p*out)
         return unpatchify(x, p, c.out_channels, H, W, backend=self.kernels)  # (B, out, H, W)
 
     def pos_embed_for(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
