@@ -17,8 +17,8 @@ def _field(default, help: str):
 class TrainConfig:
     stage: int = _field(2, "1 pixel dependency (class-conditional DiT), 2 text-image alignment, 3 aesthetics")
     model: str = _field("PixArt-pixel-32", "a model config name from pixart_fast.model.CONFIGS")
-    steps: int = _field(300, "total optimizer steps of the run (a resumed run continues up to this total)")
-    batch_size: int = _field(32, "images per optimizer step")
+    steps: int = _field(250, "total optimizer steps of the run (a resumed run continues up to this total)")
+    batch_size: int = _field(24, "images per optimizer step")
     lr: float = _field(1e-3, "peak AdamW learning rate, reached after --warmup steps, then held (paper: 2e-5)")
     weight_decay: float = _field(0.03, "AdamW weight decay")
     adam_eps: float = _field(1e-10, "AdamW epsilon")
@@ -45,9 +45,9 @@ class TrainConfig:
 
 
 RECIPES = {
-    1: TrainConfig(stage=1),
-    2: TrainConfig(stage=2),
-    3: TrainConfig(stage=3, model="PixArtMS-pixel-64", steps=80, batch_size=12, lr=5e-4),
+    1: TrainConfig(stage=1, steps=250, batch_size=24),
+    2: TrainConfig(stage=2, steps=250, batch_size=24),
+    3: TrainConfig(stage=3, model="PixArtMS-pixel-64", steps=80, batch_size=8, lr=5e-4),
 }
 
 # The paper's Table 4 settings for PixArt-XL/2 (lr 2e-5, AdamW wd 0.03, grad clip 0.01, EMA 0.9999, warm-up 1000).
