@@ -1,0 +1,413 @@
+"""Cross-attention of image tokens over padded T5 caption tokens: a flash-style Triton kernel.
+
+PixArt's cross-attention has N = 256..4096 image-token queries against at most L = 120 caption keys (T5, padded,
+with a mask), 16 heads of dim 72. Since L <= 128, all keys of one (batch, head) fit in ONE key block, and the
+kernels use that:
+- forward: the softmax of a query block is exact in registers (one max, one sum), with no online rescaling over
+  key blocks; it stores the per-row logsumexp for the backward;
+- backward (flash-attention-2 style: recompute P from q, k and the logsumexp; delta = rowsum(dO * O) first): the
+  program that accumulates dk and dv over a run of query blocks also writes those blocks' complete dq, so there
+  is neither a second dq kernel nor an atomic add.
+
+Shapes: q (B, N, H, Dh); k, v (B, L, H, Dh); kv_mask (B, L), True (or nonzero) = attend; output (B, N, H, Dh);
+lse (B, H, N) fp32, natural-log logsumexp of the scaled scores, -inf for a caption with no valid token.
+Head dim: a multiple of 8 up to 128 (72 pads to a block of 128, masked); L: 1 to 128.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .backend import interpreting, use_triton
+
+MAX_KV_LEN = 128  # all keys in one block; PixArt's captions have 120 tokens
+MAX_HEAD_DIM = 128
+BLOCK_N_FWD, NUM_WARPS_FWD = 64, 8
+BLOCK_N_BWD, NUM_WARPS_BWD = 16, 8
+MIN_BLOCKS_PER_PROGRAM = 32  # backward: query blocks one program walks at least (see _backward_splits)
+_LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+def cross_attention_ref(q, k, v, kv_mask=None):
+    """softmax(q k^T / sqrt(Dh), keys where kv_mask) v per batch and head, in plain PyTorch.
+
+    q (B, N, H, Dh); k, v (B, L, H, Dh); kv_mask (B, L) bool or 0/1 numbers, None = all keys. Returns (B, N, H, Dh).
+    A caption with no valid token gives a zero output and zero gradients (SDPA alone may give NaN there).
+    """
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, Dh)
+    if kv_mask is None:
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    mask = kv_mask.bool()
+    has_keys = mask.any(dim=1)  # (B,)
+    # An empty caption attends to every key (a finite softmax), then its output is multiplied by 0.
+    mask = mask | ~has_keys[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+    return out.transpose(1, 2) * has_keys[:, None, None, None].to(out.dtype)
+
+
+@triton.jit
+def _tile(base, rows, row_stride, d):
+    """Pointers (len(rows), len(d)) to rows of a (tokens, HEAD_DIM) matrix at `base`. The launchers hand in rows
+    that start 16-byte aligned (strides multiples of 8 elements, aligned data): the hint lets loads be 16 bytes."""
+    return tl.multiple_of(base + rows[:, None] * row_stride + d[None, :], [16, 16])
+
+
+@triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr):
+    """a @ b, accumulated in fp32. "ieee": fp32 inputs get fp32 products, not TF32 (on a GPU that means FMA units,
+    not tensor cores: fp32 is for checking, bf16/fp16 for speed). DOT_FP32 widens 16-bit tiles first; the
+    launchers set it only for bf16 under TRITON_INTERPRET=1, whose tl.dot multiplies bf16 bit patterns as integers
+    (triton-lang/triton#11584). bf16 x bf16 products are exact in fp32, so widening matches the tensor cores."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _cross_attn_fwd_kernel(
+    Q,  # (B, N, H, HEAD_DIM) queries, strided as _aligned allows (unit head-dim stride, rows 16-byte aligned)
+    K,  # (B, L, H, HEAD_DIM) keys, likewise
+    V,  # (B, L, H, HEAD_DIM) values, likewise
+    MASK,  # (B, L) bool, contiguous: True = attend
+    O,  # (B, N, H, HEAD_DIM) contiguous output, q's dtype
+    LSE,  # (B, H, N) contiguous fp32 output: natural-log logsumexp of the scaled scores
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    N, L, H,
+    sm_scale,  # 1 / sqrt(HEAD_DIM)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # queries per program
+    BLOCK_L: tl.constexpr,  # >= L: every key in one block
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    DOT_FP32: tl.constexpr,  # widen tl.dot operands to fp32 (the interpreter's bf16, see _dot)
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)  # int64: batch offsets can pass 2**31 elements
+    h = pid_bh % H
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keys = tl.arange(0, BLOCK_L)
+    d = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    d_ok = d < HEAD_DIM
+    kv_io = (keys < L)[:, None] & d_ok[None, :]
+    key_ok = tl.load(MASK + b * L + keys, mask=keys < L, other=0) != 0
+
+    q = tl.load(_tile(Q + b * stride_qb + h * stride_qh, rows, stride_qn, d), mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    k = tl.load(_tile(K + b * stride_kb + h * stride_kh, keys, stride_kl, d), mask=kv_io, other=0.0)
+    s = _dot(q, tl.trans(k), DOT_FP32) * (sm_scale * _LOG2E)  # (BLOCK_N, BLOCK_L), log2 units
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    m = tl.max(s, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # empty caption: keep exp2 finite; every p is 0 below
+    p = tl.exp2(s - m[:, None])
+    l = tl.sum(p, 1)
+    v = tl.load(_tile(V + b * stride_vb + h * stride_vh, keys, stride_vl, d), mask=kv_io, other=0.0)
+    acc = _dot(p.to(v.dtype), v, DOT_FP32)  # (BLOCK_N, BLOCK_D) fp32
+    l_safe = tl.where(l == 0.0, 1.0, l)  # empty caption: o = 0 / 1 = 0 and lse = -inf
+    o = acc / l_safe[:, None]
+    lse = tl.where(l == 0.0, float("-inf"), (m + tl.log2(l_safe)) * _LN2)  # natural log
+
+    o_ptrs = _tile(O + (b * N * H + h) * HEAD_DIM, rows, H * HEAD_DIM, d)
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * N + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _cross_attn_bwd_kernel(
+    Q,  # (B, N, H, HEAD_DIM) queries, strided as _aligned allows (unit head-dim stride, rows 16-byte aligned)
+    K,  # (B, L, H, HEAD_DIM) keys, likewise
+    V,  # (B, L, H, HEAD_DIM) values, likewise
+    O,  # (B, N, H, HEAD_DIM) forward output, likewise
+    DO,  # (B, N, H, HEAD_DIM) gradient of the output, likewise
+    LSE,  # (B, H, N) contiguous fp32: the forward's logsumexp
+    MASK,  # (B, L) bool, contiguous: True = attend
+    DQ,  # (B, N, H, HEAD_DIM) contiguous output, q's dtype
+    DK_PART,  # (SPLITS, B, L, H, HEAD_DIM) contiguous fp32 output: dk summed over this program's queries
+    DV_PART,  # (SPLITS, B, L, H, HEAD_DIM) contiguous fp32 output: dv likewise
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    stride_dob, stride_don, stride_doh,
+    N, L, H,
+    blocks_per_program,  # query blocks of BLOCK_N rows that one program walks through
+    sm_scale,  # 1 / sqrt(HEAD_DIM)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # queries per step
+    BLOCK_L: tl.constexpr,  # >= L: every key in one block
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    DOT_FP32: tl.constexpr,  # widen tl.dot operands to fp32 (the interpreter's bf16, see _dot)
+):
+    pid_split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)  # int64: batch offsets can pass 2**31 elements
+    h = pid_bh % H
+    keys = tl.arange(0, BLOCK_L)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    kv_io = (keys < L)[:, None] & d_ok[None, :]
+    key_ok = tl.load(MASK + b * L + keys, mask=keys < L, other=0) != 0
+    k = tl.load(_tile(K + b * stride_kb + h * stride_kh, keys, stride_kl, d), mask=kv_io, other=0.0)
+    v = tl.load(_tile(V + b * stride_vb + h * stride_vh, keys, stride_vl, d), mask=kv_io, other=0.0)
+    qk_scale = sm_scale * _LOG2E  # scores in log2 units, for exp2
+    dk = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+
+    for i in range(blocks_per_program):
+        rows = (pid_split * blocks_per_program + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        io = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(_tile(Q + b * stride_qb + h * stride_qh, rows, stride_qn, d), mask=io, other=0.0)
+        do = tl.load(_tile(DO + b * stride_dob + h * stride_doh, rows, stride_don, d), mask=io, other=0.0)
+        o = tl.load(_tile(O + b * stride_ob + h * stride_oh, rows, stride_on, d), mask=io, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O) = rowsum(dP * P)
+        lse = tl.load(LSE + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * _LOG2E
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty caption: exp2(s - inf) = 0, not inf
+
+        s = _dot(q, tl.trans(k), DOT_FP32) * qk_scale  # (BLOCK_N, BLOCK_L)
+        # Masked keys and padding rows get p = 0 explicitly: an empty caption's lse is -inf.
+        p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_FP32)
+        dp = _dot(do, tl.trans(v), DOT_FP32)
+        ds = p * (dp - delta[:, None])  # dLoss/dS for S = sm_scale * q k^T
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32)
+        dq = _dot(ds.to(k.dtype), k, DOT_FP32) * sm_scale
+        tl.store(_tile(DQ + (b * N * H + h) * HEAD_DIM, rows, H * HEAD_DIM, d), dq.to(DQ.dtype.element_ty), mask=io)
+
+    part = ((pid_split * (tl.num_programs(1) // H) + b) * L * H + h) * HEAD_DIM  # (split, b, 0, h, 0) of the partials
+    tl.store(_tile(DK_PART + part, keys, H * HEAD_DIM, d), dk * sm_scale, mask=kv_io)
+    tl.store(_tile(DV_PART + part, keys, H * HEAD_DIM, d), dv, mask=kv_io)
+
+
+def _config(kind: str, head_dim: int, kv_len: int, dot_fp32: bool = False) -> dict:
+    """Block sizes and warps of one kernel ("fwd" or "bwd"); the launchers and aot_specs() both read it.
+
+    All keys in one block (BLOCK_L >= L) and the head dim padded to a power of two; tl.dot needs blocks >= 16.
+    Chosen for zero register spills on sm_80 and sm_90 at PixArt's shapes (Dh = 72 -> 128, L = 120 -> 128).
+    """
+    block_n, num_warps = (BLOCK_N_FWD, NUM_WARPS_FWD) if kind == "fwd" else (BLOCK_N_BWD, NUM_WARPS_BWD)
+    constexprs = {
+        "HEAD_DIM": head_dim,
+        "BLOCK_N": block_n,
+        "BLOCK_L": max(16, triton.next_power_of_2(kv_len)),
+        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+        "DOT_FP32": dot_fp32,
+    }
+    return {"constexprs": constexprs, "num_warps": num_warps, "num_stages": 1}
+
+
+def _aligned(x):
+    """x itself when it meets the kernels' load hint (see _tile): unit head-dim stride, the other strides multiples
+    of 8 elements, 16-byte aligned data. kv_linear(y).view(B, L, 2, H, Dh).unbind(2) views do; anything else (a
+    transposed head dim, an odd offset, an expanded gradient) is copied to a contiguous tensor first."""
+    strides_ok = all(s % 8 == 0 for s, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1)
+    if x.stride(-1) == 1 and strides_ok and x.data_ptr() % 16 == 0:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _dot_fp32(x) -> bool:
+    """The interpreter's tl.dot cannot read bf16 tiles (see _dot); compiled kernels use the tensor cores."""
+    return interpreting() and x.dtype == torch.bfloat16
+
+
+def cross_attn_fwd_launch(q, k, v, kv_mask):
+    """Forward. q (B, N, H, Dh); k, v (B, L, H, Dh); kv_mask (B, L) bool contiguous.
+
+    Returns out (B, N, H, Dh) contiguous in q's dtype and lse (B, H, N) fp32.
+    """
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    B, N, H, Dh = q.shape
+    L = k.shape[1]
+    out = q.new_empty(B, N, H, Dh)
+    lse = q.new_empty(B, H, N, dtype=torch.float32)
+    cfg = _config("fwd", Dh, L, _dot_fp32(q))
+    grid = (triton.cdiv(N, cfg["constexprs"]["BLOCK_N"]), B * H)
+    _cross_attn_fwd_kernel[grid](
+        q, k, v, kv_mask, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        N, L, H, 1.0 / math.sqrt(Dh),
+        **cfg["constexprs"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse
+
+
+def _backward_splits(n_blocks: int, bh: int, device) -> int:
+    """How many programs share one (batch, head)'s query blocks in the backward.
+
+    Enough to fill the GPU about twice over, but each program walks at least MIN_BLOCKS_PER_PROGRAM query blocks
+    (512 rows): its fp32 dk/dv partials (2 x L x Dh, written, then read by the sum) then cost at most about half
+    of its own q/o/dO/dq traffic (4 x 512 x Dh in 16 bits), and much less at the usual 1 to 3 splits.
+    """
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(triton.cdiv(2 * n_sm, bh), n_blocks // MIN_BLOCKS_PER_PROGRAM))
+
+
+def cross_attn_bwd_launch(do, q, k, v, out, lse, kv_mask, splits=None):
+    """Backward. do, out (B, N, H, Dh); q, k, v, kv_mask as in the forward; lse (B, H, N) fp32 from it.
+
+    splits: programs per (batch, head) along N (None = chosen from the GPU's size). Returns dq, dk, dv, each
+    contiguous in its input's dtype.
+    """
+    do, q, k, v, out = (_aligned(x) for x in (do, q, k, v, out))
+    B, N, H, Dh = q.shape
+    L = k.shape[1]
+    cfg = _config("bwd", Dh, L, _dot_fp32(q))
+    n_blocks = triton.cdiv(N, cfg["constexprs"]["BLOCK_N"])
+    splits = _backward_splits(n_blocks, B * H, q.device) if splits is None else splits
+    blocks_per_program = triton.cdiv(n_blocks, splits)
+    splits = triton.cdiv(n_blocks, blocks_per_program)  # no program without a query block
+    dq = q.new_empty(B, N, H, Dh)
+    dk_part = q.new_empty(splits, B, L, H, Dh, dtype=torch.float32)
+    dv_part = torch.empty_like(dk_part)
+    _cross_attn_bwd_kernel[(splits, B * H)](
+        q, k, v, out, do, lse, kv_mask, dq, dk_part, dv_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        N, L, H, blocks_per_program, 1.0 / math.sqrt(Dh),
+        **cfg["constexprs"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return dq, dk_part.sum(0).to(k.dtype), dv_part.sum(0).to(v.dtype)
+
+
+@torch.library.custom_op("pixart_fast::cross_attn_fwd", mutates_args=())
+def _cross_attn_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return cross_attn_fwd_launch(q, k, v, kv_mask)
+
+
+@_cross_attn_fwd_op.register_fake
+def _(q, k, v, kv_mask):
+    B, N, H, Dh = q.shape
+    return q.new_empty(B, N, H, Dh), q.new_empty(B, H, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("pixart_fast::cross_attn_bwd", mutates_args=())
+def _cross_attn_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    kv_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return cross_attn_bwd_launch(do, q, k, v, out, lse, kv_mask)
+
+
+@_cross_attn_bwd_op.register_fake
+def _(do, q, k, v, out, lse, kv_mask):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+class CrossAttentionFunction(torch.autograd.Function):
+    """Triton forward and backward; saves q, k, v, the output and the (B, H, N) logsumexp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kv_mask):
+        out, lse = torch.ops.pixart_fast.cross_attn_fwd(q, k, v, kv_mask)
+        ctx.save_for_backward(q, k, v, out, lse, kv_mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, kv_mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.pixart_fast.cross_attn_bwd(dout, q, k, v, out, lse, kv_mask)
+        return dq, dk, dv, None
+
+
+def _check_inputs(q, k, v, kv_mask):
+    """Shape, dtype and device errors a caller can make, for either backend."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(
+                f"cross_attention: {name} must be 4-D (batch, tokens, heads, head_dim), got {tuple(x.shape)}"
+            )
+    B, _, H, Dh = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, Dh):
+        raise ValueError(
+            f"cross_attention: q {tuple(q.shape)} = (B, N, H, Dh) needs k and v of shape (B, L, H, Dh), "
+            f"got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    if kv_mask is not None and kv_mask.shape != (B, k.shape[1]):
+        raise ValueError(
+            f"cross_attention: kv_mask must have shape (B, L) = {(B, k.shape[1])}, got {tuple(kv_mask.shape)}"
+        )
+    tensors = (q, k, v) if kv_mask is None else (q, k, v, kv_mask)
+    if len({x.device for x in tensors}) != 1:
+        devices = [str(x.device) for x in tensors]
+        raise ValueError(f"cross_attention: inputs on different devices {devices}; move them to one device")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(
+            "cross_attention: q, k, v must share one dtype of float32/float16/bfloat16, "
+            f"got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+
+
+def cross_attention(q, k, v, kv_mask=None, backend="auto"):
+    """Multi-head cross-attention, softmax scale 1/sqrt(Dh).
+
+    q (B, N, H, Dh) image-token queries; k, v (B, L, H, Dh) caption keys/values (views such as
+    `kv_linear(y).view(B, L, 2, H, Dh).unbind(2)` are read in place); kv_mask (B, L) bool or 0/1 numbers,
+    True = attend, None = all keys. Returns (B, N, H, Dh) in q's dtype; a caption with no valid token gives zeros.
+    backend: "auto" | "triton" | "torch" (see kernels/backend.py). The Triton kernels need Dh a multiple of 8
+    up to 128 and 1 <= L <= 128.
+    """
+    _check_inputs(q, k, v, kv_mask)
+    if not use_triton(backend, q):
+        return cross_attention_ref(q, k, v, kv_mask)
+    Dh, L = q.shape[3], k.shape[1]
+    if Dh % 8 != 0 or not 8 <= Dh <= MAX_HEAD_DIM:
+        raise ValueError(f"cross_attention: head dim {Dh} is not supported by the Triton kernel; "
+                         f"use a multiple of 8 up to {MAX_HEAD_DIM}, or backend='torch'")
+    if not 1 <= L <= MAX_KV_LEN:
+        raise ValueError(f"cross_attention: {L} keys, the Triton kernel holds 1 to {MAX_KV_LEN} in one block; "
+                         "truncate the caption or use backend='torch'")
+    if kv_mask is None:
+        kv_mask = torch.ones(q.shape[0], L, dtype=torch.bool, device=q.device)
+    return CrossAttentionFunction.apply(q, k, v, kv_mask.bool().contiguous())
+
+
+def _signature(fn, pointers: dict, constexprs: dict) -> dict:
+    """Triton type of every kernel argument: pointers as given, constexprs, sm_scale fp32, other scalars i32."""
+    return {
+        name: pointers.get(name) or ("constexpr" if name in constexprs else "fp32" if name == "sm_scale" else "i32")
+        for name in fn.arg_names
+    }
+
+
+def aot_specs():
+    """The Triton kernels and launch configurations at PixArt-XL/2's shapes, for ahead-of-time compilation.
+
+    Dh = 72, H = 16, L = 120, N in {256, 1024, 4096}, batch 8, bf16 and fp16. N, H and the batch are runtime
+    arguments and the configuration does not depend on them, so each (kernel, dtype) gives one spec.
+    """
+    head_dim, kv_len = 72, 120
+    specs = []
+    for dtype in ("bf16", "fp16"):
+        ptr = f"*{dtype}"
+        kernels = (
+            ("fwd", _cross_attn_fwd_kernel,
+             {"Q": ptr, "K": ptr, "V": ptr, "MASK": "*i1", "O": ptr, "LSE": "*fp32"}),
+            ("bwd", _cross_attn_bwd_kernel,
+             {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "DO": ptr, "LSE": "*fp32", "MASK": "*i1", "DQ": ptr,
+              "DK_PART": "*fp32", "DV_PART": "*fp32"}),
+        )
+        for kind, fn, pointers in kernels:
+            cfg = _config(kind, head_dim, kv_len)
+            specs.append({
+                "name": f"cross_attn_{kind}_{dtype}_d{head_dim}_l{kv_len}",
+                "fn": fn,
+                "signature": _signature(fn, pointers, cfg["constexprs"]),
+                "constexprs": cfg["constexprs"],
+                "num_warps": cfg["num_warps"],
+                "num_stages": cfg["num_stages"],
+            })
+    return specs
