@@ -285,6 +285,18 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def xavier_init(model: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every Linear, and for the patch-embedding conv viewed as a
+    Linear over the flattened patch: the official repo's and DiT's starting point before the special cases."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    proj = model.x_embedder.proj
+    nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+    nn.init.zeros_(proj.bias)
+
+
 def _as_bool_mask(mask, y):
     """mask (B, L) of 0/1 or bool, or None (all valid) -> bool (B, L)."""
     if mask is None:
@@ -321,14 +333,7 @@ class PixArt(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        # Linear layers: Xavier-uniform, zero bias (as the official repo and DiT).
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        # Patch embedding: like a Linear over the flattened patch.
-        nn.init.xavier_uniform_(self.x_embedder.proj.weight.view(self.config.hidden_size, -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        xavier_init(self)
         # Timestep, adaLN-single, caption and size embedders: small normal.
         embedders = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
                      self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
@@ -499,12 +504,7 @@ class DiT(nn.Module):
 
     def initialize_weights(self):
         # As facebookresearch/DiT: Xavier Linear layers, small-normal embedders, zero adaLN and output layers.
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.x_embedder.proj.weight.view(self.config.hidden_size, -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        xavier_init(self)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
