@@ -173,29 +173,39 @@ class Diffusion:
         return out[:, : x.shape[1]].to(x.dtype)
 
     @torch.no_grad()
-    def ddim(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int = 20) -> torch.Tensor:
-        """Deterministic DDIM (eta = 0, no clipping of x0) from noise = x_{T-1} (B, C, H, W) over
-        `self.timesteps(steps)`; the last step lands on the clean sample. Returns x_0 (B, C, H, W)."""
+    def ddim(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int = 20, clip_x0: bool = False) -> torch.Tensor:
+        """Deterministic DDIM (eta = 0) from noise = x_{T-1} (B, C, H, W) over `self.timesteps(steps)`; the last
+        step lands on the clean sample. Returns x_0 (B, C, H, W).
+
+        clip_x0: clamp each x0 prediction to [-1, 1] and re-derive eps from it (diffusers' clip_sample) -- for
+        pixel-space data, whose range is known; leave it off for latents. Near t = T the x0 prediction is
+        eps's error amplified by 1 / sqrt(abar) (about 160x at t = 999), which clipping bounds."""
         ts, x = self.timesteps(steps), noise
         for i, t in enumerate(ts):
             abar = self.alphas_cumprod[t].item()
             abar_next = self.alphas_cumprod[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
             eps = self._eps(eps_fn, x, t)
             x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+            if clip_x0:
+                x0 = x0.clamp(-1, 1)
+                eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
             x = math.sqrt(abar_next) * x0 + math.sqrt(1 - abar_next) * eps
         return x
 
     @torch.no_grad()
-    def dpm_solver(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int = 20) -> torch.Tensor:
+    def dpm_solver(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int = 20, clip_x0: bool = False) -> torch.Tensor:
         """DPM-Solver++ 2M (Lu et al. 2022, multistep, second order, data prediction, midpoint form) from
         noise = x_{T-1} (B, C, H, W) over `self.timesteps(steps)`. The first step is first order (no history
         yet); the last goes to the clean sample (sigma = 0) with first order, which returns the x0 prediction.
-        Returns x_0 (B, C, H, W)."""
+        clip_x0: clamp each x0 prediction to [-1, 1] (diffusers' thresholding with sample_max_value 1), for
+        pixel-space data as in `ddim`. Returns x_0 (B, C, H, W)."""
         ts, x = self.timesteps(steps), noise
         x0_prev = h_prev = None
         for i, t in enumerate(ts):
             alpha, sigma = self.alphas_cumprod[t].sqrt().item(), (1 - self.alphas_cumprod[t]).sqrt().item()
             x0 = (x - sigma * self._eps(eps_fn, x, t)) / alpha
+            if clip_x0:
+                x0 = x0.clamp(-1, 1)
             if i + 1 == len(ts):
                 return x0
             abar_next = self.alphas_cumprod[ts[i + 1]].item()

@@ -67,7 +67,7 @@ def generate(model: PixArt, text: TextEncoder, prompts: list[str], height: int, 
     eps_fn = lambda x, t: model.forward_with_cfg(x, t, y, mask, cfg_scale, **extra)  # noqa: E731
     diffusion = Diffusion(learn_sigma=cfg.learn_sigma)
     run = {"dpm": diffusion.dpm_solver, "ddim": diffusion.ddim}[sampler]
-    x = run(eps_fn, noise, steps=steps)
+    x = run(eps_fn, noise, steps=steps, clip_x0=vae is None)  # pixel space: clip x0 to the data range
     if vae is not None:
         x = vae.decode(x / VAE_SCALE).sample
     return x.float().clamp(-1, 1).cpu()

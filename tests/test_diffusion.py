@@ -75,15 +75,19 @@ def run_diffusers(scheduler, eps_fn, noise, **step_kwargs):
 # 1000 (ours always steps to the next visited one), so DDIM is compared at such step counts.
 @pytest.mark.parametrize("steps", [20, 10, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ddim_matches_diffusers(steps, dtype):
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_matches_diffusers(steps, dtype, clip):
     g = torch.Generator().manual_seed(steps)
-    eps_fn = gaussian_data_eps(torch.randn(1, 3, 1, 1, generator=g), torch.rand(1, 3, 1, 1, generator=g) + 0.3)
+    mean = torch.randn(1, 3, 1, 1, generator=g) + clip  # with clip, data beyond [-1, 1] so clipping acts
+    eps_fn = gaussian_data_eps(mean, torch.rand(1, 3, 1, 1, generator=g) + 0.3)
     noise = torch.randn(2, 3, 4, 4, generator=g).to(dtype)
-    ours = Diffusion().ddim(eps_fn, noise, steps=steps)
-    # clip_sample=False: latents are not confined to [-1, 1]; set_alpha_to_one: the last step lands on abar = 1.
-    s = DDIMScheduler(**SCHEDULE, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
+    ours = Diffusion().ddim(eps_fn, noise, steps=steps, clip_x0=clip)
+    if clip:  # the toy data reach beyond [-1, 1], so clipping changes the result
+        assert not torch.allclose(ours, Diffusion().ddim(eps_fn, noise, steps=steps))
+    # clip_sample: clamp x0 to [-1, 1] and re-derive eps; set_alpha_to_one: the last step lands on abar = 1.
+    s = DDIMScheduler(**SCHEDULE, timestep_spacing="trailing", clip_sample=clip, set_alpha_to_one=True)
     s.set_timesteps(steps)
-    theirs = run_diffusers(s, eps_fn, noise, eta=0.0)
+    theirs = run_diffusers(s, eps_fn, noise, eta=0.0, use_clipped_model_output=clip)
     assert ours.dtype == dtype
     # diffusers' float32 schedule bounds the agreement (about 1e-6 measured on samples of size ~4).
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
@@ -91,14 +95,20 @@ def test_ddim_matches_diffusers(steps, dtype):
 
 @pytest.mark.parametrize("steps", [20, 7, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_dpm_solver_matches_diffusers(steps, dtype):
+@pytest.mark.parametrize("clip", [False, True])
+def test_dpm_solver_matches_diffusers(steps, dtype, clip):
     g = torch.Generator().manual_seed(steps)
-    eps_fn = gaussian_data_eps(torch.randn(1, 3, 1, 1, generator=g), torch.rand(1, 3, 1, 1, generator=g) + 0.3)
+    mean = torch.randn(1, 3, 1, 1, generator=g) + clip
+    eps_fn = gaussian_data_eps(mean, torch.rand(1, 3, 1, 1, generator=g) + 0.3)
     noise = torch.randn(2, 3, 4, 4, generator=g).to(dtype)
-    ours = Diffusion().dpm_solver(eps_fn, noise, steps=steps)
+    ours = Diffusion().dpm_solver(eps_fn, noise, steps=steps, clip_x0=clip)
+    if clip:
+        assert not torch.allclose(ours, Diffusion().dpm_solver(eps_fn, noise, steps=steps))
     # Defaults otherwise: midpoint solver, lower_order_final, final_sigmas_type="zero" (last step to sigma = 0).
+    # Thresholding with sample_max_value 1 clamps the threshold s to exactly 1: a plain clip to [-1, 1].
     s = DPMSolverMultistepScheduler(
-        **SCHEDULE, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing"
+        **SCHEDULE, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
+        thresholding=clip, sample_max_value=1.0,
     )
     s.set_timesteps(steps)
     theirs = run_diffusers(s, eps_fn, noise)
