@@ -16,11 +16,12 @@ setup(
         "numpy",
         "safetensors",
         "transformers>=4.56",
+        "diffusers>=0.30",  # AutoencoderKL for feature extraction and sampling with a VAE
         "pillow",
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30"],
+        "test": ["pytest", "pytest-benchmark", "scikit-image"],
         "gpu": ["nvidia-ml-py"],
     },
 )

@@ -28,6 +28,7 @@ class TrainConfig:
     caption_dropout: float = _field(0.1, "probability that a caption (stage 1: a class) is replaced by the null one")
     precision: str = _field("fp32", "fp32, bf16 or fp16 autocast (fp16 adds a gradient scaler)")
     grad_checkpointing: bool = _field(False, "recompute each block in the backward pass to save activation memory")
+    fsdp: bool = _field(False, "under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP")
     kernels: str = _field("auto", "auto (Triton on CUDA, PyTorch on CPU), triton or torch")
     seed: int = _field(0, "seed of the initial weights, the data order, noise, timesteps and caption dropout")
     out: str = _field("runs", "output root; this stage writes <out>/stage<N>/")

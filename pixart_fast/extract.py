@@ -1,0 +1,408 @@
+"""Image folder + captions -> cached VAE latents and T5 caption features, for training with `--data DIR`.
+
+    python -m pixart_fast.extract --images DIR --vae PATH --t5 PATH --out DIR --resolution 256|512|1024
+                                  [--multi-aspect] [--shard i/n] [--batch-size N]
+
+Input (`read_records`): a Hugging Face imagefolder (`metadata.jsonl`, one {"file_name", "text"} per line) or the
+official PixArt `data_info.json` (a JSON list of {"path", "prompt", "height", "width", "ratio", ...}), either
+named directly or found in the --images folder (also under `partition/`, the official layout). Image paths are
+relative to --image-root, by default the folder holding the metadata file. An optional integer "label" on
+every record is kept, for the class-conditional stage 1.
+
+Each image is resized (bicubic) so it covers the target and center-cropped to it: resolution x resolution, or
+with --multi-aspect the nearest of PixArt's aspect-ratio buckets (ASPECT_RATIO_*; nearest in height / width).
+The VAE stores its latent distribution's mean and std (a fresh latent is sampled at every training step,
+scaled by the VAE's scaling_factor, 0.18215 for SD's); T5 stores the caption's valid tokens only (the mask
+hides the padding, so nothing else is needed to rebuild the padded (120, C) features).
+
+Output: records are cut into chunks of --chunk-size, written as `chunk-XXXXXX.safetensors`, and `index.json`
+describes the whole extraction (`FeatureDataset` in pixart_fast.features reads it). A chunk file exists only
+when complete (written to a temporary name, then renamed), so a rerun skips finished chunks, and
+`--shard i/n` handles chunks i, i + n, i + 2n, ...: n processes or machines writing into one folder produce
+exactly the files of one unsharded run. Unreadable images are reported by path and skipped.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pixart_fast.text import MAX_TOKENS, TextEncoder
+
+FORMAT = "pixart_fast.features/1"
+INDEX = "index.json"
+
+# PixArt's aspect-ratio buckets, height / width -> (height, width) in pixels, as the official repo defines them
+# (diffusion/data/datasets/utils.py); the 512 and 256 tables are the 1024 one halved and quartered.
+ASPECT_RATIO_1024 = {
+    0.25: (512, 2048), 0.26: (512, 1984), 0.27: (512, 1920), 0.28: (512, 1856), 0.32: (576, 1792),
+    0.33: (576, 1728), 0.35: (576, 1664), 0.4: (640, 1600), 0.42: (640, 1536), 0.48: (704, 1472),
+    0.5: (704, 1408), 0.52: (704, 1344), 0.57: (768, 1344), 0.6: (768, 1280), 0.68: (832, 1216),
+    0.72: (832, 1152), 0.78: (896, 1152), 0.82: (896, 1088), 0.88: (960, 1088), 0.94: (960, 1024),
+    1.0: (1024, 1024), 1.07: (1024, 960), 1.13: (1088, 960), 1.21: (1088, 896), 1.29: (1152, 896),
+    1.38: (1152, 832), 1.46: (1216, 832), 1.67: (1280, 768), 1.75: (1344, 768), 2.0: (1408, 704),
+    2.09: (1472, 704), 2.4: (1536, 640), 2.5: (1600, 640), 2.89: (1664, 576), 3.0: (1728, 576),
+    3.11: (1792, 576), 3.62: (1856, 512), 3.75: (1920, 512), 3.88: (1984, 512), 4.0: (2048, 512),
+}
+ASPECT_RATIO_512 = {
+    0.25: (256, 1024), 0.26: (256, 992), 0.27: (256, 960), 0.28: (256, 928), 0.32: (288, 896),
+    0.33: (288, 864), 0.35: (288, 832), 0.4: (320, 800), 0.42: (320, 768), 0.48: (352, 736),
+    0.5: (352, 704), 0.52: (352, 672), 0.57: (384, 672), 0.6: (384, 640), 0.68: (416, 608),
+    0.72: (416, 576), 0.78: (448, 576), 0.82: (448, 544), 0.88: (480, 544), 0.94: (480, 512),
+    1.0: (512, 512), 1.07: (512, 480), 1.13: (544, 480), 1.21: (544, 448), 1.29: (576, 448),
+    1.38: (576, 416), 1.46: (608, 416), 1.67: (640, 384), 1.75: (672, 384), 2.0: (704, 352),
+    2.09: (736, 352), 2.4: (768, 320), 2.5: (800, 320), 2.89: (832, 288), 3.0: (864, 288),
+    3.11: (896, 288), 3.62: (928, 256), 3.75: (960, 256), 3.88: (992, 256), 4.0: (1024, 256),
+}
+ASPECT_RATIO_256 = {
+    0.25: (128, 512), 0.26: (128, 496), 0.27: (128, 480), 0.28: (128, 464), 0.32: (144, 448),
+    0.33: (144, 432), 0.35: (144, 416), 0.4: (160, 400), 0.42: (160, 384), 0.48: (176, 368),
+    0.5: (176, 352), 0.52: (176, 336), 0.57: (192, 336), 0.6: (192, 320), 0.68: (208, 304),
+    0.72: (208, 288), 0.78: (224, 288), 0.82: (224, 272), 0.88: (240, 272), 0.94: (240, 256),
+    1.0: (256, 256), 1.07: (256, 240), 1.13: (272, 240), 1.21: (272, 224), 1.29: (288, 224),
+    1.38: (288, 208), 1.46: (304, 208), 1.67: (320, 192), 1.75: (336, 192), 2.0: (352, 176),
+    2.09: (368, 176), 2.4: (384, 160), 2.5: (400, 160), 2.89: (416, 144), 3.0: (432, 144),
+    3.11: (448, 144), 3.62: (464, 128), 3.75: (480, 128), 3.88: (496, 128), 4.0: (512, 128),
+}
+ASPECT_RATIOS = {256: ASPECT_RATIO_256, 512: ASPECT_RATIO_512, 1024: ASPECT_RATIO_1024}
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # what PIL raises for a missing or bad file
+
+
+def aspect_ratio_buckets(resolution: int) -> dict[float, tuple[int, int]]:
+    """PixArt's bucket table at 256, 512 or 1024 px. Any other resolution divisible by 16 (small test runs)
+    gets the 1024 table scaled by resolution / 1024, the rule the official 512 and 256 tables follow."""
+    if resolution in ASPECT_RATIOS:
+        return ASPECT_RATIOS[resolution]
+    if resolution < 16 or resolution % 16:
+        raise ValueError(f"--multi-aspect needs a resolution of 256, 512, 1024 or another multiple of 16, "
+                         f"got {resolution}")
+    return {r: (h * resolution // 1024, w * resolution // 1024) for r, (h, w) in ASPECT_RATIO_1024.items()}
+
+
+def nearest_bucket(height: int, width: int, buckets: dict) -> tuple[float, tuple[int, int]]:
+    """The bucket whose ratio is nearest height / width (the first of equals, in table order)."""
+    ratio = min(buckets, key=lambda r: abs(r - height / width))
+    return ratio, buckets[ratio]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Records: what to extract
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Record:
+    file: str  # path relative to the image root, as the metadata writes it
+    caption: str
+    label: int | None = None  # class label for stage 1, where the metadata has one
+
+
+def find_metadata(images) -> Path:
+    """The metadata file: `images` itself, or metadata.jsonl / data_info.json / partition/data_info.json in it."""
+    images = Path(images)
+    if images.is_file():
+        return images
+    for name in ("metadata.jsonl", "data_info.json", "partition/data_info.json"):
+        if (images / name).is_file():
+            return images / name
+    raise FileNotFoundError(f"--images {images}: no metadata.jsonl (Hugging Face imagefolder), data_info.json or "
+                            "partition/data_info.json (PixArt) there; pass the folder that holds one, or the file")
+
+
+def read_records(metadata) -> list[Record]:
+    """Records of a metadata.jsonl (one JSON object a line) or a data_info.json (one JSON list), in file order.
+    A record names its image with "file_name" (imagefolder) or "path" (PixArt) and its caption with "text"
+    or "prompt"; other keys are ignored, except an integer "label"."""
+    metadata = Path(metadata)
+    text = metadata.read_text(encoding="utf-8")
+    if metadata.suffix == ".jsonl":
+        entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        entries = json.loads(text)
+        if not isinstance(entries, list):
+            raise ValueError(f"{metadata}: expected a JSON list of records (PixArt's data_info.json), "
+                             f"got {type(entries).__name__}")
+    records = []
+    for n, e in enumerate(entries):
+        file, caption = e.get("file_name", e.get("path")), e.get("text", e.get("prompt"))
+        if not isinstance(file, str) or not isinstance(caption, str):
+            raise ValueError(f"{metadata}, record {n}: need a 'file_name' (or 'path') and a 'text' (or 'prompt') "
+                             f"string, got keys {sorted(e)}")
+        label = e.get("label")
+        if label is not None and not isinstance(label, int):
+            raise ValueError(f"{metadata}, record {n}: 'label' must be an integer class, got {label!r}")
+        records.append(Record(file, caption, label))
+    if not records:
+        raise ValueError(f"{metadata} lists no images")
+    return records
+
+
+def records_digest(records: list[Record]) -> str:
+    """sha256 of the records, to tell a rerun on the same input from one on another."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.file, r.caption, r.label]).encode() + b"\n")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images: load, resize, crop
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_image(path, resolution: int, buckets: dict | None) -> tuple[torch.Tensor, tuple[int, int], float]:
+    """Read an image (EXIF orientation applied, RGB) and fit it to its target: resize (bicubic) so it covers the
+    target, center-crop. Returns (image (3, H, W) float32 in [-1, 1], original (height, width), aspect ratio of
+    the bucket: its table key with buckets, else 1.0)."""
+    with Image.open(path) as f:
+        image = ImageOps.exif_transpose(f).convert("RGB")
+    h, w = image.height, image.width
+    ratio, (H, W) = nearest_bucket(h, w, buckets) if buckets else (1.0, (resolution, resolution))
+    scale = max(H / h, W / w)
+    rw, rh = max(W, round(w * scale)), max(H, round(h * scale))
+    image = image.resize((rw, rh), Image.BICUBIC)
+    left, top = (rw - W) // 2, (rh - H) // 2
+    image = image.crop((left, top, left + W, top + H))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return pixels.float() / 127.5 - 1, (h, w), ratio
+
+
+class _Images(Dataset):
+    """Item k of `todo` (record indices): (record index, image or None, (h, w), ratio, error message)."""
+
+    def __init__(self, records, root: Path, todo: list[int], resolution: int, buckets):
+        self.records, self.root, self.todo, self.resolution, self.buckets = records, root, todo, resolution, buckets
+
+    def __len__(self):
+        return len(self.todo)
+
+    def __getitem__(self, k):
+        i = self.todo[k]
+        try:
+            image, hw, ratio = load_image(self.root / self.records[i].file, self.resolution, self.buckets)
+        except UNREADABLE as e:
+            return i, None, (0, 0), 0.0, f"{type(e).__name__}: {e}"
+        return i, image, hw, ratio, ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoders
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _config(folder, what: str) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--{what} {folder}: no config.json there; pass a local {what.upper()} model folder")
+    return json.loads(path.read_text())
+
+
+def plan(records: list[Record], vae, t5, resolution: int, multi_aspect: bool, chunk_size: int) -> dict:
+    """The extraction's description, written as index.json: the same for every shard of one extraction.
+    Encoder shapes come from their config.json files, so a finished extraction loads no weights."""
+    vae_cfg, t5_cfg = _config(vae, "vae"), _config(t5, "t5")
+    downsample = 2 ** (len(vae_cfg["block_out_channels"]) - 1)  # one 2x downsampling per block but the last
+    buckets = aspect_ratio_buckets(resolution) if multi_aspect else {1.0: (resolution, resolution)}
+    odd = [hw for hw in buckets.values() if hw[0] % downsample or hw[1] % downsample]
+    if odd:
+        raise ValueError(f"the VAE downsamples by {downsample} but --resolution {resolution} gives image sizes "
+                         f"{odd[:3]} not divisible by it; pick a resolution that is a multiple of {downsample}")
+    labels = [r.label for r in records]
+    if any(lab is not None for lab in labels) and any(lab is None for lab in labels):
+        raise ValueError("some records have a 'label' and some do not; label all of them (stage 1) or none")
+    return {
+        "format": FORMAT, "num_records": len(records), "records_sha256": records_digest(records),
+        "chunk_size": chunk_size, "num_chunks": -(-len(records) // chunk_size),
+        "resolution": resolution, "multi_aspect": multi_aspect,
+        "buckets": [[r, h, w] for r, (h, w) in buckets.items()],
+        "latent_channels": vae_cfg.get("latent_channels", 4), "vae_downsample": downsample,
+        "scaling_factor": vae_cfg.get("scaling_factor", 0.18215),
+        "caption_channels": t5_cfg["d_model"], "max_tokens": MAX_TOKENS,
+        "num_classes": None if labels[0] is None else max(labels) + 1,
+        "vae": str(Path(vae).resolve()), "t5": str(Path(t5).resolve()),
+    }
+
+
+def chunk_name(k: int) -> str:
+    return f"chunk-{k:06d}.safetensors"
+
+
+def write_index(out: Path, index: dict) -> None:
+    """Write index.json, or check that the one there describes the same extraction (paths may differ)."""
+    path = out / INDEX
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in index.items()
+                if k not in ("vae", "t5") and old.get(k) != v]
+        if diff:
+            raise ValueError(f"{out} holds another extraction ({'; '.join(diff)}); use a new --out, or delete that "
+                             "folder to start over")
+        return
+    tmp = path.with_name(f"{INDEX}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    os.replace(tmp, path)  # every shard writes the same text, so concurrent writers agree
+
+
+def chunk_records(k: int, chunk_size: int, num_records: int) -> range:
+    """The record indices of chunk k."""
+    return range(k * chunk_size, min((k + 1) * chunk_size, num_records))
+
+
+@torch.no_grad()
+def encode(vae, text: TextEncoder, items: list, records: list[Record]) -> dict[int, dict]:
+    """One batch of loaded images of one size (items of `_Images`) -> record index -> {"mean", "std": (C, h, w),
+    "text": (L, E) the caption's valid tokens, in the encoders' dtype on the CPU; "hw", "size", "ratio"}."""
+    x = torch.stack([image for _, image, *_ in items]).to(vae.device, vae.dtype)  # (B, 3, H, W)
+    latent = vae.encode(x).latent_dist
+    features, mask = text.encode([records[i].caption for i, *_ in items])  # (B, 120, E), (B, 120)
+    lengths = mask.sum(1).tolist()
+    if not all(mask[b, :n].all() for b, n in enumerate(lengths)):
+        raise ValueError("the tokenizer pads on the left; features are stored as a prefix of valid tokens")
+    features = features.to(text.model.dtype).cpu()
+    return {i: {"mean": latent.mean[b].cpu(), "std": latent.std[b].cpu(), "text": features[b, :lengths[b]].clone(),
+                "hw": hw, "size": tuple(x.shape[2:]), "ratio": ratio}
+            for b, (i, _, hw, ratio, _) in enumerate(items)}
+
+
+def write_chunk(path: Path, samples: dict, meta: dict, records: list[Record], skipped: list) -> None:
+    """samples: record index -> {"mean", "std", "text", "hw", "size", "ratio"}. Per-sample tensors are keyed by
+    the global record index; small (n,) tables list what the chunk holds. Written atomically."""
+    kept = sorted(samples)
+    tensors = {
+        "index": torch.tensor(kept, dtype=torch.int64),  # (n,) record indices
+        "hw": torch.tensor([samples[i]["hw"] for i in kept], dtype=torch.int32).reshape(-1, 2),  # original size
+        "size": torch.tensor([samples[i]["size"] for i in kept], dtype=torch.int32).reshape(-1, 2),  # crop size, px
+        "ratio": torch.tensor([samples[i]["ratio"] for i in kept], dtype=torch.float32),  # bucket aspect ratio
+        "tokens": torch.tensor([len(samples[i]["text"]) for i in kept], dtype=torch.int32),  # valid caption tokens
+    }
+    if meta["num_classes"] is not None:
+        tensors["label"] = torch.tensor([records[i].label for i in kept], dtype=torch.int64)
+    for i in kept:
+        for key in ("mean", "std", "text"):
+            tensors[f"{i}.{key}"] = samples[i][key].contiguous()
+    info = {"captions": json.dumps([records[i].caption for i in kept]),
+            "files": json.dumps([records[i].file for i in kept]),
+            "skipped": json.dumps(skipped)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=info)
+    os.replace(tmp, path)
+
+
+def extract(
+    images, vae, t5, out, resolution: int = 256, multi_aspect: bool = False, shard: tuple[int, int] = (0, 1),
+    batch_size: int = 32, chunk_size: int = 1024, image_root=None, device=None, dtype: torch.dtype | None = None,
+    workers: int = 0, progress: bool = True,
+) -> dict:
+    """Extract (or finish extracting) features into `out`; returns a summary of this process's work:
+    {"records", "chunks", "chunks_done_before", "chunks_written", "encoded", "unreadable": [[path, error], ...]}.
+
+    shard (i, n): handle chunks k with k % n == i. device: default CUDA if present; dtype: default bf16 on a
+    GPU that has it, else float32. workers: image-decoding processes (DataLoader workers)."""
+    i_shard, n_shards = shard
+    if not 0 <= i_shard < n_shards:
+        raise ValueError(f"--shard {i_shard}/{n_shards}: need 0 <= i < n")
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"batch size and chunk size must be >= 1, got {batch_size} and {chunk_size}")
+    metadata = find_metadata(images)
+    root = Path(image_root) if image_root else metadata.parent
+    records = read_records(metadata)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = plan(records, vae, t5, resolution, multi_aspect, chunk_size)
+    write_index(out, meta)
+    mine = list(range(i_shard, meta["num_chunks"], n_shards))
+    pending = [k for k in mine if not (out / chunk_name(k)).exists()]
+    summary = {"records": sum(len(chunk_records(k, chunk_size, len(records))) for k in mine), "chunks": len(mine),
+               "chunks_done_before": len(mine) - len(pending), "chunks_written": 0, "encoded": 0, "unreadable": []}
+    log = tqdm.write if progress else print
+    if not pending:
+        log(f"{out}: all {len(mine)} chunks of shard {i_shard}/{n_shards} are done already")
+        return summary
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    from diffusers import AutoencoderKL  # diffusers is needed here only
+
+    autoencoder = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype, local_files_only=True,
+                                                low_cpu_mem_usage=False).to(device).eval().requires_grad_(False)
+    text = TextEncoder.from_pretrained(t5, dtype=dtype, device=device)
+    buckets = {r: (h, w) for r, h, w in meta["buckets"]} if multi_aspect else None
+    todo = [i for k in pending for i in chunk_records(k, chunk_size, len(records))]
+    loader = DataLoader(_Images(records, root, todo, resolution, buckets), batch_size=None, num_workers=workers)
+    items = iter(loader)  # loaded in todo's order
+    bar = tqdm(total=len(todo), disable=not progress, desc=f"extract {i_shard}/{n_shards}", unit="img")
+    for k in pending:
+        samples, skipped, waiting = {}, [], {}  # waiting: (H, W) -> loaded images short of a full batch
+        for _ in chunk_records(k, chunk_size, len(records)):
+            item = next(items)
+            i, image, _, _, error = item
+            bar.update(1)
+            if image is None:
+                path = str(root / records[i].file)
+                skipped.append([i, path, error])
+                summary["unreadable"].append([path, error])
+                log(f"skipped unreadable image {path} ({error})")
+                continue
+            size = tuple(image.shape[1:])
+            waiting.setdefault(size, []).append(item)
+            if len(waiting[size]) == batch_size:
+                samples.update(encode(autoencoder, text, waiting.pop(size), records))
+        for batch in waiting.values():  # the chunk's short batches: a batch never spans two chunks
+            samples.update(encode(autoencoder, text, batch, records))
+        write_chunk(out / chunk_name(k), samples, meta, records, skipped)
+        summary["chunks_written"] += 1
+        summary["encoded"] += len(samples)
+    bar.close()
+    del autoencoder, text, loader, items  # free the encoders' memory for whatever runs next
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log(f"shard {i_shard}/{n_shards}: {summary['records']} records in {summary['chunks']} chunks "
+        f"({summary['chunks_done_before']} done before); wrote {summary['chunks_written']} chunks, "
+        f"encoded {summary['encoded']} images, skipped {len(summary['unreadable'])} unreadable")
+    return summary
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes i/n, e.g. 0/4, got {text!r}") from None
+    return i, n
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pixart_fast.extract", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="folder with metadata.jsonl or data_info.json, or that file")
+    p.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the metadata's)")
+    p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (config.json + weights)")
+    p.add_argument("--t5", required=True, help="local T5 encoder folder (config.json, weights and tokenizer)")
+    p.add_argument("--out", required=True, help="output folder for index.json and the chunk files")
+    p.add_argument("--resolution", type=int, default=256, help="image side in pixels: 256, 512 or 1024")
+    p.add_argument("--multi-aspect", action="store_true", help="crop to PixArt's nearest aspect-ratio bucket")
+    p.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: this process's share (chunks k with k %% n == i)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
+    p.add_argument("--chunk-size", type=int, default=1024, help="records per output file")
+    p.add_argument("--workers", type=int, default=4, help="image-decoding worker processes (0: decode inline)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="encoder dtype, also the stored one (default: bfloat16 on a GPU that has it, else float32)")
+    a = p.parse_args(argv)
+    summary = extract(a.images, a.vae, a.t5, a.out, a.resolution, a.multi_aspect, a.shard, a.batch_size,
+                      a.chunk_size, a.image_root, a.device, a.dtype and getattr(torch, a.dtype), a.workers)
+    print(json.dumps({k: v if k != "unreadable" else len(v) for k, v in summary.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Training under torchrun on the CPU (gloo, 127.0.0.1 only): 2 processes take the same steps as 1 process at the
+same global batch, rank 0 alone writes, a 2-process checkpoint resumes in 1 process, and FSDP2 agrees too."""
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pixart_fast.checkpoints import load_safetensors
+from pixart_fast.distributed import Dist
+from pixart_fast.train.loop import train
+from pixart_fast.train.recipes import RECIPES, TrainConfig
+
+STEPS = 3
+FLAGS = dict(model="PixArt-pixel-tiny", steps=STEPS, batch_size=4, save_every=2, log_every=1, num_val=2,
+             sample_steps=2, kernels="torch")
+ATOL = 1e-6  # fp32 reduction-order noise after 3 steps is ~1e-7; one step moves weights by ~1e-4
+
+
+def torchrun(nproc: int, out, *flags: str) -> None:
+    """`python -m pixart_fast.train --stage 2 ...` under torchrun with nproc CPU processes on a free local port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in FLAGS.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
+           "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "pixart_fast.train", "--stage=2", *args,
+           f"--out={out}", *flags]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+def weights(out, step, name="model"):
+    return load_safetensors(out / "stage2" / "checkpoints" / f"step-{step:07d}" / f"{name}.safetensors")
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: the same run in this process, world size 1."""
+    out = tmp_path_factory.mktemp("one")
+    train(replace(RECIPES[2], **FLAGS, out=str(out)), progress=False)
+    return out
+
+
+def test_two_processes_equal_one_and_resume_in_one(one_process, tmp_path):
+    torchrun(2, tmp_path / "two")
+    for name in ("model", "ema"):
+        assert max_diff(weights(tmp_path / "two", STEPS, name), weights(one_process, STEPS, name)) <= ATOL, name
+    assert max_diff(weights(one_process, STEPS), weights(one_process, STEPS - 1)) > 100 * ATOL  # the steps count
+    # rank 0 alone wrote: one metrics line per step, with the global batch's loss
+    lines = [json.loads(line) for line in (tmp_path / "two/stage2/metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (one_process / "stage2/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3]
+    assert [m["loss"] for m in lines if "loss" in m] == pytest.approx([m["loss"] for m in ref if "loss" in m], abs=1e-5)
+    assert (tmp_path / "two/stage2/summary.json").exists() and (tmp_path / "two/stage2/samples").is_dir()
+
+    # the 2-process checkpoint of step 2 (optimizer state saved whole) continues in one process
+    resumed = replace(RECIPES[2], **FLAGS, out=str(tmp_path / "resumed"),
+                      resume=str(tmp_path / "two/stage2/checkpoints/step-0000002"))
+    train(resumed, progress=False)
+    for name in ("model", "ema"):
+        assert max_diff(weights(tmp_path / "resumed", STEPS, name), weights(one_process, STEPS, name)) <= ATOL, name
+
+
+@pytest.mark.skipif("fsdp" not in {f.name for f in dataclasses.fields(TrainConfig)},
+                    reason="TrainConfig has no fsdp field (train/recipes.py) yet")
+def test_fsdp_equals_one_process_and_its_checkpoint_resumes_in_one(one_process, tmp_path):
+    torchrun(2, tmp_path / "fsdp", "--fsdp=true")
+    for name in ("model", "ema"):
+        assert max_diff(weights(tmp_path / "fsdp", STEPS, name), weights(one_process, STEPS, name)) <= ATOL, name
+    resumed = replace(RECIPES[2], **FLAGS, out=str(tmp_path / "resumed"),
+                      resume=str(tmp_path / "fsdp/stage2/checkpoints/step-0000002"))
+    train(resumed, progress=False)
+    assert max_diff(weights(tmp_path / "resumed", STEPS), weights(one_process, STEPS)) <= ATOL
+
+
+def test_each_rank_takes_its_slice_of_the_global_batch():
+    assert [Dist(rank=r, world_size=4).slice(8) for r in range(4)] == [slice(2 * r, 2 * r + 2) for r in range(4)]
+    assert Dist().slice(5) == slice(0, 5)
+    with pytest.raises(ValueError, match="batch size 6 is not divisible by the 4 processes"):
+        Dist(rank=0, world_size=4).slice(6)
+    values = torch.tensor([1.0, 2.0])
+    assert torch.equal(Dist().mean(values), values)

@@ -1,0 +1,82 @@
+"""Export to diffusers: the folder loads with PixArtTransformer2DModel.from_pretrained and computes what our model
+computes; the right weights and config are picked, and wrong inputs are refused."""
+import json
+
+import pytest
+import torch
+from diffusers import PixArtTransformer2DModel
+from safetensors.torch import load_file
+
+from pixart_fast.checkpoints import CheckpointMismatch, save_safetensors, to_diffusers
+from pixart_fast.export import export, main
+from pixart_fast.model import CONFIGS, DiT, PixArt
+
+
+def random_pixart(name, seed=0):
+    """Our model with random weights everywhere (zero-initialised layers included, so every path counts)."""
+    torch.manual_seed(seed)
+    model = PixArt(CONFIGS[name], kernels="torch").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 1.0 / p.shape[-1] ** 0.5)
+    return model
+
+
+@pytest.mark.parametrize("name", ["PixArt-tiny", "PixArtMS-tiny", "PixArtMS-pixel-tiny"])
+def test_exported_folder_loads_in_diffusers_and_matches(name, tmp_path):
+    cfg = CONFIGS[name]
+    ours = random_pixart(name)
+    save_safetensors(ours.state_dict(), tmp_path / "ckpt.safetensors", {"model": name})
+    main(["--ckpt", str(tmp_path / "ckpt.safetensors"), "--out", str(tmp_path / "hf"), "--format", "diffusers"])
+    ref = PixArtTransformer2DModel.from_pretrained(tmp_path / "hf").eval()
+    assert ref.config.interpolation_scale == cfg.pe_interpolation
+    assert ref.use_additional_conditions == cfg.micro_conditions
+
+    g = torch.Generator().manual_seed(1)
+    for H, W in [(cfg.input_size, cfg.input_size), (cfg.input_size // 2, cfg.input_size)]:
+        x = torch.randn(2, cfg.in_channels, H, W, generator=g)
+        t = torch.tensor([3.0, 700.0])
+        y = torch.randn(2, cfg.max_tokens, cfg.caption_channels, generator=g)
+        mask = torch.ones(2, cfg.max_tokens, dtype=torch.long)
+        mask[0, 3:] = 0
+        kwargs, extra = {}, ()
+        if cfg.micro_conditions:
+            img_hw = torch.tensor([[256.0, 512.0], [1024.0, 768.0]])
+            ratio = img_hw[:, :1] / img_hw[:, 1:]
+            kwargs, extra = {"added_cond_kwargs": {"resolution": img_hw, "aspect_ratio": ratio}}, (img_hw, ratio)
+        with torch.no_grad():
+            expected = ref(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask, **kwargs).sample
+            got = ours(x, t, y, mask, *extra)
+        assert got.shape == expected.shape == (2, cfg.out_channels, H, W)
+        assert expected.abs().max() > 0.1  # a meaningful comparison, not two zeros
+        assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_trainer_folder_exports_the_ema_weights_by_default(tmp_path):
+    folder = tmp_path / "step-0000010"
+    folder.mkdir()
+    model, ema = random_pixart("PixArt-tiny", seed=1).state_dict(), random_pixart("PixArt-tiny", seed=2).state_dict()
+    save_safetensors(model, folder / "model.safetensors", {"model": "PixArt-tiny"})
+    save_safetensors(ema, folder / "ema.safetensors", {"model": "PixArt-tiny"})
+    for weights, sd in (("ema", ema), ("model", model)):
+        export(folder, tmp_path / weights, weights=weights)
+        written = load_file(tmp_path / weights / "diffusion_pytorch_model.safetensors")
+        expected = to_diffusers(sd)
+        assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in written)
+    config = json.loads((tmp_path / "ema" / "config.json").read_text())
+    assert config["_class_name"] == "PixArtTransformer2DModel" and config["num_layers"] == 2
+
+
+def test_bad_exports_are_refused(tmp_path):
+    sd = random_pixart("PixArt-tiny").state_dict()
+    save_safetensors(sd, tmp_path / "bare.safetensors")  # no model name recorded
+    with pytest.raises(ValueError, match="pass --model"):
+        export(tmp_path / "bare.safetensors", tmp_path / "out")
+    with pytest.raises(CheckpointMismatch, match="shape mismatch"):
+        export(tmp_path / "bare.safetensors", tmp_path / "out", model="PixArt-pixel-tiny")
+    export(tmp_path / "bare.safetensors", tmp_path / "out", model="PixArt-tiny")  # named: fine
+    save_safetensors(DiT(CONFIGS["PixArt-tiny"]).state_dict(), tmp_path / "dit.safetensors", {"model": "PixArt-tiny"})
+    with pytest.raises(ValueError, match="class-conditional DiT"):
+        export(tmp_path / "dit.safetensors", tmp_path / "out")
+    with pytest.raises(ValueError, match="unknown format"):
+        export(tmp_path / "bare.safetensors", tmp_path / "out", format="onnx", model="PixArt-tiny")
