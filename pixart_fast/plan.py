@@ -1,0 +1,429 @@
+"""The cost planner: training FLOPs counted from PixArt's shapes, and what a training schedule costs on a GPU.
+
+    python -m pixart_fast.plan                                  # the paper's Table 4 on A100 80GB, floor only
+    python -m pixart_fast.plan --gpu H100 --mfu 0.35 --usd-per-gpu-hour 2.5
+    python -m pixart_fast.plan --mfu-from bench.json --json     # MFU measured by `pytest bench/ --benchmark-json`
+    python -m pixart_fast.plan --schedule my_schedule.json --png plan.png
+
+FLOP convention (torch.utils.flop_counter.FlopCounterMode's, and MFU's as PaLM defines it): only matrix
+products count, an (m x k) @ (k x n) product as 2mkn FLOPs, attention's q k^T and p v included; elementwise
+work (LayerNorm, modulation, GELU, softmax, residual adds, biases, the optimizer) counts zero. A training image
+costs 3 x its forward pass: the backward computes one product for the input gradient and one for the weight
+gradient of every forward product. Text (T5) and VAE encoding are not counted: PixArt trains on features
+extracted once beforehand.
+
+A schedule stage's images are counted at the stage's own resolution ("exact"). The planner also shows every
+image counted at the 256-px cost ("256-px equivalent"): the cheaper convention, which undercounts the 512-px and
+1024-px stages (4.1x and 21.8x the 256-px cost per image: more tokens, and self-attention grows with their square).
+"""
+import argparse
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from pixart_fast.model import CONFIGS, PixArtConfig
+
+TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (input and weight gradients)
+VAE_DOWNSAMPLE = 8  # SD-VAE: one latent pixel per 8 x 8 image pixels
+SECONDS_PER_DAY = 86_400
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FLOPs of one image
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _mm(m: int, k: int, n: int) -> int:
+    """FLOPs of an (m x k) @ (k x n) product."""
+    return 2 * m * k * n
+
+
+def forward_flops(config: PixArtConfig, height_px: int | None = None, width_px: int | None = None, *,
+                  vae_downsample: int = VAE_DOWNSAMPLE, caption_tokens: int | None = None,
+                  class_conditional: bool = False) -> dict[str, int]:
+    """FLOPs of one image's forward pass, per part of the model (matrix products only, 2mkn each).
+
+    config: the architecture; height_px x width_px: the image in pixels (default: the config's own input size),
+    each a multiple of vae_downsample * patch_size; vae_downsample: image pixels per latent pixel (8 for SD-VAE
+    latents, 1 for a pixel-space model). caption_tokens: L, the padded caption length the model attends over
+    (default config.max_tokens = 120; padding is masked, not skipped, so it costs the same).
+    class_conditional: count the stage-1 DiT instead (`pixart_fast.model.DiT`): per-block adaLN and a label
+    lookup, no caption projection and no cross-attention.
+    Returns {part: FLOPs}; the values sum to the forward FLOPs of one image.
+    """
+    c = config
+    unit = vae_downsample * c.patch_size
+    size_h = c.input_size * vae_downsample if height_px is None else height_px
+    size_w = size_h if width_px is None else width_px
+    if size_h <= 0 or size_w <= 0 or size_h % unit or size_w % unit:
+        raise ValueError(f"image size {size_h} x {size_w} px must be positive multiples of vae_downsample * "
+                         f"patch_size = {vae_downsample} * {c.patch_size} = {unit} px")
+    T = (size_h // unit) * (size_w // unit)  # image tokens
+    D, p, N = c.hidden_size, c.patch_size, c.depth
+    L = c.max_tokens if caption_tokens is None else caption_tokens
+    mlp_hidden = int(D * c.mlp_ratio)
+    f = {
+        "patch_embed": _mm(T, c.in_channels * p * p, D),
+        "t_embedder": _mm(1, 256, D) + _mm(1, D, D),  # 256-dim sinusoid -> D -> D
+    }
+    if class_conditional:
+        f["adaLN"] = N * _mm(1, D, 6 * D) + _mm(1, D, 2 * D)  # every block's own, and the final layer's
+    else:
+        f["t_block"] = _mm(1, D, 6 * D)  # adaLN-single: once per image, shared by all blocks
+        f["caption_projection"] = _mm(L, c.caption_channels, D) + _mm(L, D, D)
+        if c.micro_conditions:  # height, width and aspect ratio, each a 256-dim sinusoid -> D/3 -> D/3
+            f["micro_conditions"] = 3 * (_mm(1, 256, D // 3) + _mm(1, D // 3, D // 3))
+    f["self_attn_linears"] = N * (_mm(T, D, 3 * D) + _mm(T, D, D))  # qkv, proj
+    f["self_attn_scores_values"] = N * (_mm(T, D, T) + _mm(T, T, D))  # q k^T and p v, summed over heads
+    if not class_conditional:
+        f["cross_attn_linears"] = N * (_mm(T, D, D) + _mm(L, D, 2 * D) + _mm(T, D, D))  # q, kv (captions), proj
+        f["cross_attn_scores_values"] = N * (_mm(T, D, L) + _mm(T, L, D))
+    f["mlp"] = N * (_mm(T, D, mlp_hidden) + _mm(T, mlp_hidden, D))
+    f["final_layer"] = _mm(T, D, p * p * c.out_channels)
+    return f
+
+
+def flops_per_image(config: PixArtConfig, height_px: int | None = None, width_px: int | None = None,
+                    **kwargs) -> int:
+    """Training FLOPs of one image, forward + backward = 3 x forward (see `forward_flops` for the arguments).
+
+    FlopCounterMode run on the real module reports about 0.1 % less at 256 px: autograd skips the input
+    gradient of a product whose input needs none (patch embedding, the first layers of the timestep and
+    caption MLPs). The 3 x convention counts it, as MFU is conventionally defined.
+    """
+    return TRAIN_FLOPS_PER_FORWARD * sum(forward_flops(config, height_px, width_px, **kwargs).values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPUs
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    tflops: float  # dense (no sparsity) bf16 tensor-core TFLOP/s with fp32 accumulation; fp16 on V100 (no bf16)
+    bandwidth_gbs: float  # memory bandwidth, GB/s (1e9 bytes/s)
+    tdp_w: float  # board power limit, W
+    memory_gb: float  # memory capacity, GB
+
+
+GPUS = {
+    # NVIDIA A100 Tensor Core GPU datasheet (2021): BF16 312 TFLOP/s dense (624 with sparsity); HBM2 1,555 GB/s
+    # (40GB) and HBM2e 2,039 GB/s (80GB SXM); max TDP 400 W (SXM).
+    "A100-40GB": GPU("A100 SXM4 40GB", 312.0, 1555.0, 400.0, 40.0),
+    "A100-80GB": GPU("A100 SXM4 80GB", 312.0, 2039.0, 400.0, 80.0),
+    # NVIDIA H100 Tensor Core GPU datasheet: H100 SXM BF16 1,979 TFLOP/s with sparsity = 989.5 dense;
+    # 3.35 TB/s HBM3; max TDP up to 700 W; 80 GB.
+    "H100": GPU("H100 SXM5 80GB", 989.5, 3350.0, 700.0, 80.0),
+    # NVIDIA H200 Tensor Core GPU datasheet: H200 SXM BF16 1,979 TFLOP/s with sparsity = 989.5 dense;
+    # 4.8 TB/s HBM3e; max TDP up to 700 W; 141 GB.
+    "H200": GPU("H200 SXM 141GB", 989.5, 4800.0, 700.0, 141.0),
+    # NVIDIA Tesla V100 datasheet: V100 SXM2 125 TFLOP/s fp16 tensor (no bf16); 900 GB/s HBM2; 300 W; 32 GB.
+    "V100": GPU("V100 SXM2 32GB", 125.0, 900.0, 300.0, 32.0),
+    # NVIDIA L40S datasheet: BF16 tensor 362.05 TFLOP/s dense (733 with sparsity); 864 GB/s GDDR6; 350 W; 48 GB.
+    "L40S": GPU("L40S 48GB", 362.05, 864.0, 350.0, 48.0),
+    # NVIDIA Ada Lovelace GPU architecture whitepaper (v2.1), GeForce RTX 4090: BF16 tensor with FP32
+    # accumulate 165.2 TFLOP/s dense (330.4 with sparsity); 1,008 GB/s GDDR6X; 450 W total graphics power; 24 GB.
+    "RTX4090": GPU("GeForce RTX 4090 24GB", 165.2, 1008.0, 450.0, 24.0),
+}
+
+# Defaults for energy and emissions, each overridable on the command line.
+PUE = 1.10  # Google data centers, fleet-wide trailing-twelve-month PUE 1.10 (2023 Environmental Report)
+KG_CO2_PER_KWH = 0.48  # world average electricity, 480 g CO2/kWh in 2023 (Ember, Global Electricity Review 2024)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a training schedule: `steps` optimizer steps of `global_batch` square images."""
+
+    name: str
+    resolution: int  # image side, px
+    steps: int
+    global_batch: int  # images per optimizer step, all GPUs together
+    config: str = "PixArt-XL/2-256"  # a pixart_fast.model.CONFIGS name: the architecture; the size is `resolution`
+    class_conditional: bool = False  # the stage-1 DiT (labels, no captions)
+    paper_v100_days: float | None = None  # what the paper reports for this stage
+
+    @property
+    def images(self) -> int:
+        return self.steps * self.global_batch
+
+
+# The paper's Table 4 (DESIGN.md section 2).
+PAPER_SCHEDULE = (
+    Stage("1 pixel dependency", 256, 300_000, 1024, class_conditional=True, paper_v100_days=88),
+    Stage("2 text-image alignment", 256, 150_000, 11392, paper_v100_days=672),
+    Stage("3 aesthetics", 256, 90_000, 11392, paper_v100_days=416),
+    Stage("3 aesthetics", 512, 100_000, 2560, config="PixArt-XL/2-512", paper_v100_days=320),
+    Stage("3 aesthetics, multi-aspect", 1024, 16_000, 384, config="PixArtMS-XL/2-1024", paper_v100_days=160),
+)
+PAPER_V100_PER_A100 = 2.2  # the paper's conversion: 1656 V100-days = 753 A100-days
+PAPER_A100_DAYS_LATER = 675  # later versions of the paper: 675 A100-days, $26,000
+
+
+def load_schedule(path) -> tuple[Stage, ...]:
+    """A schedule from a JSON file: a list of stages, each {"name", "resolution" (px), "steps", "global_batch"}
+    and optionally "config" (a CONFIGS name), "class_conditional" (bool), "paper_v100_days"."""
+    text = Path(path).read_text()
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"schedule {path} is not valid JSON: {e}") from e
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"schedule {path} must be a non-empty JSON list of stages, got {type(items).__name__}")
+    allowed = {f.name for f in fields(Stage)}
+    stages = []
+    for i, item in enumerate(items):
+        unknown = set(item) - allowed
+        missing = {"name", "resolution", "steps", "global_batch"} - set(item)
+        if unknown or missing:
+            raise ValueError(f"schedule {path}, stage {i}: unknown keys {sorted(unknown)}, missing keys "
+                             f"{sorted(missing)}; allowed: {sorted(allowed)}")
+        stage = Stage(**item)
+        if stage.config not in CONFIGS:
+            raise ValueError(f"schedule {path}, stage {i}: config {stage.config!r} is not one of {sorted(CONFIGS)}")
+        if stage.steps <= 0 or stage.global_batch <= 0:
+            raise ValueError(f"schedule {path}, stage {i}: steps and global_batch must be positive, "
+                             f"got {stage.steps} and {stage.global_batch}")
+        stages.append(stage)
+    return tuple(stages)
+
+
+def stage_flops_per_image(stage: Stage, resolution: int | None = None) -> int:
+    """Training FLOPs of one image of `stage`, at its own resolution or at `resolution` px."""
+    res = stage.resolution if resolution is None else resolution
+    return flops_per_image(CONFIGS[stage.config], res, res, class_conditional=stage.class_conditional)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------------------
+
+
+def gpu_days(flop: float, gpu: GPU, mfu: float = 1.0) -> float:
+    """Days of one GPU to do `flop` model FLOPs at model-FLOP utilisation `mfu` of its dense peak."""
+    return flop / (gpu.tflops * 1e12 * mfu) / SECONDS_PER_DAY
+
+
+def mfu_from_bench(path) -> tuple[str, dict[int, float]]:
+    """(GPU key, {resolution px: MFU}) from a pytest-benchmark JSON of `pytest bench/`: the best measured MFU
+    of our model's training step at each resolution. Estimates are never used."""
+    data = json.loads(Path(path).read_text())
+    rows = [b["extra_info"] for b in data.get("benchmarks", [])
+            if b.get("extra_info", {}).get("kind") == "train_step" and b["extra_info"].get("model") == "ours"
+            and not b["extra_info"].get("estimate") and b["extra_info"].get("mfu")]
+    if not rows:
+        raise ValueError(f"{path} holds no measured GPU training-step MFU (was it run without a GPU, or on a GPU "
+                         f"missing from the table {sorted(GPUS)}?); pass --mfu instead")
+    gpus = {r["gpu"] for r in rows}
+    if len(gpus) != 1:
+        raise ValueError(f"{path} mixes GPUs {sorted(gpus)}; pass --mfu instead")
+    best = {}
+    for r in rows:
+        best[r["resolution"]] = max(best.get(r["resolution"], 0.0), r["mfu"])
+    return gpus.pop(), best
+
+
+def plan(schedule=PAPER_SCHEDULE, gpu: str = "A100-80GB", mfu: float | dict | None = None,
+         usd_per_gpu_hour: float | None = None, kg_co2_per_kwh: float = KG_CO2_PER_KWH, pue: float = PUE,
+         watts: float | None = None) -> dict:
+    """Cost of a schedule on one kind of GPU.
+
+    gpu: a GPUS key. mfu: model-FLOP utilisation in (0, 1], one number or {resolution px: mfu} for every
+    stage's resolution; None gives only the 100 %-MFU floor. Energy: GPU-hours x watts (default the GPU's TDP,
+    an upper bound for the GPU board; host, network and storage are not counted) x PUE; CO2 = energy x
+    kg_co2_per_kwh. Returns a JSON-serialisable dict: "stages" (one row each), "total", "paper", "settings".
+    """
+    if gpu not in GPUS:
+        raise ValueError(f"unknown GPU {gpu!r}; known: {sorted(GPUS)}")
+    g = GPUS[gpu]
+    for name, value in (("pue", pue), ("kg_co2_per_kwh", kg_co2_per_kwh), ("watts", watts),
+                        ("usd_per_gpu_hour", usd_per_gpu_hour)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must not be negative, got {value}")
+    watts = g.tdp_w if watts is None else watts
+    rows = []
+    for stage in schedule:
+        flop = stage.images * stage_flops_per_image(stage)
+        flop_256 = stage.images * stage_flops_per_image(stage, 256)
+        row = {**asdict(stage), "images": stage.images,
+               "tflop_per_image": stage_flops_per_image(stage) / 1e12,
+               "tflop_per_image_256": stage_flops_per_image(stage, 256) / 1e12,
+               "flop": flop, "flop_256": flop_256,
+               "floor_gpu_days": gpu_days(flop, g), "floor_gpu_days_256": gpu_days(flop_256, g)}
+        stage_mfu = mfu.get(stage.resolution) if isinstance(mfu, dict) else mfu
+        if isinstance(mfu, dict) and stage_mfu is None:
+            raise ValueError(f"no MFU for {stage.resolution} px (stage {stage.name!r}); have {sorted(mfu)}")
+        if stage_mfu is not None:
+            if not 0 < stage_mfu <= 1:
+                raise ValueError(f"MFU must be in (0, 1], got {stage_mfu} for stage {stage.name!r}")
+            days = gpu_days(flop, g, stage_mfu)
+            kwh = days * 24 * watts / 1000 * pue
+            row.update(mfu=stage_mfu, gpu_days=days, kwh=kwh, kg_co2=kwh * kg_co2_per_kwh,
+                       usd=None if usd_per_gpu_hour is None else days * 24 * usd_per_gpu_hour)
+        rows.append(row)
+
+    def total(key):
+        values = [r.get(key) for r in rows]
+        return None if any(v is None for v in values) else sum(values)
+
+    totals = {k: total(k) for k in ("images", "flop", "flop_256", "floor_gpu_days", "floor_gpu_days_256",
+                                    "gpu_days", "kwh", "kg_co2", "usd")}
+    v100_days = total("paper_v100_days")
+    paper = None
+    if v100_days is not None:  # the MFU the paper's A100-days imply: the exact 100 %-MFU floor / the days
+        a100_floor = gpu_days(totals["flop"], GPUS["A100-80GB"])
+        paper = {"v100_days": v100_days, "a100_days": v100_days / PAPER_V100_PER_A100,
+                 "a100_days_later": PAPER_A100_DAYS_LATER,
+                 "implied_a100_mfu": a100_floor / (v100_days / PAPER_V100_PER_A100),
+                 "implied_a100_mfu_later": a100_floor / PAPER_A100_DAYS_LATER}
+    settings = {"gpu": gpu, **asdict(g), "watts": watts, "mfu": mfu, "usd_per_gpu_hour": usd_per_gpu_hour,
+                "kg_co2_per_kwh": kg_co2_per_kwh, "pue": pue}
+    return {"stages": rows, "total": totals, "paper": paper, "settings": settings}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output: text table, PNG bar chart
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def _table(header, lines):
+    cells = [header] + lines
+    widths = [max(len(line[k]) for line in cells) for k in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) if k else c.ljust(w) for k, (c, w) in enumerate(zip(line, widths)))
+                     for line in cells)
+
+
+def bars(result: dict) -> list[tuple[str, float]]:
+    """The comparison the planner draws: (label with unit, GPU-days)."""
+    gpu, out = result["settings"]["gpu"], []
+    if result["paper"]:
+        p = result["paper"]
+        out += [(f"paper: {p['v100_days']:.0f} V100-days / 2.2 (A100-days)", p["a100_days"]),
+                ("paper, later versions (A100-days)", p["a100_days_later"])]
+    out += [(f"floor, 100% MFU, exact resolution ({gpu}-days)", result["total"]["floor_gpu_days"]),
+            (f"floor, 100% MFU, 256-px equivalent ({gpu}-days)", result["total"]["floor_gpu_days_256"])]
+    if result["total"]["gpu_days"] is not None:
+        mfu = result["settings"]["mfu"]
+        which = f"{mfu:.0%} MFU" if isinstance(mfu, float) else "the measured MFU"
+        out.append((f"plan at {which} ({gpu}-days)", result["total"]["gpu_days"]))
+    return out
+
+
+def format_plan(result: dict) -> str:
+    """The plan as text: the per-stage table, the totals, the comparison and what the conventions mean."""
+    s, rows, tot = result["settings"], result["stages"], result["total"]
+    gpu = s["gpu"]
+    header = ("stage", "px", "steps", "batch", "images", "TFLOP/img", "@256px", "EFLOP", "floor days", "@256px",
+              "MFU", "days", "kWh", "t CO2", "USD", "paper V100-days")
+    lines = [(r["name"], str(r["resolution"]), f"{r['steps']:,}", f"{r['global_batch']:,}", f"{r['images']:.3g}",
+              f"{r['tflop_per_image']:.3f}", f"{r['tflop_per_image_256']:.3f}", f"{r['flop'] / 1e18:.1f}",
+              f"{r['floor_gpu_days']:.1f}", f"{r['floor_gpu_days_256']:.1f}", _fmt(r.get("mfu"), ".1%"),
+              _fmt(r.get("gpu_days"), ".1f"), _fmt(r.get("kwh"), ",.0f"),
+              _fmt(None if r.get("kg_co2") is None else r["kg_co2"] / 1000, ".2f"), _fmt(r.get("usd"), ",.0f"),
+              _fmt(r["paper_v100_days"], ".0f")) for r in rows]
+    v100 = None if result["paper"] is None else result["paper"]["v100_days"]
+    lines.append(("total", "", "", "", f"{tot['images']:.3g}", "", "", f"{tot['flop'] / 1e18:.1f}",
+                  f"{tot['floor_gpu_days']:.1f}", f"{tot['floor_gpu_days_256']:.1f}", "",
+                  _fmt(tot["gpu_days"], ".1f"), _fmt(tot["kwh"], ",.0f"),
+                  _fmt(None if tot["kg_co2"] is None else tot["kg_co2"] / 1000, ".2f"), _fmt(tot["usd"], ",.0f"),
+                  _fmt(v100, ".0f")))
+    out = [f"GPU: {s['name']} ({gpu}), {s['tflops']:g} dense bf16 TFLOP/s, {s['bandwidth_gbs']:g} GB/s, "
+           f"{s['watts']:g} W; PUE {s['pue']:g}, {s['kg_co2_per_kwh']:g} kg CO2/kWh, "
+           f"{_fmt(s['usd_per_gpu_hour'], 'g')} USD per GPU-hour. Days: {gpu}-days.", "",
+           _table(header, lines), ""]
+    out += [f"{label:<58} {days:10.1f}" for label, days in bars(result)]
+    if result["paper"]:
+        p = result["paper"]
+        out.append(f"\nThe paper's figures imply an A100 MFU of {p['implied_a100_mfu']:.1%} ({p['a100_days']:.0f} "
+                   f"A100-days) and {p['implied_a100_mfu_later']:.1%} ({p['a100_days_later']} A100-days).")
+    if tot["gpu_days"] is None:
+        out.append("Pass --mfu (or --mfu-from a bench JSON) for the plan's GPU-days, energy, CO2 and cost.")
+    out.append(
+        "\nTFLOP/img: training FLOPs of one image (3 x forward; matrix products only, 2mkn each) at the stage's "
+        "resolution.\n@256px: the same images counted at the 256-px cost (the '256-px equivalent'). The exact "
+        f"count is larger:\na 512-px image costs {_ratio(rows, 512)} and a 1024-px image {_ratio(rows, 1024)} "
+        "a 256-px one (4x and 16x the tokens; self-attention grows\nwith their square). Energy: GPU-hours x "
+        "power x PUE (host, network and storage not counted). T5 and VAE encoding not counted.")
+    dit = [r["name"] for r in rows if r["class_conditional"]]
+    if dit:
+        out.append(f"Class-conditional DiT (no caption projection, no cross-attention): {', '.join(dit)}.")
+    return "\n".join(out)
+
+
+def _ratio(rows, resolution):
+    r = [row for row in rows if row["resolution"] == resolution]
+    return "-" if not r else f"{r[0]['tflop_per_image'] / r[0]['tflop_per_image_256']:.1f}x"
+
+
+def draw_png(result: dict, path) -> None:
+    """A horizontal bar chart of `bars(result)` drawn with Pillow, written to path."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    items = bars(result)
+    font = ImageFont.load_default(size=16)
+    width, left, bar_h, gap, top = 1100, 470, 28, 14, 50
+    img = Image.new("RGB", (width, top + len(items) * (bar_h + gap) + 30), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 12), f"Training cost of the schedule ({result['settings']['name']})", fill="black", font=font)
+    scale = (width - left - 110) / max(days for _, days in items)
+    for i, (label, days) in enumerate(items):
+        y = top + i * (bar_h + gap)
+        colour = "#999999" if label.startswith("paper") else "#4477aa" if label.startswith("floor") else "#ee6677"
+        draw.text((10, y + 5), label, fill="black", font=font)
+        draw.rectangle((left, y, left + max(1, round(days * scale)), y + bar_h), fill=colour)
+        draw.text((left + round(days * scale) + 8, y + 5), f"{days:.0f}", fill="black", font=font)
+    img.save(path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Training FLOPs, GPU-days, energy, CO2 and cost of a PixArt "
+                                     "training schedule (default: the paper's Table 4).")
+    parser.add_argument("--schedule", metavar="FILE", help="a JSON list of stages {name, resolution (px), steps, "
+                        "global_batch, optional config, class_conditional, paper_v100_days}; default: the paper's")
+    parser.add_argument("--gpu", choices=sorted(GPUS), help="GPU type (default A100-80GB, or the bench's GPU "
+                        "with --mfu-from)")
+    mfu = parser.add_mutually_exclusive_group()
+    mfu.add_argument("--mfu", type=float, metavar="FRACTION",
+                     help="model-FLOP utilisation, a fraction in (0, 1] of the dense bf16 peak")
+    mfu.add_argument("--mfu-from", metavar="FILE", help="a `pytest bench/ --benchmark-json FILE` result: use the "
+                     "training-step MFU measured there at each stage's resolution")
+    parser.add_argument("--usd-per-gpu-hour", type=float, metavar="USD", help="price of one GPU for one hour, USD")
+    parser.add_argument("--kg-co2-per-kwh", type=float, default=KG_CO2_PER_KWH, metavar="KG",
+                        help=f"grid carbon intensity, kg CO2 per kWh (default {KG_CO2_PER_KWH}: world average 2023)")
+    parser.add_argument("--pue", type=float, default=PUE, metavar="RATIO",
+                        help=f"data-centre power usage effectiveness, facility energy / IT energy (default {PUE})")
+    parser.add_argument("--watts", type=float, metavar="W", help="average power per GPU, W (default: the GPU's TDP)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    parser.add_argument("--png", metavar="FILE", help="also draw the comparison as a bar chart PNG")
+    args = parser.parse_args(argv)
+
+    try:
+        schedule = PAPER_SCHEDULE if args.schedule is None else load_schedule(args.schedule)
+        gpu, mfu_value = args.gpu, args.mfu
+        if args.mfu_from:
+            bench_gpu, mfu_value = mfu_from_bench(args.mfu_from)
+            if gpu is not None and gpu != bench_gpu:
+                parser.error(f"--gpu {gpu} but {args.mfu_from} was measured on {bench_gpu}")
+            gpu = bench_gpu
+        result = plan(schedule, gpu or "A100-80GB", mfu_value, args.usd_per_gpu_hour, args.kg_co2_per_kwh,
+                      args.pue, args.watts)
+    except (OSError, ValueError) as e:  # a missing file, a bad schedule or bench JSON, a value out of range
+        parser.error(str(e))
+    print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    if args.png:
+        draw_png(result, args.png)
+
+
+if __name__ == "__main__":
+    main()

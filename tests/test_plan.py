@@ -1,0 +1,191 @@
+"""The cost planner (pixart_fast/plan.py): its FLOP count against torch's FlopCounterMode run on the real
+modules, the paper schedule's A100-days, and the plan's arithmetic, schedule files and command line."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from pixart_fast.model import CONFIGS, DiT, PixArt
+from pixart_fast.plan import (GPUS, PAPER_SCHEDULE, Stage, flops_per_image, forward_flops, gpu_days, load_schedule,
+                              main, mfu_from_bench, plan)
+
+
+def counted_flops(model, x, *args, **kwargs):
+    """(forward, backward) FLOPs FlopCounterMode counts for one training step of `model` on x (meta tensors)."""
+    with FlopCounterMode(display=False) as fwd:
+        out = model(x, *args, **kwargs)
+    with FlopCounterMode(display=False) as bwd:
+        out.float().square().mean().backward()
+    return fwd.get_total_flops(), bwd.get_total_flops()
+
+
+def no_input_grad_flops(cfg, T, L, class_conditional=False):
+    """FLOPs of the backward products autograd skips: the input gradient of the first product on each input
+    that needs none (patch embedding, the timestep MLP's first layer, the caption MLP's first layer, the
+    micro-condition MLPs' first layers). `flops_per_image`'s 3 x forward counts them; FlopCounterMode does not."""
+    D, p = cfg.hidden_size, cfg.patch_size
+    skipped = 2 * T * cfg.in_channels * p * p * D + 2 * 256 * D
+    if not class_conditional:
+        skipped += 2 * L * cfg.caption_channels * D
+        if cfg.micro_conditions:
+            skipped += 3 * 2 * 256 * (D // 3)
+    return skipped
+
+
+def pixart_inputs(cfg, B, h, w):
+    """Meta-device inputs for a PixArt training forward at latent size h x w with the full caption length."""
+    x = torch.randn(B, cfg.in_channels, h, w)
+    t = torch.randint(0, 1000, (B,))
+    y = torch.randn(B, cfg.max_tokens, cfg.caption_channels)
+    mask = torch.ones(B, cfg.max_tokens, dtype=torch.bool)
+    extra = (torch.full((B, 2), 8.0 * h), torch.ones(B)) if cfg.micro_conditions else ()
+    return x, t, y, mask, *extra
+
+
+def test_xl2_256_matches_flop_counter():
+    cfg = CONFIGS["PixArt-XL/2-256"]
+    B = 2
+    with torch.device("meta"):
+        model = PixArt(cfg, kernels="torch")
+        fwd, bwd = counted_flops(model, *pixart_inputs(cfg, B, 32, 32))
+    parts = forward_flops(cfg, 256)
+    assert fwd == B * sum(parts.values())  # every forward product, exactly
+    train = flops_per_image(cfg, 256)
+    assert train == 3 * sum(parts.values())
+    assert abs((fwd + bwd) / B - train) / train < 0.02
+    assert (fwd + bwd) / B == train - no_input_grad_flops(cfg, 256, 120)
+    assert 0.85e12 < train < 0.95e12  # DESIGN.md: about 0.9 TFLOP per 256-px training image
+
+
+TINY_CASES = [("PixArt-tiny", 64, 64), ("PixArt-tiny", 64, 128), ("PixArt-tiny", 128, 128),
+              ("PixArtMS-tiny", 64, 64), ("PixArtMS-tiny", 128, 64)]
+
+
+@pytest.mark.parametrize("name, height, width", TINY_CASES)
+def test_tiny_configs_match_flop_counter_exactly(name, height, width):
+    cfg = CONFIGS[name]
+    B, h, w = 3, height // 8, width // 8
+    with torch.device("meta"):
+        model = PixArt(cfg, kernels="torch")
+        fwd, bwd = counted_flops(model, *pixart_inputs(cfg, B, h, w))
+    T = (h // cfg.patch_size) * (w // cfg.patch_size)
+    assert fwd == B * sum(forward_flops(cfg, height, width).values())
+    assert bwd == B * (2 * sum(forward_flops(cfg, height, width).values()) - no_input_grad_flops(cfg, T, cfg.max_tokens))
+
+
+def test_class_conditional_dit_matches_flop_counter():
+    cfg = CONFIGS["PixArt-tiny"]
+    B = 2
+    with torch.device("meta"):
+        model = DiT(cfg)
+        x = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size)
+        fwd, bwd = counted_flops(model, x, torch.randint(0, 1000, (B,)), torch.randint(0, cfg.num_classes, (B,)))
+    parts = forward_flops(cfg, class_conditional=True)
+    T = (cfg.input_size // cfg.patch_size) ** 2
+    assert fwd == B * sum(parts.values())
+    assert bwd == B * (2 * sum(parts.values()) - no_input_grad_flops(cfg, T, 0, class_conditional=True))
+
+
+def test_pixel_space_and_caption_length_arguments():
+    cfg = CONFIGS["PixArt-pixel-32"]  # 32-px images in pixel space: vae_downsample 1
+    B = 2
+    with torch.device("meta"):
+        model = PixArt(cfg, kernels="torch").eval()  # eval: no caption dropout, which needs the full 120 tokens
+        x = torch.randn(B, 3, 32, 32)
+        y = torch.randn(B, 50, cfg.caption_channels)
+        fwd, _ = counted_flops(model, x, torch.randint(0, 1000, (B,)), y, torch.ones(B, 50, dtype=torch.bool))
+    assert fwd == B * sum(forward_flops(cfg, 32, 32, vae_downsample=1, caption_tokens=50).values())
+    with pytest.raises(ValueError, match="multiples of vae_downsample"):
+        forward_flops(cfg, 33, vae_downsample=1)
+
+
+def test_paper_schedule_at_full_a100_mfu_is_about_141_days():
+    result = plan(PAPER_SCHEDULE, "A100-80GB")
+    days = result["total"]["floor_gpu_days"]
+    # DESIGN.md section 2: about 3.8e21 FLOP, 141 A100-days at 100 % of 312 TFLOP/s. Our exact count, stage 1 as
+    # the class-conditional DiT (no caption projection or cross-attention), comes out 1.8 % lower.
+    assert abs(days / 141 - 1) < 0.03, days
+    assert abs(result["total"]["flop"] / 3.8e21 - 1) < 0.03
+    # Counting every image at the 256-px cost undercounts the 512 and 1024-px stages by a quarter.
+    assert result["total"]["floor_gpu_days_256"] < 0.8 * days
+    assert result["paper"]["a100_days"] == pytest.approx(1656 / 2.2)
+    assert result["paper"]["implied_a100_mfu_later"] == pytest.approx(days / 675)
+
+
+def test_plan_arithmetic():
+    stages = (Stage("a", 256, 1000, 64), Stage("b", 512, 10, 32, config="PixArt-XL/2-512"))
+    r = plan(stages, "H100", mfu=0.5, usd_per_gpu_hour=3.0, kg_co2_per_kwh=0.2, pue=1.5)
+    for row, stage in zip(r["stages"], stages):
+        flop = stage.steps * stage.global_batch * flops_per_image(CONFIGS[stage.config], stage.resolution)
+        assert row["flop"] == flop
+        assert row["floor_gpu_days"] == pytest.approx(flop / 989.5e12 / 86400)
+        assert row["gpu_days"] == pytest.approx(2 * row["floor_gpu_days"])
+        assert row["kwh"] == pytest.approx(row["gpu_days"] * 24 * 0.7 * 1.5)
+        assert row["kg_co2"] == pytest.approx(0.2 * row["kwh"])
+        assert row["usd"] == pytest.approx(72 * row["gpu_days"])
+    assert r["total"]["gpu_days"] == pytest.approx(sum(row["gpu_days"] for row in r["stages"]))
+    assert r["paper"] is None  # no paper figures in this schedule
+    per_res = plan(stages, "H100", mfu={256: 0.5, 512: 0.25})
+    assert per_res["stages"][1]["gpu_days"] == pytest.approx(4 * per_res["stages"][1]["floor_gpu_days"])
+    with pytest.raises(ValueError, match="no MFU for 512 px"):
+        plan(stages, "H100", mfu={256: 0.5})
+    with pytest.raises(ValueError, match="MFU must be in"):
+        plan(stages, "H100", mfu=1.5)
+    with pytest.raises(ValueError, match="unknown GPU 'B200'"):
+        plan(stages, "B200")
+
+
+def test_gpu_table_is_consistent():
+    assert {"A100-40GB", "A100-80GB", "H100", "H200", "V100", "L40S", "RTX4090"} <= set(GPUS)
+    assert GPUS["A100-80GB"].tflops == 312.0
+    assert gpu_days(312e12 * 86400, GPUS["A100-80GB"]) == pytest.approx(1.0)
+
+
+def test_schedule_file(tmp_path):
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps([{"name": "s", "resolution": 512, "steps": 10, "global_batch": 8,
+                                 "config": "PixArt-XL/2-512", "paper_v100_days": 1.0}]))
+    (stage,) = load_schedule(path)
+    assert stage == Stage("s", 512, 10, 8, config="PixArt-XL/2-512", paper_v100_days=1.0)
+    path.write_text(json.dumps([{"name": "s", "resolution": 512, "steps": 10, "batch": 8}]))
+    with pytest.raises(ValueError, match=r"unknown keys \['batch'\], missing keys \['global_batch'\]"):
+        load_schedule(path)
+    path.write_text(json.dumps([{"name": "s", "resolution": 512, "steps": 10, "global_batch": 8, "config": "XL"}]))
+    with pytest.raises(ValueError, match="config 'XL' is not one of"):
+        load_schedule(path)
+
+
+def bench_json(path, rows):
+    path.write_text(json.dumps({"benchmarks": [{"name": f"b{i}", "extra_info": r} for i, r in enumerate(rows)]}))
+    return path
+
+
+def test_mfu_from_bench_uses_only_measured_training_steps(tmp_path):
+    rows = [{"kind": "train_step", "model": "ours", "gpu": "H100", "resolution": 256, "mfu": 0.30},
+            {"kind": "train_step", "model": "ours", "gpu": "H100", "resolution": 256, "mfu": 0.35},
+            {"kind": "train_step", "model": "diffusers", "gpu": "H100", "resolution": 256, "mfu": 0.5},
+            {"kind": "train_step", "model": "ours", "gpu": "H100", "resolution": 512, "mfu": 0.9, "estimate": True},
+            {"kind": "train_step", "model": "ours", "gpu": "H100", "resolution": 512, "mfu": 0.4}]
+    assert mfu_from_bench(bench_json(tmp_path / "b.json", rows)) == ("H100", {256: 0.35, 512: 0.4})
+    cpu_only = [{"kind": "train_step", "model": "ours", "resolution": 256, "mfu": None}]
+    with pytest.raises(ValueError, match="no measured GPU training-step MFU"):
+        mfu_from_bench(bench_json(tmp_path / "c.json", cpu_only))
+
+
+def test_command_line(tmp_path, capsys):
+    main(["--mfu", "0.4", "--usd-per-gpu-hour", "2", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["total"]["gpu_days"] == pytest.approx(result["total"]["floor_gpu_days"] / 0.4)
+    png = tmp_path / "plan.png"
+    main(["--gpu", "H100", "--mfu", "0.3", "--png", str(png)])
+    text = capsys.readouterr().out
+    assert "256-px equivalent" in text and "675" in text and "plan at 30% MFU" in text
+    with Image.open(png) as img:
+        assert img.width > 500 and img.height > 100
+    with pytest.raises(SystemExit):
+        main(["--mfu", "0.4", "--mfu-from", "x.json"])  # mutually exclusive
+    with pytest.raises(SystemExit):
+        main(["--mfu", "2"])
+    assert "MFU must be in (0, 1], got 2.0" in capsys.readouterr().err
