@@ -4,9 +4,14 @@ diffusers' `PixArtTransformer2DModel` (state dict, `.safetensors` file or folder
 Inside the project every state dict uses the official repo's names (DESIGN.md section 1). diffusers names map
 one-to-one, except that diffusers splits `qkv` / `kv_linear` into to_q, to_k, to_v and keeps neither
 `pos_embed` (recomputed) nor `y_embedding` (its pipeline encodes an empty prompt instead).
+
+Weights, checkpoints, feature chunks and caches are written through `atomic_path` (temporary file, fsync, rename,
+fsync of the folder): a crash leaves the old file or the whole new one, never a torn one.
 """
 import json
+import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -112,16 +117,17 @@ def from_diffusers(sd: dict) -> dict:
     return out
 
 
-def load_state_dict_strict(model: torch.nn.Module, sd: dict, allow_missing=()) -> None:
+def load_state_dict_strict(model: torch.nn.Module, sd: dict, allow_missing=(), source: str = "checkpoint") -> None:
     """Load sd into model, refusing any mismatch: raises CheckpointMismatch listing every missing, unexpected
-    and shape-mismatched key (allow_missing: keys that may be absent and keep the model's values)."""
+    and shape-mismatched key (allow_missing: keys that may be absent and keep the model's values). source names
+    where sd came from in the message (a path, a flag)."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd and k not in allow_missing]
     unexpected = [k for k in sd if k not in own]
     mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in sd if k in own and sd[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
-        lines = [f"checkpoint does not fit {type(model).__name__} (config {getattr(model, 'config', '?')}):"]
+        lines = [f"{source} does not fit {type(model).__name__} (config {getattr(model, 'config', '?')}):"]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if keys:
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
@@ -129,10 +135,44 @@ def load_state_dict_strict(model: torch.nn.Module, sd: dict, allow_missing=()) -
     model.load_state_dict(sd, strict=False)
 
 
+def fsync_dir(folder) -> None:
+    """Make the entries of a folder (files created or renamed in it) durable: fsync the folder itself."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path, suffix: str = ".tmp"):
+    """Write a file crash-safely: yields a temporary path beside `path` (its name + suffix) to write to; then
+    fsyncs it, renames it to `path` and fsyncs the folder. A crash at any moment leaves `path` as it was or
+    whole and new, never half-written (at worst a *.tmp leftover); an exception removes the temporary file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + suffix)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def save_safetensors(sd: dict, path, metadata: dict | None = None) -> None:
-    """Write a state dict as safetensors (tensors made contiguous; metadata values JSON-encoded)."""
+    """Write a state dict as safetensors, atomically (see atomic_path); tensors made contiguous, metadata
+    values JSON-encoded."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+
+
+def nonfinite_keys(sd: dict) -> list[str]:
+    """The keys of sd's floating-point tensors that hold a NaN or an infinity."""
+    return [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
 def load_safetensors(path) -> dict:

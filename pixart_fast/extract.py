@@ -19,7 +19,13 @@ Output: records are cut into chunks of --chunk-size, written as `chunk-XXXXXX.sa
 describes the whole extraction (`FeatureDataset` in pixart_fast.features reads it). A chunk file exists only
 when complete (written to a temporary name, then renamed), so a rerun skips finished chunks, and
 `--shard i/n` handles chunks i, i + n, i + 2n, ...: n processes or machines writing into one folder produce
-exactly the files of one unsharded run. Unreadable images are reported by path and skipped.
+exactly the files of one unsharded run.
+
+Bad input (README "When things go wrong"): a metadata line that is not a JSON record stops the run before any
+work, naming the file and line. A missing or unreadable image is skipped, reported by path and listed in the
+summary and the chunk's metadata. An image smaller than its target is upscaled (bicubic; its original size is
+kept as PixArtMS's micro-condition), an empty caption is kept (T5 sees only its end-of-sequence token), and a
+caption longer than 120 tokens is truncated: each warned about once and counted in the summary.
 """
 import argparse
 import hashlib
@@ -36,6 +42,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pixart_fast.checkpoints import atomic_path
 from pixart_fast.text import MAX_TOKENS, TextEncoder
 
 FORMAT = "pixart_fast.features/1"
@@ -118,28 +125,43 @@ def find_metadata(images) -> Path:
                             "partition/data_info.json (PixArt) there; pass the folder that holds one, or the file")
 
 
+def _parse(text: str, where: str):
+    """json.loads, its error naming where the text came from and the position in it."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"line {e.lineno} column {e.colno}" if "\n" in text else f"column {e.colno}"
+        raise ValueError(f"{where}: not JSON ({e.msg} at {at}): {text[:80]!r}; fix or delete it") from None
+
+
 def read_records(metadata) -> list[Record]:
     """Records of a metadata.jsonl (one JSON object a line) or a data_info.json (one JSON list), in file order.
     A record names its image with "file_name" (imagefolder) or "path" (PixArt) and its caption with "text"
-    or "prompt"; other keys are ignored, except an integer "label"."""
+    or "prompt"; other keys are ignored, except an integer "label". Any line or record that is not one of
+    these raises ValueError naming the file and the line (metadata.jsonl) or record."""
     metadata = Path(metadata)
     text = metadata.read_text(encoding="utf-8")
     if metadata.suffix == ".jsonl":
-        entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        entries = [_parse(line, f"{metadata}, line {n}") for n, line in lines]
+        wheres = [f"{metadata}, line {n}, record {r}" for r, (n, _) in enumerate(lines)]
     else:
-        entries = json.loads(text)
+        entries = _parse(text, str(metadata))
         if not isinstance(entries, list):
             raise ValueError(f"{metadata}: expected a JSON list of records (PixArt's data_info.json), "
                              f"got {type(entries).__name__}")
+        wheres = [f"{metadata}, record {r}" for r in range(len(entries))]
     records = []
-    for n, e in enumerate(entries):
+    for e, where in zip(entries, wheres):
+        if not isinstance(e, dict):
+            raise ValueError(f"{where}: expected a JSON object with 'file_name' and 'text', got {str(e)[:80]!r}")
         file, caption = e.get("file_name", e.get("path")), e.get("text", e.get("prompt"))
         if not isinstance(file, str) or not isinstance(caption, str):
-            raise ValueError(f"{metadata}, record {n}: need a 'file_name' (or 'path') and a 'text' (or 'prompt') "
+            raise ValueError(f"{where}: need a 'file_name' (or 'path') and a 'text' (or 'prompt') "
                              f"string, got keys {sorted(e)}")
         label = e.get("label")
         if label is not None and not isinstance(label, int):
-            raise ValueError(f"{metadata}, record {n}: 'label' must be an integer class, got {label!r}")
+            raise ValueError(f"{where}: 'label' must be an integer class, got {label!r}")
         records.append(Record(file, caption, label))
     if not records:
         raise ValueError(f"{metadata} lists no images")
@@ -247,9 +269,8 @@ def write_index(out: Path, index: dict) -> None:
             raise ValueError(f"{out} holds another extraction ({'; '.join(diff)}); use a new --out, or delete that "
                              "folder to start over")
         return
-    tmp = path.with_name(f"{INDEX}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, path)  # every shard writes the same text, so concurrent writers agree
+    with atomic_path(path, suffix=f".tmp-{os.getpid()}") as tmp:  # every shard writes the same text: they agree
+        tmp.write_text(json.dumps(index, indent=1) + "\n")
 
 
 def chunk_records(k: int, chunk_size: int, num_records: int) -> range:
@@ -292,9 +313,22 @@ def write_chunk(path: Path, samples: dict, meta: dict, records: list[Record], sk
     info = {"captions": json.dumps([records[i].caption for i in kept]),
             "files": json.dumps([records[i].file for i in kept]),
             "skipped": json.dumps(skipped)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=info)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=info)
+
+
+def count_oddities(summary: dict, path: Path, hw: tuple[int, int], size: tuple[int, int], caption: str, log) -> None:
+    """Count in summary, and report the first of each, an image smaller than its target size (upscaled by
+    load_image) and an empty caption (kept)."""
+    if hw[0] < size[0] or hw[1] < size[1]:
+        if not summary["upscaled"]:
+            log(f"{path}: {hw[0]} x {hw[1]} px is smaller than its target {size[0]} x {size[1]}: upscaled; further "
+                "ones are only counted")
+        summary["upscaled"] += 1
+    if not caption.strip():
+        if not summary["empty_captions"]:
+            log(f"{path}: empty caption, kept (T5 sees only its end-of-sequence token); further ones are only counted")
+        summary["empty_captions"] += 1
 
 
 def extract(
@@ -303,7 +337,8 @@ def extract(
     workers: int = 0, progress: bool = True,
 ) -> dict:
     """Extract (or finish extracting) features into `out`; returns a summary of this process's work:
-    {"records", "chunks", "chunks_done_before", "chunks_written", "encoded", "unreadable": [[path, error], ...]}.
+    {"records", "chunks", "chunks_done_before", "chunks_written", "encoded", "unreadable": [[path, error], ...],
+    "upscaled", "empty_captions", "truncated_captions": counts of the images and captions encoded}.
 
     shard (i, n): handle chunks k with k % n == i. device: default CUDA if present; dtype: default bf16 on a
     GPU that has it, else float32. workers: image-decoding processes (DataLoader workers)."""
@@ -322,7 +357,8 @@ def extract(
     mine = list(range(i_shard, meta["num_chunks"], n_shards))
     pending = [k for k in mine if not (out / chunk_name(k)).exists()]
     summary = {"records": sum(len(chunk_records(k, chunk_size, len(records))) for k in mine), "chunks": len(mine),
-               "chunks_done_before": len(mine) - len(pending), "chunks_written": 0, "encoded": 0, "unreadable": []}
+               "chunks_done_before": len(mine) - len(pending), "chunks_written": 0, "encoded": 0, "unreadable": [],
+               "upscaled": 0, "empty_captions": 0, "truncated_captions": 0}
     log = tqdm.write if progress else print
     if not pending:
         log(f"{out}: all {len(mine)} chunks of shard {i_shard}/{n_shards} are done already")
@@ -345,7 +381,7 @@ def extract(
         samples, skipped, waiting = {}, [], {}  # waiting: (H, W) -> loaded images short of a full batch
         for _ in chunk_records(k, chunk_size, len(records)):
             item = next(items)
-            i, image, _, _, error = item
+            i, image, hw, _, error = item
             bar.update(1)
             if image is None:
                 path = str(root / records[i].file)
@@ -354,6 +390,7 @@ def extract(
                 log(f"skipped unreadable image {path} ({error})")
                 continue
             size = tuple(image.shape[1:])
+            count_oddities(summary, root / records[i].file, hw, size, records[i].caption, log)
             waiting.setdefault(size, []).append(item)
             if len(waiting[size]) == batch_size:
                 samples.update(encode(autoencoder, text, waiting.pop(size), records))
@@ -363,12 +400,15 @@ def extract(
         summary["chunks_written"] += 1
         summary["encoded"] += len(samples)
     bar.close()
+    summary["truncated_captions"] = text.truncated
     del autoencoder, text, loader, items  # free the encoders' memory for whatever runs next
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     log(f"shard {i_shard}/{n_shards}: {summary['records']} records in {summary['chunks']} chunks "
         f"({summary['chunks_done_before']} done before); wrote {summary['chunks_written']} chunks, "
-        f"encoded {summary['encoded']} images, skipped {len(summary['unreadable'])} unreadable")
+        f"encoded {summary['encoded']} images, skipped {len(summary['unreadable'])} unreadable; "
+        f"{summary['upscaled']} upscaled, {summary['empty_captions']} empty and {summary['truncated_captions']} "
+        "truncated captions")
     return summary
 
 

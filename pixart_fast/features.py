@@ -6,18 +6,52 @@ Sample i: {"latent_mean", "latent_std": (C, h, w) float32, the VAE's latent dist
 (1.0 without --multi-aspect): PixArtMS's micro-conditions; "label": int, where the extraction had labels}.
 A training latent is `dataset.latents(mean, std, eps)` = (mean + std * eps) * scaling_factor with fresh
 eps ~ N(0, 1): a new sample of the latent distribution at every step, as PixArt's feature loader does.
+
+A chunk that is not what pixart_fast.extract writes (unreadable, a key missing, a wrong dtype or shape) raises
+ValueError naming the chunk file, the key, and the expected and found dtype and shape: its small tables when
+the dataset opens, a sample's tensors when the sample is read (checking every sample's header entries at
+start would cost minutes on millions of samples).
 """
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from pixart_fast.extract import FORMAT, INDEX, chunk_name
 
-_TABLES = ("index", "hw", "size", "ratio", "tokens")  # small per-chunk tables, read once at start
+# Small per-chunk tables, read once at start: key -> (dtype, shape of one row); one row per sample of the chunk.
+_TABLES = {"index": (torch.int64, ()), "hw": (torch.int32, (2,)), "size": (torch.int32, (2,)),
+           "ratio": (torch.float32, ()), "tokens": (torch.int32, ())}
+_LABEL = {"label": (torch.int64, ())}
+_FEATURES = (torch.float32, torch.bfloat16)  # the dtypes extract stores encoder outputs in
+_REWRITE = "delete it and rerun pixart_fast.extract with the same arguments to write it again"
+
+
+def _open(path: Path):
+    """safe_open of a chunk; a file that is not safetensors (damaged, cut short) raises ValueError naming it."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise ValueError(f"feature chunk {path} is not a readable safetensors file ({e}); {_REWRITE}") from None
+
+
+def _tensor(f, path: Path, key: str) -> torch.Tensor:
+    """Tensor `key` of an open chunk; a missing one raises ValueError naming the chunk and the key."""
+    try:
+        return f.get_tensor(key)
+    except SafetensorError:
+        raise ValueError(f"feature chunk {path} has no tensor {key!r}; {_REWRITE}") from None
+
+
+def _check(path: Path, key: str, t: torch.Tensor, dtypes: tuple, shape: tuple) -> None:
+    """Raise ValueError naming the chunk, the key, and the expected and found dtype and shape."""
+    if t.dtype not in dtypes or tuple(t.shape) != tuple(shape):
+        want = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"feature chunk {path}: {key!r} should be {want} of shape {tuple(shape)}, found "
+                         f"{str(t.dtype).removeprefix('torch.')} of shape {tuple(t.shape)}; {_REWRITE}")
 
 
 class FeatureDataset(Dataset):
@@ -43,13 +77,20 @@ class FeatureDataset(Dataset):
                              f"{self.meta['num_chunks']} chunks missing ({', '.join(missing[:3])}"
                              f"{' ...' if len(missing) > 3 else ''}); rerun pixart_fast.extract with the same "
                              "arguments (every --shard) to finish it")
-        keys = _TABLES + (("label",) if self.num_classes is not None else ())
-        tables, chunk = {key: [] for key in keys}, []
+        specs = _TABLES | (_LABEL if self.num_classes is not None else {})
+        tables, chunk = {key: [] for key in specs}, []
         for k in range(self.meta["num_chunks"]):
-            with safe_open(str(self.root / chunk_name(k)), framework="pt") as f:
-                for key in keys:
-                    tables[key].append(f.get_tensor(key))
-            chunk.append(torch.full((len(tables["index"][-1]),), k))
+            path = self.root / chunk_name(k)
+            with _open(path) as f:
+                found = {key: _tensor(f, path, key) for key in specs}
+            n = len(found["index"]) if found["index"].dim() else 0
+            for key, (dtype, row) in specs.items():
+                _check(path, key, found[key], (dtype,), (n, *row))
+                tables[key].append(found[key])
+            if n and not 1 <= found["tokens"].min() <= found["tokens"].max() <= self.meta["max_tokens"]:
+                raise ValueError(f"feature chunk {path}: 'tokens' should lie in 1..{self.meta['max_tokens']}, found "
+                                 f"{found['tokens'].min()}..{found['tokens'].max()}; {_REWRITE}")
+            chunk.append(torch.full((n,), k))
         t = {key: torch.cat(v) for key, v in tables.items()}
         if len(t["index"]) == 0:
             raise ValueError(f"--data {self.root}: no sample in it (were all images unreadable?)")
@@ -85,9 +126,14 @@ class FeatureDataset(Dataset):
         return self._bucket_ids
 
     def __getitem__(self, i: int) -> dict:
-        r, L = self.records[i], self.meta["max_tokens"]
-        with safe_open(str(self.root / chunk_name(self.chunk[i])), framework="pt") as f:
-            mean, std, tokens = (f.get_tensor(f"{r}.{key}").float() for key in ("mean", "std", "text"))
+        r, L, path = self.records[i], self.meta["max_tokens"], self.root / chunk_name(self.chunk[i])
+        with _open(path) as f:
+            mean, std, tokens = (_tensor(f, path, f"{r}.{key}") for key in ("mean", "std", "text"))
+        latent = (self.latent_channels, *self.latent_sizes()[self._bucket_ids[i]])
+        for key, t, shape in (("mean", mean, latent), ("std", std, latent),
+                              ("text", tokens, (self.tokens[i], self.caption_channels))):
+            _check(path, f"{r}.{key}", t, _FEATURES, shape)
+        mean, std, tokens = mean.float(), std.float(), tokens.float()
         text = torch.zeros(L, tokens.shape[1])
         text[: len(tokens)] = tokens
         sample = {"latent_mean": mean, "latent_std": std, "text": text, "mask": torch.arange(L) < len(tokens),

@@ -16,6 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 
+from pixart_fast.checkpoints import atomic_path
+
 MAX_TOKENS = 120  # PixArt's caption length: the null caption `y_embedding` has this many rows
 
 
@@ -81,13 +83,14 @@ class TextEncoder:
         if isinstance(captions, str):
             raise TypeError(f"pass a list of captions, not one string ({captions[:40]!r}...)")
         lengths = [len(ids) for ids in self.tokenizer(list(captions))["input_ids"]]  # untruncated, EOS included
-        cut = sum(n > self.max_length for n in lengths)
-        if cut and not self.truncated:
+        long = [c for c, n in zip(captions, lengths) if n > self.max_length]
+        if long and not self.truncated:
             warnings.warn(
-                f"{cut} of {len(captions)} captions exceed {self.max_length} tokens (longest {max(lengths)}) and were "
-                f"truncated; later truncations are only counted in TextEncoder.truncated", stacklevel=3,
+                f"{len(long)} of {len(captions)} captions exceed {self.max_length} tokens (longest {max(lengths)}; "
+                f"first {long[0][:60]!r}...) and were truncated; later truncations are only counted in "
+                "TextEncoder.truncated", stacklevel=3,
             )
-        self.truncated += cut
+        self.truncated += len(long)
         tokens = self.tokenizer(
             list(captions), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )
@@ -115,7 +118,7 @@ class TextEncoder:
         return features, mask
 
     def save_cache(self, path) -> None:
-        """Write the cached features to a safetensors file, tagged with this encoder's name."""
+        """Write the cached features to a safetensors file, tagged with this encoder's name (atomically)."""
         if not self._cache:
             raise ValueError("the feature cache is empty; call encode_cached(captions) before save_cache")
         captions = list(self._cache)
@@ -123,7 +126,8 @@ class TextEncoder:
             "features": torch.stack([self._cache[c][0] for c in captions]).contiguous(),  # (N, L, C)
             "mask": torch.stack([self._cache[c][1] for c in captions]).contiguous(),  # (N, L)
         }
-        save_file(tensors, str(path), metadata={"encoder": self.name, "captions": json.dumps(captions)})
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"encoder": self.name, "captions": json.dumps(captions)})
 
     def load_cache(self, path) -> None:
         """Add the features of a file written by save_cache. Refuses a file from another encoder: its features

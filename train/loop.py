@@ -12,14 +12,30 @@ processes take the same steps as one at the same global batch. Rank 0 writes, un
     samples/*.png     validation sample grids from the EMA model (embedded data)
     summary.json      wall time, final loss, the EMA model's alignment accuracy (embedded data) or its
                       validation loss (--data: real images have no known truth to score samples against)
+
+When things go wrong (README "When things go wrong"):
+- A checkpoint folder is written as step-XXXXXXX.tmp, every file and the folder fsync'd, and only then renamed:
+  a kill -9 at any moment leaves the newest complete checkpoint loadable, `--resume latest` picks it, and a
+  new run deletes the *.tmp leftovers. `--keep N` deletes all but the newest N (never the one just written).
+- SIGINT / SIGTERM: the current step finishes, a checkpoint is saved, and train() returns (exit status 0)
+  after printing the command that resumes the run. The previous signal handlers are restored on return.
+- A step whose loss or gradient norm is not finite is skipped: no optimizer or EMA update. It still counts as
+  a step, so the batch, noise and learning rate of step s stay functions of s (a resumed run, or one that
+  skipped steps, keeps the data order). `skipped_steps` in metrics.jsonl counts them; --max-bad-steps in a row
+  stop the run with an error naming the step and the last good checkpoint. Non-finite weights are never saved.
 """
 import copy
 import json
+import math
 import os
+import re
+import shlex
 import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +44,21 @@ from tqdm import tqdm
 
 from pixart_fast import data as embedded
 from pixart_fast import distributed
-from pixart_fast.checkpoints import load_any, load_safetensors, load_state_dict_strict, save_safetensors
+from pixart_fast.checkpoints import (atomic_path, fsync_dir, load_any, load_safetensors, load_state_dict_strict,
+                                     nonfinite_keys, save_safetensors)
 from pixart_fast.diffusion import Diffusion, guided
 from pixart_fast.eval import alignment_scores
 from pixart_fast.features import FeatureDataset
 from pixart_fast.model import CONFIGS, DiT, PixArt, reparameterize
 from pixart_fast.sample import image_grid
 from pixart_fast.text import TextEncoder
-from pixart_fast.train.recipes import TrainConfig
+from pixart_fast.train.recipes import RECIPES, TrainConfig
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MICRO_KEYS = ("csize_embedder.", "ar_embedder.")
+# Settings that shape the run's trajectory: resuming with other values is allowed, but warned about.
+TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup", "grad_clip", "ema_decay",
+              "caption_dropout", "precision", "seed", "data", "t5")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,10 +117,34 @@ def build_model(cfg: TrainConfig):
     return PixArt(mcfg, kernels=cfg.kernels, grad_checkpointing=cfg.grad_checkpointing)
 
 
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """The complete checkpoint folders of a run, oldest first. A folder is named step-XXXXXXX only once
+    complete (save_checkpoint); *.tmp names are saves or deletions that a crash interrupted."""
+    found = [p for p in (run_dir / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder of a run (folders are renamed into place only when complete)."""
-    found = sorted((run_dir / "checkpoints").glob("step-[0-9]*"))
+    """The newest complete checkpoint folder of a run, or None."""
+    found = checkpoint_folders(run_dir)
     return found[-1] if found else None
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete the *.tmp folders that interrupted saves or deletions left in checkpoints/; returns their paths."""
+    leftovers = sorted((run_dir / "checkpoints").glob("*.tmp"))
+    for p in leftovers:
+        shutil.rmtree(p)
+    return leftovers
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint folder: renamed to *.old.tmp first (atomic), so a crash midway leaves a leftover
+    for remove_leftovers, never a half-deleted folder under a complete checkpoint's name."""
+    trash = folder.with_name(folder.name + ".old.tmp")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
 
 
 def default_init(cfg: TrainConfig) -> Path | None:
@@ -117,61 +161,129 @@ def initialise(model, cfg: TrainConfig) -> str:
     if path is None:
         return "no previous stage output and no --init: training from scratch"
     kind, sd = load_any(path)
+    source = f"--init {path}"
+    bad = nonfinite_keys(sd)
+    if bad:
+        raise ValueError(f"{source}: NaN or inf in {len(bad)} tensors ({', '.join(bad[:3])}); pick another checkpoint")
     if isinstance(model, DiT):
         if kind != "dit":
-            raise ValueError(f"stage 1 trains a class-conditional DiT; --init {path} is a {kind} checkpoint")
-        load_state_dict_strict(model, sd)
+            raise ValueError(f"stage 1 trains a class-conditional DiT; {source} is a {kind} checkpoint")
+        load_state_dict_strict(model, sd, source=source)
         return f"initialised from DiT checkpoint {path}"
     if kind == "dit":
-        load_state_dict_strict(model, reparameterize(sd, model.config, seed=cfg.seed))
+        load_state_dict_strict(model, reparameterize(sd, model.config, seed=cfg.seed), source=source)
         return f"initialised from DiT checkpoint {path} through re-parameterization (paper section 2.3)"
     # A PixArt without micro-conditions seeds a PixArtMS: the size embedders start fresh.
     new = tuple(k for k in model.state_dict() if k.startswith(MICRO_KEYS) and k not in sd)
     allow = new + (("y_embedder.y_embedding",) if kind == "diffusers" else ())
-    load_state_dict_strict(model, sd, allow_missing=allow)
+    load_state_dict_strict(model, sd, allow_missing=allow, source=source)
     fresh = " (micro-condition embedders new)" if new else ""
     return f"initialised from {kind} PixArt checkpoint {path}{fresh}"
 
 
-def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, gen, cfg: TrainConfig,
+def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, gen, skipped: int, cfg: TrainConfig,
                     d: distributed.Dist) -> Path:
-    """Write checkpoints/step-XXXXXXX atomically: into a temporary folder, fsync'd, then renamed. Every rank
-    calls it (gathering sharded state is a collective); rank 0 writes whole, unsharded state dicts."""
+    """Write checkpoints/step-XXXXXXX crash-safely: every file written and fsync'd in step-XXXXXXX.tmp, which is
+    renamed into place only when complete (the rename fsync'd too); then all but the newest --keep checkpoints
+    are deleted. Refuses weights holding NaN or inf. Every rank calls it (gathering sharded state is a
+    collective); rank 0 writes whole, unsharded state dicts. skipped: the run's skipped steps so far."""
     final = run_dir / "checkpoints" / f"step-{step:07d}"
     model_sd, ema_sd = distributed.full_state_dict(model), distributed.full_state_dict(ema)
     opt_sd = distributed.full_optimizer_state_dict(model, opt)
     if not d.main:
         return final
+    for name, sd in (("model", model_sd), ("EMA", ema_sd)):
+        bad = nonfinite_keys(sd)
+        if bad:
+            raise FloatingPointError(f"refusing to write checkpoint {final}: the {name} weights hold NaN or inf in "
+                                     f"{len(bad)} tensors ({', '.join(bad[:3])}); the last good checkpoint is "
+                                     f"{latest_checkpoint(run_dir) or 'none yet'}")
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     meta = {"step": step, "model": cfg.model, "stage": cfg.stage}
-    save_safetensors(model_sd, tmp / "model.safetensors", meta)
+    save_safetensors(model_sd, tmp / "model.safetensors", meta)  # each file fsync'd, and the folder
     save_safetensors(ema_sd, tmp / "ema.safetensors", meta)
-    torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(),
-                "generator": gen.get_state(), "config": asdict(cfg)}, tmp / "trainer.pt")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
+    with atomic_path(tmp / "trainer.pt") as path:
+        torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                    "skipped_steps": skipped, "config": asdict(cfg)}, path)
+    if final.exists():  # this step was saved before (a run resumed from an older checkpoint): replaced
+        remove_checkpoint(final)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if cfg.keep:
+        for old in checkpoint_folders(run_dir)[:-cfg.keep]:
+            if old != final:
+                remove_checkpoint(old)
     return final
 
 
 def load_weights(path: Path, model, ema) -> None:
     """The model and EMA weights of a checkpoint folder, into the unwrapped modules."""
-    load_state_dict_strict(model, load_safetensors(path / "model.safetensors"))
-    load_state_dict_strict(ema, load_safetensors(path / "ema.safetensors"))
+    if not (path / "trainer.pt").is_file():
+        raise FileNotFoundError(f"--resume {path}: not a checkpoint folder (no trainer.pt there); pass 'latest' or "
+                                "a <out>/stage<N>/checkpoints/step-XXXXXXX folder")
+    for module, name in ((model, "model.safetensors"), (ema, "ema.safetensors")):
+        load_state_dict_strict(module, load_safetensors(path / name), source=f"--resume {path / name}")
 
 
-def load_trainer_state(path: Path, model, opt, sched, gen) -> int:
+def load_trainer_state(path: Path, model, opt, sched, gen) -> tuple[int, int, dict]:
     """The optimizer (after wrapping: each rank takes its shard), scheduler and generator of a checkpoint
-    folder; returns the step it ends at."""
+    folder; returns (the step it ends at, the steps skipped so far, the run's settings then)."""
     state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     distributed.load_optimizer_state_dict(model, opt, state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     gen.set_state(state["generator"])
-    return int(state["step"])
+    return int(state["step"]), int(state.get("skipped_steps", 0)), state["config"]
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the metrics.jsonl lines past `step`, where a run starts or resumes: a run killed after its last
+    checkpoint wrote them (the last one perhaps cut short), and this run writes those steps again."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(kept))
+
+
+def resume_command(cfg: TrainConfig) -> str:
+    """The command line that continues this run: its stage, --out, every setting that differs from the stage's
+    recipe, and --resume latest. (Under torchrun: the same flags after the launcher's.)"""
+    recipe = RECIPES[cfg.stage]
+    flags = [f"--{f.name.replace('_', '-')} {shlex.quote(str(getattr(cfg, f.name)))}" for f in fields(cfg)
+             if f.name not in ("stage", "out", "resume", "init") and getattr(cfg, f.name) != getattr(recipe, f.name)]
+    return " ".join(["python -m pixart_fast.train --stage", str(cfg.stage), "--out", shlex.quote(cfg.out), *flags,
+                     "--resume latest"])
+
+
+class StopSignals:
+    """Inside `with`, SIGINT and SIGTERM set `received` (the signal's name) instead of ending the process, so
+    the loop can finish its step and save; the previous handlers are restored on exit. Outside the main thread,
+    where Python cannot install handlers, it does nothing."""
+
+    def __init__(self):
+        self.received, self._previous = None, {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        print(f"{self.received} received: finishing this step, then saving a checkpoint", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 @torch.no_grad()
@@ -274,9 +386,10 @@ def evaluate(ema, cfg: TrainConfig, features, text, diffusion: Diffusion, d: dis
 
 
 def train(cfg: TrainConfig, device: str | None = None, progress: bool = True) -> dict:
-    """Run (or resume) one stage; returns the summary that is also written to summary.json. Under torchrun
-    (WORLD_SIZE > 1 in the environment) this process trains its slice of every batch; device None picks
-    cuda:LOCAL_RANK when there is CUDA."""
+    """Run (or resume) one stage; returns the summary that is also written to summary.json, or, stopped early by
+    SIGINT / SIGTERM, {"interrupted": True, "steps" done, "checkpoint", "resume": the command that continues}.
+    Under torchrun (WORLD_SIZE > 1 in the environment) this process trains its slice of every batch; device None
+    picks cuda:LOCAL_RANK when there is CUDA."""
     if cfg.stage not in (1, 2, 3):
         raise ValueError(f"stage must be 1, 2 or 3, got {cfg.stage}")
     if cfg.precision not in PRECISIONS:
@@ -288,12 +401,13 @@ def train(cfg: TrainConfig, device: str | None = None, progress: bool = True) ->
         raise ValueError("--fsdp true with fp16 is not supported (its gradient scaler does not shard); use bf16")
     d = distributed.setup(device)
     try:
-        return _train(cfg, d, fsdp, progress)
+        with StopSignals() as stop:
+            return _train(cfg, d, fsdp, progress, stop)
     finally:
         d.close()
 
 
-def _train(cfg: TrainConfig, d: distributed.Dist, fsdp: bool, progress: bool) -> dict:
+def _train(cfg: TrainConfig, d: distributed.Dist, fsdp: bool, progress: bool, stop: StopSignals) -> dict:
     device, mine = d.device, d.slice(cfg.batch_size)  # this rank's slice of every global batch
     run_dir = Path(cfg.out) / f"stage{cfg.stage}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -311,6 +425,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist, fsdp: bool, progress: bool) ->
                              f"{model.config.caption_channels}; pick a matching --model or --t5")
     diffusion = Diffusion(learn_sigma=model.config.learn_sigma)
 
+    if d.main:
+        for leftover in remove_leftovers(run_dir):
+            log(f"deleted {leftover}, left by an interrupted save")
     resume = latest_checkpoint(run_dir) if cfg.resume == "latest" else (Path(cfg.resume) if cfg.resume else None)
     if cfg.resume == "latest" and resume is None:
         log(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'}, starting a new run")
@@ -326,10 +443,17 @@ def _train(cfg: TrainConfig, d: distributed.Dist, fsdp: bool, progress: bool) ->
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     gen = torch.Generator().manual_seed(cfg.seed)
-    start = 0
+    start, skipped = 0, 0
     if resume is not None:
-        start = load_trainer_state(resume, model, opt, sched, gen)
+        start, skipped, saved = load_trainer_state(resume, model, opt, sched, gen)
         log(f"resumed from {resume} at step {start}")
+        changed = [f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in TRAJECTORY
+                   if saved.get(k) != getattr(cfg, k)]
+        if changed:
+            log(f"warning: resuming with settings that differ from the checkpoint's ({', '.join(changed)}); the run "
+                "goes on, but not as the run that was started")
+    if d.main:
+        trim_metrics(run_dir / "metrics.jsonl", start)
     n_params = sum(p.numel() for p in model.parameters())
     parallel = f", {d.world_size} processes ({'FSDP2' if fsdp else 'DDP'})" if d.world_size > 1 else ""
     log(f"stage {cfg.stage}: {type(model).__name__} {cfg.model} ({n_params / 1e6:.2f} M parameters) on {device}"
@@ -342,6 +466,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, fsdp: bool, progress: bool) ->
     metrics = open(run_dir / "metrics.jsonl", "a") if d.main else None
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"stage {cfg.stage}", unit="step")
     t_start, t_log, last = time.time(), time.time(), {}
+    done, saved_at, bad_run = start, None, 0  # bad_run: skipped steps in a row
     model.train()
     for step in range(start, cfg.steps):
         batch = embedded.collate([dataset[i] for i in batch_indices(dataset, step, cfg.batch_size, cfg.seed)[mine]])
@@ -363,16 +488,30 @@ def _train(cfg: TrainConfig, d: distributed.Dist, fsdp: bool, progress: bool) ->
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # DDP / FSDP average the gradients over ranks: the global batch's mean
         scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        update_ema(ema, model, cfg.ema_decay, step)
+        grad_norm = distributed.item(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        # One all-reduce: the global batch's losses, and whether any rank got SIGINT / SIGTERM (all stop together).
+        stats = torch.stack([loss, terms["mse"].mean(), terms["vb"].mean()]).detach().float()
+        stats = d.mean(torch.cat([stats, stats.new_tensor([stop.received is not None])])).tolist()
         done = step + 1
+        # A NaN or inf in any gradient makes the norm clip_grad_norm_ computed non-finite: no update this step.
+        if math.isfinite(stats[0]) and math.isfinite(grad_norm):
+            scaler.step(opt)
+            update_ema(ema, model, cfg.ema_decay, step)
+            bad_run = 0
+        else:
+            skipped, bad_run = skipped + 1, bad_run + 1
+            log(f"step {done}: loss {stats[0]}, gradient norm {grad_norm}: skipped, no update ({bad_run} in a row)")
+            if cfg.max_bad_steps and bad_run >= cfg.max_bad_steps:
+                raise FloatingPointError(
+                    f"stopping at step {done}: steps {done - bad_run + 1} to {done} all had a non-finite loss or "
+                    f"gradient norm (--max-bad-steps {cfg.max_bad_steps}). The last good checkpoint is "
+                    f"{latest_checkpoint(run_dir) or 'none yet'}; resume from it with a lower --lr or --grad-clip, "
+                    "or check the data")
+        scaler.update()  # fp16: a skipped step lowers the loss scale
+        sched.step()  # the learning rate stays a function of the step
 
-        losses = d.mean(torch.stack([loss, terms["mse"].mean(), terms["vb"].mean()]).detach().float()).tolist()
-        last = {"step": done, "loss": losses[0], "mse": losses[1], "vb": losses[2],
-                "lr": sched.get_last_lr()[0], "grad_norm": distributed.item(grad_norm)}
+        last = {"step": done, "loss": stats[0], "mse": stats[1], "vb": stats[2], "lr": sched.get_last_lr()[0],
+                "grad_norm": grad_norm, "skipped_steps": skipped}
         bar.update(1)
         if d.main and (done % cfg.log_every == 0 or done == cfg.steps):
             now = time.time()
@@ -384,7 +523,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, fsdp: bool, progress: bool) ->
             bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.1e}",
                             img_s=f"{last['img_per_s']:.1f}" if last["img_per_s"] else "-")
         if done % cfg.save_every == 0 and done < cfg.steps:
-            save_checkpoint(run_dir, done, model, ema, opt, sched, gen, cfg, d)
+            save_checkpoint(run_dir, done, model, ema, opt, sched, gen, skipped, cfg, d)
+            saved_at = done
+        if stats[3] > 0:
+            break
         if cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps:
             scores = evaluate(ema, cfg, features, text, diffusion, d, run_dir / "samples" / f"step-{done:07d}.png")
             if d.main:
@@ -392,17 +534,28 @@ def _train(cfg: TrainConfig, d: distributed.Dist, fsdp: bool, progress: bool) ->
             log(f"step {done}: EMA " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
     bar.close()
     train_time = time.time() - t_start
-    final = save_checkpoint(run_dir, cfg.steps, model, ema, opt, sched, gen, cfg, d)
+    final = (run_dir / "checkpoints" / f"step-{done:07d}" if saved_at == done
+             else save_checkpoint(run_dir, done, model, ema, opt, sched, gen, skipped, cfg, d))
+    if done < cfg.steps:  # stopped by a signal
+        if d.main:
+            metrics.close()
+        command = resume_command(cfg)
+        log(f"{stop.received or 'a stop signal (to another process)'}: stopped after step {done} of {cfg.steps}, "
+            f"checkpoint {final}. Resume with:\n  {command}")
+        return {"stage": cfg.stage, "model": cfg.model, "steps": done, "interrupted": True, "checkpoint": str(final),
+                "skipped_steps": skipped, "resume": command}
     png = run_dir / "samples" / f"step-{cfg.steps:07d}.png"
     scores = evaluate(ema, cfg, features, text, diffusion, d, png)
     summary = {"stage": cfg.stage, "model": cfg.model, "steps": cfg.steps, "batch_size": cfg.batch_size,
                "world_size": d.world_size, "train_seconds": round(train_time, 1), "final_loss": last.get("loss"),
+               "skipped_steps": skipped,
                "ema_alignment_accuracy": scores.get("accuracy"), "ema_scores": scores, "checkpoint": str(final),
                "samples": None if features is not None else str(png)}
     if d.main:
         metrics.write(json.dumps({"step": cfg.steps, "val": scores}) + "\n")
         metrics.close()
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with atomic_path(run_dir / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
     if features is None:
         log(f"stage {cfg.stage} done in {train_time:.0f} s: EMA alignment accuracy {scores['accuracy']:.3f} on "
             f"{cfg.num_val} held-out {'classes' if cfg.stage == 1 else 'captions'}; checkpoint {final}; samples {png}")

@@ -39,6 +39,9 @@ class TrainConfig:
     t5: str | None = _field(None, "a local T5 encoder folder; default: the embedded tiny T5 with a byte tokenizer")
     log_every: int = _field(10, "steps between metrics.jsonl lines")
     save_every: int = _field(100, "steps between checkpoints (one is always written at the end)")
+    keep: int = _field(0, "checkpoints to keep, the newest; older ones are deleted (0: keep all)")
+    max_bad_steps: int = _field(10, "consecutive steps with a non-finite loss or gradient norm (each skipped: no "
+                                    "optimizer or EMA update) after which the run stops; 0: never stop")
     sample_every: int = _field(0, "steps between validation sample grids (0: only at the end)")
     sample_steps: int = _field(20, "DPM-Solver++ steps for validation samples")
     cfg_scale: float = _field(4.5, "classifier-free guidance scale for validation samples")
@@ -48,7 +51,7 @@ class TrainConfig:
 RECIPES = {
     1: TrainConfig(stage=1, steps=250, batch_size=24),
     2: TrainConfig(stage=2, steps=250, batch_size=24),
-    3: TrainConfig(stage=3, model="PixArtMS-pixel-64", steps=80, batch_size=8, lr=5e-4),
+    3: TrainConfig(stage=3, model="PixArtMS-pixel-64", steps=200, batch_size=8, lr=5e-4),
 }
 
 # The paper's Table 4 settings for PixArt-XL/2 (lr 2e-5, AdamW wd 0.03, grad clip 0.01, EMA 0.9999, warm-up 1000).
