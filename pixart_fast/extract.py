@@ -10,7 +10,7 @@ relative to --image-root, by default the folder holding the metadata file. An op
 every record is kept, for the class-conditional stage 1.
 
 Each image is resized (bicubic) so it covers the target and center-cropped to it: resolution x resolution, or
-with --multi-aspect the nearest of PixArt's aspect-ratio buckets (ASPECT_RATIO_*; nearest in height / width).
+with --multi-aspect the nearest of PixArt's aspect-ratio buckets (aspect_ratio_buckets; nearest in height / width).
 The VAE stores its latent distribution's mean and std (a fresh latent is sampled at every training step,
 scaled by the VAE's scaling_factor, 0.18215 for SD's); T5 stores the caption's valid tokens only (the mask
 hides the padding, so nothing else is needed to rebuild the padded (120, C) features).
@@ -48,8 +48,8 @@ from pixart_fast.text import MAX_TOKENS, TextEncoder
 FORMAT = "pixart_fast.features/1"
 INDEX = "index.json"
 
-# PixArt's aspect-ratio buckets, height / width -> (height, width) in pixels, as the official repo defines them
-# (diffusion/data/datasets/utils.py); the 512 and 256 tables are the 1024 one halved and quartered.
+# PixArt's aspect-ratio buckets at 1024 px, height / width -> (height, width) in pixels, as the official repo
+# defines them (diffusion/data/datasets/utils.py); its 512 and 256 tables are this one halved and quartered.
 ASPECT_RATIO_1024 = {
     0.25: (512, 2048), 0.26: (512, 1984), 0.27: (512, 1920), 0.28: (512, 1856), 0.32: (576, 1792),
     0.33: (576, 1728), 0.35: (576, 1664), 0.4: (640, 1600), 0.42: (640, 1536), 0.48: (704, 1472),
@@ -60,35 +60,12 @@ ASPECT_RATIO_1024 = {
     2.09: (1472, 704), 2.4: (1536, 640), 2.5: (1600, 640), 2.89: (1664, 576), 3.0: (1728, 576),
     3.11: (1792, 576), 3.62: (1856, 512), 3.75: (1920, 512), 3.88: (1984, 512), 4.0: (2048, 512),
 }
-ASPECT_RATIO_512 = {
-    0.25: (256, 1024), 0.26: (256, 992), 0.27: (256, 960), 0.28: (256, 928), 0.32: (288, 896),
-    0.33: (288, 864), 0.35: (288, 832), 0.4: (320, 800), 0.42: (320, 768), 0.48: (352, 736),
-    0.5: (352, 704), 0.52: (352, 672), 0.57: (384, 672), 0.6: (384, 640), 0.68: (416, 608),
-    0.72: (416, 576), 0.78: (448, 576), 0.82: (448, 544), 0.88: (480, 544), 0.94: (480, 512),
-    1.0: (512, 512), 1.07: (512, 480), 1.13: (544, 480), 1.21: (544, 448), 1.29: (576, 448),
-    1.38: (576, 416), 1.46: (608, 416), 1.67: (640, 384), 1.75: (672, 384), 2.0: (704, 352),
-    2.09: (736, 352), 2.4: (768, 320), 2.5: (800, 320), 2.89: (832, 288), 3.0: (864, 288),
-    3.11: (896, 288), 3.62: (928, 256), 3.75: (960, 256), 3.88: (992, 256), 4.0: (1024, 256),
-}
-ASPECT_RATIO_256 = {
-    0.25: (128, 512), 0.26: (128, 496), 0.27: (128, 480), 0.28: (128, 464), 0.32: (144, 448),
-    0.33: (144, 432), 0.35: (144, 416), 0.4: (160, 400), 0.42: (160, 384), 0.48: (176, 368),
-    0.5: (176, 352), 0.52: (176, 336), 0.57: (192, 336), 0.6: (192, 320), 0.68: (208, 304),
-    0.72: (208, 288), 0.78: (224, 288), 0.82: (224, 272), 0.88: (240, 272), 0.94: (240, 256),
-    1.0: (256, 256), 1.07: (256, 240), 1.13: (272, 240), 1.21: (272, 224), 1.29: (288, 224),
-    1.38: (288, 208), 1.46: (304, 208), 1.67: (320, 192), 1.75: (336, 192), 2.0: (352, 176),
-    2.09: (368, 176), 2.4: (384, 160), 2.5: (400, 160), 2.89: (416, 144), 3.0: (432, 144),
-    3.11: (448, 144), 3.62: (464, 128), 3.75: (480, 128), 3.88: (496, 128), 4.0: (512, 128),
-}
-ASPECT_RATIOS = {256: ASPECT_RATIO_256, 512: ASPECT_RATIO_512, 1024: ASPECT_RATIO_1024}
 UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # what PIL raises for a missing or bad file
 
 
 def aspect_ratio_buckets(resolution: int) -> dict[float, tuple[int, int]]:
-    """PixArt's bucket table at 256, 512 or 1024 px. Any other resolution divisible by 16 (small test runs)
-    gets the 1024 table scaled by resolution / 1024, the rule the official 512 and 256 tables follow."""
-    if resolution in ASPECT_RATIOS:
-        return ASPECT_RATIOS[resolution]
+    """PixArt's bucket table at `resolution` px: the 1024 table scaled by resolution / 1024, which gives the
+    official 512 and 256 tables exactly, and any other multiple of 16 (small test runs) alike."""
     if resolution < 16 or resolution % 16:
         raise ValueError(f"--multi-aspect needs a resolution of 256, 512, 1024 or another multiple of 16, "
                          f"got {resolution}")

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
 from pixart_fast.checkpoints import load_safetensors
-from pixart_fast.extract import (ASPECT_RATIO_256, ASPECT_RATIO_512, ASPECT_RATIO_1024, aspect_ratio_buckets,
+from pixart_fast.extract import (ASPECT_RATIO_1024, aspect_ratio_buckets,
                                  extract, load_image, main, nearest_bucket, read_records)
 from pixart_fast.features import FeatureDataset
 from pixart_fast.text import TextEncoder
@@ -112,9 +112,14 @@ def test_aspect_ratio_tables_are_pixarts():
         assert h % 64 == 0 and w % 64 == 0
         assert abs(h / w - r) < 0.01, r  # the key is the bucket's height / width
         assert 0.9 < h * w / 1024**2 < 1.1, r  # about one megapixel
-        assert ASPECT_RATIO_512[r] == (h // 2, w // 2) and ASPECT_RATIO_256[r] == (h // 4, w // 4)
+    assert aspect_ratio_buckets(1024) == ASPECT_RATIO_1024
+    # entries of the official ASPECT_RATIO_512 and ASPECT_RATIO_256 tables
+    b512, b256 = aspect_ratio_buckets(512), aspect_ratio_buckets(256)
+    assert (b512[0.25], b512[0.57], b512[1.0], b512[3.11]) == ((256, 1024), (384, 672), (512, 512), (896, 288))
+    assert (b256[0.28], b256[0.94], b256[2.89], b256[4.0]) == ((128, 464), (240, 256), (416, 144), (512, 128))
+    assert len(b512) == len(b256) == 40
     assert aspect_ratio_buckets(64)[0.57] == (48, 84)  # other sizes: the 1024 table scaled
-    assert nearest_bucket(1000, 3000, ASPECT_RATIO_256) == (0.33, (144, 432))
+    assert nearest_bucket(1000, 3000, b256) == (0.33, (144, 432))
     assert nearest_bucket(720, 1280, ASPECT_RATIO_1024) == (0.57, (768, 1344))
     with pytest.raises(ValueError, match="multiple of 16"):
         aspect_ratio_buckets(40)
