@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Fast PixArt-alpha text-to-image training: a lean model, Triton kernels, a three-stage trainer",
     python_requires=">=3.10",
-    # DESIGN.md section 3: kernels/ and train/ are imported as pixart_fast.kernels and pixart_fast.train.
+    # docs/ARCHITECTURE.md section 3: kernels/ and train/ are imported as pixart_fast.kernels and pixart_fast.train.
     # Never install a top-level `kernels` module: transformers probes for Hugging Face's package of that name.
     packages=["pixart_fast", "pixart_fast.kernels", "pixart_fast.train"],
     package_dir={"pixart_fast": "pixart_fast", "pixart_fast.kernels": "kernels", "pixart_fast.train": "train"},

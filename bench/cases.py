@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 
 from pixart_fast.kernels.cross_attn import cross_attention, cross_attention_ref
-from pixart_fast.kernels.modulate import (gated_residual, gated_residual_modulate, gated_residual_modulate_ref,
+from pixart_fast.kernels.modulation import (gated_residual, gated_residual_modulate, gated_residual_modulate_ref,
                                           gated_residual_ref, modulate, modulate_ref)
-from pixart_fast.kernels.patchify import patchify, patchify_ref, unpatchify, unpatchify_ref
+from pixart_fast.kernels.patch_copy import patchify, patchify_ref, unpatchify, unpatchify_ref
 
 D, HEADS, HEAD_DIM, CAPTION_TOKENS, PATCH = 1152, 16, 72, 120, 2
 TOKENS = (256, 1024, 4096)

@@ -5,7 +5,7 @@
 No GPU is needed: each spec of a kernel module's aot_specs() goes through triton.compile to a cubin. ptxas then
 runs once more, with -v, on the same PTX and flags Triton used, because Triton only reads registers and spills
 back from the driver when it loads the kernel on a GPU. The report lists registers per thread, spill bytes
-(stores + loads) and shared memory bytes; DESIGN.md section 4 asks for zero spills everywhere.
+(stores + loads) and shared memory bytes; docs/ARCHITECTURE.md section 4 asks for zero spills everywhere.
 
 Run it with TRITON_INTERPRET unset: under the interpreter @triton.jit functions cannot be compiled.
 """
@@ -25,7 +25,7 @@ from triton.compiler import ASTSource
 from .backend import interpreting
 
 # Modules of pixart_fast.kernels that define aot_specs().
-KERNEL_MODULES = ("patchify", "modulate", "cross_attn")
+KERNEL_MODULES = ("patch_copy", "modulation", "cross_attn")
 TARGETS = (GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32))
 # The most shared memory one block may use, in bytes (CUDA C++ Programming Guide, compute capability table:
 # 163 KB on sm_80, 227 KB on sm_90); a kernel that needs more fails at launch with OutOfResources.
@@ -62,7 +62,8 @@ def ptxas_usage(ptx: str, target: GPUTarget, enable_fp_fusion: bool = True, ptx_
 def compile_spec(spec: dict, target: GPUTarget) -> dict:
     """Compile one aot_specs() entry for `target`; returns its report row.
 
-    spec: {"name", "fn" (a JITFunction), "signature", "constexprs", "num_warps", "num_stages"}.
+    spec: {"name", "fn" (a JITFunction), "signature", "constexprs", "num_warps", "num_stages"}, as
+    kernels/utils.py's aot_spec() builds it.
     row: {"kernel", "config", "target" ("sm_80"), "registers", "spill_bytes", "shared_bytes"}.
     """
     if interpreting():
@@ -91,7 +92,7 @@ def compile_report(modules=KERNEL_MODULES, targets=TARGETS) -> list[dict]:
     for name in modules:
         module = importlib.import_module(f".{name}", __package__)
         if not hasattr(module, "aot_specs"):
-            raise AttributeError(f"kernel module {module.__name__} defines no aot_specs(); add one (see DESIGN.md §4)")
+            raise AttributeError(f"kernel module {module.__name__} defines no aot_specs(); add one (see docs/ARCHITECTURE.md section 4)")
         for spec in module.aot_specs():
             for target in targets:
                 rows.append({"module": name, **compile_spec(spec, target)})
@@ -107,7 +108,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pixart_fast.kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list to FILE")
     args = parser.parse_args(argv)
     if interpreting():

@@ -2,12 +2,41 @@
 
 backend="auto":   CUDA tensors -> Triton; CPU tensors -> the reference, unless TRITON_INTERPRET=1 is set
                   (then Triton runs through its CPU interpreter: that is how the tests run the kernels).
+                  Where Triton is not installed: always the reference.
 backend="triton": always Triton (on a CPU tensor this needs TRITON_INTERPRET=1).
 backend="torch":  always the reference.
+
+Triton is optional: the model with kernels="torch", the trainer on a CPU and the planner need none. Where it is not
+installed, `triton` and `tl` below are stand-ins that let the kernel files import (their `@triton.jit` functions
+are kept as plain, never-launched Python functions, and `tl.constexpr` annotations evaluate); `use_triton`
+then never picks Triton, and backend="triton" is refused with a message.
 """
 import os
 
 import torch
+
+
+class _NoTriton:
+    """Stand-in for `triton` and `triton.language` where Triton is not installed (see the module docstring)."""
+
+    def jit(self, fn=None, **options):
+        return fn if fn is not None else (lambda f: f)
+
+    def __getattr__(self, name: str) -> "_NoTriton":  # tl.constexpr, tl.float32, ...
+        return self
+
+    def __call__(self, *args, **kwargs) -> None:  # tl.constexpr(value) at module level
+        return None
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON_IMPORT_ERROR = None
+except ImportError as error:  # not installed (or not importable on this platform)
+    triton = tl = _NoTriton()
+    TRITON_IMPORT_ERROR = error
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -22,6 +51,12 @@ def use_triton(backend: str, x: torch.Tensor) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
+        return False
+    if TRITON_IMPORT_ERROR is not None:
+        if backend == "triton":
+            raise ModuleNotFoundError(f"backend='triton' needs Triton, which cannot be imported here "
+                                      f"({TRITON_IMPORT_ERROR}); install it (pip install triton) or use "
+                                      "backend='torch' or 'auto'")
         return False
     if backend == "triton":
         if not x.is_cuda and not interpreting():

@@ -17,10 +17,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from .backend import interpreting, use_triton
+from .backend import interpreting, tl, triton, use_triton
+from .utils import SUPPORTED_DTYPES, aot_spec, launch_config, launch_options, sm_count
 
 MAX_KV_LEN = 128  # all keys in one block; PixArt's captions have 120 tokens
 MAX_HEAD_DIM = 128
@@ -192,14 +191,14 @@ def _config(kind: str, head_dim: int, kv_len: int, dot_fp32: bool = False) -> di
     Chosen for zero register spills on sm_80 and sm_90 at PixArt's shapes (Dh = 72 -> 128, L = 120 -> 128).
     """
     block_n, num_warps = (BLOCK_N_FWD, NUM_WARPS_FWD) if kind == "fwd" else (BLOCK_N_BWD, NUM_WARPS_BWD)
-    constexprs = {
-        "HEAD_DIM": head_dim,
-        "BLOCK_N": block_n,
-        "BLOCK_L": max(16, triton.next_power_of_2(kv_len)),
-        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
-        "DOT_FP32": dot_fp32,
-    }
-    return {"constexprs": constexprs, "num_warps": num_warps, "num_stages": 1}
+    return launch_config(
+        num_warps,
+        HEAD_DIM=head_dim,
+        BLOCK_N=block_n,
+        BLOCK_L=max(16, triton.next_power_of_2(kv_len)),
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        DOT_FP32=dot_fp32,
+    )
 
 
 def _aligned(x):
@@ -235,7 +234,7 @@ def cross_attn_fwd_launch(q, k, v, kv_mask):
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         N, L, H, 1.0 / math.sqrt(Dh),
-        **cfg["constexprs"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **launch_options(cfg),
     )
     return out, lse
 
@@ -247,8 +246,7 @@ def _backward_splits(n_blocks: int, bh: int, device) -> int:
     (512 rows): its fp32 dk/dv partials (2 x L x Dh, written, then read by the sum) then cost at most about half
     of its own q/o/dO/dq traffic (4 x 512 x Dh in 16 bits), and much less at the usual 1 to 3 splits.
     """
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(triton.cdiv(2 * n_sm, bh), n_blocks // MIN_BLOCKS_PER_PROGRAM))
+    return max(1, min(triton.cdiv(2 * sm_count(device), bh), n_blocks // MIN_BLOCKS_PER_PROGRAM))
 
 
 def cross_attn_bwd_launch(do, q, k, v, out, lse, kv_mask, splits=None):
@@ -276,7 +274,7 @@ def cross_attn_bwd_launch(do, q, k, v, out, lse, kv_mask, splits=None):
         out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         N, L, H, blocks_per_program, 1.0 / math.sqrt(Dh),
-        **cfg["constexprs"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **launch_options(cfg),
     )
     return dq, dk_part.sum(0).to(k.dtype), dv_part.sum(0).to(v.dtype)
 
@@ -344,7 +342,7 @@ def _check_inputs(q, k, v, kv_mask):
     if len({x.device for x in tensors}) != 1:
         devices = [str(x.device) for x in tensors]
         raise ValueError(f"cross_attention: inputs on different devices {devices}; move them to one device")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             "cross_attention: q, k, v must share one dtype of float32/float16/bfloat16, "
             f"got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -375,14 +373,6 @@ def cross_attention(q, k, v, kv_mask=None, backend="auto"):
     return CrossAttentionFunction.apply(q, k, v, kv_mask.bool().contiguous())
 
 
-def _signature(fn, pointers: dict, constexprs: dict) -> dict:
-    """Triton type of every kernel argument: pointers as given, constexprs, sm_scale fp32, other scalars i32."""
-    return {
-        name: pointers.get(name) or ("constexpr" if name in constexprs else "fp32" if name == "sm_scale" else "i32")
-        for name in fn.arg_names
-    }
-
-
 def aot_specs():
     """The Triton kernels and launch configurations at PixArt-XL/2's shapes, for ahead-of-time compilation.
 
@@ -401,13 +391,6 @@ def aot_specs():
               "DK_PART": "*fp32", "DV_PART": "*fp32"}),
         )
         for kind, fn, pointers in kernels:
-            cfg = _config(kind, head_dim, kv_len)
-            specs.append({
-                "name": f"cross_attn_{kind}_{dtype}_d{head_dim}_l{kv_len}",
-                "fn": fn,
-                "signature": _signature(fn, pointers, cfg["constexprs"]),
-                "constexprs": cfg["constexprs"],
-                "num_warps": cfg["num_warps"],
-                "num_stages": cfg["num_stages"],
-            })
+            specs.append(aot_spec(f"cross_attn_{kind}_{dtype}_d{head_dim}_l{kv_len}", fn,
+                                  _config(kind, head_dim, kv_len), pointers, scalar_types={"sm_scale": "fp32"}))
     return specs

@@ -1,1 +1,39 @@
-"""pixart_fast: a lean PixArt-alpha model, Triton kernels and a three-stage trainer."""
+"""pixart_fast: a lean PixArt-alpha model, Triton kernels and a three-stage trainer.
+
+    from pixart_fast import PixArt, CONFIGS, Diffusion
+    model = PixArt(CONFIGS["PixArt-XL/2-256"])          # 610,856,096 parameters, the official repo's names
+
+    import pixart_fast
+    report = pixart_fast.patch(diffusers_model)          # the fused kernels in a DiT you already have
+    pixart_fast.unpatch(diffusers_model)
+
+The kernels themselves: `from pixart_fast.kernels import modulate, cross_attention, patchify, ...`. The commands:
+`python -m pixart_fast.train | sample | extract | export | plan`. Names are imported on first use, so
+`import pixart_fast` is cheap and pulls neither transformers nor Triton.
+"""
+import importlib
+
+# name -> the module that defines it
+_EXPORTS = {
+    "PixArt": "model", "PixArtConfig": "model", "CONFIGS": "model", "DiT": "model", "reparameterize": "model",
+    "Diffusion": "diffusion",
+    "TextEncoder": "text",
+    "load_any": "checkpoints", "load_safetensors": "checkpoints", "load_official": "checkpoints",
+    "load_diffusers": "checkpoints", "load_state_dict_strict": "checkpoints", "save_safetensors": "checkpoints",
+    "to_diffusers": "checkpoints", "from_diffusers": "checkpoints", "CheckpointMismatch": "checkpoints",
+    "CheckpointDamaged": "checkpoints",
+    "patch": "patcher", "unpatch": "patcher",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pixart_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # the next access skips __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

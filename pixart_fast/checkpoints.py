@@ -1,21 +1,24 @@
 """Checkpoint formats: ours (safetensors), the official PixArt `.pth`, facebookresearch/DiT `.pt`, and
 diffusers' `PixArtTransformer2DModel` (state dict, `.safetensors` file or folder).
 
-Inside the project every state dict uses the official repo's names (DESIGN.md section 1). diffusers names map
+Inside the project every state dict uses the official repo's names (docs/ARCHITECTURE.md section 1). diffusers names map
 one-to-one, except that diffusers splits `qkv` / `kv_linear` into to_q, to_k, to_v and keeps neither
 `pos_embed` (recomputed) nor `y_embedding` (its pipeline encodes an empty prompt instead).
 
-Weights, checkpoints, feature chunks and caches are written through `atomic_path` (temporary file, fsync, rename,
-fsync of the folder): a crash leaves the old file or the whole new one, never a torn one.
+Weights are written through `pixart_fast.files.atomic_path`: a crash leaves the old file or the whole new one,
+never a torn one. A file that was damaged afterwards (cut short, a flipped bit) is refused with its path and the
+problem (CheckpointDamaged), never with a library traceback.
 """
 import json
-import os
+import pickle
 import re
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from pixart_fast.files import atomic_path
 
 # official name prefix  <->  diffusers name prefix, for parameters that map one-to-one.
 _RENAMES = [
@@ -135,33 +138,6 @@ def load_state_dict_strict(model: torch.nn.Module, sd: dict, allow_missing=(), s
     model.load_state_dict(sd, strict=False)
 
 
-def fsync_dir(folder) -> None:
-    """Make the entries of a folder (files created or renamed in it) durable: fsync the folder itself."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_path(path, suffix: str = ".tmp"):
-    """Write a file crash-safely: yields a temporary path beside `path` (its name + suffix) to write to; then
-    fsyncs it, renames it to `path` and fsyncs the folder. A crash at any moment leaves `path` as it was or
-    whole and new, never half-written (at worst a *.tmp leftover); an exception removes the temporary file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + suffix)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
 def save_safetensors(sd: dict, path, metadata: dict | None = None) -> None:
     """Write a state dict as safetensors, atomically (see atomic_path); tensors made contiguous, metadata
     values JSON-encoded."""
@@ -175,17 +151,37 @@ def nonfinite_keys(sd: dict) -> list[str]:
     return [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
+class CheckpointDamaged(ValueError):
+    """A weight file exists but cannot be read: cut short, or its bytes damaged. The message names the file."""
+
+
+def _damaged(path, error: Exception) -> CheckpointDamaged:
+    size = Path(path).stat().st_size if Path(path).is_file() else 0
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return CheckpointDamaged(f"{path}: damaged or cut short ({size:,} bytes; reading it failed: {first}); use "
+                             "another copy or an older checkpoint")
+
+
 def load_safetensors(path) -> dict:
-    return load_file(str(path))
+    """A safetensors file's tensors; CheckpointDamaged (naming the file) if it is truncated or corrupt."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} does not exist") from e
+        raise _damaged(path, e) from e
 
 
 def _torch_load_weights(path) -> dict:
-    """torch.load with weights_only=True: a file that carries pickled code is refused, never run."""
+    """torch.load with weights_only=True: a file that carries pickled code is refused, never run; a truncated or
+    corrupt file raises CheckpointDamaged."""
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError (or others) for anything beyond plain tensors
+    except pickle.UnpicklingError as e:  # what weights_only raises for anything beyond plain tensors
         raise ValueError(f"{path}: refused to load. Only plain weight files are accepted (torch.load with "
                          f"weights_only=True failed: {type(e).__name__}: {str(e).splitlines()[0]})") from e
+    except (RuntimeError, EOFError, OSError) as e:  # torch's zip reader: truncated or corrupt archive
+        raise _damaged(path, e) from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     return obj
@@ -195,13 +191,6 @@ def load_official(path) -> dict:
     """Official PixArt `.pth`: the dict under 'state_dict' (or the file itself), pos_embed dropped."""
     obj = _torch_load_weights(path)
     sd = obj.get("state_dict", obj)
-    return {k: v for k, v in sd.items() if k != "pos_embed"}
-
-
-def load_dit(path) -> dict:
-    """facebookresearch/DiT `.pt`: the plain state dict, or its 'ema' / 'model' entry; pos_embed dropped."""
-    obj = _torch_load_weights(path)
-    sd = obj.get("ema", obj.get("model", obj))
     return {k: v for k, v in sd.items() if k != "pos_embed"}
 
 
@@ -215,13 +204,13 @@ def load_diffusers(path) -> dict:
         index = path / "diffusion_pytorch_model.safetensors.index.json"
         if index.exists():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            sd = {k: v for f in files for k, v in load_file(str(path / f)).items()}
+            sd = {k: v for f in files for k, v in load_safetensors(path / f).items()}
         elif (path / "diffusion_pytorch_model.safetensors").exists():
-            sd = load_file(str(path / "diffusion_pytorch_model.safetensors"))
+            sd = load_safetensors(path / "diffusion_pytorch_model.safetensors")
         else:
             raise FileNotFoundError(f"{path}: no diffusion_pytorch_model.safetensors (or its index) in this folder")
     else:
-        sd = load_file(str(path))
+        sd = load_safetensors(path)
     return from_diffusers(sd)
 
 
@@ -236,7 +225,7 @@ def load_any(path) -> tuple[str, dict]:
     if path.is_dir():
         return "diffusers", load_diffusers(path)
     if path.suffix == ".safetensors":
-        sd = load_file(str(path))
+        sd = load_safetensors(path)
         if any(k.startswith("transformer_blocks.") for k in sd):
             return "diffusers", from_diffusers(sd)
         return ("dit" if any("adaLN_modulation" in k for k in sd) else "pixart_fast"), sd

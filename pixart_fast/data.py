@@ -1,4 +1,4 @@
-"""The embedded default data (DESIGN.md section 5): procedurally rendered coloured shapes whose captions state
+"""The embedded default data (docs/ARCHITECTURE.md section 5): procedurally rendered coloured shapes whose captions state
 exactly what is in the image, so generated samples can be scored automatically (`pixart_fast.eval`).
 
     ShapeClasses  stage 1: one object, class = shape x colour (24 classes), 32 px, hard edges
@@ -198,7 +198,7 @@ class AspectScenes(_Procedural):
     """Stage 3: stage-2 scenes rendered anti-aliased (4x4 supersampling) in aspect-ratio buckets; sample i
     uses buckets[i % len(buckets)]. Sample: {"image": (3, H, W), "caption": str, "truth": Scene,
     "img_hw": (2,) float32 original (H, W) in pixels, "aspect_ratio": () float32 H / W} -- PixArtMS's
-    micro-conditions. Batch with `BucketBatchSampler(dataset.bucket_ids(), ...)` so a batch shares one size."""
+    micro-conditions. `bucket_ids()` gives each sample's bucket, so a batch can share one size."""
 
     def __init__(
         self, length: int = 100_000, seed: int = 0, split: str = "train", buckets=BUCKETS, max_objects: int = 3,
@@ -226,14 +226,6 @@ class AspectScenes(_Procedural):
         }
 
 
-def validation_set(stage: int, n: int = 32, seed: int = 0) -> Dataset:
-    """The fixed held-out set of a stage: n samples of split "val", a stream disjoint from training."""
-    datasets = {1: ShapeClasses, 2: ShapeScenes, 3: AspectScenes}
-    if stage not in datasets:
-        raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
-    return datasets[stage](length=n, seed=seed, split="val")
-
-
 def collate(samples: list[dict]) -> dict:
     """Batch samples: tensors are stacked, ints become a (B,) tensor, anything else (captions, truths) a list."""
     batch = {}
@@ -243,7 +235,7 @@ def collate(samples: list[dict]) -> dict:
             shapes = {tuple(v.shape) for v in values}
             if len(shapes) > 1:
                 raise ValueError(
-                    f"cannot stack {key!r} of shapes {sorted(shapes)}: batch one bucket at a time (BucketBatchSampler)"
+                    f"cannot stack {key!r} of shapes {sorted(shapes)}: batch one bucket at a time (bucket_ids())"
                 )
             batch[key] = torch.stack(values)
         elif isinstance(first, int):
@@ -251,39 +243,3 @@ def collate(samples: list[dict]) -> dict:
         else:
             batch[key] = values
     return batch
-
-
-class BucketBatchSampler:
-    """Batches of indices that share a bucket (for torch's DataLoader(batch_sampler=...)).
-
-    Each epoch shuffles all indices with Generator(seed, epoch), cuts every bucket's indices into batches and
-    shuffles the order of the batches, so buckets interleave. drop_last drops each bucket's short last batch.
-    Call set_epoch(epoch) before iterating to get a new order.
-    """
-
-    def __init__(self, bucket_ids, batch_size: int, seed: int = 0, drop_last: bool = True):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.bucket_ids = np.asarray(bucket_ids)
-        self.batch_size, self.seed, self.drop_last, self.epoch = batch_size, seed, drop_last, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self) -> list[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.bucket_ids))
-        batches = []
-        for bucket in np.unique(self.bucket_ids):
-            members = order[self.bucket_ids[order] == bucket]
-            stop = len(members) - len(members) % self.batch_size if self.drop_last else len(members)
-            batches += [members[i : i + self.batch_size].tolist() for i in range(0, stop, self.batch_size)]
-        return [batches[i] for i in rng.permutation(len(batches))]
-
-    def __iter__(self):
-        return iter(self._batches())
-
-    def __len__(self) -> int:
-        counts = np.unique(self.bucket_ids, return_counts=True)[1]
-        full = counts // self.batch_size
-        return int(full.sum() if self.drop_last else (full + (counts % self.batch_size > 0)).sum())

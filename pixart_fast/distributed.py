@@ -19,7 +19,6 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from pixart_fast.model import PixArtBlock
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0, on the CPU
 
@@ -78,13 +77,10 @@ def setup(device=None) -> Dist:
 
 
 def _shard(model: torch.nn.Module) -> None:
-    """FSDP2 units: each block (gathered just before it runs, freed after), and the rest in one root unit.
-    A PixArt block's `scale_shift_table` is read while the previous block closes (the fused residual +
-    LayerNorm + modulate), before that block would be gathered; so for PixArt the tables stay in the root unit
-    and the block's sublayers (attention, cross-attention, MLP: nearly all its weights) are the units."""
-    for block in model.blocks:
-        for unit in block.children() if isinstance(block, PixArtBlock) else (block,):
-            fully_shard(unit)
+    """FSDP2 units: the ones the model names (`model.fsdp_units()`: gathered just before they run, freed after),
+    and the rest in one root unit."""
+    for unit in model.fsdp_units():
+        fully_shard(unit)
     fully_shard(model)
 
 

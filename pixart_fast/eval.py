@@ -1,4 +1,4 @@
-"""Score generated images against the ground truth of their captions (the embedded default, DESIGN.md section 5).
+"""Score generated images against the ground truth of their captions (the embedded default, docs/ARCHITECTURE.md section 5).
 
 Every object a caption states gets three checks. Scenes use each colour at most once, so the colour names the
 object in the image:

@@ -42,11 +42,10 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pixart_fast.checkpoints import atomic_path
+from pixart_fast.files import atomic_path
+from pixart_fast.features import FORMAT, INDEX, chunk_name
 from pixart_fast.text import MAX_TOKENS, TextEncoder
 
-FORMAT = "pixart_fast.features/1"
-INDEX = "index.json"
 
 # PixArt's aspect-ratio buckets at 1024 px, height / width -> (height, width) in pixels, as the official repo
 # defines them (diffusion/data/datasets/utils.py); its 512 and 256 tables are this one halved and quartered.
@@ -229,10 +228,6 @@ def plan(records: list[Record], vae, t5, resolution: int, multi_aspect: bool, ch
         "num_classes": None if labels[0] is None else max(labels) + 1,
         "vae": str(Path(vae).resolve()), "t5": str(Path(t5).resolve()),
     }
-
-
-def chunk_name(k: int) -> str:
-    return f"chunk-{k:06d}.safetensors"
 
 
 def write_index(out: Path, index: dict) -> None:

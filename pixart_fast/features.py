@@ -20,7 +20,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
-from pixart_fast.extract import FORMAT, INDEX, chunk_name
+# The format `python -m pixart_fast.extract` writes (it imports these): an index.json and numbered chunk files.
+FORMAT = "pixart_fast.features/1"
+INDEX = "index.json"
+
+
+def chunk_name(k: int) -> str:
+    """The file name of chunk k of an extraction folder."""
+    return f"chunk-{k:06d}.safetensors"
 
 # Small per-chunk tables, read once at start: key -> (dtype, shape of one row); one row per sample of the chunk.
 _TABLES = {"index": (torch.int64, ()), "hw": (torch.int32, (2,)), "size": (torch.int32, (2,)),

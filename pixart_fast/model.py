@@ -14,10 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from pixart_fast.diffusion import guided
+from pixart_fast.kernels import cross_attention, gated_residual, gated_residual_modulate, modulate, patchify, unpatchify
 from pixart_fast.kernels.backend import BACKENDS
-from pixart_fast.kernels.cross_attn import cross_attention
-from pixart_fast.kernels.modulate import gated_residual, gated_residual_modulate, modulate
-from pixart_fast.kernels.patchify import patchify, unpatchify
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,12 +62,12 @@ class PixArtConfig:
 
 _XL = PixArtConfig()
 CONFIGS = {
-    # The paper's models (DESIGN.md section 1): 611 M parameters.
+    # The paper's models (docs/ARCHITECTURE.md section 1): 611 M parameters.
     "PixArt-XL/2-256": _XL,
     "PixArt-XL/2-512": replace(_XL, input_size=64),
     "PixArtMS-XL/2-1024": replace(_XL, input_size=128, pe_interpolation=2.0, micro_conditions=True),
-    # The embedded default (DESIGN.md section 5): 32 px pixel space, the tiny T5's 64 channels, head dim 72 as
-    # PixArt-XL/2's. Patch 4 (64 tokens), not DESIGN.md's patch 2 (256 tokens): on 2 CPU cores patch 2 trains
+    # The embedded default (docs/ARCHITECTURE.md section 5): 32 px pixel space, the tiny T5's 64 channels, head dim 72 as
+    # PixArt-XL/2's. Patch 4 (64 tokens), not the patch 2 of the paper's models (256 tokens): on 2 CPU cores patch 2 trains
     # at about 48 images/s and after 5 minutes samples only noise of the right colour; patch 4 runs about 4x
     # faster and in the same time draws objects of the right colour (issue 4's note has the measurements).
     "PixArt-pixel-32": PixArtConfig(input_size=32, patch_size=4, in_channels=3, hidden_size=144, depth=4,
@@ -312,7 +311,7 @@ def _as_bool_mask(mask, y):
 class PixArt(nn.Module):
     """PixArt-alpha: a DiT with adaLN-single, cross-attention to T5 features, optional PixArtMS micro-conditions.
 
-    kernels: "auto" (Triton on CUDA, PyTorch on CPU), "triton" or "torch" (DESIGN.md section 4).
+    kernels: "auto" (Triton on CUDA, PyTorch on CPU), "triton" or "torch" (docs/ARCHITECTURE.md section 4).
     grad_checkpointing: recompute each block in the backward pass instead of storing its activations.
     """
 
@@ -418,19 +417,23 @@ class PixArt(nn.Module):
         base = self.config.input_size // self.config.patch_size
         return pos_embed_2d(self.config.hidden_size, grid_h, grid_w, base, self.config.pe_interpolation)[None].to(device)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP shards as units (each gathered just before it runs). Not whole blocks: a block's
+        `scale_shift_table` is read while the previous block closes (the fused residual + LayerNorm + modulate),
+        before that block would be gathered; so the tables stay in the root unit and each block's sublayers
+        (attention, cross-attention, MLP: nearly all its weights) are the units."""
+        return [unit for block in self.blocks for unit in block.children()]
+
     def forward_with_cfg(self, x, t, y, mask=None, cfg_scale=4.5, img_hw=None, aspect_ratio=None):
-        """Classifier-free guidance in one batched call: x (B, C, H, W) is run with its captions and with the
-        null caption; returns (B, out_channels, H, W) whose first C channels are the guided eps
-        uncond + cfg_scale * (cond - uncond) and whose other channels are the conditional prediction's."""
+        """Classifier-free guidance in one batched call (`pixart_fast.diffusion.guided`): x (B, C, H, W) is run
+        with its captions and with the null caption; returns (B, out_channels, H, W) whose first C channels are
+        the guided eps uncond + cfg_scale * (cond - uncond) and whose other channels are the conditional
+        prediction's. The call goes through `self(...)`, so hooks (FSDP's gathering of sharded weights) run."""
         B = x.shape[0]
-        mask = _as_bool_mask(mask, y)
         drop = torch.arange(2 * B, device=x.device) >= B  # second half: null caption
         two = lambda a: None if a is None else torch.cat([a, a])  # noqa: E731
-        out = self.forward(two(x), two(t), two(y), two(mask), two(img_hw), two(aspect_ratio), force_drop_ids=drop)
-        C = self.config.in_channels
-        cond, uncond = out[:B], out[B:]
-        eps = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])
-        return torch.cat([eps, cond[:, C:]], dim=1)
+        y, mask, img_hw, aspect_ratio = two(y), two(_as_bool_mask(mask, y)), two(img_hw), two(aspect_ratio)
+        return guided(lambda x2, t2: self(x2, t2, y, mask, img_hw, aspect_ratio, force_drop_ids=drop), cfg_scale)(x, t)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -490,13 +493,18 @@ class DiTFinalLayer(nn.Module):
 
 class DiT(nn.Module):
     """Class-conditional DiT (Peebles & Xie) for stage 1, with the PixArt config's shape numbers and
-    `config.num_classes` classes. forward(x (B,C,H,W), t (B,), labels (B,) long) -> (B, out_channels, H, W)."""
+    `config.num_classes` classes. forward(x (B,C,H,W), t (B,), labels (B,) long) -> (B, out_channels, H, W).
 
-    def __init__(self, config: PixArtConfig, grad_checkpointing: bool = False):
+    kernels: the patchify / unpatchify backend; the blocks are facebookresearch/DiT's PyTorch code, which
+    `pixart_fast.patch(model)` runs on the fused kernels (the trainer does that in stage 1)."""
+
+    def __init__(self, config: PixArtConfig, kernels: str = "auto", grad_checkpointing: bool = False):
         super().__init__()
-        self.config, self.grad_checkpointing = config, grad_checkpointing
-        D = config.hidden_size
-        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D, kernels="torch")
+        if kernels not in BACKENDS:
+            raise ValueError(f"kernels must be one of {BACKENDS}, got {kernels!r}")
+        self.config, self.grad_checkpointing = config, grad_checkpointing  # no `kernels` attribute: patch() finds
+        D = config.hidden_size                                              # the blocks (see its docstring)
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D, kernels)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
         self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
@@ -530,7 +538,18 @@ class DiT(nn.Module):
             else:
                 x = block(x, cond)
         x = self.final_layer(x, cond)  # (B, T, p*p*out)
-        return unpatchify(x, c.patch_size, c.out_channels, H, W, backend="torch")
+        return unpatchify(x, c.patch_size, c.out_channels, H, W, backend=self.x_embedder.kernels)
+
+    def forward_with_cfg(self, x, t, labels, cfg_scale=4.5):
+        """Classifier-free guidance over the null class, as PixArt.forward_with_cfg: (B, out_channels, H, W)."""
+        B = x.shape[0]
+        drop = torch.arange(2 * B, device=x.device) >= B  # second half: the null class
+        labels = torch.cat([labels, labels])
+        return guided(lambda x2, t2: self(x2, t2, labels, force_drop_ids=drop), cfg_scale)(x, t)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP shards as units (each gathered just before it runs): the blocks."""
+        return list(self.blocks)
 
 
 # ----------------------------------------------------------------------------------------------------------

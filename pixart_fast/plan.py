@@ -18,6 +18,7 @@ image counted at the 256-px cost ("256-px equivalent"): the cheaper convention, 
 """
 import argparse
 import json
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -128,6 +129,37 @@ GPUS = {
     "RTX4090": GPU("GeForce RTX 4090 24GB", 165.2, 1008.0, 450.0, 24.0),
 }
 
+# Other names the planner accepts for a GPUS key. A bare part name means the part most sold now: A100 the 80 GB
+# SXM4 (H100, H200 and V100 are GPUS keys themselves: the SXM entries above).
+GPU_ALIASES = {"A100": "A100-80GB", "4090": "RTX4090"}
+
+
+def _gpu_token(name: str) -> str:
+    """A GPU name as compared: without case, spaces, hyphens or underscores ("a100 80gb" == "A100-80GB")."""
+    return re.sub(r"[\s_-]", "", name).upper()
+
+
+_GPU_NAMES = {**{_gpu_token(k): k for k in GPUS}, **{_gpu_token(a): k for a, k in GPU_ALIASES.items()}}
+
+
+def gpu_names() -> str:
+    """The names `resolve_gpu` accepts, for help and errors: "A100-40GB, A100-80GB (or A100), H100, ..."."""
+    aliases = {}
+    for alias, key in GPU_ALIASES.items():
+        aliases.setdefault(key, []).append(alias)
+    return ", ".join(f"{k} (or {', '.join(aliases[k])})" if k in aliases else k for k in GPUS)
+
+
+def resolve_gpu(name: str) -> str:
+    """The GPUS key a GPU name means: a key or an alias of GPU_ALIASES, in any case, spaces, hyphens and
+    underscores ignored: "a100" -> "A100-80GB", "h100" -> "H100", "a100_40gb" -> "A100-40GB".
+    Raises ValueError, listing the accepted names, for any other name."""
+    key = _GPU_NAMES.get(_gpu_token(str(name)))
+    if key is None:
+        raise ValueError(f"unknown GPU {name!r}; known (any case): {gpu_names()}")
+    return key
+
+
 # Defaults for energy and emissions, each overridable on the command line.
 PUE = 1.10  # Google data centers, fleet-wide trailing-twelve-month PUE 1.10 (2023 Environmental Report)
 KG_CO2_PER_KWH = 0.48  # world average electricity, 480 g CO2/kWh in 2023 (Ember, Global Electricity Review 2024)
@@ -155,7 +187,7 @@ class Stage:
         return self.steps * self.global_batch
 
 
-# The paper's Table 4 (DESIGN.md section 2).
+# The paper's Table 4 (docs/ARCHITECTURE.md section 2).
 PAPER_SCHEDULE = (
     Stage("1 pixel dependency", 256, 300_000, 1024, class_conditional=True, paper_v100_days=88),
     Stage("2 text-image alignment", 256, 150_000, 11392, paper_v100_days=672),
@@ -235,13 +267,13 @@ def plan(schedule=PAPER_SCHEDULE, gpu: str = "A100-80GB", mfu: float | dict | No
          watts: float | None = None) -> dict:
     """Cost of a schedule on one kind of GPU.
 
-    gpu: a GPUS key. mfu: model-FLOP utilisation in (0, 1], one number or {resolution px: mfu} for every
-    stage's resolution; None gives only the 100 %-MFU floor. Energy: GPU-hours x watts (default the GPU's TDP,
-    an upper bound for the GPU board; host, network and storage are not counted) x PUE; CO2 = energy x
-    kg_co2_per_kwh. Returns a JSON-serialisable dict: "stages" (one row each), "total", "paper", "settings".
+    gpu: a GPUS key or another name `resolve_gpu` accepts ("a100", "h100", a key in any case). mfu: model-FLOP
+    utilisation in (0, 1], one number or {resolution px: mfu} for every stage's resolution; None gives only the
+    100 %-MFU floor. Energy: GPU-hours x watts (default the GPU's TDP, an upper bound for the GPU board; host,
+    network and storage are not counted) x PUE; CO2 = energy x kg_co2_per_kwh. Returns a JSON-serialisable dict:
+    "stages" (one row each), "total", "paper", "settings".
     """
-    if gpu not in GPUS:
-        raise ValueError(f"unknown GPU {gpu!r}; known: {sorted(GPUS)}")
+    gpu = resolve_gpu(gpu)
     g = GPUS[gpu]
     for name, value in (("pue", pue), ("kg_co2_per_kwh", kg_co2_per_kwh), ("watts", watts),
                         ("usd_per_gpu_hour", usd_per_gpu_hour)):
@@ -386,13 +418,22 @@ def draw_png(result: dict, path) -> None:
     img.save(path)
 
 
+def _gpu_arg(name: str) -> str:
+    try:
+        return resolve_gpu(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Training FLOPs, GPU-days, energy, CO2 and cost of a PixArt "
-                                     "training schedule (default: the paper's Table 4).")
+    parser = argparse.ArgumentParser(prog="python -m pixart_fast.plan", description="Training FLOPs, GPU-days, "
+                                     "energy, CO2 and cost of a PixArt training schedule (default: the paper's "
+                                     "Table 4).")
     parser.add_argument("--schedule", metavar="FILE", help="a JSON list of stages {name, resolution (px), steps, "
                         "global_batch, optional config, class_conditional, paper_v100_days}; default: the paper's")
-    parser.add_argument("--gpu", choices=sorted(GPUS), help="GPU type (default A100-80GB, or the bench's GPU "
-                        "with --mfu-from)")
+    parser.add_argument("--gpu", type=_gpu_arg, metavar="NAME",
+                        help=f"GPU type, any case: {gpu_names()} (default A100-80GB, or the bench's GPU with "
+                        "--mfu-from)")
     mfu = parser.add_mutually_exclusive_group()
     mfu.add_argument("--mfu", type=float, metavar="FRACTION",
                      help="model-FLOP utilisation, a fraction in (0, 1] of the dense bf16 peak")

@@ -1,7 +1,7 @@
 """`python -m pixart_fast.sample --ckpt X --prompt "..." --out img.png`: text-to-image with a PixArt checkpoint.
 
 With --t5 and --vae (local folders) it runs a real PixArt (T5 features, SD-VAE latents); without them, the
-embedded default: the tiny byte-level T5 and pixel space (DESIGN.md section 5).
+embedded default: the tiny byte-level T5 and pixel space (docs/ARCHITECTURE.md section 5).
 """
 import argparse
 import json
@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 from safetensors import safe_open
 
 from pixart_fast.checkpoints import load_any, load_state_dict_strict
 from pixart_fast.diffusion import Diffusion
+from pixart_fast.grid import image_grid
 from pixart_fast.model import CONFIGS, PixArt
 from pixart_fast.text import TextEncoder
 
@@ -73,27 +73,11 @@ def generate(model: PixArt, text: TextEncoder, prompts: list[str], height: int, 
     return x.float().clamp(-1, 1).cpu()
 
 
-def image_grid(images, cols: int = 8, scale: int = 4) -> Image.Image:
-    """Images (3, H, W) in [-1, 1], of any sizes -> one PIL grid, each in a cell the size of the largest plus a
-    1-pixel border, upscaled `scale` times (nearest: these are tiny images)."""
-    H = max(im.shape[1] for im in images) + 2
-    W = max(im.shape[2] for im in images) + 2
-    cols = min(cols, len(images))
-    rows = -(-len(images) // cols)
-    grid = torch.zeros(rows * H, cols * W, 3, dtype=torch.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        pix = ((im.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0)
-        grid[r * H + 1:r * H + 1 + pix.shape[0], c * W + 1:c * W + 1 + pix.shape[1]] = pix
-    img = Image.fromarray(grid.numpy())
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pixart_fast.sample", description=__doc__)
     p.add_argument("--ckpt", required=True, help="PixArt weights: ours (.safetensors), official .pth or a diffusers folder")
     p.add_argument("--prompt", required=True, action="append", help="caption; repeat for several images")
-    p.add_argument("--out", default="sample.png", help="PNG to write (a grid when there are several images)")
+    p.add_argument("--out", default="sample.png", help="PNG to write: the images in a grid, each above its prompt")
     p.add_argument("--model", default=None, help=f"model config, one of {sorted(CONFIGS)} (default: from the checkpoint)")
     p.add_argument("--t5", default=None, help="local T5 encoder folder (default: the embedded tiny T5)")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (default: pixel space, no VAE)")
@@ -120,7 +104,7 @@ def main(argv=None) -> int:
     side = model.config.input_size * factor
     images = generate(model, text, args.prompt, args.height or side, args.width or side, args.steps,
                       args.cfg_scale, args.sampler, args.seed, vae)
-    image_grid(list(images), cols=4, scale=args.scale).save(args.out)
+    image_grid(list(images), captions=args.prompt, cols=4, scale=args.scale).save(args.out)  # each under its prompt
     print(f"wrote {args.out}: {len(args.prompt)} image(s) of {images.shape[2]}x{images.shape[3]} px")
     return 0
 

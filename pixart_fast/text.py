@@ -2,7 +2,7 @@
 
 PixArt pads every caption to 120 tokens; the mask marks the real ones, EOS included. Two encoders:
     TextEncoder.from_pretrained(path)  a local T5 folder (T5 v1.1 XXL for the real model), offline
-    TextEncoder.embedded(seed)         the embedded default (DESIGN.md section 5): a tiny T5 encoder with fixed
+    TextEncoder.embedded(seed)         the embedded default (docs/ARCHITECTURE.md section 5): a tiny T5 encoder with fixed
                                        random weights and ByT5's byte tokenizer, which needs no vocabulary file
 ByT5 spends one token per UTF-8 byte plus EOS. The longest caption `pixart_fast.data` can write has 119 bytes
 (120 tokens) and a typical one about 65, so the embedded default never truncates its own captions.
@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 
-from pixart_fast.checkpoints import atomic_path
+from pixart_fast.files import atomic_path
 
 MAX_TOKENS = 120  # PixArt's caption length: the null caption `y_embedding` has this many rows
 
@@ -142,11 +142,3 @@ class TextEncoder:
             features, mask = f.get_tensor("features"), f.get_tensor("mask")
         for caption, fi, mi in zip(json.loads(meta["captions"]), features, mask):
             self._cache[caption] = (fi, mi)
-
-
-def load_text_encoder(path=None, dtype: torch.dtype = torch.float32, device="cpu") -> TextEncoder:
-    """The trainer's entry point: a local T5 folder when path is given, else the embedded default. dtype applies
-    to a loaded T5; the embedded one stays float32."""
-    if path is None:
-        return TextEncoder.embedded(device=device)
-    return TextEncoder.from_pretrained(path, dtype=dtype, device=device)

@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from pixart_fast.data import (
-    BACKGROUND, BUCKETS, CLASS_NAMES, COLOURS, NUM_CLASSES, REGIONS, SHAPES, SIZES, AspectScenes, BucketBatchSampler,
-    Scene, ShapeClasses, ShapeObject, ShapeScenes, collate, render, shape_coverage, validation_set,
+    BACKGROUND, BUCKETS, CLASS_NAMES, COLOURS, NUM_CLASSES, REGIONS, SHAPES, SIZES, AspectScenes,
+    Scene, ShapeClasses, ShapeObject, ShapeScenes, collate, render, shape_coverage,
 )
+
 
 def _rgb(colour):
     """RGB in [0, 1] -> a hashable triple of thousandths, so float32 pixels compare with float64 constants."""
@@ -53,8 +53,6 @@ def test_bad_arguments_are_refused():
         AspectScenes(buckets=((64, 60),))
     with pytest.raises(ValueError, match="max_objects"):
         ShapeScenes(max_objects=4)[0]
-    with pytest.raises(ValueError, match="stage"):
-        validation_set(4)
     with pytest.raises(ValueError, match="unknown shape"):
         shape_coverage("star", 5, 5, 3, 10, 10)
 
@@ -135,42 +133,24 @@ def test_stage3_buckets_and_micro_conditions():
     assert {tuple(ds[i]["image"].shape[1:]) for i in range(10)} == set(BUCKETS)
 
 
-@pytest.mark.parametrize("drop_last", [True, False])
-def test_bucket_batch_sampler(drop_last):
-    buckets = np.arange(103) % 5
-    sampler = BucketBatchSampler(buckets, batch_size=4, seed=1, drop_last=drop_last)
-    batches = list(sampler)
-    assert len(batches) == len(sampler)
-    assert all(len(set(buckets[b])) == 1 for b in batches)  # one bucket per batch
-    seen = sorted(i for b in batches for i in b)
-    if drop_last:
-        assert all(len(b) == 4 for b in batches) and len(seen) == len(set(seen)) == 100  # 5 buckets x 20
-    else:
-        assert seen == list(range(103))
-    assert list(BucketBatchSampler(buckets, 4, seed=1, drop_last=drop_last)) == batches  # deterministic
-    sampler.set_epoch(1)
-    assert list(sampler) != batches
-    assert len({int(buckets[b[0]]) for b in batches[:10]}) > 1  # buckets interleave
-
-
-def test_dataloader_batches_one_bucket_at_a_time():
+def test_collate_batches_one_bucket_at_a_time():
     ds = AspectScenes(length=40)
-    loader = DataLoader(ds, batch_sampler=BucketBatchSampler(ds.bucket_ids(), batch_size=3), collate_fn=collate)
-    batch = next(iter(loader))
+    ids = ds.bucket_ids()
+    batch = collate([ds[i] for i in np.flatnonzero(ids == ids[0])[:3]])
     h, w = batch["truth"][0].height, batch["truth"][0].width
     assert batch["image"].shape == (3, 3, h, w)
     assert batch["img_hw"].shape == (3, 2) and batch["aspect_ratio"].shape == (3,)
     assert len(batch["caption"]) == 3 and all(isinstance(c, str) for c in batch["caption"])
     labels = collate([ShapeClasses(length=4)[i] for i in range(4)])["label"]
     assert labels.dtype == torch.int64 and labels.shape == (4,)
-    with pytest.raises(ValueError, match="BucketBatchSampler"):
+    with pytest.raises(ValueError, match="one bucket at a time"):
         collate([ds[0], ds[1]])
 
 
-def test_validation_set_is_fixed_and_held_out():
-    for stage in (1, 2, 3):
-        val = validation_set(stage)
+def test_validation_split_is_fixed_and_held_out():
+    for kind in (ShapeClasses, ShapeScenes, AspectScenes):
+        val = kind(length=32, split="val")
         assert len(val) == 32
-        assert val[5]["truth"] == validation_set(stage)[5]["truth"]
-    val, train = validation_set(2), ShapeScenes(length=32)
+        assert val[5]["truth"] == kind(length=32, split="val")[5]["truth"]
+    val, train = ShapeScenes(length=32, split="val"), ShapeScenes(length=32)
     assert sum(val[i]["truth"] == train[i]["truth"] for i in range(32)) == 0

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from pixart_fast.data import COLOURS, SHAPES, Scene, ShapeObject, render, validation_set
+from pixart_fast.data import COLOURS, SHAPES, AspectScenes, Scene, ShapeClasses, ShapeObject, ShapeScenes, render
 from pixart_fast.eval import alignment_accuracy, alignment_scores, classify_shape, colour_labels
 
 
 def _held_out(stage):
-    val = validation_set(stage)
+    val = {1: ShapeClasses, 2: ShapeScenes, 3: AspectScenes}[stage](length=32, split="val")
     samples = [val[i] for i in range(len(val))]
     return [s["image"] for s in samples], [s["truth"] for s in samples]
 

@@ -25,11 +25,12 @@ from pixart_fast.distributed import Dist
 from pixart_fast.extract import extract, read_records
 from pixart_fast.features import FeatureDataset
 from pixart_fast.kernels.cross_attn import cross_attention, cross_attention_ref
-from pixart_fast.kernels.modulate import (gated_residual, gated_residual_modulate, gated_residual_modulate_ref,
+from pixart_fast.kernels.modulation import (gated_residual, gated_residual_modulate, gated_residual_modulate_ref,
                                           gated_residual_ref, modulate, modulate_ref)
-from pixart_fast.kernels.patchify import patchify, patchify_ref, unpatchify, unpatchify_ref
+from pixart_fast.kernels.patch_copy import patchify, patchify_ref, unpatchify, unpatchify_ref
 from pixart_fast.model import CONFIGS, PixArt
-from pixart_fast.train.loop import build_model, latest_checkpoint, save_checkpoint, train
+from pixart_fast.train.loop import build_model, train
+from pixart_fast.train.run_folder import latest_checkpoint, save_checkpoint
 from pixart_fast.train.recipes import RECIPES
 from test_extract import encoders, picture  # noqa: F401 (encoders: the tiny VAE and T5 folders, a fixture)
 

@@ -18,7 +18,8 @@ import torch
 
 from pixart_fast.checkpoints import load_safetensors
 from pixart_fast.train.__main__ import main
-from pixart_fast.train.loop import checkpoint_folders, train
+from pixart_fast.train.loop import train
+from pixart_fast.train.run_folder import checkpoint_folders
 from pixart_fast.train.recipes import RECIPES
 
 STEPS = 12

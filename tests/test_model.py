@@ -133,7 +133,7 @@ def dit_forward_without_class(dit, x, t):
         for block in dit.blocks:
             h = block(h, c)
         h = dit.final_layer(h, c)
-        from pixart_fast.kernels.patchify import unpatchify
+        from pixart_fast.kernels.patch_copy import unpatchify
         cfg = dit.config
         return unpatchify(h, cfg.patch_size, cfg.out_channels, x.shape[2], x.shape[3], backend="torch")
 

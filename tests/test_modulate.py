@@ -1,4 +1,4 @@
-"""Fused adaLN-single modulation kernels (kernels/modulate.py) against their PyTorch references.
+"""Fused adaLN-single modulation kernels (kernels/modulation.py) against their PyTorch references.
 
 Triton runs through the CPU interpreter (tests/conftest.py). Every output and every gradient is held to the rule
 of tests/tolerance.py: kernel vs an fp32 reference, PyTorch in the same dtype vs the same reference.
@@ -7,7 +7,7 @@ import pytest
 import torch
 from tolerance import assert_kernel_close
 
-from pixart_fast.kernels.modulate import (
+from pixart_fast.kernels.modulation import (
     aot_specs,
     gated_residual,
     gated_residual_modulate,

@@ -23,7 +23,7 @@ from tolerance import assert_kernel_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pixart_fast.model
-from pixart_fast.patch import ATTR, patch, unpatch
+from pixart_fast.patcher import ATTR, patch, unpatch
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Use the kernels in your own DiT"

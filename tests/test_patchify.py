@@ -7,7 +7,7 @@ error satisfies in every dtype.
 import pytest
 import torch
 
-from pixart_fast.kernels.patchify import patchify, patchify_ref, unpatchify
+from pixart_fast.kernels.patch_copy import patchify, patchify_ref, unpatchify
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

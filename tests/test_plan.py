@@ -8,8 +8,8 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from pixart_fast.model import CONFIGS, DiT, PixArt
-from pixart_fast.plan import (GPUS, PAPER_SCHEDULE, Stage, flops_per_image, forward_flops, gpu_days, load_schedule,
-                              main, mfu_from_bench, plan)
+from pixart_fast.plan import (GPU_ALIASES, GPUS, PAPER_SCHEDULE, Stage, flops_per_image, forward_flops, gpu_days,
+                              load_schedule, main, mfu_from_bench, plan, resolve_gpu)
 
 
 def counted_flops(model, x, *args, **kwargs):
@@ -56,7 +56,7 @@ def test_xl2_256_matches_flop_counter():
     assert train == 3 * sum(parts.values())
     assert abs((fwd + bwd) / B - train) / train < 0.02
     assert (fwd + bwd) / B == train - no_input_grad_flops(cfg, 256, 120)
-    assert 0.85e12 < train < 0.95e12  # DESIGN.md: about 0.9 TFLOP per 256-px training image
+    assert 0.85e12 < train < 0.95e12  # docs/ARCHITECTURE.md: about 0.9 TFLOP per 256-px training image
 
 
 TINY_CASES = [("PixArt-tiny", 64, 64), ("PixArt-tiny", 64, 128), ("PixArt-tiny", 128, 128),
@@ -104,7 +104,7 @@ def test_pixel_space_and_caption_length_arguments():
 def test_paper_schedule_at_full_a100_mfu_is_about_141_days():
     result = plan(PAPER_SCHEDULE, "A100-80GB")
     days = result["total"]["floor_gpu_days"]
-    # DESIGN.md section 2: about 3.8e21 FLOP, 141 A100-days at 100 % of 312 TFLOP/s. Our exact count, stage 1 as
+    # docs/ARCHITECTURE.md section 2: about 3.8e21 FLOP, 141 A100-days at 100 % of 312 TFLOP/s. Our exact count, stage 1 as
     # the class-conditional DiT (no caption projection or cross-attention), comes out 1.8 % lower.
     assert abs(days / 141 - 1) < 0.03, days
     assert abs(result["total"]["flop"] / 3.8e21 - 1) < 0.03
@@ -189,3 +189,32 @@ def test_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--mfu", "2"])
     assert "MFU must be in (0, 1], got 2.0" in capsys.readouterr().err
+
+
+def test_gpu_names_and_aliases(capsys):
+    assert resolve_gpu("a100") == resolve_gpu("A100") == "A100-80GB"  # the bare name: the 80 GB part
+    assert resolve_gpu("h100") == "H100" and GPUS["H100"].name.startswith("H100 SXM")
+    assert resolve_gpu("h200") == "H200" and resolve_gpu("v100") == "V100"
+    for key in GPUS:  # every key, in any case
+        assert resolve_gpu(key) == resolve_gpu(key.lower()) == key
+    assert resolve_gpu("a100_40gb") == resolve_gpu("A100 40GB") == "A100-40GB"
+    assert all(key in GPUS for key in GPU_ALIASES.values())
+    with pytest.raises(ValueError, match=r"unknown GPU 'B200'.*A100-80GB \(or A100\).*H100"):
+        resolve_gpu("B200")
+    # the Python API takes the same names, and reports the key
+    assert plan(PAPER_SCHEDULE, "a100")["settings"]["gpu"] == "A100-80GB"
+    assert plan(PAPER_SCHEDULE, "h100", 0.3) == plan(PAPER_SCHEDULE, "H100", 0.3)
+    # the command line: aliases accepted, listed in --help, an unknown name refused with the list
+    main(["--gpu", "A100", "--json"])
+    assert json.loads(capsys.readouterr().out)["settings"]["gpu"] == "A100-80GB"
+    main(["--gpu", "h100", "--json"])
+    assert json.loads(capsys.readouterr().out)["settings"]["name"] == GPUS["H100"].name
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert help_text.startswith("usage: python -m pixart_fast.plan ")
+    assert all(key in help_text for key in GPUS) and "A100-80GB (or A100)" in help_text
+    with pytest.raises(SystemExit):
+        main(["--gpu", "B200"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unknown GPU 'B200'" in err and "A100-80GB (or A100)" in err and "RTX4090" in err

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pixart_fast.data import ShapeScenes
-from pixart_fast.text import MAX_TOKENS, TextEncoder, load_text_encoder
+from pixart_fast.text import MAX_TOKENS, TextEncoder
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +46,13 @@ def test_embedded_default_is_fixed_frozen_and_leaves_global_rng_alone(encoder):
 def test_local_folder_round_trip(encoder, tmp_path):
     encoder.model.save_pretrained(tmp_path)
     encoder.tokenizer.save_pretrained(tmp_path)
-    loaded = load_text_encoder(tmp_path)
+    loaded = TextEncoder.from_pretrained(tmp_path)
     captions = ["a purple triangle at bottom", "a cyan square at top right"]
     for got, want in zip(loaded.encode(captions), encoder.encode(captions)):
         assert torch.equal(got, want)
     assert loaded.caption_channels == encoder.caption_channels and loaded.name != encoder.name
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_text_encoder(tmp_path / "missing")
+        TextEncoder.from_pretrained(tmp_path / "missing")
 
 
 def test_feature_cache(tmp_path):

@@ -1,4 +1,4 @@
-"""The kernel accuracy rule of DESIGN.md section 4, shared by every kernel test.
+"""The kernel accuracy rule of docs/ARCHITECTURE.md section 4, shared by every kernel test.
 
 err(kernel) <= 2 * err(torch in the same dtype) + atol, both measured against an fp32 reference.
 atol is relative to the reference's largest magnitude (at least 1), so one rule serves activations

@@ -4,6 +4,7 @@ The stage picks its recipe (train/recipes.py); every field of TrainConfig is a f
 """
 import argparse
 import dataclasses
+import re
 import sys
 import typing
 
@@ -27,6 +28,39 @@ def _converter(kind):
     return kind
 
 
+def _show(value) -> str:
+    """A recipe value as the command line takes it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "none" if value is None else str(value)
+
+
+def _stages(stages: list[int]) -> str:
+    return f"stage {stages[0]}" if len(stages) == 1 else \
+        "stages " + ", ".join(map(str, stages[:-1])) + f" and {stages[-1]}"
+
+
+def _help(field: dataclasses.Field) -> str:
+    """A field's help text with its default stated once: the recipes' value ("0.03"), or each stage's where they
+    differ ("stage 1: 2000, stage 2: 1200, ..."). A text that states its default itself ("...; default: the
+    embedded tiny T5") is left as it is; a trailing "(paper: X)" joins the default's parentheses."""
+    text = field.metadata["help"]
+    if "default:" in text:
+        return text
+    if field.name == "stage":
+        default = "2"
+    else:
+        by_value = {}
+        for stage, recipe in RECIPES.items():
+            by_value.setdefault(_show(getattr(recipe, field.name)), []).append(stage)
+        default = (next(iter(by_value)) if len(by_value) == 1 else
+                   ", ".join(f"{_stages(stages)}: {value}" for value, stages in by_value.items()))
+    paper = re.search(r"\s*\((paper: [^()]*)\)$", text)
+    if paper:
+        return f"{text[:paper.start()]} (default: {default}; {paper.group(1)})"
+    return f"{text} (default: {default})"
+
+
 def parser() -> argparse.ArgumentParser:
     recipes = "\n".join(f"  stage {s}: model {r.model}, {r.steps} steps x {r.batch_size} images, lr {r.lr}"
                         for s, r in RECIPES.items())
@@ -35,10 +69,9 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        default = "2" if f.name == "stage" else "the stage's recipe"
         p.add_argument("--" + f.name.replace("_", "-"), type=_converter(hints[f.name]), default=None,
                        metavar=f.name.upper(), choices=sorted(RECIPES) if f.name == "stage" else None,
-                       help=f"{f.metadata['help']} (default: {default})")
+                       help=_help(f).replace("%", "%%"))
     return p
 
 

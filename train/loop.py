@@ -2,7 +2,7 @@
 
 Everything a step needs is an explicit argument; every random draw comes from one torch.Generator that is
 saved with the checkpoint, and the batch of step s is a pure function of (seed, s), so `--resume latest`
-continues bit-identically. Data: the embedded procedural sets (DESIGN.md section 5), or with `--data DIR` the
+continues bit-identically. Data: the embedded procedural sets (docs/ARCHITECTURE.md section 5), or with `--data DIR` the
 VAE latents and T5 features that `python -m pixart_fast.extract` wrote. Under torchrun every rank draws the same
 global batch (indices, noise, timesteps, caption drops) and takes its own slice (pixart_fast.distributed), so N
 processes take the same steps as one at the same global batch. Rank 0 writes, under <out>/stage<N>/:
@@ -27,15 +27,12 @@ When things go wrong (README "When things go wrong"):
 import copy
 import json
 import math
-import os
-import re
 import shlex
-import shutil
 import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +41,17 @@ from tqdm import tqdm
 
 from pixart_fast import data as embedded
 from pixart_fast import distributed
-from pixart_fast.checkpoints import (atomic_path, fsync_dir, load_any, load_safetensors, load_state_dict_strict,
-                                     nonfinite_keys, save_safetensors)
+from pixart_fast.checkpoints import load_any, load_state_dict_strict, nonfinite_keys
 from pixart_fast.diffusion import Diffusion, guided
 from pixart_fast.eval import alignment_scores
 from pixart_fast.features import FeatureDataset
 from pixart_fast.model import CONFIGS, DiT, PixArt, reparameterize
-from pixart_fast.sample import image_grid
+from pixart_fast.grid import image_grid
 from pixart_fast.text import TextEncoder
+from pixart_fast.files import atomic_path
 from pixart_fast.train.recipes import RECIPES, TrainConfig
+from pixart_fast.train.run_folder import (latest_checkpoint, load_trainer_state, load_weights, newest_intact_checkpoint,
+                                          remove_leftovers, save_checkpoint, trim_metrics, verified_checkpoint)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MICRO_KEYS = ("csize_embedder.", "ar_embedder.")
@@ -67,7 +66,7 @@ TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup",
 
 
 def embedded_dataset(stage: int, size: int, seed: int, split: str = "train", length: int = 100_000):
-    """The procedural data of a stage (DESIGN.md section 5); split "val" is the held-out stream.
+    """The procedural data of a stage (docs/ARCHITECTURE.md section 5); split "val" is the held-out stream.
     Stages 1-2 render size x size images; stage 3 its aspect-ratio buckets."""
     if stage == 1:
         return embedded.ShapeClasses(length, seed, split, size=size)
@@ -117,47 +116,17 @@ def build_model(cfg: TrainConfig):
     return PixArt(mcfg, kernels=cfg.kernels, grad_checkpointing=cfg.grad_checkpointing)
 
 
-def checkpoint_folders(run_dir: Path) -> list[Path]:
-    """The complete checkpoint folders of a run, oldest first. A folder is named step-XXXXXXX only once
-    complete (save_checkpoint); *.tmp names are saves or deletions that a crash interrupted."""
-    found = [p for p in (run_dir / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None."""
-    found = checkpoint_folders(run_dir)
-    return found[-1] if found else None
-
-
-def remove_leftovers(run_dir: Path) -> list[Path]:
-    """Delete the *.tmp folders that interrupted saves or deletions left in checkpoints/; returns their paths."""
-    leftovers = sorted((run_dir / "checkpoints").glob("*.tmp"))
-    for p in leftovers:
-        shutil.rmtree(p)
-    return leftovers
-
-
-def remove_checkpoint(folder: Path) -> None:
-    """Delete a checkpoint folder: renamed to *.old.tmp first (atomic), so a crash midway leaves a leftover
-    for remove_leftovers, never a half-deleted folder under a complete checkpoint's name."""
-    trash = folder.with_name(folder.name + ".old.tmp")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(folder, trash)
-    shutil.rmtree(trash)
-
-
-def default_init(cfg: TrainConfig) -> Path | None:
-    """Stage 2 starts from stage 1's newest EMA weights, stage 3 from stage 2's, when they exist."""
+def default_init(cfg: TrainConfig, log=print) -> Path | None:
+    """Stage 2 starts from stage 1's newest intact EMA weights, stage 3 from stage 2's, when they exist."""
     if cfg.stage == 1:
         return None
-    ckpt = latest_checkpoint(Path(cfg.out) / f"stage{cfg.stage - 1}")
+    ckpt = newest_intact_checkpoint(Path(cfg.out) / f"stage{cfg.stage - 1}", log, flag="previous stage's output")
     return None if ckpt is None else ckpt / "ema.safetensors"
 
 
-def initialise(model, cfg: TrainConfig) -> str:
+def initialise(model, cfg: TrainConfig, log=print) -> str:
     """Load --init (or the previous stage's output) into model; returns a line saying what was done."""
-    path = Path(cfg.init) if cfg.init else default_init(cfg)
+    path = Path(cfg.init) if cfg.init else default_init(cfg, log)
     if path is None:
         return "no previous stage output and no --init: training from scratch"
     kind, sd = load_any(path)
@@ -179,78 +148,6 @@ def initialise(model, cfg: TrainConfig) -> str:
     load_state_dict_strict(model, sd, allow_missing=allow, source=source)
     fresh = " (micro-condition embedders new)" if new else ""
     return f"initialised from {kind} PixArt checkpoint {path}{fresh}"
-
-
-def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, gen, skipped: int, cfg: TrainConfig,
-                    d: distributed.Dist) -> Path:
-    """Write checkpoints/step-XXXXXXX crash-safely: every file written and fsync'd in step-XXXXXXX.tmp, which is
-    renamed into place only when complete (the rename fsync'd too); then all but the newest --keep checkpoints
-    are deleted. Refuses weights holding NaN or inf. Every rank calls it (gathering sharded state is a
-    collective); rank 0 writes whole, unsharded state dicts. skipped: the run's skipped steps so far."""
-    final = run_dir / "checkpoints" / f"step-{step:07d}"
-    model_sd, ema_sd = distributed.full_state_dict(model), distributed.full_state_dict(ema)
-    opt_sd = distributed.full_optimizer_state_dict(model, opt)
-    if not d.main:
-        return final
-    for name, sd in (("model", model_sd), ("EMA", ema_sd)):
-        bad = nonfinite_keys(sd)
-        if bad:
-            raise FloatingPointError(f"refusing to write checkpoint {final}: the {name} weights hold NaN or inf in "
-                                     f"{len(bad)} tensors ({', '.join(bad[:3])}); the last good checkpoint is "
-                                     f"{latest_checkpoint(run_dir) or 'none yet'}")
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    meta = {"step": step, "model": cfg.model, "stage": cfg.stage}
-    save_safetensors(model_sd, tmp / "model.safetensors", meta)  # each file fsync'd, and the folder
-    save_safetensors(ema_sd, tmp / "ema.safetensors", meta)
-    with atomic_path(tmp / "trainer.pt") as path:
-        torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                    "skipped_steps": skipped, "config": asdict(cfg)}, path)
-    if final.exists():  # this step was saved before (a run resumed from an older checkpoint): replaced
-        remove_checkpoint(final)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    if cfg.keep:
-        for old in checkpoint_folders(run_dir)[:-cfg.keep]:
-            if old != final:
-                remove_checkpoint(old)
-    return final
-
-
-def load_weights(path: Path, model, ema) -> None:
-    """The model and EMA weights of a checkpoint folder, into the unwrapped modules."""
-    if not (path / "trainer.pt").is_file():
-        raise FileNotFoundError(f"--resume {path}: not a checkpoint folder (no trainer.pt there); pass 'latest' or "
-                                "a <out>/stage<N>/checkpoints/step-XXXXXXX folder")
-    for module, name in ((model, "model.safetensors"), (ema, "ema.safetensors")):
-        load_state_dict_strict(module, load_safetensors(path / name), source=f"--resume {path / name}")
-
-
-def load_trainer_state(path: Path, model, opt, sched, gen) -> tuple[int, int, dict]:
-    """The optimizer (after wrapping: each rank takes its shard), scheduler and generator of a checkpoint
-    folder; returns (the step it ends at, the steps skipped so far, the run's settings then)."""
-    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-    distributed.load_optimizer_state_dict(model, opt, state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    gen.set_state(state["generator"])
-    return int(state["step"]), int(state.get("skipped_steps", 0)), state["config"]
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop the metrics.jsonl lines past `step`, where a run starts or resumes: a run killed after its last
-    checkpoint wrote them (the last one perhaps cut short), and this run writes those steps again."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(kept))
 
 
 def resume_command(cfg: TrainConfig) -> str:
@@ -318,11 +215,14 @@ def conditioned(net, batch: dict, drop, stage: int, micro_conditions: bool, text
 @torch.no_grad()
 def validate(ema, cfg: TrainConfig, text: TextEncoder | None, diffusion: Diffusion, device, png: Path | None) -> dict:
     """Sample the fixed held-out set with the EMA model (DPM-Solver++, CFG), save the grid to png (None: do not
-    save; other ranks) and return the alignment scores (accuracy, colour, position, shape; see pixart_fast.eval)."""
+    save; other ranks) and return the alignment scores (accuracy, colour, position, shape; see pixart_fast.eval).
+    The grid shows each sample beside its ground-truth render (left: sample, right: truth) above its caption
+    (stage 1: the class name)."""
     val = embedded_dataset(cfg.stage, ema.config.input_size, seed=0, split="val", length=cfg.num_val)
     samples = [val[i] for i in range(len(val))]
     g = torch.Generator().manual_seed(1234)
     images, truths = [], []
+    clean, captions = [], []  # for the grid only: the ground-truth renders and captions, in the order of images
     groups = {}  # stage 3: sample each aspect-ratio bucket as its own batch
     for s in samples:
         groups.setdefault(tuple(s["image"].shape), []).append(s)
@@ -344,9 +244,14 @@ def validate(ema, cfg: TrainConfig, text: TextEncoder | None, diffusion: Diffusi
         # Pixel space: the data range [-1, 1] is known, so x0 predictions are clipped to it.
         images += list(diffusion.dpm_solver(eps_fn, noise, steps=cfg.sample_steps, clip_x0=True).float().cpu())
         truths += batch["truth"]
+        clean += list(batch["image"])
+        captions += [val.class_names[s["label"]] for s in group] if cfg.stage == 1 else batch["caption"]
     if png is not None:
         png.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(images).save(png)
+        # one tile per pair, sample | truth, with a 2-pixel black gap (-1 is black)
+        pairs = [torch.cat([im, torch.full((3, im.shape[1], 2), -1.0), truth.float()], dim=2)
+                 for im, truth in zip(images, clean)]
+        image_grid(pairs, captions, cols=4).save(png)
     return alignment_scores(images, truths)
 
 
@@ -428,7 +333,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist, fsdp: bool, progress: bool, st
     if d.main:
         for leftover in remove_leftovers(run_dir):
             log(f"deleted {leftover}, left by an interrupted save")
-    resume = latest_checkpoint(run_dir) if cfg.resume == "latest" else (Path(cfg.resume) if cfg.resume else None)
+    resume = None
+    if cfg.resume == "latest":  # the newest checkpoint that verifies; damaged ones are named and skipped
+        resume = newest_intact_checkpoint(run_dir, log)
+    elif cfg.resume:
+        resume = verified_checkpoint(Path(cfg.resume))
     if cfg.resume == "latest" and resume is None:
         log(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'}, starting a new run")
     model.to(device)
@@ -436,7 +345,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, fsdp: bool, progress: bool, st
     if resume is not None:
         load_weights(resume, model, ema)
     else:
-        log(initialise(model, cfg))
+        log(initialise(model, cfg, log))
         ema.load_state_dict(model.state_dict())
     net = distributed.wrap(model, d, fsdp)  # DDP, FSDP2 (model sharded in place) or the model itself
     distributed.shard_like(ema, fsdp)

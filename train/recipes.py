@@ -1,11 +1,12 @@
-"""The three training stages of PixArt-alpha as typed configs (paper section 2.1, DESIGN.md section 2).
+"""The three training stages of PixArt-alpha as typed configs (paper section 2.1, docs/ARCHITECTURE.md section 2).
 
 Stage 1 learns pixel dependency (a class-conditional DiT), stage 2 text-image alignment (captions), stage 3
 aesthetics (cleaner, larger, multi-aspect images with micro-conditions). The defaults are sized for the embedded
-dataset on a 2-core CPU (about 5 minutes a stage); the paper's own numbers are in `PAPER`, for reference and for
-real runs (`--lr 2e-5 --batch-size ...`). Every field can be overridden from the command line.
+dataset on a 2-core CPU (about 5 minutes a stage); the paper's schedule (Table 4: steps, batch, resolution per stage)
+is `pixart_fast.plan.PAPER_SCHEDULE`, and its optimizer settings are in the fields' help ("paper: ..."). Every
+field can be overridden from the command line.
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 
 def _field(default, help: str):
@@ -55,14 +56,4 @@ RECIPES = {
     2: TrainConfig(stage=2, steps=1200, batch_size=24, save_every=400, sample_every=400),
     3: TrainConfig(stage=3, model="PixArtMS-pixel-64", steps=1000, batch_size=8, lr=5e-4, save_every=250,
                    sample_every=250),
-}
-
-# The paper's Table 4 settings for PixArt-XL/2 (lr 2e-5, AdamW wd 0.03, grad clip 0.01, EMA 0.9999, warm-up 1000).
-PAPER = {
-    1: replace(RECIPES[1], model="PixArt-XL/2-256", steps=300_000, batch_size=1024, lr=2e-5, warmup=1000,
-               grad_clip=0.01, precision="bf16", grad_checkpointing=True),
-    2: replace(RECIPES[2], model="PixArt-XL/2-256", steps=150_000, batch_size=11392, lr=2e-5, warmup=1000,
-               grad_clip=0.01, precision="bf16", grad_checkpointing=True),
-    3: replace(RECIPES[3], model="PixArtMS-XL/2-1024", steps=16_000, batch_size=384, lr=2e-5, warmup=1000,
-               grad_clip=0.01, precision="bf16", grad_checkpointing=True),
 }

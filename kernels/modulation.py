@@ -22,15 +22,13 @@ import functools
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from .backend import use_triton
+from .backend import tl, triton, use_triton
+from .utils import SUPPORTED_DTYPES, aot_spec, launch_config, launch_options, sm_count
 
 Tensor = torch.Tensor
 
 MAX_D = 8192  # widest row one program holds in registers
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,14 +254,13 @@ def _config(D: int, backward: bool) -> dict:
                          "use backend='torch' for wider rows")
     block_d = triton.next_power_of_2(D)
     num_warps = min(max(block_d // (128 if backward else 256), 1), 16)
-    return {"BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 1}
+    return launch_config(num_warps, BLOCK_D=block_d)
 
 
 def _rows_per_program(B: int, T: int, device: torch.device) -> int:
     """Tokens one backward program reduces: about 4 programs per SM over the whole batch, yet at least 8 tokens
     each so the fp32 partial rows stay a small part of the memory traffic. (CPU interpreter: one 'SM'.)"""
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(8, triton.cdiv(T, triton.cdiv(4 * n_sm, B)))
+    return max(8, triton.cdiv(T, triton.cdiv(4 * sm_count(device), B)))
 
 
 def _rows(t: Tensor | None) -> Tensor | None:
@@ -309,7 +306,7 @@ def _launch_modulate_fwd(x, gate, y, shift, scale, eps: float):
     _modulate_fwd_kernel[(T, B)](
         x, gate, y, shift, scale, h, m, mean, rstd,
         T, D, *_bt_strides(x), *_bt_strides(y), _row_stride(gate), _row_stride(shift), _row_stride(scale), eps,
-        HAS_RESIDUAL=residual, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_RESIDUAL=residual, **launch_options(cfg),
     )
     return h, m, mean, rstd
 
@@ -331,7 +328,7 @@ def _launch_modulate_bwd(dh, dm, x, gate, y, scale, mean, rstd, shift_dtype: tor
         dm, dh, x, gate, y, scale, mean, rstd, dx, dy, dshift, dscale, dgate,
         T, D, rows, *_bt_strides(dm), *_bt_strides(dh), *_bt_strides(x), *_bt_strides(y),
         _row_stride(gate), _row_stride(scale),
-        HAS_RESIDUAL=residual, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_RESIDUAL=residual, **launch_options(cfg),
     )
     dgate = dgate.sum(1).to(gate.dtype) if residual else None
     return dx, dgate, dy, dshift.sum(1).to(shift_dtype), dscale.sum(1).to(scale.dtype)
@@ -345,7 +342,7 @@ def _launch_gated_residual_fwd(x, gate, y):
     out = torch.empty((B, T, D), device=x.device, dtype=_result_dtype(x, gate, y))
     _gated_residual_fwd_kernel[(T, B)](
         x, gate, y, out, T, D, *_bt_strides(x), *_bt_strides(y), _row_stride(gate),
-        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **launch_options(cfg),
     )
     return out
 
@@ -361,7 +358,7 @@ def _launch_gated_residual_bwd(dout, gate, y):
     dgate = torch.empty((B, n_blocks, D), device=y.device, dtype=torch.float32)
     _gated_residual_bwd_kernel[(n_blocks, B)](
         dout, gate, y, dy, dgate, T, D, rows, *_bt_strides(dout), *_bt_strides(y), _row_stride(gate),
-        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **launch_options(cfg),
     )
     return dgate.sum(1).to(gate.dtype), dy
 
@@ -580,14 +577,15 @@ def aot_specs(D: int = 1152) -> list[dict]:
     specs = []
     for dtype in ("bf16", "fp32"):
         p = "*" + dtype
+        # None: a pointer the launcher passes as None without HAS_RESIDUAL (compiled as a constexpr None).
         kernels = [
             (_modulate_fwd_kernel, {"HAS_RESIDUAL": False},
-             {"X": p, "SHIFT": p, "SCALE": p, "M": p, "MEAN": f32, "RSTD": f32}),
+             {"X": p, "GATE": None, "Y": None, "SHIFT": p, "SCALE": p, "H": None, "M": p, "MEAN": f32, "RSTD": f32}),
             (_modulate_fwd_kernel, {"HAS_RESIDUAL": True},
              {"X": p, "GATE": p, "Y": p, "SHIFT": p, "SCALE": p, "H": p, "M": p, "MEAN": f32, "RSTD": f32}),
             (_modulate_bwd_kernel, {"HAS_RESIDUAL": False},
-             {"DM": p, "X": p, "SCALE": p, "MEAN": f32, "RSTD": f32, "DX": p, "DSHIFT_PART": f32,
-              "DSCALE_PART": f32}),
+             {"DM": p, "DH": None, "X": p, "GATE": None, "Y": None, "SCALE": p, "MEAN": f32, "RSTD": f32, "DX": p,
+              "DY": None, "DSHIFT_PART": f32, "DSCALE_PART": f32, "DGATE_PART": None}),
             (_modulate_bwd_kernel, {"HAS_RESIDUAL": True},
              {"DM": p, "DH": p, "X": p, "GATE": p, "Y": p, "SCALE": p, "MEAN": f32, "RSTD": f32, "DX": p, "DY": p,
               "DSHIFT_PART": f32, "DSCALE_PART": f32, "DGATE_PART": f32}),
@@ -596,18 +594,7 @@ def aot_specs(D: int = 1152) -> list[dict]:
         ]
         for fn, flags, pointers in kernels:
             cfg = _config(D, backward="bwd" in fn.__name__)
-            constexprs = {"BLOCK_D": cfg["BLOCK_D"], **flags}
-            signature = {}
-            for arg in fn.arg_names:
-                if arg in constexprs:
-                    signature[arg] = "constexpr"
-                elif arg in pointers:
-                    signature[arg] = pointers[arg]
-                elif arg in ("T", "D") or arg.islower():  # sizes, strides, eps
-                    signature[arg] = "fp32" if arg == "eps" else "i32"
-                else:  # a pointer these flags leave unused: the launcher passes None
-                    signature[arg], constexprs[arg] = "constexpr", None
+            cfg["constexprs"].update(flags)
             name = fn.__name__.strip("_") + f"_{dtype}" + ("_residual" if flags.get("HAS_RESIDUAL") else "")
-            specs.append({"name": name, "fn": fn, "signature": signature, "constexprs": constexprs,
-                          "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+            specs.append(aot_spec(name, fn, cfg, pointers, scalar_types={"eps": "fp32"}))
     return specs

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from pixart_fast.kernels.backend import BACKENDS
 from pixart_fast.kernels.cross_attn import MAX_HEAD_DIM, MAX_KV_LEN, cross_attention
-from pixart_fast.kernels.modulate import MAX_D, gated_residual, gated_residual_modulate, modulate
-from pixart_fast.kernels.patchify import patchify
+from pixart_fast.kernels.modulation import MAX_D, gated_residual, gated_residual_modulate, modulate
+from pixart_fast.kernels.patch_copy import patchify
 
 ATTR = "pixart_fast_patch"  # the one attribute patch() sets on the model: its PatchReport; unpatch() removes it
 

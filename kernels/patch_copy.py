@@ -9,13 +9,10 @@ Both directions, forward and backward, are one strided copy kernel: the backward
 tokens -> image copy in (c, i, j) order, the backward of unpatchify the image -> tokens copy in (i, j, c) order.
 The kernel reads and writes through strides, so non-contiguous inputs and gradients need no extra copy.
 """
-import inspect
-
 import torch
-import triton
-import triton.language as tl
 
-from .backend import use_triton
+from .backend import tl, triton, use_triton
+from .utils import TRITON_DTYPE, aot_spec, launch_config, launch_options
 
 
 def patchify_ref(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -74,7 +71,8 @@ _MAX_TILE = 1024
 
 
 def _launch_config(img: torch.Tensor, tok: torch.Tensor, p: int, channels_first: bool, to_tokens: bool):
-    """Kernel arguments (by name), grid and launch options for one copy between `img` (B, C, H, W) and `tok` (B, T, K).
+    """Scalar arguments (by name), grid and launch configuration for one copy between `img` (B, C, H, W) and
+    `tok` (B, T, K); the launch is _patch_copy_kernel[grid](img, tok, **scalars, **launch_options(config)).
 
     The single place that picks block sizes: the launcher and aot_specs() both read them from here.
     """
@@ -83,32 +81,32 @@ def _launch_config(img: torch.Tensor, tok: torch.Tensor, p: int, channels_first:
     BLOCK_P = triton.next_power_of_2(p)
     BLOCK_C = min(triton.next_power_of_2(C), max(1, _MAX_TILE // BLOCK_P**2))
     BLOCK_WP = min(triton.next_power_of_2(Wp), max(1, _MAX_TILE // (BLOCK_C * BLOCK_P**2)))
-    args = dict(
-        img_ptr=img, tok_ptr=tok, C=C, Hp=Hp, Wp=Wp,
+    scalars = dict(
+        C=C, Hp=Hp, Wp=Wp,
         stride_ib=img.stride(0), stride_ic=img.stride(1), stride_ih=img.stride(2), stride_iw=img.stride(3),
         stride_tb=tok.stride(0), stride_tt=tok.stride(1), stride_tk=tok.stride(2),
-        P=p, CHANNELS_FIRST=channels_first, TO_TOKENS=to_tokens,
-        BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, BLOCK_WP=BLOCK_WP,
     )
     grid = (B * Hp, triton.cdiv(Wp, BLOCK_WP), triton.cdiv(C, BLOCK_C))
     # A straight copy: no loop to pipeline, so one stage.
-    return args, grid, {"num_warps": 4, "num_stages": 1}
+    config = launch_config(num_warps=4, num_stages=1, P=p, CHANNELS_FIRST=channels_first, TO_TOKENS=to_tokens,
+                           BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, BLOCK_WP=BLOCK_WP)
+    return scalars, grid, config
 
 
 def _image_to_tokens(img: torch.Tensor, p: int, channels_first: bool) -> torch.Tensor:
     """(B, C, H, W) -> (B, T, C*p*p) in (c, i, j) element order, or (i, j, c) when not channels_first."""
     B, C, H, W = img.shape
     tok = img.new_empty(B, (H // p) * (W // p), C * p * p)
-    args, grid, options = _launch_config(img, tok, p, channels_first, to_tokens=True)
-    _patch_copy_kernel[grid](**args, **options)
+    scalars, grid, config = _launch_config(img, tok, p, channels_first, to_tokens=True)
+    _patch_copy_kernel[grid](img, tok, **scalars, **launch_options(config))
     return tok
 
 
 def _tokens_to_image(tok: torch.Tensor, p: int, C: int, H: int, W: int, channels_first: bool) -> torch.Tensor:
     """(B, T, C*p*p) in (c, i, j) element order, or (i, j, c) when not channels_first -> (B, C, H, W)."""
     img = tok.new_empty(tok.shape[0], C, H, W)
-    args, grid, options = _launch_config(img, tok, p, channels_first, to_tokens=False)
-    _patch_copy_kernel[grid](**args, **options)
+    scalars, grid, config = _launch_config(img, tok, p, channels_first, to_tokens=False)
+    _patch_copy_kernel[grid](img, tok, **scalars, **launch_options(config))
     return img
 
 
@@ -194,9 +192,6 @@ def unpatchify(x: torch.Tensor, p: int, C: int, H: int, W: int, backend: str = "
     return _Unpatchify.apply(x, p, C, H, W)
 
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 def aot_specs() -> list[dict]:
     """The kernel's launch configurations at PixArt-XL/2 shapes, for ahead-of-time compilation (kernels/aot.py).
 
@@ -205,8 +200,6 @@ def aot_specs() -> list[dict]:
     specialises: constexpr arguments and integers equal to 1 (unit strides) become compile-time constants.
     """
     B, p = 8, 2
-    constexpr_args = {name for name, param in inspect.signature(_patch_copy_kernel.fn).parameters.items()
-                      if param.annotation is tl.constexpr}
     specs = []
     for op, C, channels_first in (("patchify", 4, True), ("unpatchify", 8, False)):
         for size in (32, 64, 128):
@@ -215,16 +208,10 @@ def aot_specs() -> list[dict]:
                 tok = torch.empty(B, (size // p) ** 2, C * p * p, dtype=dtype, device="meta")
                 # The forward of patchify and the backward of unpatchify copy image -> tokens.
                 for direction, to_tokens in (("fwd", channels_first), ("bwd", not channels_first)):
-                    args, _, options = _launch_config(img, tok, p, channels_first, to_tokens)
-                    signature, constexprs = {}, {}
-                    for name, value in args.items():
-                        if isinstance(value, torch.Tensor):
-                            signature[name] = "*" + _TRITON_DTYPE[value.dtype]
-                        elif name in constexpr_args or value == 1:
-                            signature[name], constexprs[name] = "constexpr", value
-                        else:
-                            signature[name] = "i32"
-                    specs.append(dict(name=f"{op}_{direction}[{size}x{size},{_TRITON_DTYPE[dtype]}]",
-                                      fn=_patch_copy_kernel, signature=signature, constexprs=constexprs,
-                                      **options))
+                    scalars, _, config = _launch_config(img, tok, p, channels_first, to_tokens)
+                    # The JIT call also specialises integer arguments equal to 1 (the unit strides) as constants.
+                    config["constexprs"] = {n: v for n, v in scalars.items() if v == 1} | config["constexprs"]
+                    ptr = "*" + TRITON_DTYPE[dtype]
+                    specs.append(aot_spec(f"{op}_{direction}[{size}x{size},{TRITON_DTYPE[dtype]}]", _patch_copy_kernel,
+                                          config, {"img_ptr": ptr, "tok_ptr": ptr}))
     return specs

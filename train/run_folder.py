@@ -1,0 +1,184 @@
+"""A stage's run folder, <out>/stage<N>/: its checkpoints (save, verify, choose, prune), leftovers of interrupted
+saves, and metrics.jsonl trimming.
+
+    checkpoints/step-XXXXXXX/  model.safetensors, ema.safetensors, trainer.pt (optimizer by parameter name and
+                               unsharded, scheduler, generator, step, config) and manifest.json (each file's
+                               size and CRC-32, written last)
+
+A folder is written as step-XXXXXXX.tmp, every file and the folder fsync'd, the manifest last, and only then
+renamed: a kill -9 at any moment leaves complete folders only (and *.tmp leftovers, deleted by the next run).
+The manifest catches damage after the save (a disk, a copy or a sync tool that cut a file short or flipped a bit):
+`--resume latest` verifies the newest folder, says what is wrong with a damaged one, skips it and takes the
+newest intact one. Folders written before manifests existed are verified by reading every file whole.
+"""
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pixart_fast import distributed
+from pixart_fast.checkpoints import load_safetensors, load_state_dict_strict, nonfinite_keys, save_safetensors
+from pixart_fast.files import atomic_path, fsync_dir, verify_manifest, write_manifest
+
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "trainer.pt")
+
+
+class NoIntactCheckpoint(RuntimeError):
+    """--resume found checkpoints, but every one is damaged (or the one named is)."""
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """The complete checkpoint folders of a run, oldest first. A folder is named step-XXXXXXX only once
+    complete (save_checkpoint); *.tmp names are saves or deletions that a crash interrupted."""
+    found = [p for p in (run_dir / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None (not verified: see newest_intact_checkpoint)."""
+    found = checkpoint_folders(run_dir)
+    return found[-1] if found else None
+
+
+def checkpoint_problems(folder: Path) -> list[str]:
+    """What is wrong with a checkpoint folder, one line per file (empty: intact). With a manifest: every file's
+    size and CRC-32 against it. Without one (written before manifests existed): each file read whole."""
+    problems = verify_manifest(folder)
+    missing = [f"{folder.name}/{name}: missing" for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if problems is not None:
+        return problems + [m for m in missing if m.split(":")[0] not in " ".join(problems)]
+    if missing:
+        return missing
+    problems = []
+    for name in CHECKPOINT_FILES:
+        try:
+            if name.endswith(".safetensors"):
+                load_safetensors(folder / name)
+            else:
+                torch.load(folder / name, map_location="cpu", weights_only=True)
+        except Exception as e:  # any failure to read it back is damage: say which file and what
+            problems.append(f"{folder.name}/{name}: unreadable ({str(e).splitlines()[0] or type(e).__name__})")
+    return problems
+
+
+def newest_intact_checkpoint(run_dir: Path, log=print, flag: str = "--resume latest") -> Path | None:
+    """The newest checkpoint folder of a run that verifies, or None if the run has none. Each damaged folder is
+    reported (`step-0000800/model.safetensors: 1,000 bytes, manifest says 6,291,736; skipping it`) and skipped;
+    raises NoIntactCheckpoint, naming them all, if every folder is damaged."""
+    folders = checkpoint_folders(run_dir)
+    damaged = []
+    for folder in reversed(folders):
+        problems = checkpoint_problems(folder)
+        if not problems:
+            return folder
+        for line in problems:
+            log(f"{flag}: {line}; skipping it")
+        damaged.append(folder)
+    if damaged:
+        raise NoIntactCheckpoint(f"{flag}: no intact checkpoint in {run_dir / 'checkpoints'}; all {len(damaged)} "
+                                 f"are damaged ({', '.join(p.name for p in damaged)}). Restore one from a copy, "
+                                 "or delete the folders to start the run again")
+    return None
+
+
+def verified_checkpoint(folder: Path) -> Path:
+    """A checkpoint folder named by --resume DIR, verified: NoIntactCheckpoint saying what is wrong if damaged."""
+    if not (folder / "trainer.pt").is_file() and not (folder / "manifest.json").is_file():
+        raise FileNotFoundError(f"--resume {folder}: not a checkpoint folder (no trainer.pt there); pass 'latest' or "
+                                "a <out>/stage<N>/checkpoints/step-XXXXXXX folder")
+    problems = checkpoint_problems(folder)
+    if problems:
+        raise NoIntactCheckpoint(f"--resume {folder}: damaged: " + "; ".join(problems) +
+                                 ". Pass an older checkpoint folder, or 'latest' to take the newest intact one")
+    return folder
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete the *.tmp folders that interrupted saves or deletions left in checkpoints/; returns their paths."""
+    leftovers = sorted((run_dir / "checkpoints").glob("*.tmp"))
+    for p in leftovers:
+        shutil.rmtree(p)
+    return leftovers
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint folder: renamed to *.old.tmp first (atomic), so a crash midway leaves a leftover
+    for remove_leftovers, never a half-deleted folder under a complete checkpoint's name."""
+    trash = folder.with_name(folder.name + ".old.tmp")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, gen, skipped: int, cfg,
+                    d: distributed.Dist) -> Path:
+    """Write checkpoints/step-XXXXXXX crash-safely: every file written and fsync'd in step-XXXXXXX.tmp, the
+    manifest last, then the folder renamed into place (the rename fsync'd too); then all but the newest --keep
+    checkpoints are deleted. Refuses weights holding NaN or inf. Every rank calls it (gathering sharded state is
+    a collective); rank 0 writes whole, unsharded state dicts. skipped: the run's skipped steps so far."""
+    final = run_dir / "checkpoints" / f"step-{step:07d}"
+    model_sd, ema_sd = distributed.full_state_dict(model), distributed.full_state_dict(ema)
+    opt_sd = distributed.full_optimizer_state_dict(model, opt)
+    if not d.main:
+        return final
+    for name, sd in (("model", model_sd), ("EMA", ema_sd)):
+        bad = nonfinite_keys(sd)
+        if bad:
+            raise FloatingPointError(f"refusing to write checkpoint {final}: the {name} weights hold NaN or inf in "
+                                     f"{len(bad)} tensors ({', '.join(bad[:3])}); the last good checkpoint is "
+                                     f"{latest_checkpoint(run_dir) or 'none yet'}")
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = {"step": step, "model": cfg.model, "stage": cfg.stage}
+    save_safetensors(model_sd, tmp / "model.safetensors", meta)  # each file fsync'd, and the folder
+    save_safetensors(ema_sd, tmp / "ema.safetensors", meta)
+    with atomic_path(tmp / "trainer.pt") as path:
+        torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                    "skipped_steps": skipped, "config": asdict(cfg)}, path)
+    write_manifest(tmp)  # last: a folder with a manifest holds every file it lists
+    if final.exists():  # this step was saved before (a run resumed from an older checkpoint): replaced
+        remove_checkpoint(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if cfg.keep:
+        for old in checkpoint_folders(run_dir)[:-cfg.keep]:
+            if old != final:
+                remove_checkpoint(old)
+    return final
+
+
+def load_weights(path: Path, model, ema) -> None:
+    """The model and EMA weights of a checkpoint folder, into the unwrapped modules."""
+    for module, name in ((model, "model.safetensors"), (ema, "ema.safetensors")):
+        load_state_dict_strict(module, load_safetensors(path / name), source=f"--resume {path / name}")
+
+
+def load_trainer_state(path: Path, model, opt, sched, gen) -> tuple[int, int, dict]:
+    """The optimizer (after wrapping: each rank takes its shard), scheduler and generator of a checkpoint
+    folder; returns (the step it ends at, the steps skipped so far, the run's settings then)."""
+    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    distributed.load_optimizer_state_dict(model, opt, state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    return int(state["step"]), int(state.get("skipped_steps", 0)), state["config"]
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the metrics.jsonl lines past `step`, where a run starts or resumes: a run killed after its last
+    checkpoint wrote them (the last one perhaps cut short), and this run writes those steps again."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(kept))
