@@ -15,10 +15,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pixart_fast.files import atomic_path
+from pixart_fast.model import CONFIGS, DiT, PixArt, reparameterize
 
 # official name prefix  <->  diffusers name prefix, for parameters that map one-to-one.
 _RENAMES = [
@@ -234,3 +235,65 @@ def load_any(path) -> tuple[str, dict]:
         return ("dit" if any("adaLN_modulation" in k for k in sd) else "official"), sd
     raise ValueError(f"{path}: unknown checkpoint format {path.suffix!r} (expected a folder, .safetensors, .pth or .pt)")
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A model from any checkpoint: the one way the trainer, sampling and export load weights
+# ----------------------------------------------------------------------------------------------------------
+
+MICRO_KEYS = ("csize_embedder.", "ar_embedder.")  # PixArtMS's size embedders: new when a PixArt seeds a PixArtMS
+
+
+def load_into(model, path, seed: int = 0, source: str | None = None, from_dit: bool = True) -> str:
+    """Load the checkpoint at `path` (any format of `load_any`) into a PixArt or DiT `model`, strictly, converting
+    where the paper does: a class-conditional DiT into a PixArt through re-parameterization (section 2.3, `seed`
+    for its draws), a PixArt without micro-conditions into a PixArtMS (the size embedders keep their fresh
+    weights), diffusers' weights without `y_embedding` (the model's stays). Refuses NaN or inf weights and a
+    PixArt into a DiT, and (from_dit False) a DiT into a PixArt. source: how messages name the checkpoint (default:
+    its path). Returns what was done."""
+    source = source or str(path)
+    kind, sd = load_any(path)
+    bad = nonfinite_keys(sd)
+    if bad:
+        raise ValueError(f"{source}: NaN or inf in {len(bad)} tensors ({', '.join(bad[:3])}); pick another checkpoint")
+    if isinstance(model, DiT):
+        if kind != "dit":
+            raise ValueError(f"stage 1 trains a class-conditional DiT; {source} is a {kind} checkpoint")
+        load_state_dict_strict(model, sd, source=source)
+        return f"initialised from DiT checkpoint {path}"
+    if kind == "dit" and not from_dit:
+        raise ValueError(f"{source} is a class-conditional DiT (stage 1): it takes class labels, not prompts; "
+                         "train stage 2 from it")
+    if kind == "dit":
+        load_state_dict_strict(model, reparameterize(sd, model.config, seed=seed), source=source)
+        return f"initialised from DiT checkpoint {path} through re-parameterization (paper section 2.3)"
+    new = tuple(k for k in model.state_dict() if k.startswith(MICRO_KEYS) and k not in sd)
+    allow = new + (("y_embedder.y_embedding",) if kind == "diffusers" else ())
+    load_state_dict_strict(model, sd, allow_missing=allow, source=source)
+    fresh = " (micro-condition embedders new)" if new else ""
+    return f"initialised from {kind} PixArt checkpoint {path}{fresh}"
+
+
+def config_name(path, name: str | None = None) -> str:
+    """The model config a checkpoint is for: `name` if given, else the one our trainer records in its
+    safetensors metadata. Raises ValueError naming the choices when neither says, or the name is unknown."""
+    path = Path(path)
+    if name is None and path.suffix == ".safetensors" and path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                name = json.loads((f.metadata() or {}).get("model", "null"))
+        except SafetensorError as e:
+            raise _damaged(path, e) from e
+    if name is None:
+        raise ValueError(f"{path} does not record its model config; pass --model, one of {sorted(CONFIGS)}")
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(CONFIGS)}")
+    return name
+
+
+def load_pixart(path, name: str | None = None, kernels: str = "auto"):
+    """A text-conditioned PixArt built from config `name` (default: the one the checkpoint records) with the
+    checkpoint's weights. A class-conditional DiT (stage 1) is refused: it takes class labels, not captions."""
+    model = PixArt(CONFIGS[config_name(path, name)], kernels=kernels)
+    load_into(model, path, from_dit=False)
+    return model

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pixart_fast.batch import Batch
+
 # RGB in [0, 1]. Pairwise distances are >= 0.6, so a pixel within 0.3 of one of them is unambiguous.
 COLOURS = {
     "red": (0.90, 0.10, 0.10),
@@ -151,6 +153,14 @@ class _Procedural(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def bucket_ids(self) -> np.ndarray | None:
+        """Every sample's bucket (samples of one bucket share a size), or None: all samples have one size."""
+        return None
+
+    def batch(self, indices) -> Batch:
+        """The samples at `indices` as one Batch (they must share a size: see bucket_ids)."""
+        return Batch.collate([self[i] for i in indices])
+
     def _rng(self, index: int) -> np.random.Generator:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for a dataset of length {self.length}")
@@ -224,22 +234,3 @@ class AspectScenes(_Procedural):
             "img_hw": torch.tensor([h, w], dtype=torch.float32),
             "aspect_ratio": torch.tensor(h / w, dtype=torch.float32),
         }
-
-
-def collate(samples: list[dict]) -> dict:
-    """Batch samples: tensors are stacked, ints become a (B,) tensor, anything else (captions, truths) a list."""
-    batch = {}
-    for key, first in samples[0].items():
-        values = [s[key] for s in samples]
-        if isinstance(first, torch.Tensor):
-            shapes = {tuple(v.shape) for v in values}
-            if len(shapes) > 1:
-                raise ValueError(
-                    f"cannot stack {key!r} of shapes {sorted(shapes)}: batch one bucket at a time (bucket_ids())"
-                )
-            batch[key] = torch.stack(values)
-        elif isinstance(first, int):
-            batch[key] = torch.tensor(values)
-        else:
-            batch[key] = values
-    return batch

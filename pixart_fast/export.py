@@ -13,11 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pixart_fast.checkpoints import load_any, load_state_dict_strict, to_diffusers
-from pixart_fast.model import CONFIGS, PixArt, PixArtConfig
+from pixart_fast.checkpoints import config_name, load_pixart, to_diffusers
+from pixart_fast.model import CONFIGS, PixArtConfig
 
 FORMATS = ("diffusers",)
 
@@ -58,35 +57,18 @@ def _checkpoint_file(ckpt: Path, weights: str) -> Path:
     return ckpt
 
 
-def _model_name(path: Path, model: str | None) -> str:
-    """--model, else the name our safetensors checkpoints record in their metadata."""
-    if model is None and path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            model = json.loads((f.metadata() or {}).get("model", "null"))
-    if model is None:
-        raise ValueError(f"{path} does not record its model config; pass --model, one of {sorted(CONFIGS)}")
-    if model not in CONFIGS:
-        raise ValueError(f"unknown model {model!r}; choose one of {sorted(CONFIGS)}")
-    return model
-
-
 def export(ckpt, out, format: str = "diffusers", model: str | None = None, weights: str = "ema") -> Path:
     """Write checkpoint `ckpt` in `format` to folder `out`; returns `out`. The weights are checked against the
     model config first (strictly: every key, every shape), so a wrong --model fails here, not in diffusers."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
     path = _checkpoint_file(Path(ckpt), weights)
-    name = _model_name(path, model)
-    kind, sd = load_any(path)
-    if kind == "dit":
-        raise ValueError(f"{path} is a class-conditional DiT (stage 1); diffusers' PixArtTransformer2DModel takes "
-                         "a text-conditioned PixArt (stage 2 or 3)")
-    load_state_dict_strict(PixArt(CONFIGS[name], kernels="torch"), sd,
-                           allow_missing=("y_embedder.y_embedding",) if kind == "diffusers" else ())
+    name = config_name(path, model)
+    weights_sd = load_pixart(path, name, kernels="torch").state_dict()  # checked strictly: every key, every shape
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(diffusers_config(CONFIGS[name]), indent=2) + "\n")
-    tensors = {k: v.contiguous() for k, v in to_diffusers(sd).items()}
+    tensors = {k: v.contiguous() for k, v in to_diffusers(weights_sd).items()}
     save_file(tensors, str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     return out
 

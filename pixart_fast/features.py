@@ -4,8 +4,9 @@ Sample i: {"latent_mean", "latent_std": (C, h, w) float32, the VAE's latent dist
 "text": (120, E) float32 T5 features, zero past the caption; "mask": (120,) bool, True on the caption's tokens;
 "img_hw": (2,) float32 original (height, width) in pixels; "aspect_ratio": () float32, the bucket's ratio
 (1.0 without --multi-aspect): PixArtMS's micro-conditions; "label": int, where the extraction had labels}.
-A training latent is `dataset.latents(mean, std, eps)` = (mean + std * eps) * scaling_factor with fresh
-eps ~ N(0, 1): a new sample of the latent distribution at every step, as PixArt's feature loader does.
+`dataset.batch(indices)` stacks samples into a `pixart_fast.batch.Batch`, whose `x0(eps)` is a training latent
+(mean + std * eps) * scaling_factor with fresh eps ~ N(0, 1): a new sample of the latent distribution at every
+step, as PixArt's feature loader does.
 
 A chunk that is not what pixart_fast.extract writes (unreadable, a key missing, a wrong dtype or shape) raises
 ValueError naming the chunk file, the key, and the expected and found dtype and shape: its small tables when
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
+
+from pixart_fast.batch import Batch
 
 # The format `python -m pixart_fast.extract` writes (it imports these): an index.json and numbered chunk files.
 FORMAT = "pixart_fast.features/1"
@@ -149,18 +152,18 @@ class FeatureDataset(Dataset):
             sample["label"] = self.labels[i]
         return sample
 
-    def latents(self, mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """A sample of the latent distribution, scaled as the diffusion model sees it: (mean + std * eps) * scale."""
-        return (mean + std * eps) * self.meta["scaling_factor"]
+    def batch(self, indices) -> Batch:
+        """The samples at `indices` as one Batch (one bucket); its x0(eps) scales latents by the VAE's factor."""
+        return Batch.collate([self[i] for i in indices], latent_scale=self.meta["scaling_factor"])
 
-    def check_model(self, config, name: str, stage: int) -> None:
+    def check_model(self, config, name: str, class_conditional: bool) -> None:
         """Raise ValueError, naming both sides, if model `name` (a PixArtConfig) cannot train on these features."""
         where = f"--data {self.root}"
         if config.in_channels != self.latent_channels:
             raise ValueError(f"{where} holds {self.latent_channels}-channel latents but model {name} has in_channels "
                              f"{config.in_channels}; pick a --model with in_channels {self.latent_channels}, or "
                              "extract with a matching --vae")
-        if stage == 1:
+        if class_conditional:
             if self.num_classes is None:
                 raise ValueError(f"{where} has no class labels; stage 1 is class-conditional: extract from metadata "
                                  "with an integer 'label' on every record, or train stage 2 or 3")

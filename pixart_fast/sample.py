@@ -4,45 +4,18 @@ With --t5 and --vae (local folders) it runs a real PixArt (T5 features, SD-VAE l
 embedded default: the tiny byte-level T5 and pixel space (docs/ARCHITECTURE.md section 5).
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from pixart_fast.checkpoints import load_any, load_state_dict_strict
+from pixart_fast.checkpoints import load_pixart
 from pixart_fast.diffusion import Diffusion
 from pixart_fast.grid import image_grid
 from pixart_fast.model import CONFIGS, PixArt
 from pixart_fast.text import TextEncoder
 
-VAE_SCALE = 0.18215  # sd-vae-ft-ema latent scale
 VAE_FACTOR = 8  # pixels per latent pixel
-
-
-def model_name_of(path: Path) -> str | None:
-    """The config name our trainer stores in a checkpoint's metadata, if any."""
-    if path.suffix != ".safetensors":
-        return None
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta["model"]) if "model" in meta else None
-
-
-def load_pixart(ckpt: Path, model_name: str | None, device) -> PixArt:
-    """Build the model named by --model (or the checkpoint's metadata) and load the checkpoint strictly."""
-    name = model_name or model_name_of(ckpt)
-    if name is None:
-        raise ValueError(f"{ckpt} does not say which model it is: pass --model (one of {sorted(CONFIGS)})")
-    if name not in CONFIGS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(CONFIGS)}")
-    kind, sd = load_any(ckpt)
-    if kind == "dit":
-        raise ValueError(f"{ckpt} is a class-conditional DiT (stage 1): it takes class labels, not prompts")
-    model = PixArt(CONFIGS[name])
-    load_state_dict_strict(model, sd, allow_missing=("y_embedder.y_embedding",) if kind == "diffusers" else ())
-    return model.to(device).eval()
 
 
 @torch.no_grad()
@@ -69,7 +42,7 @@ def generate(model: PixArt, text: TextEncoder, prompts: list[str], height: int, 
     run = {"dpm": diffusion.dpm_solver, "ddim": diffusion.ddim}[sampler]
     x = run(eps_fn, noise, steps=steps, clip_x0=vae is None)  # pixel space: clip x0 to the data range
     if vae is not None:
-        x = vae.decode(x / VAE_SCALE).sample
+        x = vae.decode(x / vae.config.scaling_factor).sample  # the VAE's own factor, as extraction uses
     return x.float().clamp(-1, 1).cpu()
 
 
@@ -91,7 +64,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_pixart(Path(args.ckpt), args.model, device)
+    model = load_pixart(Path(args.ckpt), args.model).to(device).eval()
     text = TextEncoder.from_pretrained(args.t5) if args.t5 else TextEncoder.embedded()
     if text.caption_channels != model.config.caption_channels:
         raise SystemExit(f"error: the text encoder gives {text.caption_channels}-dim features but the model expects "

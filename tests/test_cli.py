@@ -14,9 +14,8 @@ from pixart_fast.diffusion import Diffusion
 from pixart_fast.grid import image_grid
 from pixart_fast.kernels import aot
 from pixart_fast.model import CONFIGS, PixArt
-from pixart_fast.text import TextEncoder
 from pixart_fast.train import __main__ as train_cli
-from pixart_fast.train.loop import build_model, validate
+from pixart_fast.train.stages import STAGES
 from pixart_fast.train.recipes import RECIPES
 
 
@@ -114,12 +113,12 @@ def test_validation_grid_pairs_sample_and_truth_with_captions(stage, tmp_path):
     cfg = replace(RECIPES[stage], model="PixArtMS-pixel-tiny" if stage == 3 else "PixArt-pixel-tiny", num_val=2,
                   sample_steps=1, kernels="torch")
     torch.manual_seed(0)
-    ema = build_model(cfg).eval()
-    text = None if stage == 1 else TextEncoder.embedded()
+    ema = STAGES[stage].build_model(cfg).eval()
+    data = STAGES[stage].data(cfg, ema)
     diffusion = Diffusion(learn_sigma=ema.config.learn_sigma)
     png = tmp_path / "grid.png"
-    scores = validate(ema, cfg, text, diffusion, torch.device("cpu"), png)
-    again = validate(ema, cfg, text, diffusion, torch.device("cpu"), None)  # the grid changes no score
+    scores = data.evaluate(ema, STAGES[stage], cfg, diffusion, torch.device("cpu"), png)
+    again = data.evaluate(ema, STAGES[stage], cfg, diffusion, torch.device("cpu"), None)  # the grid changes no score
     assert repr(scores) == repr(again)  # (repr: a score of nan equals itself)
     # one tile per held-out sample: (sample, 2-px gap, truth) + a 1-px border, x4; stage 3: its first two buckets
     h, w = (16, 16) if stage == 1 else (64, 80)

@@ -5,7 +5,7 @@ import torch
 
 from pixart_fast.data import (
     BACKGROUND, BUCKETS, CLASS_NAMES, COLOURS, NUM_CLASSES, REGIONS, SHAPES, SIZES, AspectScenes,
-    Scene, ShapeClasses, ShapeObject, ShapeScenes, collate, render, shape_coverage,
+    Scene, ShapeClasses, ShapeObject, ShapeScenes, render, shape_coverage,
 )
 
 
@@ -133,18 +133,20 @@ def test_stage3_buckets_and_micro_conditions():
     assert {tuple(ds[i]["image"].shape[1:]) for i in range(10)} == set(BUCKETS)
 
 
-def test_collate_batches_one_bucket_at_a_time():
+def test_a_batch_is_typed_and_takes_one_bucket_at_a_time():
     ds = AspectScenes(length=40)
     ids = ds.bucket_ids()
-    batch = collate([ds[i] for i in np.flatnonzero(ids == ids[0])[:3]])
-    h, w = batch["truth"][0].height, batch["truth"][0].width
-    assert batch["image"].shape == (3, 3, h, w)
-    assert batch["img_hw"].shape == (3, 2) and batch["aspect_ratio"].shape == (3,)
-    assert len(batch["caption"]) == 3 and all(isinstance(c, str) for c in batch["caption"])
-    labels = collate([ShapeClasses(length=4)[i] for i in range(4)])["label"]
+    batch = ds.batch(np.flatnonzero(ids == ids[0])[:3])
+    h, w = batch.truths[0].height, batch.truths[0].width
+    assert batch.images.shape == (3, 3, h, w) and len(batch) == 3
+    assert batch.img_hw.shape == (3, 2) and batch.aspect_ratio.shape == (3,)
+    assert len(batch.captions) == 3 and all(isinstance(c, str) for c in batch.captions)
+    assert batch.labels is None and batch.text is None and not batch.is_latent
+    assert batch.x0() is batch.images  # pixel space: the images themselves
+    labels = ShapeClasses(length=4).batch(range(4)).labels
     assert labels.dtype == torch.int64 and labels.shape == (4,)
     with pytest.raises(ValueError, match="one bucket at a time"):
-        collate([ds[0], ds[1]])
+        ds.batch([0, 1])
 
 
 def test_validation_split_is_fixed_and_held_out():

@@ -163,8 +163,10 @@ def test_features_equal_the_encoders_and_unreadable_images_are_skipped(images, e
         assert sample["img_hw"].tolist() == list(hw) == [PICTURES[i][1][1], PICTURES[i][1][0]]
         assert sample["aspect_ratio"] == 1.0 and sample["label"] == i % 3
     mean, std = data[0]["latent_mean"], data[0]["latent_std"]
-    eps = torch.randn(mean.shape)
-    torch.testing.assert_close(data.latents(mean, std, eps), (mean + std * eps) * 0.18215)
+    eps = torch.randn(1, *mean.shape)
+    batch = data.batch([0])
+    assert batch.is_latent and batch.latent_scale == 0.18215
+    torch.testing.assert_close(batch.x0(eps), (mean + std * eps) * 0.18215)
 
 
 def test_rerun_writes_only_what_is_missing(images, encoders, tmp_path):

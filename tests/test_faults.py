@@ -29,7 +29,8 @@ from pixart_fast.kernels.modulation import (gated_residual, gated_residual_modul
                                           gated_residual_ref, modulate, modulate_ref)
 from pixart_fast.kernels.patch_copy import patchify, patchify_ref, unpatchify, unpatchify_ref
 from pixart_fast.model import CONFIGS, PixArt
-from pixart_fast.train.loop import build_model, train
+from pixart_fast.train.loop import train
+from pixart_fast.train.stages import STAGES
 from pixart_fast.train.run_folder import latest_checkpoint, save_checkpoint
 from pixart_fast.train.recipes import RECIPES
 from test_extract import encoders, picture  # noqa: F401 (encoders: the tiny VAE and T5 folders, a fixture)
@@ -95,7 +96,7 @@ def test_an_interrupted_save_leaves_the_last_checkpoint_latest_and_keep_prunes(t
 
 def test_non_finite_weights_are_never_saved(tmp_path):
     cfg = tiny(tmp_path, steps=1)
-    model = build_model(cfg)
+    model = STAGES[cfg.stage].build_model(cfg)
     ema = copy.deepcopy(model)
     with torch.no_grad():
         ema.blocks[1].mlp.fc1.weight[0, 0] = float("inf")

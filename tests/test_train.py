@@ -10,7 +10,8 @@ from pixart_fast.checkpoints import load_safetensors
 from pixart_fast.diffusion import Diffusion
 from pixart_fast.model import CONFIGS, PixArt, reparameterize
 from pixart_fast.train.__main__ import config_from_args
-from pixart_fast.train.loop import build_model, initialise, train
+from pixart_fast.train.loop import train
+from pixart_fast.train.stages import STAGES
 from pixart_fast.train.recipes import RECIPES
 
 FAST = dict(batch_size=4, log_every=1, save_every=2, num_val=3, sample_steps=2, kernels="torch")
@@ -51,8 +52,8 @@ def test_stage2_starts_from_stage1_through_reparameterization(tmp_path):
     train(tiny(1, tmp_path, steps=2), progress=False)
     cfg = tiny(2, tmp_path, steps=2)
     torch.manual_seed(0)
-    model = build_model(cfg)
-    assert "re-parameterization" in initialise(model, cfg)
+    model = STAGES[2].build_model(cfg)
+    assert "re-parameterization" in STAGES[2].initialise(model, cfg)
     dit_ema = load_safetensors(tmp_path / "stage1/checkpoints/step-0000002/ema.safetensors")
     expected = reparameterize(dit_ema, model.config, seed=cfg.seed)
     got = model.state_dict()
@@ -62,8 +63,8 @@ def test_stage2_starts_from_stage1_through_reparameterization(tmp_path):
 def test_stage3_starts_from_stage2_with_fresh_micro_condition_embedders(tmp_path):
     train(tiny(2, tmp_path, steps=2), progress=False)
     cfg = tiny(3, tmp_path, steps=2)
-    model = build_model(cfg)
-    assert "micro-condition embedders new" in initialise(model, cfg)
+    model = STAGES[3].build_model(cfg)
+    assert "micro-condition embedders new" in STAGES[3].initialise(model, cfg)
     stage2 = load_safetensors(tmp_path / "stage2/checkpoints/step-0000002/ema.safetensors")
     got = model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in stage2.items())

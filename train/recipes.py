@@ -30,7 +30,8 @@ class TrainConfig:
     precision: str = _field("fp32", "fp32, bf16 or fp16 autocast (fp16 adds a gradient scaler)")
     grad_checkpointing: bool = _field(False, "recompute each block in the backward pass to save activation memory")
     fsdp: bool = _field(False, "under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP")
-    kernels: str = _field("auto", "auto (Triton on CUDA, PyTorch on CPU), triton or torch")
+    kernels: str = _field("auto", "auto (Triton on CUDA, PyTorch on CPU), triton or torch; stage 1's DiT runs its patchify "
+                                  "/ unpatchify on them, its blocks stay PyTorch")
     seed: int = _field(0, "seed of the initial weights, the data order, noise, timesteps and caption dropout")
     out: str = _field("runs", "output root; this stage writes <out>/stage<N>/")
     resume: str | None = _field(None, "'latest' or a checkpoint folder of this run to continue from")
