@@ -121,6 +121,7 @@ def load_optimizer_state_dict(module: torch.nn.Module, opt: torch.optim.Optimize
     set_optimizer_state_dict(module, opt, state, options=StateDictOptions(full_state_dict=True))
 
 
-def item(value: torch.Tensor) -> float:
-    """A scalar as a float, gathering it first if it is a DTensor (clip_grad_norm_'s result under FSDP)."""
-    return (value.full_tensor() if isinstance(value, DTensor) else value).item()
+def full(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor, gathered first if it is a DTensor (clip_grad_norm_'s result under FSDP); stays on its
+    device (no host sync)."""
+    return value.full_tensor() if isinstance(value, DTensor) else value

@@ -105,7 +105,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     run = tmp_path / "stage2"
     with pytest.raises(FloatingPointError, match=r"refusing to write checkpoint .*step-0000005: the EMA weights hold "
                                                  r"NaN or inf in 1 tensors \(blocks.1.mlp.fc1.weight\)"):
-        save_checkpoint(run, 5, model, ema, opt, sched, torch.Generator(), 0, cfg, Dist())
+        save_checkpoint(run, 5, model, ema, opt, sched, 0, cfg, Dist())
     assert not (run / "checkpoints").exists()
 
 

@@ -1,7 +1,7 @@
 """The one trainer for all three stages: `train(cfg)`, in one process or many (`torchrun ... -m pixart_fast.train`).
 
-Every random draw comes from one torch.Generator that is saved with the checkpoint, and the batch of step s is a
-pure function of (seed, s), so `--resume latest` continues bit-identically. Under torchrun every rank draws the
+Every random draw of step s (its batch, noise, timesteps, caption drops) is a pure function of (seed, s), so
+`--resume latest` continues bit-identically with no random-generator state to save. Under torchrun every rank draws the
 same global batch (indices, noise, timesteps, caption drops) and takes its own slice (pixart_fast.distributed),
 so N processes take the same steps as one at the same global batch.
 
@@ -24,7 +24,6 @@ When things go wrong (README "When things go wrong"):
 """
 import copy
 import json
-import math
 import shlex
 import signal
 import threading
@@ -45,10 +44,22 @@ from pixart_fast.train.run_folder import (latest_checkpoint, load_trainer_state,
                                           remove_leftovers, save_checkpoint, trim_metrics, verified_checkpoint)
 from pixart_fast.train.stages import STAGES, Stage
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # "auto": see autocast_dtype
 # Settings that shape the run's trajectory: resuming with other values is allowed, but warned about.
 TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup", "grad_clip", "ema_decay",
               "caption_dropout", "precision", "seed", "data", "t5")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of --precision on `device` (None: fp32). "auto" is bf16 on CUDA, fp32 on a CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return PRECISIONS[precision]
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of step `step`'s noise, timesteps and caption drops: a pure function of (seed, step)."""
+    return int(np.random.default_rng([seed, 11, step]).integers(2**62))
 
 
 def batch_indices(data, step: int, batch_size: int, seed: int) -> list[int]:
@@ -97,12 +108,13 @@ class StopSignals:
 
 
 @torch.no_grad()
-def update_ema(ema, model, decay: float, step: int) -> None:
+def update_ema(ema, model, decay: float, step: int, apply: torch.Tensor) -> None:
     """ema <- d * ema + (1 - d) * model with d = min(decay, (1 + step) / (10 + step)): short runs average
-    over their recent steps instead of staying at the initial weights."""
+    over their recent steps instead of staying at the initial weights. One foreach op over all parameters.
+    apply: a 0-dim bool tensor on the device; False leaves the EMA exactly as it is (a skipped step), decided
+    on the device without a host sync."""
     d = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - d)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), apply * (1 - d))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,9 +138,9 @@ class Run:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    gen: torch.Generator  # the one source of every random draw of the loop; saved with each checkpoint
     start: int  # steps done before this process started (a resumed run)
-    skipped: int  # non-finite steps skipped so far
+    skipped: int  # non-finite steps skipped so far (up to the last `read_records`)
+    autocast: torch.dtype | None  # the forward's autocast dtype; None: fp32
 
 
 def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
@@ -159,12 +171,12 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
         ema.load_state_dict(model.state_dict())
     net = distributed.wrap(model, d, cfg.fsdp)  # DDP, FSDP2 (model sharded in place) or the model itself
     distributed.shard_like(ema, cfg.fsdp)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    # fused: one kernel for all parameters, and it skips a step on the device (found_inf, see train_step)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
-    gen = torch.Generator().manual_seed(cfg.seed)
     start, skipped = 0, 0
     if resume is not None:
-        start, skipped, saved = load_trainer_state(resume, model, opt, sched, gen)
+        start, skipped, saved = load_trainer_state(resume, model, opt, sched)
         log(f"resumed from {resume} at step {start}")
         changed = [f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in TRAJECTORY
                    if saved.get(k) != getattr(cfg, k)]
@@ -174,8 +186,10 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
     if d.main:
         trim_metrics(run_dir / "metrics.jsonl", start)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
+    if cfg.compile:
+        net = torch.compile(net)  # the model is one graph, the Triton kernels included (custom ops with fakes)
     return Run(cfg, stage, d, run_dir, model, net, ema, data, Diffusion(learn_sigma=model.config.learn_sigma), opt,
-               sched, scaler, gen, start, skipped)
+               sched, scaler, start, skipped, autocast_dtype(cfg.precision, d.device))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,16 +197,17 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def train_step(run: Run, step: int, stop_requested: bool) -> tuple[list[float], float, bool]:
+def train_step(run: Run, step: int, stop_requested: bool) -> torch.Tensor:
     """Step `step` of the run: this rank's slice of the global batch, forward, backward, and (when the loss and
-    gradient norm are finite) the optimizer and EMA updates. Returns ([loss, mse, vb, any rank asked to stop]
-    averaged over ranks, the gradient norm, whether the step updated the weights)."""
+    gradient norm are finite) the optimizer and EMA updates. No host sync: whether to update is decided on the
+    device. Returns a device tensor [loss, mse, vb, grad norm, updated, stop] (losses averaged over ranks; stop:
+    some rank asked to stop), read by `read_records` at logging steps."""
     cfg, d, mine = run.cfg, run.d, run.d.slice(run.cfg.batch_size)
     batch = run.data.batch(batch_indices(run.data, step, cfg.batch_size, cfg.seed)[mine]).to(d.device)
-    # The global batch's randomness, drawn alike on every rank from a per-step generator seeded by the shared
-    # one (on the device: fast at any batch size); each rank keeps its slice. Determinism: every draw below is
-    # a function of (seed, step) and the data, never of the world size or of earlier steps' outcomes.
-    step_gen = torch.Generator(d.device).manual_seed(int(torch.randint(2**62, (), generator=run.gen)))
+    # The global batch's randomness, drawn alike on every rank from a generator seeded by (seed, step) (on the
+    # device: fast at any batch size); each rank keeps its slice. Determinism: every draw below is a function
+    # of (seed, step) and the data, never of the world size or of earlier steps' outcomes.
+    step_gen = torch.Generator(d.device).manual_seed(step_seed(cfg.seed, step))
     shape = (cfg.batch_size, *batch.images.shape[1:])
     t = torch.randint(0, run.diffusion.num_timesteps, shape[:1], generator=step_gen, device=d.device)[mine]
     noise = torch.randn(shape, generator=step_gen, device=d.device)[mine]
@@ -200,26 +215,50 @@ def train_step(run: Run, step: int, stop_requested: bool) -> tuple[list[float], 
     eps = torch.randn(shape, generator=step_gen, device=d.device)[mine] if batch.is_latent else None
     x0 = batch.x0(eps)  # latents: a fresh sample of each image's latent distribution
     model_fn = run.stage.condition(run.net, batch, drop, run.model.config.micro_conditions)
-    autocast = PRECISIONS[cfg.precision]
-    with torch.autocast(d.device.type, dtype=autocast) if autocast else nullcontext():
+    with torch.autocast(d.device.type, dtype=run.autocast) if run.autocast else nullcontext():
         terms = run.diffusion.training_losses(model_fn, x0, t, noise)
     loss = terms["loss"].mean()
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()  # DDP / FSDP average the gradients over ranks: the global batch's mean
     run.scaler.unscale_(run.opt)
-    # note: .item() and .tolist() below are device-to-host syncs
-    grad_norm = distributed.item(torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip))
+    grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip))
     # One all-reduce: the global batch's losses, and whether any rank got SIGINT / SIGTERM (all stop together).
     stats = torch.stack([loss, terms["mse"].mean(), terms["vb"].mean()]).detach().float()
-    stats = d.mean(torch.cat([stats, stats.new_tensor([stop_requested])])).tolist()
-    # A NaN or inf in any gradient makes the norm clip_grad_norm_ computed non-finite: no update this step.
-    updated = math.isfinite(stats[0]) and math.isfinite(grad_norm)
-    if updated:
-        run.scaler.step(run.opt)
-        update_ema(run.ema, run.model, cfg.ema_decay, step)
+    stats = d.mean(torch.cat([stats, stats.new_tensor([stop_requested])]))
+    # A NaN or inf in any gradient makes the norm clip_grad_norm_ computed non-finite: no update this step. The
+    # fused AdamW reads `found_inf` on the device and leaves weights, moments and its step count as they are
+    # (the mechanism GradScaler uses; with fp16 the scaler sets it from the gradients itself).
+    updated = torch.isfinite(stats[0]) & torch.isfinite(grad_norm)
+    run.opt.found_inf = (~updated).float()
+    run.scaler.step(run.opt)
+    update_ema(run.ema, run.model, cfg.ema_decay, step, updated)
     run.scaler.update()  # fp16: a skipped step lowers the loss scale
     run.sched.step()  # the learning rate stays a function of the step
-    return stats, grad_norm, updated
+    return torch.stack([stats[0], stats[1], stats[2], grad_norm.float(), updated.float(), stats[3]]).detach()
+
+
+def read_records(run: Run, records: list[tuple[int, torch.Tensor]], bad_run: int, log) -> tuple[list, int]:
+    """Read the steps' device records at once (note: .tolist() is the host sync of the loop, once per logging
+    step) and account for them in step order: skipped steps counted and reported, --max-bad-steps enforced.
+    Returns ([(step, {loss, mse, vb, grad_norm, stop}) ...], the skipped steps in a row now)."""
+    if not records:
+        return [], bad_run
+    values = torch.stack([r for _, r in records]).tolist()
+    cfg, out = run.cfg, []
+    for (done, _), (loss, mse, vb, grad_norm, updated, stop) in zip(records, values):
+        if updated:
+            bad_run = 0
+        else:
+            run.skipped, bad_run = run.skipped + 1, bad_run + 1
+            log(f"step {done}: loss {loss}, gradient norm {grad_norm}: skipped, no update ({bad_run} in a row)")
+            if cfg.max_bad_steps and bad_run >= cfg.max_bad_steps:
+                raise FloatingPointError(
+                    f"stopping at step {done}: steps {done - bad_run + 1} to {done} all had a non-finite loss or "
+                    f"gradient norm (--max-bad-steps {cfg.max_bad_steps}). The last good checkpoint is "
+                    f"{latest_checkpoint(run.run_dir) or 'none yet'}; resume from it with a lower --lr or "
+                    "--grad-clip, or check the data")
+        out.append((done, {"loss": loss, "mse": mse, "vb": vb, "grad_norm": grad_norm, "stop": stop > 0}))
+    return out, bad_run
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,10 +280,14 @@ def train(cfg: TrainConfig, device: str | None = None, progress: bool = True) ->
     if cfg.fsdp and cfg.precision == "fp16":
         raise ValueError("--fsdp true with fp16 is not supported (its gradient scaler does not shard); use bf16")
     d = distributed.setup(device)
+    matmul_precision = torch.get_float32_matmul_precision()
+    if d.device.type == "cuda":  # what stays fp32 (all of it with --precision fp32) runs its matmuls on TF32
+        torch.set_float32_matmul_precision("high")
     try:
         with StopSignals() as stop:
             return _train(cfg, d, progress and d.main, stop)
     finally:
+        torch.set_float32_matmul_precision(matmul_precision)
         d.close()
 
 
@@ -253,8 +296,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
     run = setup(cfg, d, log)
     n_params = sum(p.numel() for p in run.model.parameters())
     parallel = f", {d.world_size} processes ({'FSDP2' if cfg.fsdp else 'DDP'})" if d.world_size > 1 else ""
+    precision = str(run.autocast).removeprefix("torch.") + " autocast" if run.autocast else "fp32"
     log(f"stage {cfg.stage}: {type(run.model).__name__} {cfg.model} ({n_params / 1e6:.2f} M parameters) on "
-        f"{d.device}{parallel}, {cfg.steps} steps x {cfg.batch_size} images, {cfg.precision}, "
+        f"{d.device}{parallel}, {cfg.steps} steps x {cfg.batch_size} images, {precision}, "
         f"data {cfg.data or 'embedded'}")
 
     def evaluate(step: int) -> dict:  # on every rank (a sharded EMA needs all of them); rank 0 writes the grid
@@ -262,32 +306,30 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
         return run.data.evaluate(run.ema, run.stage, cfg, run.diffusion, d.device, png if d.main else None)
 
     def save(step: int) -> Path:
-        return save_checkpoint(run.run_dir, step, run.model, run.ema, run.opt, run.sched, run.gen, run.skipped, cfg,
+        return save_checkpoint(run.run_dir, step, run.model, run.ema, run.opt, run.sched, run.skipped, cfg,
                                d)
 
     bar = tqdm(total=cfg.steps, initial=run.start, disable=not progress, desc=f"stage {cfg.stage}", unit="step")
     t_start = t_log = time.time()
-    done, saved_at, bad_run, last = run.start, None, 0, {}  # bad_run: skipped steps in a row
+    done, saved_at, bad_run, last, records = run.start, None, 0, {}, []  # bad_run: skipped steps in a row
     run.model.train()
     with open(run.run_dir / "metrics.jsonl", "a") if d.main else nullcontext() as metrics:
         for step in range(run.start, cfg.steps):
-            stats, grad_norm, updated = train_step(run, step, stop.received is not None)
+            records.append((step + 1, train_step(run, step, stop.received is not None)))
             done = step + 1
-            if updated:
-                bad_run = 0
-            else:
-                run.skipped, bad_run = run.skipped + 1, bad_run + 1
-                log(f"step {done}: loss {stats[0]}, gradient norm {grad_norm}: skipped, no update ({bad_run} in a row)")
-                if cfg.max_bad_steps and bad_run >= cfg.max_bad_steps:
-                    raise FloatingPointError(
-                        f"stopping at step {done}: steps {done - bad_run + 1} to {done} all had a non-finite loss or "
-                        f"gradient norm (--max-bad-steps {cfg.max_bad_steps}). The last good checkpoint is "
-                        f"{latest_checkpoint(run.run_dir) or 'none yet'}; resume from it with a lower --lr or "
-                        "--grad-clip, or check the data")
-            last = {"step": done, "loss": stats[0], "mse": stats[1], "vb": stats[2], "lr": run.sched.get_last_lr()[0],
-                    "grad_norm": grad_norm, "skipped_steps": run.skipped}
             bar.update(1)
-            if d.main and (done % cfg.log_every == 0 or done == cfg.steps):
+            logging = done % cfg.log_every == 0 or done == cfg.steps
+            saving = done % cfg.save_every == 0 and done < cfg.steps
+            sampling = cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps
+            # The host reads the device's numbers only here. Every rank reaches the same steps (a collective may
+            # follow); a single process also stops at once on a signal.
+            if not (logging or saving or sampling or (d.world_size == 1 and stop.received)):
+                continue
+            steps_read, bad_run = read_records(run, records, bad_run, log)
+            records, stopping = [], any(r["stop"] for _, r in steps_read)
+            last = {"step": done, **{k: v for k, v in steps_read[-1][1].items() if k != "stop"},
+                    "lr": run.sched.get_last_lr()[0], "skipped_steps": run.skipped}
+            if d.main and logging:
                 now = time.time()
                 full = done % cfg.log_every == 0  # images/s over a whole logging interval only
                 last["img_per_s"] = cfg.log_every * cfg.batch_size / max(now - t_log, 1e-9) if full else None
@@ -296,12 +338,12 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
                 metrics.flush()
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.1e}",
                                 img_s=f"{last['img_per_s']:.1f}" if last["img_per_s"] else "-")
-            if done % cfg.save_every == 0 and done < cfg.steps:
+            if saving:
                 save(done)
                 saved_at = done
-            if stats[3] > 0:  # a stop signal reached some rank: every rank stops after this same step
+            if stopping:  # a stop signal reached some rank: every rank stops after this same step
                 break
-            if cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps:
+            if sampling:
                 scores = evaluate(done)
                 if d.main:
                     metrics.write(json.dumps({"step": done, "val": scores}) + "\n")

@@ -27,7 +27,9 @@ class TrainConfig:
     grad_clip: float = _field(1.0, "max global gradient norm (paper: 0.01 at lr 2e-5)")
     ema_decay: float = _field(0.9999, "EMA decay of the weights; step s uses min(decay, (1 + s) / (10 + s))")
     caption_dropout: float = _field(0.1, "probability that a caption (stage 1: a class) is replaced by the null one")
-    precision: str = _field("fp32", "fp32, bf16 or fp16 autocast (fp16 adds a gradient scaler)")
+    precision: str = _field("auto", "auto (bf16 on CUDA, fp32 on a CPU), fp32, bf16 or fp16 autocast (fp16 adds a "
+                                     "gradient scaler); on CUDA, fp32 matmuls use TF32")
+    compile: bool = _field(False, "torch.compile the model (one graph, the Triton kernels included)")
     grad_checkpointing: bool = _field(False, "recompute each block in the backward pass to save activation memory")
     fsdp: bool = _field(False, "under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP")
     kernels: str = _field("auto", "auto (Triton on CUDA, PyTorch on CPU), triton or torch; stage 1's DiT runs its patchify "

@@ -2,7 +2,7 @@
 saves, and metrics.jsonl trimming.
 
     checkpoints/step-XXXXXXX/  model.safetensors, ema.safetensors, trainer.pt (optimizer by parameter name and
-                               unsharded, scheduler, generator, step, config) and manifest.json (each file's
+                               unsharded, scheduler, step, config) and manifest.json (each file's
                                size and CRC-32, written last)
 
 A folder is written as step-XXXXXXX.tmp, every file and the folder fsync'd, the manifest last, and only then
@@ -114,7 +114,7 @@ def remove_checkpoint(folder: Path) -> None:
     shutil.rmtree(trash)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, gen, skipped: int, cfg,
+def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, skipped: int, cfg,
                     d: distributed.Dist) -> Path:
     """Write checkpoints/step-XXXXXXX crash-safely: every file written and fsync'd in step-XXXXXXX.tmp, the
     manifest last, then the folder renamed into place (the rename fsync'd too); then all but the newest --keep
@@ -138,8 +138,8 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, gen, skipp
     save_safetensors(model_sd, tmp / "model.safetensors", meta)  # each file fsync'd, and the folder
     save_safetensors(ema_sd, tmp / "ema.safetensors", meta)
     with atomic_path(tmp / "trainer.pt") as path:
-        torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                    "skipped_steps": skipped, "config": asdict(cfg)}, path)
+        torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(), "skipped_steps": skipped,
+                    "config": asdict(cfg)}, path)
     write_manifest(tmp)  # last: a folder with a manifest holds every file it lists
     if final.exists():  # this step was saved before (a run resumed from an older checkpoint): replaced
         remove_checkpoint(final)
@@ -158,13 +158,12 @@ def load_weights(path: Path, model, ema) -> None:
         load_state_dict_strict(module, load_safetensors(path / name), source=f"--resume {path / name}")
 
 
-def load_trainer_state(path: Path, model, opt, sched, gen) -> tuple[int, int, dict]:
-    """The optimizer (after wrapping: each rank takes its shard), scheduler and generator of a checkpoint
+def load_trainer_state(path: Path, model, opt, sched) -> tuple[int, int, dict]:
+    """The optimizer (after wrapping: each rank takes its shard) and scheduler of a checkpoint
     folder; returns (the step it ends at, the steps skipped so far, the run's settings then)."""
     state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     distributed.load_optimizer_state_dict(model, opt, state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    gen.set_state(state["generator"])
     return int(state["step"]), int(state.get("skipped_steps", 0)), state["config"]
 
 
