@@ -19,6 +19,7 @@ setup(
         "diffusers>=0.30",  # AutoencoderKL for feature extraction and sampling with a VAE
         "pillow",
         "tqdm",
+        "matplotlib",  # the ablation's plot (python -m pixart_fast.train.ablate)
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scikit-image"],

@@ -113,3 +113,19 @@ def test_stage1_refuses_a_pixart_init(tmp_path):
     save_safetensors(PixArt(CONFIGS["PixArt-pixel-tiny"]).state_dict(), path)
     with pytest.raises(ValueError, match="class-conditional"):
         train(tiny(1, tmp_path, steps=1, init=str(path)), progress=False)
+
+
+def test_the_ablation_command_writes_its_table_and_plot(tmp_path):
+    from pixart_fast.train.ablate import ablate
+
+    table = ablate(tmp_path, seeds=2, stage1_steps=2, stage2_steps=4, eval_every=2, num_val=2, progress=False,
+                   model="PixArt-pixel-tiny", batch_size=2, kernels="torch", sample_steps=2)
+    assert set(table) == {"from stage 1", "from scratch"}
+    for arm in table.values():
+        assert arm["steps"] == [2, 4] and set(arm["steps_to_target"]) == {0, 1}
+        m = arm["metrics"]["position"]
+        assert all(lo <= mean <= hi for lo, mean, hi in zip(m["min"], m["mean"], m["max"]))
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert set(saved["runs"]) == {"0", "1"}
+    assert "| from scratch | 4 |" in (tmp_path / "ablation.md").read_text()
+    assert (tmp_path / "ablation.png").stat().st_size > 1000
