@@ -1,13 +1,18 @@
 """What the benchmarks run: our PixArt and diffusers' PixArtTransformer2DModel with the same weights, a training
-batch, one training step (forward, loss, backward, AdamW), the largest batch that fits, and the bytes a forward
-pass saves for backward.
+batch, one training step (forward, loss, backward, AdamW) and the largest batch that fits.
 
 Shapes: B batch, C latent channels, H x W latent size, L caption tokens, E caption channels.
 """
 from dataclasses import dataclass, replace
 
 import torch
-from diffusers import PixArtTransformer2DModel
+
+try:
+    from diffusers import PixArtTransformer2DModel
+except ImportError as error:  # diffusers is optional (a GPU machine without network may lack it): only the
+    PixArtTransformer2DModel, DIFFUSERS_IMPORT_ERROR = None, error  # diffusers comparisons need it
+else:
+    DIFFUSERS_IMPORT_ERROR = None
 
 from pixart_fast.checkpoints import to_diffusers
 from pixart_fast.diffusion import Diffusion
@@ -60,6 +65,9 @@ def build_ours(cfg: PixArtConfig, device, kernels: str = "auto", seed: int = 0) 
 
 def build_diffusers(ours: PixArt) -> PixArtTransformer2DModel:
     """diffusers' PixArtTransformer2DModel of ours' shape, on ours' device, with ours' weights (strict load)."""
+    if PixArtTransformer2DModel is None:
+        raise ModuleNotFoundError(f"diffusers cannot be imported ({DIFFUSERS_IMPORT_ERROR}); install it for the "
+                                  "comparisons with diffusers' model")
     cfg = ours.config
     device = next(ours.parameters()).device
     with torch.device(device):
@@ -74,8 +82,9 @@ def build_diffusers(ours: PixArt) -> PixArtTransformer2DModel:
 
 def model_fn(model, batch: Batch):
     """(x_t, t) -> model output (B, 2C, H, W), captions and micro-conditions bound from batch."""
-    if isinstance(model, PixArtTransformer2DModel) or isinstance(getattr(model, "_orig_mod", None),
-                                                                  PixArtTransformer2DModel):
+    if PixArtTransformer2DModel is not None and (
+            isinstance(model, PixArtTransformer2DModel)
+            or isinstance(getattr(model, "_orig_mod", None), PixArtTransformer2DModel)):
         added = None if batch.img_hw is None else {"resolution": batch.img_hw, "aspect_ratio": batch.aspect_ratio}
         return lambda x, t: model(x, encoder_hidden_states=batch.y, timestep=t, encoder_attention_mask=batch.mask,
                                   added_cond_kwargs=added, return_dict=False)[0]
@@ -139,34 +148,6 @@ def largest_batch(make_step, start: int, max_probes: int = 8) -> tuple[int, int]
         else:
             bad = mid
     return good, probes
-
-
-def saved_bytes(run, exclude) -> tuple[int, object]:
-    """Bytes autograd saves for backward while run() executes: the distinct storages of the saved tensors
-    (a storage saved twice, or through several views, counts once), less those of `exclude` (parameters and
-    buffers, held anyway). Returns (bytes, run's result); keep the result alive while the count matters."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    return sum(storages.values()), out
-
-
-def activation_bytes(model_name: str, cfg: PixArtConfig, B: int, device, kernels: str = "torch") -> int:
-    """Bytes a training forward of `model_name` ("ours" or "diffusers") at cfg saves for backward, batch B."""
-    ours = build_ours(cfg, device, kernels)
-    model = ours if model_name == "ours" else build_diffusers(ours)
-    batch = make_batch(cfg, B, device)
-    fn = model_fn(model, batch)
-    n, _ = saved_bytes(lambda: fn(batch.x0, batch.t), [*model.parameters(), *model.buffers()])
-    return n
 
 
 def xl_width(depth: int, resolution: int = 256) -> PixArtConfig:
