@@ -6,13 +6,14 @@ Parameter names are the official PixArt repo's (and facebookresearch/DiT's for `
 load unchanged. Shapes: B batch, C channels, H x W input, T = (H/p)(W/p) image tokens, D hidden size,
 L caption tokens (at most 120), E caption channels (4096 for T5-XXL).
 """
+import functools
 import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from pixart_fast.diffusion import guided
 from pixart_fast.kernels import cross_attention, gated_residual, gated_residual_modulate, modulate, patchify, unpatchify
@@ -287,6 +288,40 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Recomputation: what the backward pass recomputes instead of storing
+# ----------------------------------------------------------------------------------------------------------
+
+RECOMPUTE = ("none", "selective", "full")
+_aten = torch.ops.aten
+# Ops whose outputs selective recomputation keeps: matmuls and attention (the FLOPs). Everything else in a block
+# is pointwise or a reduction over one row (LayerNorm, modulation, GELU, casts, the gated residuals), recomputed
+# in the backward pass from the kept tensors at a few percent of the block's compute.
+_KEPT = {getattr(_aten, name).default for name in (
+    "mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu") if hasattr(_aten, name)}
+
+
+def _keep_matmul_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op in _KEPT or op is torch.ops.pixart_fast.cross_attn_fwd.default:  # the cross-attention kernel: a matmul
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpoint_options(recompute: str) -> dict:
+    """torch.utils.checkpoint's options for a block under `recompute` ("selective" or "full")."""
+    if recompute == "selective":
+        return {"use_reentrant": False,
+                "context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_matmul_outputs)}
+    return {"use_reentrant": False}
+
+
+def _check_recompute(recompute: str) -> str:
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    return recompute
+
+
 def xavier_init(model: nn.Module) -> None:
     """Xavier-uniform weights and zero biases for every Linear, and for the patch-embedding conv viewed as a
     Linear over the flattened patch: the official repo's and DiT's starting point before the special cases."""
@@ -312,14 +347,16 @@ class PixArt(nn.Module):
     """PixArt-alpha: a DiT with adaLN-single, cross-attention to T5 features, optional PixArtMS micro-conditions.
 
     kernels: "auto" (Triton on CUDA, PyTorch on CPU), "triton" or "torch" (docs/ARCHITECTURE.md section 4).
-    grad_checkpointing: recompute each block in the backward pass instead of storing its activations.
+    recompute: what the backward pass recomputes instead of storing (`RECOMPUTE`): "none"; "selective", each
+    block's pointwise work (LayerNorm, modulation, GELU, casts) while its matmul and attention outputs are kept;
+    "full", each whole block from its inputs (about a third more compute).
     """
 
-    def __init__(self, config: PixArtConfig, kernels: str = "auto", grad_checkpointing: bool = False):
+    def __init__(self, config: PixArtConfig, kernels: str = "auto", recompute: str = "none"):
         super().__init__()
         if kernels not in BACKENDS:
             raise ValueError(f"kernels must be one of {BACKENDS}, got {kernels!r}")
-        self.config, self.kernels, self.grad_checkpointing = config, kernels, grad_checkpointing
+        self.config, self.kernels, self.recompute = config, kernels, _check_recompute(recompute)
         D, c = config.hidden_size, config
         self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, D, kernels)
         self.t_embedder = TimestepEmbedder(D)
@@ -403,8 +440,8 @@ class PixArt(nn.Module):
         x_mod = modulate(x, shift, scale, backend=self.kernels)  # (B, T, D)
         for i, block in enumerate(self.blocks):
             nxt = self.blocks[i + 1].modulation(t0)[:2] if i + 1 < c.depth else self.final_layer.modulation(t)
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x, x_mod = checkpoint(block, x, x_mod, y, t0, mask, *nxt, use_reentrant=False)
+            if self.recompute != "none" and torch.is_grad_enabled():
+                x, x_mod = checkpoint(block, x, x_mod, y, t0, mask, *nxt, **_checkpoint_options(self.recompute))
             else:
                 x, x_mod = block(x, x_mod, y, t0, mask, *nxt)  # (B, T, D) each
         x = self.final_layer(x_mod)  # (B, T, p*p*out)
@@ -498,11 +535,11 @@ class DiT(nn.Module):
     kernels: the patchify / unpatchify backend; the blocks are facebookresearch/DiT's PyTorch code, which
     `pixart_fast.patch(model)` runs on the fused kernels (the trainer does that in stage 1)."""
 
-    def __init__(self, config: PixArtConfig, kernels: str = "auto", grad_checkpointing: bool = False):
+    def __init__(self, config: PixArtConfig, kernels: str = "auto", recompute: str = "none"):
         super().__init__()
         if kernels not in BACKENDS:
             raise ValueError(f"kernels must be one of {BACKENDS}, got {kernels!r}")
-        self.config, self.grad_checkpointing = config, grad_checkpointing  # no `kernels` attribute: patch() finds
+        self.config, self.recompute = config, _check_recompute(recompute)  # no `kernels` attribute: patch() finds
         D = config.hidden_size                                              # the blocks (see its docstring)
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D, kernels)
         self.t_embedder = TimestepEmbedder(D)
@@ -533,8 +570,8 @@ class DiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
         cond = self.t_embedder(t) + self.y_embedder(labels, force_drop_ids)  # (B, D)
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cond, use_reentrant=False)
+            if self.recompute != "none" and torch.is_grad_enabled():
+                x = checkpoint(block, x, cond, **_checkpoint_options(self.recompute))
             else:
                 x = block(x, cond)
         x = self.final_layer(x, cond)  # (B, T, p*p*out)

@@ -95,6 +95,28 @@ def flops_per_image(config: PixArtConfig, height_px: int | None = None, width_px
     return TRAIN_FLOPS_PER_FORWARD * sum(forward_flops(config, height_px, width_px, **kwargs).values())
 
 
+# Bytes a parameter costs in training whatever the batch: fp32 weight, gradient, two AdamW moments, the EMA copy.
+TRAIN_BYTES_PER_PARAM = 4 + 4 + 8 + 4
+
+
+def training_memory_bytes(params: int, batch: int, resolution: int, activation_bytes_256: float,
+                          fixed_bytes: float = 0.0, patch_px: int = 16) -> float:
+    """Estimated memory of a training step: TRAIN_BYTES_PER_PARAM per parameter, `fixed_bytes` a step holds once
+    (under autocast the low-precision weight copies the backward needs), and `batch` images of activations,
+    `activation_bytes_256` per image at 256 px scaled by the token count (patch_px pixels a token side: 16 for
+    PixArt-XL/2's 8x VAE and patch 2). An estimate: allocator slack and temporary buffers are not counted."""
+    tokens = (resolution // patch_px) ** 2
+    return params * TRAIN_BYTES_PER_PARAM + fixed_bytes + batch * activation_bytes_256 * tokens / 256
+
+
+def largest_batch(memory_gb: float, params: int, resolution: int, activation_bytes_256: float,
+                  fixed_bytes: float = 0.0) -> int:
+    """The largest batch whose `training_memory_bytes` fits in `memory_gb` GB (0: not even one image)."""
+    free = memory_gb * 1e9 - training_memory_bytes(params, 0, resolution, activation_bytes_256, fixed_bytes)
+    per_image = training_memory_bytes(params, 1, resolution, activation_bytes_256) - params * TRAIN_BYTES_PER_PARAM
+    return max(0, int(free // per_image))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPUs
 # ----------------------------------------------------------------------------------------------------------

@@ -155,11 +155,13 @@ def test_forward_does_not_mutate_the_module():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_recomputation_gives_the_same_gradients(recompute, kernels):
     torch.manual_seed(0)
-    a = PixArt(TINY, kernels="torch")
+    a = PixArt(TINY, kernels=kernels)
     torch.nn.init.normal_(a.final_layer.linear.weight, std=0.1)  # non-zero output so every gradient flows
-    b = PixArt(TINY, kernels="torch", grad_checkpointing=True)
+    b = PixArt(TINY, kernels=kernels, recompute=recompute)
     b.load_state_dict(a.state_dict())
     x, t, y, mask = random_inputs(TINY)
     drop = torch.tensor([True, False, False])
@@ -167,6 +169,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         m(x, t, y, mask, force_drop_ids=drop).square().mean().backward()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+    with pytest.raises(ValueError, match="recompute must be one of"):
+        PixArt(TINY, recompute="some")
 
 
 def test_caption_dropout_uses_the_null_caption_with_all_tokens_valid():

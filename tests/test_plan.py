@@ -218,3 +218,16 @@ def test_gpu_names_and_aliases(capsys):
         main(["--gpu", "B200"])
     err = " ".join(capsys.readouterr().err.split())
     assert "unknown GPU 'B200'" in err and "A100-80GB (or A100)" in err and "RTX4090" in err
+
+
+def test_largest_batch_fits_and_one_more_does_not():
+    from pixart_fast.plan import largest_batch, training_memory_bytes
+
+    params, act, fixed = 610_856_096, 500 * 2**20, 1.5e9
+    for gb, res in ((80, 256), (141, 512), (80, 1024)):
+        b = largest_batch(gb, params, res, act, fixed)
+        assert b > 0
+        assert training_memory_bytes(params, b, res, act, fixed) <= gb * 1e9
+        assert training_memory_bytes(params, b + 1, res, act, fixed) > gb * 1e9
+    assert largest_batch(80, params, 1024, act) < largest_batch(80, params, 256, act)  # 16x the tokens
+    assert largest_batch(10, params, 256, act) == 0  # 611 M parameters alone need 12.2 GB

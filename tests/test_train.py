@@ -92,8 +92,8 @@ def test_overfitting_one_batch_lowers_the_loss():
 
 
 def test_cli_overrides_the_recipe():
-    cfg = config_from_args(["--stage", "3", "--steps", "7", "--lr", "2e-5", "--grad-checkpointing", "true"])
-    assert (cfg.stage, cfg.steps, cfg.lr, cfg.grad_checkpointing) == (3, 7, 2e-5, True)
+    cfg = config_from_args(["--stage", "3", "--steps", "7", "--lr", "2e-5", "--recompute", "selective"])
+    assert (cfg.stage, cfg.steps, cfg.lr, cfg.recompute) == (3, 7, 2e-5, "selective")
     assert cfg.model == RECIPES[3].model
     with pytest.raises(SystemExit):
         config_from_args(["--stage", "4"])

@@ -30,7 +30,9 @@ class TrainConfig:
     precision: str = _field("auto", "auto (bf16 on CUDA, fp32 on a CPU), fp32, bf16 or fp16 autocast (fp16 adds a "
                                      "gradient scaler); on CUDA, fp32 matmuls use TF32")
     compile: bool = _field(False, "torch.compile the model (one graph, the Triton kernels included)")
-    grad_checkpointing: bool = _field(False, "recompute each block in the backward pass to save activation memory")
+    recompute: str = _field("none", "what the backward pass recomputes to save activation memory: none, selective "
+                                    "(each block's pointwise work; its matmul and attention outputs are kept) or "
+                                    "full (whole blocks; paper: full)")
     fsdp: bool = _field(False, "under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP")
     kernels: str = _field("auto", "auto (Triton on CUDA, PyTorch on CPU), triton or torch; stage 1's DiT runs its patchify "
                                   "/ unpatchify on them, its blocks stay PyTorch")

@@ -112,7 +112,7 @@ class ClassConditional(Stage):
         mcfg = self.model_config(cfg)
         if mcfg.micro_conditions:
             raise ValueError(f"stage 1 trains a class-conditional DiT; {cfg.model} has micro-conditions")
-        return DiT(mcfg, kernels=cfg.kernels, grad_checkpointing=cfg.grad_checkpointing)
+        return DiT(mcfg, kernels=cfg.kernels, recompute=cfg.recompute)
 
     def condition(self, net, batch, drop, micro_conditions):
         return lambda xt, tt: net(xt, tt, batch.labels, force_drop_ids=drop)
@@ -145,7 +145,7 @@ class TextConditional(Stage):
         return text
 
     def build_model(self, cfg):
-        return PixArt(self.model_config(cfg), kernels=cfg.kernels, grad_checkpointing=cfg.grad_checkpointing)
+        return PixArt(self.model_config(cfg), kernels=cfg.kernels, recompute=cfg.recompute)
 
     def condition(self, net, batch, drop, micro_conditions):
         extra = _micro(batch) if micro_conditions else {}
