@@ -71,6 +71,10 @@ def score_objects(
         ys, xs = np.nonzero(solid)
         my, mx = np.median(ys) + 1, np.median(xs) + 1  # a block's centre is its top-left pixel's corner + 1
         blob = mask & (np.abs(yy - my) <= cell_h) & (np.abs(xx - mx) <= cell_w)
+        if not blob.any():  # the median of distant clusters can fall between them: take the block nearest it
+            k = np.argmin((ys + 1 - my) ** 2 + (xs + 1 - mx) ** 2)
+            my, mx = ys[k] + 1, xs[k] + 1
+            blob = mask & (np.abs(yy - my) <= cell_h) & (np.abs(xx - mx) <= cell_w)
         row = min(int(yy[blob].mean() // cell_h), 2)
         col = min(int(xx[blob].mean() // cell_w), 2)
         results.append({

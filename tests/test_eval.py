@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pixart_fast.data import COLOURS, SHAPES, AspectScenes, Scene, ShapeClasses, ShapeObject, ShapeScenes, render
-from pixart_fast.eval import alignment_accuracy, alignment_scores, classify_shape, colour_labels
+from pixart_fast.eval import alignment_accuracy, alignment_scores, classify_shape, colour_labels, score_objects
 
 
 def _held_out(stage):
@@ -107,3 +107,13 @@ def test_mismatched_inputs_are_refused():
         alignment_scores(images[:3], truths[:2])
     with pytest.raises(ValueError, match="does not match"):
         alignment_scores([images[0][:, :16]], truths[:1])
+
+
+def test_clusters_whose_median_falls_between_them_are_scored_not_crashed():
+    # Three red squares at top left, top right and bottom left: the median of their blocks (row of two, column of
+    # two) lies at the centre-ish empty area; the scorer must anchor on a real blob instead of averaging nothing.
+    objects = tuple(ShapeObject("red", "square", cy, cx, 4.0) for cy, cx in ((5, 5), (5, 27), (27, 5)))
+    drawn = render(Scene(32, 32, objects))
+    truth = Scene(32, 32, (ShapeObject("red", "square", 5, 5, 4.0, region="top left", size="small"),))
+    result = score_objects(drawn, truth)
+    assert result[0]["colour"] is True and result[0]["position"] in (True, False)
