@@ -110,10 +110,10 @@ def test_mismatched_inputs_are_refused():
 
 
 def test_clusters_whose_median_falls_between_them_are_scored_not_crashed():
-    # Three red squares at top left, top right and bottom left: the median of their blocks (row of two, column of
-    # two) lies at the centre-ish empty area; the scorer must anchor on a real blob instead of averaging nothing.
-    objects = tuple(ShapeObject("red", "square", cy, cx, 4.0) for cy, cx in ((5, 5), (5, 27), (27, 5)))
+    # Two small red squares in opposite corners: the median of their blocks lies in the empty middle, more than a
+    # cell from either; the scorer must anchor on a real blob instead of averaging nothing.
+    objects = tuple(ShapeObject("red", "square", c, c, 2.5) for c in (3.0, 29.0))
     drawn = render(Scene(32, 32, objects))
-    truth = Scene(32, 32, (ShapeObject("red", "square", 5, 5, 4.0, region="top left", size="small"),))
+    truth = Scene(32, 32, (ShapeObject("red", "square", 3, 3, 2.5, region="top left", size="small"),))
     result = score_objects(drawn, truth)
     assert result[0]["colour"] is True and result[0]["position"] in (True, False)
