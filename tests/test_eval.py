@@ -112,8 +112,8 @@ def test_mismatched_inputs_are_refused():
 def test_clusters_whose_median_falls_between_them_are_scored_not_crashed():
     # Two small red squares in opposite corners: the median of their blocks lies in the empty middle, more than a
     # cell from either; the scorer must anchor on a real blob instead of averaging nothing.
-    objects = tuple(ShapeObject("red", "square", c, c, 2.5) for c in (3.0, 29.0))
+    objects = tuple(ShapeObject("red", "square", c, c, 2.0) for c in (2.5, 29.5))
     drawn = render(Scene(32, 32, objects))
-    truth = Scene(32, 32, (ShapeObject("red", "square", 3, 3, 2.5, region="top left", size="small"),))
+    truth = Scene(32, 32, (ShapeObject("red", "square", 2.5, 2.5, 2.0, region="top left", size="small"),))
     result = score_objects(drawn, truth)
     assert result[0]["colour"] is True and result[0]["position"] in (True, False)
