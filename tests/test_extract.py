@@ -167,6 +167,13 @@ def test_features_equal_the_encoders_and_unreadable_images_are_skipped(images, e
     batch = data.batch([0])
     assert batch.is_latent and batch.latent_scale == 0.18215
     torch.testing.assert_close(batch.x0(eps), (mean + std * eps) * 0.18215)
+    # a batch reads samples across chunks as one at a time does; text_dtype=None keeps the stored float32
+    order = [5, 0, 3, 3, 6]
+    whole, samples = data.batch(order, text_dtype=None), [data[i] for i in order]
+    for field, key in (("images", "latent_mean"), ("latent_std", "latent_std"), ("text", "text"), ("mask", "mask"),
+                       ("img_hw", "img_hw"), ("aspect_ratio", "aspect_ratio")):
+        assert torch.equal(getattr(whole, field), torch.stack([s[key] for s in samples])), field
+    assert whole.text.dtype == torch.float32 and whole.labels.tolist() == [s["label"] for s in samples]
 
 
 def test_rerun_writes_only_what_is_missing(images, encoders, tmp_path):

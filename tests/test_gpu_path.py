@@ -40,7 +40,7 @@ def test_a_steady_state_step_reads_nothing_back_to_the_host(stage, tmp_path, mon
     for step in range(1, 4):
         indices = batch_indices(run.data, step, cfg.batch_size, cfg.seed)
         ready[tuple(indices)] = make(indices)
-    monkeypatch.setattr(run.data, "batch", lambda indices: ready[tuple(indices)])
+    monkeypatch.setattr(run.data, "batch", lambda indices, pin_memory=False: ready[tuple(indices)])
     counter = CountSyncs(monkeypatch)
     records = [train_step(run, step, False) for step in range(1, 4)]
     monkeypatch.undo()

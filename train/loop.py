@@ -39,11 +39,13 @@ from tqdm import tqdm
 from pixart_fast import distributed
 from pixart_fast.diffusion import Diffusion
 from pixart_fast.files import atomic_path
+from pixart_fast.loader import prefetch, to_device
 from pixart_fast.train.recipes import RECIPES, TrainConfig
 from pixart_fast.train.run_folder import (latest_checkpoint, load_trainer_state, load_weights, newest_intact_checkpoint,
                                           remove_leftovers, save_checkpoint, trim_metrics, verified_checkpoint)
 from pixart_fast.train.stages import STAGES, Stage
 
+PREFETCH_DEPTH, PREFETCH_WORKERS = 4, 2  # batches built ahead of the step, by this many threads
 PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # "auto": see autocast_dtype
 # Settings that shape the run's trajectory: resuming with other values is allowed, but warned about.
 TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup", "grad_clip", "ema_decay",
@@ -197,13 +199,22 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def train_step(run: Run, step: int, stop_requested: bool) -> torch.Tensor:
+def step_batch(run: Run, step: int):
+    """This rank's slice of step `step`'s global batch, on the CPU (page-locked when training on a GPU): a pure
+    function of (seed, step), so the prefetcher may build it ahead of time."""
+    cfg, d = run.cfg, run.d
+    indices = batch_indices(run.data, step, cfg.batch_size, cfg.seed)[d.slice(cfg.batch_size)]
+    return run.data.batch(indices, pin_memory=d.device.type == "cuda")
+
+
+def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.Tensor:
     """Step `step` of the run: this rank's slice of the global batch, forward, backward, and (when the loss and
     gradient norm are finite) the optimizer and EMA updates. No host sync: whether to update is decided on the
     device. Returns a device tensor [loss, mse, vb, grad norm, updated, stop] (losses averaged over ranks; stop:
     some rank asked to stop), read by `read_records` at logging steps."""
     cfg, d, mine = run.cfg, run.d, run.d.slice(run.cfg.batch_size)
-    batch = run.data.batch(batch_indices(run.data, step, cfg.batch_size, cfg.seed)[mine]).to(d.device)
+    # batch: step_batch(run, step), built ahead by the prefetcher; on the device, caption features in float32
+    batch = to_device(step_batch(run, step) if batch is None else batch, d.device)
     # The global batch's randomness, drawn alike on every rank from a generator seeded by (seed, step) (on the
     # device: fast at any batch size); each rank keeps its slice. Determinism: every draw below is a function
     # of (seed, step) and the data, never of the world size or of earlier steps' outcomes.
@@ -313,9 +324,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
     t_start = t_log = time.time()
     done, saved_at, bad_run, last, records = run.start, None, 0, {}, []  # bad_run: skipped steps in a row
     run.model.train()
-    with open(run.run_dir / "metrics.jsonl", "a") if d.main else nullcontext() as metrics:
-        for step in range(run.start, cfg.steps):
-            records.append((step + 1, train_step(run, step, stop.received is not None)))
+    with open(run.run_dir / "metrics.jsonl", "a") if d.main else nullcontext() as metrics, \
+            prefetch(lambda s: step_batch(run, s), range(run.start, cfg.steps), depth=PREFETCH_DEPTH,
+                     workers=PREFETCH_WORKERS, pin_memory=d.device.type == "cuda") as batches:
+        for step, batch in batches:
+            records.append((step + 1, train_step(run, step, stop.received is not None, batch)))
             done = step + 1
             bar.update(1)
             logging = done % cfg.log_every == 0 or done == cfg.steps

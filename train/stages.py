@@ -26,6 +26,7 @@ from pixart_fast.diffusion import Diffusion
 from pixart_fast.eval import alignment_scores
 from pixart_fast.features import FeatureDataset
 from pixart_fast.grid import image_grid
+from pixart_fast.loader import to_device
 from pixart_fast.model import CONFIGS, DiT, PixArt
 from pixart_fast.text import TextEncoder
 from pixart_fast.train.recipes import TrainConfig
@@ -196,7 +197,7 @@ class EmbeddedData:
     def bucket_ids(self) -> np.ndarray | None:
         return self.train.bucket_ids()
 
-    def batch(self, indices) -> Batch:
+    def batch(self, indices, pin_memory: bool = False) -> Batch:  # pin_memory: the prefetcher pins it
         batch = self.train.batch(indices)
         if self.text is None:
             return batch
@@ -254,8 +255,10 @@ class FeatureData:
     def bucket_ids(self) -> np.ndarray:
         return self.features.bucket_ids()
 
-    def batch(self, indices) -> Batch:
-        return self.features.batch(indices)
+    def batch(self, indices, pin_memory: bool = False) -> Batch:
+        # T5 features as stored (bfloat16 from a GPU extraction: half the bytes to read, pad and copy);
+        # pixart_fast.loader.to_device casts them to float32 on the device
+        return self.features.batch(indices, text_dtype=None, pin_memory=pin_memory)
 
     @torch.no_grad()
     def evaluate(self, ema, stage: Stage, cfg: TrainConfig, diffusion: Diffusion, device, png: Path | None) -> dict:
@@ -269,7 +272,7 @@ class FeatureData:
             t = torch.randint(0, diffusion.num_timesteps, (len(group),), generator=g).to(device)
             noise = torch.randn(x0.shape, generator=g).to(device)
             keep = torch.zeros(len(group), dtype=torch.bool, device=device)
-            model_fn = stage.condition(ema, batch.to(device), keep, ema.config.micro_conditions)
+            model_fn = stage.condition(ema, to_device(batch, device), keep, ema.config.micro_conditions)
             total += diffusion.training_losses(model_fn, x0, t, noise)["loss"].sum().item()
             count += len(group)
         return {"val_loss": total / count}
