@@ -116,3 +116,18 @@ def cases() -> list[KernelCase]:
                        lambda x, S=S: unpatchify_ref(x, PATCH, 8, S, S)),
         ]
     return out
+
+
+def kernel_call(fn, inputs: dict, backward: bool):
+    """One call of fn on inputs, as a callable; with backward, the gradients of every differentiable input too."""
+    differentiable = [t for t in inputs.values() if t.requires_grad]
+    grads = None
+
+    def call():
+        nonlocal grads
+        out = fn(**inputs)
+        if backward:
+            outs = out if isinstance(out, tuple) else (out,)
+            grads = grads or [torch.randn_like(o) for o in outs]
+            torch.autograd.grad(outs, differentiable, grads)
+    return call

@@ -663,22 +663,6 @@ def tiny_cases():
             setattr(cases, k, v)
 
 
-def kernel_call(fn, inputs: dict, backward: bool):
-    """bench/test_bench_kernels.py's call: fn on inputs, with backward the gradients of every float input too."""
-    import torch
-    differentiable = [t for t in inputs.values() if t.requires_grad]
-    grads = None
-
-    def call():
-        nonlocal grads
-        out = fn(**inputs)
-        if backward:
-            outs = out if isinstance(out, tuple) else (out,)
-            grads = grads or [torch.randn_like(o) for o in outs]
-            torch.autograd.grad(outs, differentiable, grads)
-    return call
-
-
 def time_kernel(call, reps: int, rounds: int) -> float:
     """Median over rounds of (reps calls then one synchronize) / reps, after one warm-up round."""
     def run():
@@ -697,6 +681,7 @@ def time_kernel(call, reps: int, rounds: int) -> float:
 
 def kernel_rows(check: Check, case, impl: str, device: str, reps: int, rounds: int) -> list[dict]:
     """Both directions of one case and implementation, in test_bench_kernels.py's extra_info format."""
+    import cases
     import torch
     from pixart_fast.plan import GPUS
     fn = {"triton": case.triton, "eager": case.ref}.get(impl) or torch.compile(case.ref, dynamic=False)
@@ -705,7 +690,7 @@ def kernel_rows(check: Check, case, impl: str, device: str, reps: int, rounds: i
     rows = []
     for direction in ("fwd", "fwd+bwd"):
         backward = direction == "fwd+bwd"
-        seconds = time_kernel(kernel_call(fn, inputs, backward), reps, rounds)
+        seconds = time_kernel(cases.kernel_call(fn, inputs, backward), reps, rounds)
         nbytes = case.bytes(False) + (case.bytes(True) if backward else 0)
         flops = case.flops(False) + (case.flops(True) if backward else 0)
         rows.append(dict(

@@ -8,27 +8,12 @@ The forward runs with gradients enabled, as in a training step (torch.compile th
 import pytest
 import torch
 
-from cases import cases
+from cases import cases, kernel_call
 from pixart_fast.kernels.backend import interpreting
 from pixart_fast.plan import GPUS
 
 CASES = {case.name: case for case in cases()}
 REPS, ROUNDS = 10, 10
-
-
-def _call(fn, inputs: dict, backward: bool):
-    """One call of fn on inputs; with backward, the gradients of every differentiable input too."""
-    differentiable = [t for t in inputs.values() if t.requires_grad]
-    grads = None
-
-    def call():
-        nonlocal grads
-        out = fn(**inputs)
-        if backward:
-            outs = out if isinstance(out, tuple) else (out,)
-            grads = grads or [torch.randn_like(o) for o in outs]
-            torch.autograd.grad(outs, differentiable, grads)
-    return call
 
 
 @pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
@@ -39,7 +24,7 @@ def test_kernel(benchmark, cuda_device, case, impl, direction):
         pytest.skip("TRITON_INTERPRET=1 is set: unset it to time compiled kernels")
     c, backward = CASES[case], direction == "fwd+bwd"
     fn = {"triton": c.triton, "eager": c.ref, "compile": torch.compile(c.ref, dynamic=False)}[impl]
-    call = _call(fn, c.inputs(torch.device("cuda")), backward)
+    call = kernel_call(fn, c.inputs(torch.device("cuda")), backward)
 
     def run():
         for _ in range(REPS):
