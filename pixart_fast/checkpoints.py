@@ -274,16 +274,30 @@ def load_into(model, path, seed: int = 0, source: str | None = None, from_dit: b
     return f"initialised from {kind} PixArt checkpoint {path}{fresh}"
 
 
+def training_metadata(path) -> dict:
+    """What our trainer records in a checkpoint's safetensors metadata ({} for other files): "model" (the config
+    name), "step", "stage", "prediction" ("eps" or "v"), "tokenizer" (the embedded T5's)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except SafetensorError as e:
+        raise _damaged(path, e) from e
+    recorded = {}
+    for key, value in raw.items():  # ours are JSON; another writer's ("format": "pt") stay strings
+        try:
+            recorded[key] = json.loads(value)
+        except ValueError:
+            recorded[key] = value
+    return recorded
+
+
 def config_name(path, name: str | None = None) -> str:
     """The model config a checkpoint is for: `name` if given, else the one our trainer records in its
     safetensors metadata. Raises ValueError naming the choices when neither says, or the name is unknown."""
-    path = Path(path)
-    if name is None and path.suffix == ".safetensors" and path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                name = json.loads((f.metadata() or {}).get("model", "null"))
-        except SafetensorError as e:
-            raise _damaged(path, e) from e
+    name = name or training_metadata(path).get("model")
     if name is None:
         raise ValueError(f"{path} does not record its model config; pass --model, one of {sorted(CONFIGS)}")
     if name not in CONFIGS:

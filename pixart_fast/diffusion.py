@@ -73,8 +73,18 @@ class Diffusion:
     """
 
     def __init__(
-        self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, learn_sigma: bool = True
+        self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, learn_sigma: bool = True,
+        prediction: str = "eps", min_snr_gamma: float = 0.0, min_snr_plus_one: bool = False,
     ):
+        """prediction: what the model's first C channels are, "eps" (PixArt) or "v" (v = sqrt(abar) eps -
+        sqrt(1 - abar) x0, Salimans & Ho 2022; converted to eps for the VLB term and the samplers).
+        min_snr_gamma > 0: weight the MSE by min(SNR, gamma) / SNR (eps) or min(SNR, gamma) / (SNR + 1) (v),
+        Hang et al. 2023; 0: unweighted. min_snr_plus_one (v only): min(SNR + 1, gamma) / (SNR + 1) instead, as
+        diffusers' training scripts do for v: weight 1 (plain v loss, x0 error weight >= 1) at high noise, where
+        the other form's x0 weight min(SNR, gamma) goes to 0."""
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        self.prediction, self.min_snr_gamma, self.min_snr_plus_one = prediction, min_snr_gamma, min_snr_plus_one
         if not 0 < beta_start <= beta_end < 1:
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
         if num_timesteps < 2:
@@ -126,12 +136,26 @@ class Diffusion:
         if out.shape != want:
             raise ValueError(f"model output has shape {tuple(out.shape)}, expected {want} for "
                              f"learn_sigma={self.learn_sigma}; set Diffusion(learn_sigma=...) to match the model")
-        eps = out[:, :C]
-        mse = _mean_flat((noise - eps) ** 2)
+        abar = self._at(self.alphas_cumprod, t, x0)
+        if self.prediction == "v":
+            v = out[:, :C]
+            mse = _mean_flat((abar.sqrt() * noise - (1 - abar).sqrt() * x0 - v) ** 2)
+            eps = abar.sqrt() * v + (1 - abar).sqrt() * x_t
+        else:
+            eps = out[:, :C]
+            mse = _mean_flat((noise - eps) ** 2)
+        weighted = mse
+        if self.min_snr_gamma > 0:
+            snr = (abar / (1 - abar)).flatten()
+            if self.prediction == "v" and self.min_snr_plus_one:
+                weight = (snr + 1).clamp(max=self.min_snr_gamma) / (snr + 1)
+            else:
+                weight = snr.clamp(max=self.min_snr_gamma) / (snr + 1 if self.prediction == "v" else snr)
+            weighted = weight * mse
         if not self.learn_sigma:
-            return dict(loss=mse, mse=mse, vb=torch.zeros_like(mse))
+            return dict(loss=weighted, mse=mse, vb=torch.zeros_like(mse))
         vb = self._vb_bits(eps.detach(), out[:, C:], x0, x_t, t)
-        return dict(loss=mse + vb, mse=mse, vb=vb)
+        return dict(loss=weighted + vb, mse=mse, vb=vb)
 
     def _vb_bits(self, eps, v, x0, x_t, t):
         """The VLB term in bits per dimension, (B,): the KL for t > 0, the decoder NLL for t = 0."""
@@ -166,11 +190,13 @@ class Diffusion:
         T = self.num_timesteps
         return [round(T - i * T / steps) - 1 for i in range(steps)]
 
-    @staticmethod
-    def _eps(eps_fn, x, t):
+    def _eps(self, eps_fn, x, t):
         """Call the model at integer timestep t for the whole batch; keep its first C (eps) channels."""
-        out = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
-        return out[:, : x.shape[1]].to(x.dtype)
+        out = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))[:, : x.shape[1]].to(x.dtype)
+        if self.prediction == "v":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
+            abar = self.alphas_cumprod[t].item()
+            return math.sqrt(abar) * out + math.sqrt(1 - abar) * x
+        return out
 
     @torch.no_grad()
     def ddim(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int = 20, clip_x0: bool = False) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pixart_fast.checkpoints import load_pixart
+from pixart_fast.checkpoints import load_pixart, training_metadata
 from pixart_fast.diffusion import Diffusion
 from pixart_fast.grid import image_grid
 from pixart_fast.model import CONFIGS, PixArt
@@ -20,9 +20,11 @@ VAE_FACTOR = 8  # pixels per latent pixel
 
 @torch.no_grad()
 def generate(model: PixArt, text: TextEncoder, prompts: list[str], height: int, width: int, steps: int = 20,
-             cfg_scale: float = 4.5, sampler: str = "dpm", seed: int = 0, vae=None) -> torch.Tensor:
+             cfg_scale: float = 4.5, sampler: str = "dpm", seed: int = 0, vae=None,
+             prediction: str = "eps") -> torch.Tensor:
     """Images (N, 3, height, width) in [-1, 1] for N prompts. height/width in pixels (with a VAE, 8 per latent
-    pixel). The noise comes from a CPU generator seeded with `seed`, so results do not depend on the device."""
+    pixel). The noise comes from a CPU generator seeded with `seed`, so results do not depend on the device.
+    prediction: what the model predicts, "eps" or "v" (what it was trained with)."""
     cfg = model.config
     factor = VAE_FACTOR if vae is not None else 1
     p = cfg.patch_size * factor
@@ -38,7 +40,7 @@ def generate(model: PixArt, text: TextEncoder, prompts: list[str], height: int, 
     noise = torch.randn(N, cfg.in_channels, height // factor, width // factor,
                         generator=torch.Generator().manual_seed(seed)).to(device)
     eps_fn = lambda x, t: model.forward_with_cfg(x, t, y, mask, cfg_scale, **extra)  # noqa: E731
-    diffusion = Diffusion(learn_sigma=cfg.learn_sigma)
+    diffusion = Diffusion(learn_sigma=cfg.learn_sigma, prediction=prediction)
     run = {"dpm": diffusion.dpm_solver, "ddim": diffusion.ddim}[sampler]
     x = run(eps_fn, noise, steps=steps, clip_x0=vae is None)  # pixel space: clip x0 to the data range
     if vae is not None:
@@ -53,6 +55,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="sample.png", help="PNG to write: the images in a grid, each above its prompt")
     p.add_argument("--model", default=None, help=f"model config, one of {sorted(CONFIGS)} (default: from the checkpoint)")
     p.add_argument("--t5", default=None, help="local T5 encoder folder (default: the embedded tiny T5)")
+    p.add_argument("--prediction", choices=["eps", "v"], default=None,
+                   help="what the model predicts (default: what the checkpoint records, else eps)")
+    p.add_argument("--tokenizer", choices=["byte", "word"], default=None,
+                   help="the embedded T5's tokenizer (default: what the checkpoint records, else byte)")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (default: pixel space, no VAE)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's size)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's size)")
@@ -65,7 +71,10 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pixart(Path(args.ckpt), args.model).to(device).eval()
-    text = TextEncoder.from_pretrained(args.t5) if args.t5 else TextEncoder.embedded()
+    recorded = training_metadata(Path(args.ckpt))  # our trainer's checkpoints say how they were trained
+    prediction = args.prediction or recorded.get("prediction", "eps")
+    tokenizer = args.tokenizer or recorded.get("tokenizer", "byte")
+    text = TextEncoder.from_pretrained(args.t5) if args.t5 else TextEncoder.embedded(tokenizer=tokenizer)
     if text.caption_channels != model.config.caption_channels:
         raise SystemExit(f"error: the text encoder gives {text.caption_channels}-dim features but the model expects "
                          f"{model.config.caption_channels}: pass the T5 the model was trained with (--t5)")
@@ -76,7 +85,7 @@ def main(argv=None) -> int:
     factor = VAE_FACTOR if vae is not None else 1
     side = model.config.input_size * factor
     images = generate(model, text, args.prompt, args.height or side, args.width or side, args.steps,
-                      args.cfg_scale, args.sampler, args.seed, vae)
+                      args.cfg_scale, args.sampler, args.seed, vae, prediction)
     image_grid(list(images), captions=args.prompt, cols=4, scale=args.scale).save(args.out)  # each under its prompt
     print(f"wrote {args.out}: {len(args.prompt)} image(s) of {images.shape[2]}x{images.shape[3]} px")
     return 0

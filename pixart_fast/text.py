@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
+from pixart_fast.data import COLOURS, REGIONS, SHAPES, SIZES
 from pixart_fast.files import atomic_path
 
 MAX_TOKENS = 120  # PixArt's caption length: the null caption `y_embedding` has this many rows
@@ -53,21 +55,40 @@ class TextEncoder:
 
     @classmethod
     def embedded(
-        cls, seed: int = 0, d_model: int = 64, num_layers: int = 2, num_heads: int = 2, d_ff: int = 128, device="cpu"
+        cls, seed: int = 0, d_model: int = 64, num_layers: int = 2, num_heads: int = 2, d_ff: int = 128, device="cpu",
+        tokenizer: str = "byte",
     ) -> "TextEncoder":
         """The embedded default: a T5 v1.1-style encoder (gated-GELU MLP) with random weights fixed by seed,
         built without touching the global RNG, and ByT5's tokenizer (vocabulary 384: 3 specials, 256 bytes,
         125 sentinels). Its features carry the caption's bytes and their order; the diffusion model learns
-        to read them through its caption projection."""
+        to read them through its caption projection. tokenizer "word": `word_tokenizer()` instead, one token per
+        word of the captions' closed vocabulary (the cross-attention then reads words, not spellings)."""
+        if tokenizer not in ("byte", "word"):
+            raise ValueError(f"tokenizer must be 'byte' or 'word', got {tokenizer!r}")
+        tok = ByT5Tokenizer() if tokenizer == "byte" else cls.word_tokenizer()
         config = T5Config(
-            vocab_size=384, d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff, num_layers=num_layers,
-            num_heads=num_heads, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+            vocab_size=384 if tokenizer == "byte" else len(tok), d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff,
+            num_layers=num_layers, num_heads=num_heads, feed_forward_proj="gated-gelu", dropout_rate=0.0,
         )
         with torch.random.fork_rng(devices=[]):  # the weights depend on seed alone, and callers' RNG is untouched
             torch.manual_seed(seed)
             model = T5EncoderModel(config)
         name = f"embedded-t5-d{d_model}-l{num_layers}-h{num_heads}-f{d_ff}-seed{seed}"
-        return cls(model.to(device), ByT5Tokenizer(), name=name)
+        name += "" if tokenizer == "byte" else f"-{tokenizer}"
+        return cls(model.to(device), tok, name=name)
+
+    @staticmethod
+    def word_tokenizer() -> PreTrainedTokenizerFast:
+        """A word-level tokenizer over the closed vocabulary of the embedded captions (pixart_fast.data): one token
+        per word or comma, EOS appended, unknown words -> <unk>. Ids: 0 <pad>, 1 </s>, 2 <unk> (T5's), then the
+        words. Built in code: no files, no hub."""
+        words = ["a", "at", "and", ","] + list(SIZES) + list(COLOURS) + list(SHAPES)
+        words += [w for r in REGIONS for w in r.split()]
+        vocab = {w: i for i, w in enumerate(dict.fromkeys(["<pad>", "</s>", "<unk>", *words]))}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
     @property
     def device(self) -> torch.device:

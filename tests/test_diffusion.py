@@ -245,3 +245,33 @@ def test_learn_sigma_false_is_mse_only_and_shapes_are_checked():
         Diffusion().training_losses(lambda x_t, t_: noise, x0, t, noise)
     with pytest.raises(ValueError, match=r"\(2,\)"):
         Diffusion().training_losses(lambda x_t, t_: noise, x0, t[:1], noise)
+
+
+def test_v_prediction_targets_and_eps_match_diffusers():
+    from diffusers.training_utils import compute_snr
+
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                        prediction_type="v_prediction")
+    diffusion = Diffusion(learn_sigma=False, prediction="v")
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    v = ref.get_velocity(x0, noise, t)  # diffusers' v target
+    terms = diffusion.training_losses(lambda xt, tt: v.float(), x0, t, noise)
+    assert terms["mse"].max() < 1e-10  # predicting diffusers' v exactly is a perfect v model
+    x_t = diffusion.q_sample(x0, t, noise)
+    for i, step in enumerate(t.tolist()):  # the samplers' conversion v -> eps recovers the noise
+        eps = diffusion._eps(lambda x, tt: v[i:i + 1].float(), x_t[i:i + 1], step)
+        torch.testing.assert_close(eps, noise[i:i + 1], atol=1e-5, rtol=1e-5)
+    snr = compute_snr(ref, t)  # diffusers' SNR
+    for gamma, plus_one in ((5.0, False), (5.0, True)):
+        weighted = Diffusion(learn_sigma=False, prediction="v", min_snr_gamma=gamma, min_snr_plus_one=plus_one)
+        mse = torch.ones(4)
+        out = weighted.training_losses(lambda xt, tt: v.float() + 1, x0, t, noise)  # error 1 everywhere
+        want = ((snr + 1).clamp(max=gamma) if plus_one else snr.clamp(max=gamma)) / (snr + 1) * mse
+        torch.testing.assert_close(out["loss"], want.float(), rtol=1e-4, atol=1e-6)
+    eps_weighted = Diffusion(learn_sigma=False, min_snr_gamma=5.0)
+    out = eps_weighted.training_losses(lambda xt, tt: noise + 1, x0, t, noise)
+    torch.testing.assert_close(out["loss"], (snr.clamp(max=5.0) / snr).float(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="prediction must be"):
+        Diffusion(prediction="x0")

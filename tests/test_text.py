@@ -99,3 +99,20 @@ def test_stage2_captions_are_never_truncated(encoder):
     assert mask.sum(1).tolist() == [len(c.encode()) + 1 for c in captions]
     with pytest.raises(TypeError, match="list of captions"):
         encoder.encode("a red circle")
+
+
+def test_word_tokenizer_gives_one_token_a_word_of_every_embedded_caption():
+    encoder = TextEncoder.embedded(tokenizer="word")
+    tok = encoder.tokenizer
+    captions = [ShapeScenes(length=64, split=split)[i]["caption"] for split in ("train", "val") for i in range(32)]
+    for caption in captions:
+        ids = tok(caption)["input_ids"]
+        words = caption.replace(",", " ,").split()
+        assert len(ids) == len(words) + 1 and ids[-1] == tok.eos_token_id  # one token a word, then EOS
+        assert tok.unk_token_id not in ids
+    features, mask = encoder.encode(captions[:2])
+    assert features.shape == (2, MAX_TOKENS, encoder.caption_channels) and mask.sum(1).tolist() == [
+        len(tok(c)["input_ids"]) for c in captions[:2]]
+    assert "word" in encoder.name and encoder.name != TextEncoder.embedded().name
+    with pytest.raises(ValueError, match="tokenizer must be"):
+        TextEncoder.embedded(tokenizer="bpe")

@@ -49,7 +49,8 @@ PREFETCH_DEPTH, PREFETCH_WORKERS = 4, 2  # batches built ahead of the step, by t
 PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # "auto": see autocast_dtype
 # Settings that shape the run's trajectory: resuming with other values is allowed, but warned about.
 TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup", "grad_clip", "ema_decay",
-              "caption_dropout", "precision", "seed", "data", "t5")
+              "caption_dropout", "precision", "seed", "data", "t5", "prediction", "min_snr_gamma", "min_snr_plus_one",
+              "tokenizer")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -190,8 +191,10 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
     if cfg.compile:
         net = torch.compile(net)  # the model is one graph, the Triton kernels included (custom ops with fakes)
-    return Run(cfg, stage, d, run_dir, model, net, ema, data, Diffusion(learn_sigma=model.config.learn_sigma), opt,
-               sched, scaler, start, skipped, autocast_dtype(cfg.precision, d.device))
+    diffusion = Diffusion(learn_sigma=model.config.learn_sigma, prediction=cfg.prediction,
+                          min_snr_gamma=cfg.min_snr_gamma, min_snr_plus_one=cfg.min_snr_plus_one)
+    return Run(cfg, stage, d, run_dir, model, net, ema, data, diffusion, opt, sched, scaler, start, skipped,
+               autocast_dtype(cfg.precision, d.device))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -52,13 +52,25 @@ class TrainConfig:
     sample_steps: int = _field(20, "DPM-Solver++ steps for validation samples")
     cfg_scale: float = _field(4.5, "classifier-free guidance scale for validation samples")
     num_val: int = _field(16, "held-out captions (stage 1: class samples) to sample and score")
+    prediction: str = _field("eps", "what the model predicts: eps (PixArt) or v (v-prediction; the samplers convert)")
+    min_snr_gamma: float = _field(0.0, "min-SNR-gamma loss weighting (Hang et al. 2023; 5 is theirs); 0: unweighted")
+    min_snr_plus_one: bool = _field(False, "with --prediction v: weight min(SNR + 1, gamma) / (SNR + 1) (diffusers' "
+                                           "form), which keeps the noisiest steps' weight at 1")
+    tokenizer: str = _field("byte", "the embedded T5's tokenizer: byte (ByT5's) or word (the captions' closed "
+                                    "vocabulary, one token a word)")
 
 
 # About 5 minutes each on 2 CPU cores (2026-11-22, AMD EPYC, 2 threads): stage 1 about 170 images/s, stage 2
 # about 115 (it also runs the T5 encoder), stage 3 about 35 (four times the tokens).
+# The embedded stages predict v with min-SNR-5 weighting: the eps objective gives the noisy steps, where the
+# caption decides the layout, almost no weight in image space, and the samples start from garbage (README,
+# "Time to quality"). From stage 2 on, diffusers' "+1" form (weight 1 at the noisiest steps) and a word-level
+# tokenizer for the embedded T5 (bytes make the cross-attention decode spelling before meaning).
+_EMBEDDED = dict(prediction="v", min_snr_gamma=5.0)
+_EMBEDDED_TEXT = dict(_EMBEDDED, min_snr_plus_one=True, tokenizer="word")
 RECIPES = {
-    1: TrainConfig(stage=1, steps=2000, batch_size=24, save_every=500, sample_every=500),
-    2: TrainConfig(stage=2, steps=1200, batch_size=24, save_every=400, sample_every=400),
+    1: TrainConfig(stage=1, steps=2000, batch_size=24, save_every=500, sample_every=500, **_EMBEDDED),
+    2: TrainConfig(stage=2, steps=1200, batch_size=24, save_every=400, sample_every=400, **_EMBEDDED_TEXT),
     3: TrainConfig(stage=3, model="PixArtMS-pixel-64", steps=1000, batch_size=8, lr=5e-4, save_every=250,
-                   sample_every=250),
+                   sample_every=250, **_EMBEDDED_TEXT),
 }

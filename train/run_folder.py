@@ -134,7 +134,9 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, skipped: i
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    meta = {"step": step, "model": cfg.model, "stage": cfg.stage}
+    # what a sampler needs to know besides the weights: the config, what the model predicts, the embedded T5's tokenizer
+    meta = {"step": step, "model": cfg.model, "stage": cfg.stage, "prediction": cfg.prediction,
+            "tokenizer": cfg.tokenizer}
     save_safetensors(model_sd, tmp / "model.safetensors", meta)  # each file fsync'd, and the folder
     save_safetensors(ema_sd, tmp / "ema.safetensors", meta)
     with atomic_path(tmp / "trainer.pt") as path:

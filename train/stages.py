@@ -139,7 +139,7 @@ class TextConditional(Stage):
         return self._embedded_kind(length, seed, split, size=size)
 
     def text_encoder(self, cfg, model):
-        text = TextEncoder.from_pretrained(cfg.t5) if cfg.t5 else TextEncoder.embedded()
+        text = TextEncoder.from_pretrained(cfg.t5) if cfg.t5 else TextEncoder.embedded(tokenizer=cfg.tokenizer)
         if text.caption_channels != model.config.caption_channels:
             raise ValueError(f"text encoder gives {text.caption_channels}-dim features but {cfg.model} expects "
                              f"{model.config.caption_channels}; pick a matching --model or --t5")
