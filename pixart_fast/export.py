@@ -6,7 +6,10 @@
 official PixArt .pth or a diffusers transformer folder. The model config is --model, or the name our
 checkpoints record in their metadata. "diffusers" writes what `PixArtTransformer2DModel.from_pretrained(DIR)`
 loads: config.json and diffusion_pytorch_model.safetensors. diffusers keeps no null caption (`y_embedding`):
-its pipeline encodes the empty prompt for classifier-free guidance instead.
+its pipeline encodes the empty prompt for classifier-free guidance instead. The caption length is not part of
+the transformer's config: diffusers' pipelines take it as `max_sequence_length` (PixArtAlphaPipeline 120,
+PixArtSigmaPipeline 300, the PixArt-Sigma configs' max_tokens); config.json carries the position interpolation
+(`interpolation_scale`: 1 / 2 / 4 for Sigma at 512 / 1024 / 2K) and `use_additional_conditions` explicitly.
 """
 import argparse
 import json

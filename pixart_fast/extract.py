@@ -1,7 +1,7 @@
 """Image folder + captions -> cached VAE latents and T5 caption features, for training with `--data DIR`.
 
     python -m pixart_fast.extract --images DIR --vae PATH --t5 PATH --out DIR --resolution 256|512|1024
-                                  [--multi-aspect] [--shard i/n] [--batch-size N]
+                                  [--multi-aspect] [--shard i/n] [--batch-size N] [--max-tokens 120|300]
 
 Input (`read_records`): a Hugging Face imagefolder (`metadata.jsonl`, one {"file_name", "text"} per line) or the
 official PixArt `data_info.json` (a JSON list of {"path", "prompt", "height", "width", "ratio", ...}), either
@@ -13,7 +13,9 @@ Each image is resized (bicubic) so it covers the target and center-cropped to it
 with --multi-aspect the nearest of PixArt's aspect-ratio buckets (aspect_ratio_buckets; nearest in height / width).
 The VAE stores its latent distribution's mean and std (a fresh latent is sampled at every training step,
 scaled by the VAE's scaling_factor, 0.18215 for SD's); T5 stores the caption's valid tokens only (the mask
-hides the padding, so nothing else is needed to rebuild the padded (120, C) features).
+hides the padding, so nothing else is needed to rebuild the padded (max_tokens, C) features). --max-tokens is the
+caption length: 120 for PixArt-alpha (the default), 300 for PixArt-Sigma; index.json records it, and training
+refuses a model whose max_tokens differs.
 
 Output: records are cut into chunks of --chunk-size, written as `chunk-XXXXXX.safetensors`, and `index.json`
 describes the whole extraction (`FeatureDataset` in pixart_fast.features reads it). A chunk file exists only
@@ -25,7 +27,7 @@ Bad input (README "When things go wrong"): a metadata line that is not a JSON re
 work, naming the file and line. A missing or unreadable image is skipped, reported by path and listed in the
 summary and the chunk's metadata. An image smaller than its target is upscaled (bicubic; its original size is
 kept as PixArtMS's micro-condition), an empty caption is kept (T5 sees only its end-of-sequence token), and a
-caption longer than 120 tokens is truncated: each warned about once and counted in the summary.
+caption longer than --max-tokens tokens is truncated: each warned about once and counted in the summary.
 """
 import argparse
 import hashlib
@@ -204,9 +206,12 @@ def _config(folder, what: str) -> dict:
     return json.loads(path.read_text())
 
 
-def plan(records: list[Record], vae, t5, resolution: int, multi_aspect: bool, chunk_size: int) -> dict:
+def plan(records: list[Record], vae, t5, resolution: int, multi_aspect: bool, chunk_size: int,
+         max_tokens: int = MAX_TOKENS) -> dict:
     """The extraction's description, written as index.json: the same for every shard of one extraction.
     Encoder shapes come from their config.json files, so a finished extraction loads no weights."""
+    if max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1 (120 for PixArt-alpha, 300 for PixArt-Sigma), got {max_tokens}")
     vae_cfg, t5_cfg = _config(vae, "vae"), _config(t5, "t5")
     downsample = 2 ** (len(vae_cfg["block_out_channels"]) - 1)  # one 2x downsampling per block but the last
     buckets = aspect_ratio_buckets(resolution) if multi_aspect else {1.0: (resolution, resolution)}
@@ -224,7 +229,7 @@ def plan(records: list[Record], vae, t5, resolution: int, multi_aspect: bool, ch
         "buckets": [[r, h, w] for r, (h, w) in buckets.items()],
         "latent_channels": vae_cfg.get("latent_channels", 4), "vae_downsample": downsample,
         "scaling_factor": vae_cfg.get("scaling_factor", 0.18215),
-        "caption_channels": t5_cfg["d_model"], "max_tokens": MAX_TOKENS,
+        "caption_channels": t5_cfg["d_model"], "max_tokens": max_tokens,
         "num_classes": None if labels[0] is None else max(labels) + 1,
         "vae": str(Path(vae).resolve()), "t5": str(Path(t5).resolve()),
     }
@@ -256,7 +261,7 @@ def encode(vae, text: TextEncoder, items: list, records: list[Record]) -> dict[i
     "text": (L, E) the caption's valid tokens, in the encoders' dtype on the CPU; "hw", "size", "ratio"}."""
     x = torch.stack([image for _, image, *_ in items]).to(vae.device, vae.dtype)  # (B, 3, H, W)
     latent = vae.encode(x).latent_dist
-    features, mask = text.encode([records[i].caption for i, *_ in items])  # (B, 120, E), (B, 120)
+    features, mask = text.encode([records[i].caption for i, *_ in items])  # (B, max_tokens, E), (B, max_tokens)
     lengths = mask.sum(1).tolist()
     if not all(mask[b, :n].all() for b, n in enumerate(lengths)):
         raise ValueError("the tokenizer pads on the left; features are stored as a prefix of valid tokens")
@@ -306,14 +311,15 @@ def count_oddities(summary: dict, path: Path, hw: tuple[int, int], size: tuple[i
 def extract(
     images, vae, t5, out, resolution: int = 256, multi_aspect: bool = False, shard: tuple[int, int] = (0, 1),
     batch_size: int = 32, chunk_size: int = 1024, image_root=None, device=None, dtype: torch.dtype | None = None,
-    workers: int = 0, progress: bool = True,
+    workers: int = 0, progress: bool = True, max_tokens: int = MAX_TOKENS,
 ) -> dict:
     """Extract (or finish extracting) features into `out`; returns a summary of this process's work:
     {"records", "chunks", "chunks_done_before", "chunks_written", "encoded", "unreadable": [[path, error], ...],
     "upscaled", "empty_captions", "truncated_captions": counts of the images and captions encoded}.
 
     shard (i, n): handle chunks k with k % n == i. device: default CUDA if present; dtype: default bf16 on a
-    GPU that has it, else float32. workers: image-decoding processes (DataLoader workers)."""
+    GPU that has it, else float32. workers: image-decoding processes (DataLoader workers). max_tokens: the caption
+    length T5 pads (or truncates) to, recorded in index.json: 120 for PixArt-alpha, 300 for PixArt-Sigma."""
     i_shard, n_shards = shard
     if not 0 <= i_shard < n_shards:
         raise ValueError(f"--shard {i_shard}/{n_shards}: need 0 <= i < n")
@@ -324,7 +330,7 @@ def extract(
     records = read_records(metadata)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = plan(records, vae, t5, resolution, multi_aspect, chunk_size)
+    meta = plan(records, vae, t5, resolution, multi_aspect, chunk_size, max_tokens)
     write_index(out, meta)
     mine = list(range(i_shard, meta["num_chunks"], n_shards))
     pending = [k for k in mine if not (out / chunk_name(k)).exists()]
@@ -343,7 +349,7 @@ def extract(
 
     autoencoder = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype, local_files_only=True,
                                                 low_cpu_mem_usage=False).to(device).eval().requires_grad_(False)
-    text = TextEncoder.from_pretrained(t5, dtype=dtype, device=device)
+    text = TextEncoder.from_pretrained(t5, dtype=dtype, device=device, max_length=max_tokens)
     buckets = {r: (h, w) for r, h, w in meta["buckets"]} if multi_aspect else None
     todo = [i for k in pending for i in chunk_records(k, chunk_size, len(records))]
     loader = DataLoader(_Images(records, root, todo, resolution, buckets), batch_size=None, num_workers=workers)
@@ -406,12 +412,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
     p.add_argument("--chunk-size", type=int, default=1024, help="records per output file")
     p.add_argument("--workers", type=int, default=4, help="image-decoding worker processes (0: decode inline)")
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
+                   help=f"caption length in T5 tokens: {MAX_TOKENS} for PixArt-alpha (default), 300 for PixArt-Sigma")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="encoder dtype, also the stored one (default: bfloat16 on a GPU that has it, else float32)")
     a = p.parse_args(argv)
     summary = extract(a.images, a.vae, a.t5, a.out, a.resolution, a.multi_aspect, a.shard, a.batch_size,
-                      a.chunk_size, a.image_root, a.device, a.dtype and getattr(torch, a.dtype), a.workers)
+                      a.chunk_size, a.image_root, a.device, a.dtype and getattr(torch, a.dtype), a.workers,
+                      max_tokens=a.max_tokens)
     print(json.dumps({k: v if k != "unreadable" else len(v) for k, v in summary.items()}))
     return 0
 

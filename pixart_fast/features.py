@@ -1,14 +1,14 @@
 """Training data from extracted features (`python -m pixart_fast.extract`): `FeatureDataset(root)`.
 
 `dataset.batch(indices)` gives a `pixart_fast.batch.Batch` of one bucket: latent_mean / latent_std (B, C, h, w)
-float32, the VAE's latent distributions (unscaled); text (B, 120, E) T5 features, zero past each caption
-(float32, or with text_dtype=None as stored: bfloat16 from a GPU extraction); mask (B, 120) bool, True on the
-captions' tokens; img_hw (B, 2) float32 original (height, width) in pixels; aspect_ratio (B,) float32, the
-bucket's ratio (1.0 without --multi-aspect): PixArtMS's micro-conditions; labels (B,) int64, where the extraction
-had labels. Its `x0(eps)` is a training latent (mean + std * eps) * scaling_factor with fresh eps ~ N(0, 1): a new
-sample of the latent distribution at every step, as PixArt's feature loader does. `dataset[i]` is sample i as a
-dict of those (text float32 and padded): "latent_mean", "latent_std", "text", "mask", "img_hw", "aspect_ratio",
-"label".
+float32, the VAE's latent distributions (unscaled); text (B, L, E) T5 features, L the extraction's max_tokens (120,
+or 300 for PixArt-Sigma), zero past each caption (float32, or with text_dtype=None as stored: bfloat16 from a GPU
+extraction); mask (B, L) bool, True on the captions' tokens; img_hw (B, 2) float32 original (height, width) in
+pixels; aspect_ratio (B,) float32, the bucket's ratio (1.0 without --multi-aspect): PixArtMS's micro-conditions;
+labels (B,) int64, where the extraction had labels. Its `x0(eps)` is a training latent (mean + std * eps) *
+scaling_factor with fresh eps ~ N(0, 1): a new sample of the latent distribution at every step, as PixArt's
+feature loader does. `dataset[i]` is sample i as a dict of those (text float32 and padded): "latent_mean",
+"latent_std", "text", "mask", "img_hw", "aspect_ratio", "label".
 
 Reading is built for the trainer's appetite (hundreds of 256-px samples a second per GPU): a chunk's header is
 parsed once per process (not once per sample), a batch reads each sample's stored bytes straight into the batch's
@@ -476,7 +476,8 @@ class FeatureDataset(Dataset):
         if config.caption_channels != self.caption_channels or config.max_tokens != self.meta["max_tokens"]:
             raise ValueError(f"{where} holds {self.caption_channels}-dim caption features of {self.meta['max_tokens']} "
                              f"tokens but model {name} has caption_channels {config.caption_channels} and max_tokens "
-                             f"{config.max_tokens}; pick a matching --model, or extract with a matching --t5")
+                             f"{config.max_tokens}; pick a matching --model, or extract with a matching --t5 and "
+                             f"--max-tokens {config.max_tokens}")
         odd = [s for s in self.latent_sizes() if s[0] % config.patch_size or s[1] % config.patch_size]
         if odd:
             raise ValueError(f"{where} has latent sizes {odd} not divisible by model {name}'s patch size "

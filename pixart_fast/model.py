@@ -4,7 +4,9 @@ Read top to bottom: configs, position embeddings, embedders, attention and MLP, 
 layer, the PixArt model, the DiT model of stage 1, and `reparameterize` (DiT -> PixArt, paper section 2.3).
 Parameter names are the official PixArt repo's (and facebookresearch/DiT's for `DiT`), so their checkpoints
 load unchanged. Shapes: B batch, C channels, H x W input, T = (H/p)(W/p) image tokens, D hidden size,
-L caption tokens (at most 120), E caption channels (4096 for T5-XXL).
+L caption tokens (at most max_tokens: 120 for PixArt-alpha, 300 for PixArt-Sigma), E caption channels (4096 for
+T5-XXL). The PixArt-Sigma models (arXiv 2403.04692) are this network with 300 caption tokens, no micro-conditions
+and larger position-interpolation scales (CONFIGS "PixArt-Sigma-*").
 """
 import functools
 import math
@@ -38,9 +40,9 @@ class PixArtConfig:
     mlp_ratio: float = 4.0
     learn_sigma: bool = True  # output eps and the learned-range variance: 2 * in_channels channels
     caption_channels: int = 4096  # T5 v1.1 XXL feature size
-    max_tokens: int = 120  # caption tokens; the null caption `y_embedding` has this many
+    max_tokens: int = 120  # caption tokens (alpha 120, Sigma 300); the null caption `y_embedding` has this many
     class_dropout_prob: float = 0.1  # caption (or class) replaced by the null one with this probability in training
-    pe_interpolation: float = 1.0  # position-embedding grid divisor: 1 at 256/512 px, 2 at 1024 px
+    pe_interpolation: float = 1.0  # position-embedding grid divisor: 1 at 256/512 px, 2 at 1024 px, 4 at 2K (Sigma)
     micro_conditions: bool = False  # PixArtMS: add image size and aspect-ratio embeddings to t
     num_classes: int = 1000  # classes of the stage-1 class-conditional DiT (unused by PixArt)
 
@@ -67,6 +69,17 @@ CONFIGS = {
     "PixArt-XL/2-256": _XL,
     "PixArt-XL/2-512": replace(_XL, input_size=64),
     "PixArtMS-XL/2-1024": replace(_XL, input_size=128, pe_interpolation=2.0, micro_conditions=True),
+    # PixArt-Sigma's released models (PixArt-Sigma-XL-2-{512,1024,2K}-MS; arXiv 2403.04692): the same 611 M network
+    # (the official PixArtMS_XL_2 class with micro_condition False: no size embedders), 300 T5 tokens
+    # (model_max_length 300) and pe_interpolation 1 / 2 / 4 at 512 / 1024 / 2048 px, as the official configs
+    # configs/pixart_sigma_config/PixArt_sigma_xl2_img{512,1024}_internalms.py and
+    # PixArt_sigma_xl2_img2K_internalms_kvcompress.py (kv_compress False there) and diffusers'
+    # scripts/convert_pixart_sigma_to_diffusers.py (interpolation_scale {512: 1, 1024: 2, 2048: 4},
+    # sample_size = px / 8, use_additional_conditions False). Sigma's VAE is SDXL's (4 channels, scale 0.13025):
+    # the extraction reads the scale from the VAE's config.
+    "PixArt-Sigma-XL/2-512": replace(_XL, input_size=64, max_tokens=300),
+    "PixArt-Sigma-XL/2-1024": replace(_XL, input_size=128, pe_interpolation=2.0, max_tokens=300),
+    "PixArt-Sigma-XL/2-2K": replace(_XL, input_size=256, pe_interpolation=4.0, max_tokens=300),
     # The embedded default (docs/ARCHITECTURE.md section 5): 32 px pixel space, the tiny T5's 64 channels, head dim 72 as
     # PixArt-XL/2's. Patch 4 (64 tokens), not the patch 2 of the paper's models (256 tokens): on 2 CPU cores patch 2 trains
     # at about 48 images/s and after 5 minutes samples only noise of the right colour; patch 4 runs about 4x
@@ -87,6 +100,9 @@ CONFIGS = {
                                 caption_channels=24, max_tokens=10, num_classes=5),
     "PixArtMS-tiny": PixArtConfig(input_size=8, in_channels=4, hidden_size=48, depth=2, num_heads=2,
                                   caption_channels=24, max_tokens=10, micro_conditions=True),
+    # PixArt-Sigma's settings in a tiny network: 300 caption tokens, positions interpolated by 2 (its 1024-px scale).
+    "PixArt-Sigma-tiny": PixArtConfig(input_size=16, in_channels=4, hidden_size=48, depth=2, num_heads=2,
+                                      caption_channels=24, max_tokens=300, pe_interpolation=2.0),
 }
 
 

@@ -74,7 +74,9 @@ def main(argv=None) -> int:
     recorded = training_metadata(Path(args.ckpt))  # our trainer's checkpoints say how they were trained
     prediction = args.prediction or recorded.get("prediction", "eps")
     tokenizer = args.tokenizer or recorded.get("tokenizer", "byte")
-    text = TextEncoder.from_pretrained(args.t5) if args.t5 else TextEncoder.embedded(tokenizer=tokenizer)
+    length = model.config.max_tokens  # the caption length the model's null caption has (Σ: 300)
+    text = (TextEncoder.from_pretrained(args.t5, max_length=length) if args.t5 else
+            TextEncoder.embedded(tokenizer=tokenizer, max_length=length))
     if text.caption_channels != model.config.caption_channels:
         raise SystemExit(f"error: the text encoder gives {text.caption_channels}-dim features but the model expects "
                          f"{model.config.caption_channels}: pass the T5 the model was trained with (--t5)")

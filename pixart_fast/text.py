@@ -1,6 +1,7 @@
 """The caption encoder: frozen T5 features and a padding mask, as PixArt feeds its cross-attention.
 
-PixArt pads every caption to 120 tokens; the mask marks the real ones, EOS included. Two encoders:
+PixArt pads every caption to 120 tokens (PixArt-Sigma: 300, `max_length=300`); the mask marks the real ones, EOS
+included. Two encoders:
     TextEncoder.from_pretrained(path)  a local T5 folder (T5 v1.1 XXL for the real model), offline
     TextEncoder.embedded(seed)         the embedded default (docs/ARCHITECTURE.md section 5): a tiny T5 encoder with fixed
                                        random weights and ByT5's byte tokenizer, which needs no vocabulary file
@@ -20,12 +21,21 @@ from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerFast, 
 from pixart_fast.data import COLOURS, REGIONS, SHAPES, SIZES
 from pixart_fast.files import atomic_path
 
-MAX_TOKENS = 120  # PixArt's caption length: the null caption `y_embedding` has this many rows
+MAX_TOKENS = 120  # PixArt-alpha's caption length (the default): the null caption `y_embedding` has this many rows
+
+
+def _length_tag(max_length: int) -> str:
+    """What an encoder's name gains for a caption length other than the default: its cached features (save_cache,
+    load_cache, keyed by the name) have max_length rows, so encoders of two lengths must not share a cache."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1 (120 for PixArt-alpha, 300 for PixArt-Sigma), got {max_length}")
+    return "" if max_length == MAX_TOKENS else f"-max{max_length}"
 
 
 class TextEncoder:
-    """A frozen T5 encoder and its tokenizer. encode(captions) -> (features (B, 120, C) float32, mask (B, 120)
-    bool), on the encoder's device; C = `caption_channels`.
+    """A frozen T5 encoder and its tokenizer. encode(captions) -> (features (B, max_length, C) float32, mask
+    (B, max_length) bool), on the encoder's device; C = `caption_channels`, max_length 120 (PixArt-alpha, the
+    default) or 300 (PixArt-Sigma): the model's config.max_tokens.
 
     `encode_cached` keeps the features of every caption it has seen (on the CPU), for the fixed caption sets
     a trainer encodes again and again; `save_cache` / `load_cache` keep them in a safetensors file.
@@ -40,9 +50,11 @@ class TextEncoder:
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # caption -> ((L, C), (L,)) on the CPU
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu") -> "TextEncoder":
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu",
+                        max_length: int = MAX_TOKENS) -> "TextEncoder":
         """Load T5EncoderModel and its tokenizer from a local folder (never the hub). T5-XXL's encoder is
-        4.8 B parameters: pass dtype=torch.bfloat16 to halve its 19 GB (fp16 overflows in T5 v1.1)."""
+        4.8 B parameters: pass dtype=torch.bfloat16 to halve its 19 GB (fp16 overflows in T5 v1.1).
+        max_length: the caption length, 120 for PixArt-alpha, 300 for PixArt-Sigma."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(
@@ -51,18 +63,19 @@ class TextEncoder:
             )
         model = T5EncoderModel.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        return cls(model, tokenizer, name=str(path.resolve()))
+        return cls(model, tokenizer, name=str(path.resolve()) + _length_tag(max_length), max_length=max_length)
 
     @classmethod
     def embedded(
         cls, seed: int = 0, d_model: int = 64, num_layers: int = 2, num_heads: int = 2, d_ff: int = 128, device="cpu",
-        tokenizer: str = "byte",
+        tokenizer: str = "byte", max_length: int = MAX_TOKENS,
     ) -> "TextEncoder":
         """The embedded default: a T5 v1.1-style encoder (gated-GELU MLP) with random weights fixed by seed,
         built without touching the global RNG, and ByT5's tokenizer (vocabulary 384: 3 specials, 256 bytes,
         125 sentinels). Its features carry the caption's bytes and their order; the diffusion model learns
         to read them through its caption projection. tokenizer "word": `word_tokenizer()` instead, one token per
-        word of the captions' closed vocabulary (the cross-attention then reads words, not spellings)."""
+        word of the captions' closed vocabulary (the cross-attention then reads words, not spellings).
+        max_length: the caption length (default 120)."""
         if tokenizer not in ("byte", "word"):
             raise ValueError(f"tokenizer must be 'byte' or 'word', got {tokenizer!r}")
         tok = ByT5Tokenizer() if tokenizer == "byte" else cls.word_tokenizer()
@@ -74,8 +87,8 @@ class TextEncoder:
             torch.manual_seed(seed)
             model = T5EncoderModel(config)
         name = f"embedded-t5-d{d_model}-l{num_layers}-h{num_heads}-f{d_ff}-seed{seed}"
-        name += "" if tokenizer == "byte" else f"-{tokenizer}"
-        return cls(model.to(device), tok, name=name)
+        name += ("" if tokenizer == "byte" else f"-{tokenizer}") + _length_tag(max_length)
+        return cls(model.to(device), tok, name=name, max_length=max_length)
 
     @staticmethod
     def word_tokenizer() -> PreTrainedTokenizerFast:

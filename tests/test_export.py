@@ -7,8 +7,8 @@ import torch
 from diffusers import PixArtTransformer2DModel
 from safetensors.torch import load_file
 
-from pixart_fast.checkpoints import CheckpointMismatch, save_safetensors, to_diffusers
-from pixart_fast.export import export, main
+from pixart_fast.checkpoints import CheckpointMismatch, load_pixart, save_safetensors, to_diffusers
+from pixart_fast.export import diffusers_config, export, main
 from pixart_fast.model import CONFIGS, DiT, PixArt
 
 
@@ -22,7 +22,7 @@ def random_pixart(name, seed=0):
     return model
 
 
-@pytest.mark.parametrize("name", ["PixArt-tiny", "PixArtMS-tiny", "PixArtMS-pixel-tiny"])
+@pytest.mark.parametrize("name", ["PixArt-tiny", "PixArtMS-tiny", "PixArtMS-pixel-tiny", "PixArt-Sigma-tiny"])
 def test_exported_folder_loads_in_diffusers_and_matches(name, tmp_path):
     cfg = CONFIGS[name]
     ours = random_pixart(name)
@@ -80,3 +80,28 @@ def test_bad_exports_are_refused(tmp_path):
         export(tmp_path / "dit.safetensors", tmp_path / "out")
     with pytest.raises(ValueError, match="unknown format"):
         export(tmp_path / "bare.safetensors", tmp_path / "out", format="onnx", model="PixArt-tiny")
+
+
+@pytest.mark.parametrize("name", ["PixArt-Sigma-XL/2-512", "PixArt-Sigma-XL/2-1024", "PixArt-Sigma-XL/2-2K"])
+def test_sigma_config_json_is_what_diffusers_hub_folders_hold(name):
+    """The released Sigma transformers' config.json (diffusers' convert_pixart_sigma_to_diffusers.py): sample_size
+    px / 8, interpolation_scale 1 / 2 / 4 and use_additional_conditions false written out, not left to diffusers'
+    guesses (it would turn micro-conditions on at sample_size 128). The caption length (300) is no config field:
+    diffusers' PixArtSigmaPipeline takes it as max_sequence_length, 300 by default."""
+    cfg = CONFIGS[name]
+    config = diffusers_config(cfg)
+    assert (config["sample_size"], config["interpolation_scale"], config["use_additional_conditions"]) == (
+        cfg.input_size, {64: 1.0, 128: 2.0, 256: 4.0}[cfg.input_size], False)
+    assert config["caption_channels"] == 4096 and config["num_layers"] == 28 and config["attention_head_dim"] == 72
+    assert set(config) - {"_class_name"} <= set(PixArtTransformer2DModel.extract_init_dict(config)[0])
+
+
+def test_exported_sigma_folder_round_trips(tmp_path):
+    """Export a Sigma checkpoint, load the folder back through our loaders: the same weights (the null caption is the
+    model's own: diffusers keeps none)."""
+    ours = random_pixart("PixArt-Sigma-tiny")
+    save_safetensors(ours.state_dict(), tmp_path / "ckpt.safetensors", {"model": "PixArt-Sigma-tiny"})
+    export(tmp_path / "ckpt.safetensors", tmp_path / "hf")
+    back = load_pixart(tmp_path / "hf", "PixArt-Sigma-tiny", kernels="torch").state_dict()
+    expected = ours.state_dict()
+    assert all(torch.equal(back[k], v) for k, v in expected.items() if k != "y_embedder.y_embedding")

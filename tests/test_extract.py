@@ -23,6 +23,7 @@ from pixart_fast.checkpoints import load_safetensors
 from pixart_fast.extract import (ASPECT_RATIO_1024, aspect_ratio_buckets,
                                  extract, load_image, main, nearest_bucket, read_records)
 from pixart_fast.features import FeatureDataset
+from pixart_fast.model import PixArt, PixArtConfig
 from pixart_fast.text import TextEncoder
 from pixart_fast.train.loop import batch_indices, train
 from pixart_fast.train.recipes import RECIPES
@@ -270,3 +271,49 @@ def test_unlabelled_features_refuse_stage_1(images, encoders, tmp_path):
     with pytest.raises(ValueError, match="record 1: need a 'file_name'"):
         (tmp_path / "images" / "metadata.jsonl").write_text(lines[0] + '\n{"file_name": "x.png"}\n')
         read_records(tmp_path / "images" / "metadata.jsonl")
+
+
+def test_sigma_length_captions_300_tokens(images, encoders, tmp_path):
+    """--max-tokens 300 (PixArt-Sigma): T5 pads to 300, index.json records it, batches hold (B, 300, E) captions
+    equal to the encoder's; a 300-token model fits these features and a 120-token one does not (and the other way
+    round), each refusal naming both lengths; a rerun with another length is refused."""
+    vae, t5 = encoders
+    main(["--images", str(images), "--vae", str(vae), "--t5", str(t5), "--out", str(tmp_path / "sigma"),
+          "--resolution", "32", "--batch-size", "2", "--chunk-size", "3", "--workers", "0", "--max-tokens", "300"])
+    run(images, encoders, tmp_path / "alpha")  # the default: 120
+    sigma, alpha = FeatureDataset(tmp_path / "sigma"), FeatureDataset(tmp_path / "alpha")
+    assert (sigma.meta["max_tokens"], alpha.meta["max_tokens"]) == (300, 120)
+    text = TextEncoder.from_pretrained(t5, max_length=300)
+    captions = [r.caption for r in kept_records(images)]
+    long = " and ".join(captions[:4])  # 186 bytes: more than 120 tokens, fewer than 300
+    features, mask = text.encode(captions + [long])
+    assert features.shape == (len(captions) + 1, 300, 64) and mask[-1].sum() == len(long.encode()) + 1 > 120
+    batch = sigma.batch(list(range(len(sigma))))
+    assert batch.text.shape == (len(captions), 300, 64) and batch.mask.shape == (len(captions), 300)
+    assert torch.equal(batch.mask, mask[:-1])
+    torch.testing.assert_close(batch.text[mask[:-1]], features[:-1][mask[:-1]])
+    assert (batch.text[~mask[:-1]] == 0).all()
+    # the 120-token extraction holds the same tokens (no caption here is longer), padded less far
+    torch.testing.assert_close(alpha.batch([0]).text[0], batch.text[0, :120])
+
+    sigma_model = PixArtConfig(input_size=16, in_channels=3, hidden_size=48, depth=1, num_heads=2,
+                               caption_channels=64, max_tokens=300)
+    alpha_model = replace(sigma_model, max_tokens=120)
+    sigma.check_model(sigma_model, "sigma-tiny", class_conditional=False)
+    alpha.check_model(alpha_model, "alpha-tiny", class_conditional=False)
+    with pytest.raises(ValueError, match="caption features of 300 tokens but model alpha-tiny has .* max_tokens 120; "
+                                         ".*--max-tokens 120"):
+        sigma.check_model(alpha_model, "alpha-tiny", class_conditional=False)
+    with pytest.raises(ValueError, match="caption features of 120 tokens but model sigma-tiny has .* max_tokens 300; "
+                                         ".*--max-tokens 300"):
+        alpha.check_model(sigma_model, "sigma-tiny", class_conditional=False)
+    # a 300-token model computes on a batch of these features, null caption included
+    model = PixArt(sigma_model, kernels="torch").eval()
+    x = torch.randn(len(captions), 3, 16, 16)
+    out = model.forward_with_cfg(x, torch.full((len(captions),), 500.0), batch.text, batch.mask)
+    assert out.shape == (len(captions), 6, 16, 16) and torch.isfinite(out).all()
+
+    with pytest.raises(ValueError, match="another extraction.*max_tokens: 300 there, 120 now"):
+        run(images, encoders, tmp_path / "sigma")
+    with pytest.raises(ValueError, match="--max-tokens must be >= 1"):
+        run(images, encoders, tmp_path / "zero", max_tokens=0)

@@ -139,7 +139,9 @@ class TextConditional(Stage):
         return self._embedded_kind(length, seed, split, size=size)
 
     def text_encoder(self, cfg, model):
-        text = TextEncoder.from_pretrained(cfg.t5) if cfg.t5 else TextEncoder.embedded(tokenizer=cfg.tokenizer)
+        length = model.config.max_tokens  # the caption length the model's null caption has (Σ: 300)
+        text = (TextEncoder.from_pretrained(cfg.t5, max_length=length) if cfg.t5 else
+                TextEncoder.embedded(tokenizer=cfg.tokenizer, max_length=length))
         if text.caption_channels != model.config.caption_channels:
             raise ValueError(f"text encoder gives {text.caption_channels}-dim features but {cfg.model} expects "
                              f"{model.config.caption_channels}; pick a matching --model or --t5")
