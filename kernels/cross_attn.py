@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import interpreting, tl, triton, use_triton
-from .utils import SUPPORTED_DTYPES, aot_spec, launch_config, launch_options, sm_count
+from .utils import SUPPORTED_DTYPES, launch_config, launch_options, sm_count
 
 MAX_KV_LEN = 128  # all keys in one block; PixArt's captions have 120 tokens
 MAX_HEAD_DIM = 128
@@ -373,24 +373,30 @@ def cross_attention(q, k, v, kv_mask=None, backend="auto"):
     return CrossAttentionFunction.apply(q, k, v, kv_mask.bool().contiguous())
 
 
-def aot_specs():
-    """The Triton kernels and launch configurations at PixArt-XL/2's shapes, for ahead-of-time compilation.
+def aot_specs(sms: int = 132, batch: int = 8, tokens=(256, 1024, 4096)) -> list[dict]:
+    """The launches PixArt-XL/2's cross-attention makes, forward and backward, for ahead-of-time compilation.
 
-    Dh = 72, H = 16, L = 120, N in {256, 1024, 4096}, batch 8, bf16 and fp16. N, H and the batch are runtime
-    arguments and the configuration does not depend on them, so each (kernel, dtype) gives one spec.
+    The real launchers run on meta tensors shaped and strided as pixart_fast/model.py's CrossAttention passes them
+    (the kernels' launches are recorded, not run): H = 16, Dh = 72, L = 120, batch 8, N = 256 / 1024 / 4096 query
+    tokens; q a view of q_linear's output, k and v views of kv_linear's (.view(B, L, 2, H, Dh).unbind(2)), all in
+    the autocast dtype (bf16, fp16) or fp32; on a GPU of `sms` SMs (the backward's splits depend on it). Entries as
+    kernels/modulation.py's aot_specs().
     """
-    head_dim, kv_len = 72, 120
+    from .utils import recorded_launches
+
+    H, head_dim, kv_len = 16, 72, 120
+    D = H * head_dim
     specs = []
-    for dtype in ("bf16", "fp16"):
-        ptr = f"*{dtype}"
-        kernels = (
-            ("fwd", _cross_attn_fwd_kernel,
-             {"Q": ptr, "K": ptr, "V": ptr, "MASK": "*i1", "O": ptr, "LSE": "*fp32"}),
-            ("bwd", _cross_attn_bwd_kernel,
-             {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "DO": ptr, "LSE": "*fp32", "MASK": "*i1", "DQ": ptr,
-              "DK_PART": "*fp32", "DV_PART": "*fp32"}),
-        )
-        for kind, fn, pointers in kernels:
-            specs.append(aot_spec(f"cross_attn_{kind}_{dtype}_d{head_dim}_l{kv_len}", fn,
-                                  _config(kind, head_dim, kv_len), pointers, scalar_types={"sm_scale": "fp32"}))
+    for regime, dtype in (("bf16 autocast", torch.bfloat16), ("fp16 autocast", torch.float16), ("fp32", torch.float32)):
+        for N in tokens:
+            q = torch.empty(batch, N, D, dtype=dtype, device="meta").view(batch, N, H, head_dim)
+            k, v = torch.empty(batch, kv_len, 2 * D, dtype=dtype, device="meta").view(
+                batch, kv_len, 2, H, head_dim).unbind(2)
+            mask = torch.empty(batch, kv_len, dtype=torch.bool, device="meta")
+            with recorded_launches(globals(), (_cross_attn_fwd_kernel, _cross_attn_bwd_kernel), sms) as calls:
+                out, lse = cross_attn_fwd_launch(q, k, v, mask)
+                cross_attn_bwd_launch(torch.empty_like(out), q, k, v, out, lse, mask)
+            for call in calls:
+                kind = "fwd" if call["fn"] is _cross_attn_fwd_kernel else "bwd"
+                specs.append({"name": f"cross_attn_{kind}", "call": f"{regime} B={batch} N={N}", **call})
     return specs

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import tl, triton, use_triton
-from .utils import SUPPORTED_DTYPES, aot_spec, launch_config, launch_options, sm_count
+from .utils import SUPPORTED_DTYPES, launch_config, launch_options, sm_count
 
 Tensor = torch.Tensor
 
@@ -567,34 +567,39 @@ def gated_residual_modulate(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def aot_specs(D: int = 1152) -> list[dict]:
-    """One spec per kernel and launch configuration PixArt-XL/2 uses: D = 1152, bf16 and fp32 activations.
+def aot_specs(sms: int = 132, D: int = 1152, batch: int = 8, tokens=(256, 1024, 4096)) -> list[dict]:
+    """The launches PixArt-XL/2's blocks make, forward and backward, for ahead-of-time compilation (kernels/aot.py).
 
-    The configuration depends on D alone (256 / 1024 / 4096 tokens and batch 8 launch the same compiled kernels
-    with different grids), so each (kernel, dtype, HAS_RESIDUAL) appears once.
+    The real launchers run on meta tensors shaped, strided and typed as the model's (the kernels' launches are
+    recorded, not run): D = 1152, batch 8, T = 256 / 1024 / 4096 tokens (256 / 512 / 1024 px), on a GPU of `sms`
+    SMs (the backward's tokens per program depend on it). Dtypes as pixart_fast/model.py gives them under bf16 and
+    fp16 autocast and in fp32: the residual stream x is fp32 (the fp32 pos_embed promotes it), shift / scale /
+    gate are fp32 (the fp32 scale_shift_table + t0) row-stride 6D views, the branch output y is the autocast dtype
+    (a Linear's output), and gradients take their tensor's dtype. Each entry: {"name", "call", "fn", "args",
+    "kwargs", "grid"}; kernels/aot.py specialises the arguments as Triton's JIT would and compiles each distinct
+    specialisation once.
     """
-    f32 = "*fp32"
+    from .utils import recorded_launches
+
+    kernels = (_modulate_fwd_kernel, _modulate_bwd_kernel, _gated_residual_fwd_kernel, _gated_residual_bwd_kernel)
     specs = []
-    for dtype in ("bf16", "fp32"):
-        p = "*" + dtype
-        # None: a pointer the launcher passes as None without HAS_RESIDUAL (compiled as a constexpr None).
-        kernels = [
-            (_modulate_fwd_kernel, {"HAS_RESIDUAL": False},
-             {"X": p, "GATE": None, "Y": None, "SHIFT": p, "SCALE": p, "H": None, "M": p, "MEAN": f32, "RSTD": f32}),
-            (_modulate_fwd_kernel, {"HAS_RESIDUAL": True},
-             {"X": p, "GATE": p, "Y": p, "SHIFT": p, "SCALE": p, "H": p, "M": p, "MEAN": f32, "RSTD": f32}),
-            (_modulate_bwd_kernel, {"HAS_RESIDUAL": False},
-             {"DM": p, "DH": None, "X": p, "GATE": None, "Y": None, "SCALE": p, "MEAN": f32, "RSTD": f32, "DX": p,
-              "DY": None, "DSHIFT_PART": f32, "DSCALE_PART": f32, "DGATE_PART": None}),
-            (_modulate_bwd_kernel, {"HAS_RESIDUAL": True},
-             {"DM": p, "DH": p, "X": p, "GATE": p, "Y": p, "SCALE": p, "MEAN": f32, "RSTD": f32, "DX": p, "DY": p,
-              "DSHIFT_PART": f32, "DSCALE_PART": f32, "DGATE_PART": f32}),
-            (_gated_residual_fwd_kernel, {}, {"X": p, "GATE": p, "Y": p, "OUT": p}),
-            (_gated_residual_bwd_kernel, {}, {"DOUT": p, "GATE": p, "Y": p, "DY": p, "DGATE_PART": f32}),
-        ]
-        for fn, flags, pointers in kernels:
-            cfg = _config(D, backward="bwd" in fn.__name__)
-            cfg["constexprs"].update(flags)
-            name = fn.__name__.strip("_") + f"_{dtype}" + ("_residual" if flags.get("HAS_RESIDUAL") else "")
-            specs.append(aot_spec(name, fn, cfg, pointers, scalar_types={"eps": "fp32"}))
+    for regime, low in (("bf16 autocast", torch.bfloat16), ("fp16 autocast", torch.float16), ("fp32", torch.float32)):
+        for T in tokens:
+            x = torch.empty(batch, T, D, dtype=torch.float32, device="meta")  # the residual stream
+            y = torch.empty(batch, T, D, dtype=low, device="meta")  # attn / mlp output
+            t0 = torch.empty(batch, 6 * D, dtype=low, device="meta")  # t_block output
+            table = torch.empty(6, D, dtype=torch.float32, device="meta")  # a block's scale_shift_table
+            shift, scale, gate = (table[None] + t0.reshape(batch, 6, D)).unbind(1)[:3]
+            with recorded_launches(globals(), kernels, sms) as calls:
+                _, m, mean, rstd = _launch_modulate_fwd(x, None, None, shift, scale, 1e-6)
+                _launch_modulate_bwd(None, torch.empty_like(m), x, None, None, scale, mean, rstd, shift.dtype)
+                h, m, mean, rstd = _launch_modulate_fwd(x, gate, y, shift, scale, 1e-6)
+                _launch_modulate_bwd(torch.empty_like(h), torch.empty_like(m), x, gate, y, scale, mean, rstd,
+                                     shift.dtype)
+                out = _launch_gated_residual_fwd(x, gate, y)
+                _launch_gated_residual_bwd(torch.empty_like(out), gate, y)
+            for call in calls:
+                residual = call["kwargs"].get("HAS_RESIDUAL")
+                name = call["fn"].__name__.strip("_").removesuffix("_kernel") + ("_residual" if residual else "")
+                specs.append({"name": name, "call": f"{regime} B={batch} T={T}", **call})
     return specs

@@ -12,7 +12,7 @@ The kernel reads and writes through strides, so non-contiguous inputs and gradie
 import torch
 
 from .backend import tl, triton, use_triton
-from .utils import TRITON_DTYPE, aot_spec, launch_config, launch_options
+from .utils import launch_config, launch_options
 
 
 def patchify_ref(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -192,26 +192,28 @@ def unpatchify(x: torch.Tensor, p: int, C: int, H: int, W: int, backend: str = "
     return _Unpatchify.apply(x, p, C, H, W)
 
 
-def aot_specs() -> list[dict]:
-    """The kernel's launch configurations at PixArt-XL/2 shapes, for ahead-of-time compilation (kernels/aot.py).
+def aot_specs(sms: int = 132, batch: int = 8, sizes=(32, 64, 128)) -> list[dict]:
+    """The copies PixArt-XL/2 training launches, for ahead-of-time compilation (kernels/aot.py).
 
-    Batch 8, p = 2, latents 32/64/128 square: patchify of the 4 input channels and unpatchify of the 8 output
-    channels, each forward and backward, in bf16 and fp32. The signature mirrors what the launcher's JIT call
-    specialises: constexpr arguments and integers equal to 1 (unit strides) become compile-time constants.
+    The real launchers run on meta tensors (the launches are recorded, not run): batch 8, p = 2, latents 32 / 64 /
+    128 square. pixart_fast/model.py patchifies the fp32 latents (in every precision: they need no gradient, so
+    there is no patchify backward), unpatchifies the final Linear's output of 8 channels (the autocast dtype, or
+    fp32) and, backward, turns the image gradient of that dtype back into tokens. `sms` is unused (the grid does
+    not depend on the GPU). Entries as kernels/modulation.py's aot_specs().
     """
-    B, p = 8, 2
+    from .utils import recorded_launches
+
+    p, c_in, c_out = 2, 4, 8
     specs = []
-    for op, C, channels_first in (("patchify", 4, True), ("unpatchify", 8, False)):
-        for size in (32, 64, 128):
-            for dtype in (torch.bfloat16, torch.float32):
-                img = torch.empty(B, C, size, size, dtype=dtype, device="meta")
-                tok = torch.empty(B, (size // p) ** 2, C * p * p, dtype=dtype, device="meta")
-                # The forward of patchify and the backward of unpatchify copy image -> tokens.
-                for direction, to_tokens in (("fwd", channels_first), ("bwd", not channels_first)):
-                    scalars, _, config = _launch_config(img, tok, p, channels_first, to_tokens)
-                    # The JIT call also specialises integer arguments equal to 1 (the unit strides) as constants.
-                    config["constexprs"] = {n: v for n, v in scalars.items() if v == 1} | config["constexprs"]
-                    ptr = "*" + TRITON_DTYPE[dtype]
-                    specs.append(aot_spec(f"{op}_{direction}[{size}x{size},{TRITON_DTYPE[dtype]}]", _patch_copy_kernel,
-                                          config, {"img_ptr": ptr, "tok_ptr": ptr}))
+    for regime, dtype in (("bf16 autocast", torch.bfloat16), ("fp16 autocast", torch.float16), ("fp32", torch.float32)):
+        for size in sizes:
+            T = (size // p) ** 2
+            latents = torch.empty(batch, c_in, size, size, dtype=torch.float32, device="meta")
+            tokens = torch.empty(batch, T, p * p * c_out, dtype=dtype, device="meta")
+            with recorded_launches(globals(), (_patch_copy_kernel,), sms) as calls:
+                _image_to_tokens(latents, p, True)  # patchify forward
+                image = _tokens_to_image(tokens, p, c_out, size, size, False)  # unpatchify forward
+                _image_to_tokens(torch.empty_like(image), p, False)  # unpatchify backward
+            for call, name in zip(calls, ("patchify_fwd", "unpatchify_fwd", "unpatchify_bwd")):
+                specs.append({"name": name, "call": f"{regime} B={batch} {size}x{size}", **call})
     return specs
