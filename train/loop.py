@@ -348,7 +348,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
             if not (logging or saving or sampling or (d.world_size == 1 and stop.received)):
                 continue
             steps_read, bad_run = read_records(run, records, bad_run, log)
-            records, stopping = [], any(r["stop"] for _, r in steps_read)
+            # stop: a signal some rank reported (all ranks see the same records), or this single process's own,
+            # received during the step just done
+            stopping = any(r["stop"] for _, r in steps_read) or (d.world_size == 1 and stop.received is not None)
+            records = []
             last = {"step": done, **{k: v for k, v in steps_read[-1][1].items() if k != "stop"},
                     "lr": run.sched.get_last_lr()[0], "skipped_steps": run.skipped}
             if d.main and logging:
