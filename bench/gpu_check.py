@@ -67,19 +67,18 @@ LABELS = {
     "energy": "(d) energy per 256-px training image (NVML)",
     "profile": "(e) torch.profiler: top 25 CUDA kernels of one training step",
 }
-# name: (model, kernels, compile); in the order they run
-VARIANTS = {
-    "ours+triton": ("ours", "triton", False),
-    "diffusers": ("diffusers", "torch", False),
-    "ours+triton+compile": ("ours", "triton", True),
-    "ours+compile": ("ours", "torch", True),
-    "diffusers+compile": ("diffusers", "torch", True),
-    "ours": ("ours", "torch", False),
-}
+# workloads.TRAIN_VARIANTS (name: (model, kernels, compile)) in the order they run: the most telling first
+VARIANT_ORDER = ("ours+triton", "diffusers", "ours+triton+compile", "ours+compile", "diffusers+compile", "ours")
 KERNEL_TOKENS = (256, 1024)
 WARMUP_STEPS, ROUNDS, ENERGY_ROUNDS = 3, 5, 20
 KERNEL_REPS, KERNEL_ROUNDS = 10, 10
 TOP_KERNELS = 25
+
+
+def variants() -> dict:
+    """workloads.TRAIN_VARIANTS in VARIANT_ORDER (workloads is imported once the project is installed)."""
+    from workloads import TRAIN_VARIANTS
+    return {name: TRAIN_VARIANTS[name] for name in VARIANT_ORDER}
 
 
 class BudgetExceeded(BaseException):
@@ -353,7 +352,7 @@ def compile_model(model, mode: str):
 
 def build(variant: str, cfg, device: str, compile_mode: str):
     from workloads import build_diffusers, build_ours
-    name, kernels, compiled = VARIANTS[variant]
+    name, kernels, compiled = variants()[variant]
     ours = build_ours(cfg, device, kernels)
     model = ours if name == "ours" else build_diffusers(ours)
     del ours
@@ -388,7 +387,7 @@ def train_row(check: Check, kind: str, variant: str, cfg, resolution: int, batch
     """One row in the extra_info format of bench/test_bench_train.py (plus compile_mode, warm-up, all times)."""
     import torch
     from pixart_fast.plan import GPUS, flops_per_image
-    name, kernels, compiled = VARIANTS[variant]
+    name, kernels, compiled = variants()[variant]
     seconds = statistics.median(times)
     flops = batch * flops_per_image(cfg, resolution)
     gpu = GPUS.get(check.gpu_key)
@@ -433,8 +432,8 @@ def part_train_steps(resolution: int):
             elif check.dry:
                 part["notes"].append("dry run: the same code as the other resolution's smoke, not repeated")
             return
-        for variant in VARIANTS:
-            skip = NO_DIFFUSERS if VARIANTS[variant][0] == "diffusers" and not have_diffusers else None
+        for variant in variants():
+            skip = NO_DIFFUSERS if variants()[variant][0] == "diffusers" and not have_diffusers else None
             row = check.item(part, f"{variant} {resolution}px",
                              lambda v=variant: measure_train(check, v, XL[resolution], resolution,
                                                              XL_BATCH[resolution], "cuda"), skip)
@@ -448,7 +447,7 @@ def smoke_train(check: Check, have_diffusers: bool) -> dict:
     """The dry run's stand-in: the same measurement on the CPU, tiny model; Triton and compile variants need CUDA."""
     cfg = tiny_config()
     smoke = {"config": "tiny (hidden 64, depth 2, 16 tokens), CPU, bf16 autocast", "rows": [], "items": []}
-    for variant, (name, kernels, compiled) in VARIANTS.items():
+    for variant, (name, kernels, compiled) in variants().items():
         skip = NO_CUDA if kernels == "triton" or compiled else \
             NO_DIFFUSERS if name == "diffusers" and not have_diffusers else None
         row = check.item(smoke, f"{variant} (tiny, CPU)",

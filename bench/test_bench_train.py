@@ -10,16 +10,9 @@ import torch
 
 from gpus import EnergyMeter
 from pixart_fast.plan import GPUS, flops_per_image
-from workloads import XL, XL_BATCH, adamw, build_diffusers, build_ours, largest_batch, make_batch, train_step
+from workloads import TRAIN_VARIANTS, XL, XL_BATCH, adamw, build_diffusers, build_ours, largest_batch, make_batch, train_step
 
-VARIANTS = {  # name: (model, kernels, torch.compile)
-    "ours": ("ours", "torch", False),
-    "ours+triton": ("ours", "triton", False),
-    "ours+compile": ("ours", "torch", True),
-    "ours+triton+compile": ("ours", "triton", True),
-    "diffusers": ("diffusers", "torch", False),
-    "diffusers+compile": ("diffusers", "torch", True),
-}
+VARIANTS = TRAIN_VARIANTS  # name: (model, kernels, torch.compile)
 WARMUP_STEPS, ROUNDS = 3, 5
 
 

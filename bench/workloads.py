@@ -27,6 +27,15 @@ XL_BATCH = {256: 32, 512: 8, 1024: 2}
 CPU_CONFIG = PixArtConfig(input_size=16, in_channels=4, hidden_size=192, depth=4, num_heads=3,
                           caption_channels=128, max_tokens=32)
 CPU_BATCH = 4
+# The training-step variants the GPU benchmarks compare. name: (model, kernels, torch.compile)
+TRAIN_VARIANTS = {
+    "ours": ("ours", "torch", False),
+    "ours+triton": ("ours", "triton", False),
+    "ours+compile": ("ours", "torch", True),
+    "ours+triton+compile": ("ours", "triton", True),
+    "diffusers": ("diffusers", "torch", False),
+    "diffusers+compile": ("diffusers", "torch", True),
+}
 # AdamW as the paper trains (lr 2e-5, weight decay 0.03, eps 1e-10).
 ADAMW = dict(lr=2e-5, weight_decay=0.03, eps=1e-10)
 

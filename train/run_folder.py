@@ -47,12 +47,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def checkpoint_problems(folder: Path) -> list[str]:
     """What is wrong with a checkpoint folder, one line per file (empty: intact). With a manifest: every file's
     size and CRC-32 against it. Without one (written before manifests existed): each file read whole."""
-    problems = verify_manifest(folder)
+    problems = verify_manifest(folder)  # names the files it lists that are missing
     missing = [f"{folder.name}/{name}: missing" for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if problems or missing:
+        return problems or missing  # missing alone: a needed file the manifest does not list
     if problems is not None:
-        return problems + [m for m in missing if m.split(":")[0] not in " ".join(problems)]
-    if missing:
-        return missing
+        return []
     problems = []
     for name in CHECKPOINT_FILES:
         try:

@@ -46,6 +46,7 @@ class Stage:
     number: int
     previous: int | None  # the stage whose newest EMA weights this one starts from, when they exist
     held_out: str  # what the held-out set is made of, for messages: "classes" or "captions"
+    class_conditional: bool  # conditioned on class labels (features must carry them), not captions
 
     def model_config(self, cfg: TrainConfig):
         if cfg.model not in CONFIGS:
@@ -70,7 +71,7 @@ class Stage:
             raise ValueError(f"--t5 {cfg.t5} encodes the embedded captions; the features in --data {cfg.data} hold "
                              "their captions' T5 features already: drop --t5")
         features = FeatureDataset(cfg.data)
-        features.check_model(model.config, cfg.model, class_conditional=self.previous is None)
+        features.check_model(model.config, cfg.model, class_conditional=self.class_conditional)
         return FeatureData(features)
 
     def initialise(self, model, cfg: TrainConfig, log=print) -> str:
@@ -104,7 +105,7 @@ class Stage:
 class ClassConditional(Stage):
     """Stage 1: a class-conditional DiT on shape x colour classes (the paper's ImageNet stage)."""
 
-    number, previous, held_out = 1, None, "classes"
+    number, previous, held_out, class_conditional = 1, None, "classes", True
 
     def embedded_set(self, size, seed, split, length=100_000):
         return embedded.ShapeClasses(length, seed, split, size=size)
@@ -128,7 +129,7 @@ class ClassConditional(Stage):
 class TextConditional(Stage):
     """Stages 2 and 3: PixArt conditioned on T5 caption features (and, for PixArtMS, the micro-conditions)."""
 
-    held_out = "captions"
+    held_out, class_conditional = "captions", False
 
     def __init__(self, number: int, embedded_kind):
         self.number, self.previous, self._embedded_kind = number, number - 1, embedded_kind
