@@ -20,6 +20,8 @@ setup(
         "pillow",
         "tqdm",
         "matplotlib",  # the ablation's plot (python -m pixart_fast.train.ablate)
+        "peft>=0.14",  # LoRA fine-tuning (--lora-rank) and its adapters for diffusers
+        "came-pytorch",  # the CAME optimizer of PixArt-Sigma's configs (--optimizer came)
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scikit-image"],

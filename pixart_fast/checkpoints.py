@@ -88,6 +88,24 @@ def to_diffusers(sd: dict) -> dict:
     return out
 
 
+def diffusers_module(name: str) -> tuple[str, ...]:
+    """An official-named module (`blocks.3.attn.qkv`, `t_block.1`) -> the diffusers module(s) holding its weight,
+    in the order they are concatenated along the output dimension (three for qkv, two for kv_linear)."""
+    m = re.match(r"blocks\.(\d+)\.(.*)", name)
+    if m is None:
+        new = _rename(name + ".", _RENAMES, 0)
+        parts = None if new is None else (new[:-1],)
+    else:
+        i, rest = m.groups()
+        fused = [parts for fused_name, parts in _FUSED if rest + "." == fused_name]
+        new = _rename(rest + ".", _BLOCK_RENAMES, 0)
+        parts = (tuple(f"transformer_blocks.{i}.{p[:-1]}" for p in fused[0]) if fused else
+                 None if new is None else (f"transformer_blocks.{i}.{new[:-1]}",))
+    if parts is None:
+        raise KeyError(f"no diffusers module for {name!r}")
+    return parts
+
+
 def from_diffusers(sd: dict) -> dict:
     """diffusers PixArtTransformer2DModel state dict -> official names (no y_embedding: diffusers has none;
     load with `load_state_dict_strict(model, sd, allow_missing=("y_embedder.y_embedding",))`)."""

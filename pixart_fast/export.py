@@ -1,6 +1,8 @@
 """Export a PixArt checkpoint to other formats.
 
     python -m pixart_fast.export --ckpt X --out DIR --format diffusers [--model NAME] [--weights ema|model]
+    python -m pixart_fast.export --ckpt LORA_CHECKPOINT --out DIR --lora     # a PEFT adapter for diffusers
+    python -m pixart_fast.export --ckpt LORA_CHECKPOINT --out DIR --merge    # base + adapter, one diffusers model
 
 --ckpt: a checkpoint folder of our trainer (its EMA weights by default), one of our .safetensors files, an
 official PixArt .pth or a diffusers transformer folder. The model config is --model, or the name our
@@ -10,6 +12,11 @@ its pipeline encodes the empty prompt for classifier-free guidance instead. The 
 the transformer's config: diffusers' pipelines take it as `max_sequence_length` (PixArtAlphaPipeline 120,
 PixArtSigmaPipeline 300, the PixArt-Sigma configs' max_tokens); config.json carries the position interpolation
 (`interpolation_scale`: 1 / 2 / 4 for Sigma at 512 / 1024 / 2K) and `use_additional_conditions` explicitly.
+
+A LoRA run's checkpoint (--lora-rank) holds the adapters and records its base weights. --lora writes a PEFT
+adapter folder (adapter_config.json, adapter_model.safetensors) for diffusers' PixArtTransformer2DModel of those
+base weights: `PeftModel.from_pretrained(transformer, DIR)` (pixart_fast/lora.py); --merge writes the base with the
+adapters merged in, as a plain diffusers folder. --base overrides the recorded base path.
 """
 import argparse
 import json
@@ -18,8 +25,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from pixart_fast.checkpoints import config_name, load_pixart, to_diffusers
-from pixart_fast.model import CONFIGS, PixArtConfig
+from pixart_fast import lora
+from pixart_fast.checkpoints import (config_name, load_into, load_pixart, load_safetensors, to_diffusers,
+                                    training_metadata)
+from pixart_fast.model import CONFIGS, PixArt, PixArtConfig
 
 FORMATS = ("diffusers",)
 
@@ -60,20 +69,52 @@ def _checkpoint_file(ckpt: Path, weights: str) -> Path:
     return ckpt
 
 
-def export(ckpt, out, format: str = "diffusers", model: str | None = None, weights: str = "ema") -> Path:
+def write_diffusers(state_dict: dict, config: PixArtConfig, out) -> Path:
+    """A PixArt state dict (official names) as a diffusers PixArtTransformer2DModel folder; returns out."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(diffusers_config(config), indent=2) + "\n")
+    tensors = {k: v.contiguous() for k, v in to_diffusers(state_dict).items()}
+    save_file(tensors, str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def load_lora(path: Path, base=None) -> PixArt:
+    """The LoRA PixArt of a LoRA run's weights file: the config and base it records (`base` overrides the
+    base path), the adapters loaded."""
+    recorded = training_metadata(path)
+    base = base or recorded.get("base")
+    if not base or base == "None":
+        raise ValueError(f"{path} records no base weights; pass --base (the --init the LoRA run was trained on)")
+    model = PixArt(CONFIGS[config_name(path)], kernels="torch")
+    load_into(model, base, from_dit=False, source=f"base {base}")
+    lora.add_lora(model, int(recorded["lora_rank"]), float(recorded["lora_alpha"]), recorded["lora_targets"])
+    lora.load_adapter(model, load_safetensors(path), source=str(path))
+    return model.eval()
+
+
+def export(ckpt, out, format: str = "diffusers", model: str | None = None, weights: str = "ema",
+           adapter: bool = False, merge: bool = False, base=None) -> Path:
     """Write checkpoint `ckpt` in `format` to folder `out`; returns `out`. The weights are checked against the
-    model config first (strictly: every key, every shape), so a wrong --model fails here, not in diffusers."""
+    model config first (strictly: every key, every shape), so a wrong --model fails here, not in diffusers.
+    A LoRA run's checkpoint: adapter=True writes its PEFT adapter, merge=True the merged model (one of them)."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
     path = _checkpoint_file(Path(ckpt), weights)
+    is_lora = "lora_rank" in training_metadata(path)
+    if adapter or merge or is_lora:
+        if not is_lora:
+            raise ValueError(f"--lora / --merge export a LoRA run's adapters; {path} holds no LoRA adapters")
+        if adapter == merge:
+            raise ValueError(f"{path} holds LoRA adapters: pass --lora (a PEFT adapter folder for diffusers) or "
+                             "--merge (base and adapters merged into one diffusers model)")
+        lora_model = load_lora(path, base)
+        if adapter:
+            return lora.to_peft_diffusers(lora_model, out)
+        return write_diffusers(lora.merged_state_dict(lora_model), lora_model.config, out)
     name = config_name(path, model)
     weights_sd = load_pixart(path, name, kernels="torch").state_dict()  # checked strictly: every key, every shape
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(diffusers_config(CONFIGS[name]), indent=2) + "\n")
-    tensors = {k: v.contiguous() for k, v in to_diffusers(weights_sd).items()}
-    save_file(tensors, str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    return out
+    return write_diffusers(weights_sd, CONFIGS[name], out)
 
 
 def main(argv=None) -> int:
@@ -85,8 +126,13 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="model config name (default: the one the checkpoint records)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema",
                    help="which weights of a trainer checkpoint folder (default: the EMA's)")
+    p.add_argument("--lora", action="store_true",
+                   help="a LoRA checkpoint: write its adapters as a PEFT adapter folder for diffusers")
+    p.add_argument("--merge", action="store_true",
+                   help="a LoRA checkpoint: write its base weights with the adapters merged in, as a diffusers folder")
+    p.add_argument("--base", default=None, help="a LoRA checkpoint's base weights (default: the path it records)")
     a = p.parse_args(argv)
-    print(f"wrote {export(a.ckpt, a.out, a.format, a.model, a.weights)}")
+    print(f"wrote {export(a.ckpt, a.out, a.format, a.model, a.weights, a.lora, a.merge, a.base)}")
     return 0
 
 

@@ -478,6 +478,14 @@ class FeatureDataset(Dataset):
                              f"tokens but model {name} has caption_channels {config.caption_channels} and max_tokens "
                              f"{config.max_tokens}; pick a matching --model, or extract with a matching --t5 and "
                              f"--max-tokens {config.max_tokens}")
+        # A PixArt takes any size, but its position scale (pe_interpolation) and released weights are for one:
+        # far from it (a quarter or four times the tokens, e.g. 256-px data on a 1024-px model) is a wrong --model.
+        native = config.input_size**2
+        far = [s for s in self.latent_sizes() if not native / 4 <= s[0] * s[1] <= native * 4]
+        if far:
+            raise ValueError(f"{where} has latents of {far[0][0]}x{far[0][1]} but model {name} is made for "
+                             f"{config.input_size}x{config.input_size} (position scale {config.pe_interpolation:g}); "
+                             "pick the --model of your images' resolution, or extract at its --resolution")
         odd = [s for s in self.latent_sizes() if s[0] % config.patch_size or s[1] % config.patch_size]
         if odd:
             raise ValueError(f"{where} has latent sizes {odd} not divisible by model {name}'s patch size "

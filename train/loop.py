@@ -22,7 +22,6 @@ When things go wrong (README "When things go wrong"):
   skipped steps, keeps the data order). `skipped_steps` in metrics.jsonl counts them; --max-bad-steps in a row
   stop the run with an error naming the step and the last good checkpoint. Non-finite weights are never saved.
 """
-import copy
 import json
 import shlex
 import signal
@@ -36,7 +35,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pixart_fast import distributed
+from pixart_fast import distributed, lora
+from pixart_fast.checkpoints import training_metadata
 from pixart_fast.diffusion import Diffusion
 from pixart_fast.files import atomic_path
 from pixart_fast.loader import prefetch, to_device
@@ -47,10 +47,11 @@ from pixart_fast.train.stages import STAGES, Stage
 
 PREFETCH_DEPTH, PREFETCH_WORKERS = 4, 2  # batches built ahead of the step, by this many threads
 PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # "auto": see autocast_dtype
+OPTIMIZERS = ("adamw", "came")
 # Settings that shape the run's trajectory: resuming with other values is allowed, but warned about.
 TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup", "grad_clip", "ema_decay",
               "caption_dropout", "precision", "seed", "data", "t5", "prediction", "min_snr_gamma", "min_snr_plus_one",
-              "tokenizer")
+              "tokenizer", "optimizer", "lora_rank", "lora_alpha", "lora_targets")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -81,8 +82,9 @@ def resume_command(cfg: TrainConfig) -> str:
     """The command line that continues this run: its stage, --out, every setting that differs from the stage's
     recipe, and --resume latest. (Under torchrun: the same flags after the launcher's.)"""
     recipe = RECIPES[cfg.stage]
+    skip = ("stage", "out", "resume") + (() if cfg.lora_rank else ("init",))  # LoRA: --init is the frozen base
     flags = [f"--{f.name.replace('_', '-')} {shlex.quote(str(getattr(cfg, f.name)))}" for f in fields(cfg)
-             if f.name not in ("stage", "out", "resume", "init") and getattr(cfg, f.name) != getattr(recipe, f.name)]
+             if f.name not in skip and getattr(cfg, f.name) != getattr(recipe, f.name)]
     return " ".join(["python -m pixart_fast.train --stage", str(cfg.stage), "--out", shlex.quote(cfg.out), *flags,
                      "--resume latest"])
 
@@ -111,13 +113,23 @@ class StopSignals:
 
 
 @torch.no_grad()
-def update_ema(ema, model, decay: float, step: int, apply: torch.Tensor) -> None:
-    """ema <- d * ema + (1 - d) * model with d = min(decay, (1 + step) / (10 + step)): short runs average
-    over their recent steps instead of staying at the initial weights. One foreach op over all parameters.
+def update_ema(ema_params: list, params: list, decay: float, step: int, apply: torch.Tensor) -> None:
+    """ema <- d * ema + (1 - d) * model with d = min(decay, (1 + step) / (10 + step)) over the trained parameters:
+    short runs average over their recent steps instead of staying at the initial weights. One foreach op.
     apply: a 0-dim bool tensor on the device; False leaves the EMA exactly as it is (a skipped step), decided
     on the device without a host sync."""
     d = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), apply * (1 - d))
+    torch._foreach_lerp_(ema_params, params, apply * (1 - d))
+
+
+def make_optimizer(params: list, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """--optimizer: AdamW (fused: one kernel for all parameters, and it skips a step on the device through
+    `found_inf`, see train_step) or CAME (came-pytorch) with PixArt-Sigma's betas and eps."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=True)
+    from came_pytorch import CAME
+
+    return CAME(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -135,7 +147,10 @@ class Run:
     run_dir: Path
     model: torch.nn.Module  # the unwrapped model: its parameters, state dicts and config
     net: torch.nn.Module  # what runs forward and backward: DDP, the FSDP2-sharded model, or the model itself
-    ema: torch.nn.Module
+    ema: torch.nn.Module  # LoRA: shares the model's frozen base weights, averages the adapters
+    base: Path | None  # LoRA: where the frozen base weights came from (recorded in checkpoints)
+    params: list  # the trained parameters (LoRA: the adapters' only), and the EMA's, in the same order
+    ema_params: list
     data: object  # train/stages.py: EmbeddedData or FeatureData
     diffusion: Diffusion
     opt: torch.optim.Optimizer
@@ -166,16 +181,30 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
     elif cfg.resume:
         resume = verified_checkpoint(Path(cfg.resume))
     model.to(d.device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    base = None  # LoRA: the frozen base weights, loaded again on a resume (checkpoints hold the adapters only)
+    if resume is None or cfg.lora_rank:
+        # a LoRA resume without --init: the base its checkpoint records having been trained on
+        recorded = (training_metadata(resume / "model.safetensors").get("base")
+                    if resume is not None and cfg.init is None else None)
+        base = Path(recorded) if recorded else stage.init_source(cfg, log)
+        if cfg.lora_rank and base is None:
+            raise ValueError(f"--lora-rank {cfg.lora_rank} adapts existing weights, but there are none: pass --init "
+                             "(a diffusers folder, an official .pth or our checkpoint) or train the previous stage")
+        log(stage.initialise(model, base, cfg))
+    if cfg.lora_rank:
+        with torch.random.fork_rng(devices=[]):  # the adapters' initial A: the same on every rank, from --seed
+            torch.manual_seed(cfg.seed)
+            lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        log(f"{lora.adapter_summary(model)}; base weights {base}")
+    ema = lora.ema_copy(model)
     if resume is not None:
         load_weights(resume, model, ema)
-    else:
-        log(stage.initialise(model, cfg, log))
-        ema.load_state_dict(model.state_dict())
     net = distributed.wrap(model, d, cfg.fsdp)  # DDP, FSDP2 (model sharded in place) or the model itself
     distributed.shard_like(ema, cfg.fsdp)
-    # fused: one kernel for all parameters, and it skips a step on the device (found_inf, see train_step)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=True)
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    params, ema_by_name = dict(model.named_parameters()), dict(ema.named_parameters())
+    params, ema_params = [params[n] for n in trained], [ema_by_name[n] for n in trained]
+    opt = make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     start, skipped = 0, 0
     if resume is not None:
@@ -193,8 +222,8 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
         net = torch.compile(net)  # the model is one graph, the Triton kernels included (custom ops with fakes)
     diffusion = Diffusion(learn_sigma=model.config.learn_sigma, prediction=cfg.prediction,
                           min_snr_gamma=cfg.min_snr_gamma, min_snr_plus_one=cfg.min_snr_plus_one)
-    return Run(cfg, stage, d, run_dir, model, net, ema, data, diffusion, opt, sched, scaler, start, skipped,
-               autocast_dtype(cfg.precision, d.device))
+    return Run(cfg, stage, d, run_dir, model, net, ema, base if cfg.lora_rank else None, params, ema_params, data,
+               diffusion, opt, sched, scaler, start, skipped, autocast_dtype(cfg.precision, d.device))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,17 +264,21 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()  # DDP / FSDP average the gradients over ranks: the global batch's mean
     run.scaler.unscale_(run.opt)
-    grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip))
+    grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip))
     # One all-reduce: the global batch's losses, and whether any rank got SIGINT / SIGTERM (all stop together).
     stats = torch.stack([loss, terms["mse"].mean(), terms["vb"].mean()]).detach().float()
     stats = d.mean(torch.cat([stats, stats.new_tensor([stop_requested])]))
     # A NaN or inf in any gradient makes the norm clip_grad_norm_ computed non-finite: no update this step. The
     # fused AdamW reads `found_inf` on the device and leaves weights, moments and its step count as they are
-    # (the mechanism GradScaler uses; with fp16 the scaler sets it from the gradients itself).
+    # (the mechanism GradScaler uses; with fp16 the scaler sets it from the gradients itself). CAME has no such
+    # input: there the host reads `updated` (one sync a step).
     updated = torch.isfinite(stats[0]) & torch.isfinite(grad_norm)
-    run.opt.found_inf = (~updated).float()
-    run.scaler.step(run.opt)
-    update_ema(run.ema, run.model, cfg.ema_decay, step, updated)
+    if cfg.optimizer == "adamw":
+        run.opt.found_inf = (~updated).float()
+        run.scaler.step(run.opt)
+    elif updated.item():
+        run.scaler.step(run.opt)
+    update_ema(run.ema_params, run.params, cfg.ema_decay, step, updated)
     run.scaler.update()  # fp16: a skipped step lowers the loss scale
     run.sched.step()  # the learning rate stays a function of the step
     return torch.stack([stats[0], stats[1], stats[2], grad_norm.float(), updated.float(), stats[3]]).detach()
@@ -293,6 +326,16 @@ def train(cfg: TrainConfig, device: str | None = None, progress: bool = True) ->
         raise ValueError(f"steps and batch size must be >= 1, got steps={cfg.steps}, batch_size={cfg.batch_size}")
     if cfg.fsdp and cfg.precision == "fp16":
         raise ValueError("--fsdp true with fp16 is not supported (its gradient scaler does not shard); use bf16")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
+    if cfg.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0 (0: train every weight), got {cfg.lora_rank}")
+    if cfg.fsdp and (cfg.lora_rank or cfg.optimizer == "came"):
+        raise ValueError("--fsdp true shards full training with AdamW; LoRA and CAME state are small or factored "
+                         "per whole weight: run them without --fsdp (DDP)")
+    if cfg.lora_rank and cfg.stage == 1:
+        raise ValueError("--lora-rank adapts a text-conditioned PixArt (stages 2 and 3); stage 1 trains a DiT "
+                         "from scratch")
     d = distributed.setup(device)
     matmul_precision = torch.get_float32_matmul_precision()
     if d.device.type == "cuda":  # what stays fp32 (all of it with --precision fp32) runs its matmuls on TF32
@@ -320,8 +363,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
         return run.data.evaluate(run.ema, run.stage, cfg, run.diffusion, d.device, png if d.main else None)
 
     def save(step: int) -> Path:
-        return save_checkpoint(run.run_dir, step, run.model, run.ema, run.opt, run.sched, run.skipped, cfg,
-                               d)
+        return save_checkpoint(run.run_dir, step, run.model, run.ema, run.opt, run.sched, run.skipped, cfg, d,
+                               run.base)
 
     bar = tqdm(total=cfg.steps, initial=run.start, disable=not progress, desc=f"stage {cfg.stage}", unit="step")
     t_start = t_log = time.time()

@@ -8,6 +8,8 @@ field can be overridden from the command line.
 """
 from dataclasses import dataclass, field
 
+from pixart_fast.lora import DEFAULT_ALPHA, DEFAULT_TARGETS
+
 
 def _field(default, help: str):
     """A config field whose help text the command line shows."""
@@ -59,6 +61,16 @@ class TrainConfig:
                                            "form), which keeps the noisiest steps' weight at 1")
     tokenizer: str = _field("byte", "the embedded T5's tokenizer: byte (ByT5's) or word (the captions' closed "
                                     "vocabulary, one token a word)")
+    optimizer: str = _field("adamw", "adamw (torch's, fused) or came (PixArt-Sigma's CAME: factored second moments, "
+                                     "about half AdamW's optimizer-state memory; its betas and eps as Sigma's configs)")
+    lora_rank: int = _field(0, "LoRA rank: PEFT adapters on the frozen base weights, and only the adapters are "
+                               "trained, averaged and saved; 0: train every weight (official PixArt LoRA guide: 16)")
+    lora_alpha: float = _field(DEFAULT_ALPHA, "LoRA alpha: the adapters' output is scaled by alpha / rank; 8 is "
+                                              "PEFT's and the official PixArt LoRA script's")
+    lora_targets: str = _field(DEFAULT_TARGETS, "the Linear layers LoRA adapts: groups attn (self-attention), cross "
+                                                "(cross-attention), mlp, embed (timestep, caption and size embedders, "
+                                                "t_block, final layer), or module-name suffixes such as attn.qkv, "
+                                                "comma-separated")
 
 
 # About 5 minutes each on 2 CPU cores (2026-11-22, AMD EPYC, 2 threads): stage 1 about 170 images/s, stage 2

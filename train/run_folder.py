@@ -3,7 +3,8 @@ saves, and metrics.jsonl trimming.
 
     checkpoints/step-XXXXXXX/  model.safetensors, ema.safetensors, trainer.pt (optimizer by parameter name and
                                unsharded, scheduler, step, config) and manifest.json (each file's
-                               size and CRC-32, written last)
+                               size and CRC-32, written last). A LoRA run's weights files hold its adapters
+                               only, and record the frozen base weights' path ("base" in their metadata)
 
 A folder is written as step-XXXXXXX.tmp, every file and the folder fsync'd, the manifest last, and only then
 renamed: a kill -9 at any moment leaves complete folders only (and *.tmp leftovers, deleted by the next run).
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pixart_fast import distributed
+from pixart_fast import distributed, lora
 from pixart_fast.checkpoints import load_safetensors, load_state_dict_strict, nonfinite_keys, save_safetensors
 from pixart_fast.files import atomic_path, fsync_dir, verify_manifest, write_manifest
 
@@ -115,13 +116,17 @@ def remove_checkpoint(folder: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, skipped: int, cfg,
-                    d: distributed.Dist) -> Path:
+                    d: distributed.Dist, base: Path | None = None) -> Path:
     """Write checkpoints/step-XXXXXXX crash-safely: every file written and fsync'd in step-XXXXXXX.tmp, the
     manifest last, then the folder renamed into place (the rename fsync'd too); then all but the newest --keep
     checkpoints are deleted. Refuses weights holding NaN or inf. Every rank calls it (gathering sharded state is
-    a collective); rank 0 writes whole, unsharded state dicts. skipped: the run's skipped steps so far."""
+    a collective); rank 0 writes whole, unsharded state dicts. skipped: the run's skipped steps so far. base: a
+    LoRA run's frozen base weights (its files then hold the adapters only)."""
     final = run_dir / "checkpoints" / f"step-{step:07d}"
-    model_sd, ema_sd = distributed.full_state_dict(model), distributed.full_state_dict(ema)
+    if lora.is_lora(model):
+        model_sd, ema_sd = lora.adapter_state_dict(model), lora.adapter_state_dict(ema)
+    else:
+        model_sd, ema_sd = distributed.full_state_dict(model), distributed.full_state_dict(ema)
     opt_sd = distributed.full_optimizer_state_dict(model, opt)
     if not d.main:
         return final
@@ -137,6 +142,8 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, skipped: i
     # what a sampler needs to know besides the weights: the config, what the model predicts, the embedded T5's tokenizer
     meta = {"step": step, "model": cfg.model, "stage": cfg.stage, "prediction": cfg.prediction,
             "tokenizer": cfg.tokenizer}
+    if lora.is_lora(model):
+        meta.update(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets, base=str(base))
     save_safetensors(model_sd, tmp / "model.safetensors", meta)  # each file fsync'd, and the folder
     save_safetensors(ema_sd, tmp / "ema.safetensors", meta)
     with atomic_path(tmp / "trainer.pt") as path:
@@ -155,7 +162,11 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, skipped: i
 
 
 def load_weights(path: Path, model, ema) -> None:
-    """The model and EMA weights of a checkpoint folder, into the unwrapped modules."""
+    """The model and EMA weights of a checkpoint folder, into the unwrapped modules (a LoRA model: its adapters)."""
+    if lora.is_lora(model):
+        lora.load_adapter(model, load_safetensors(path / "model.safetensors"), source=f"--resume {path}/model")
+        lora.load_adapter(ema, load_safetensors(path / "ema.safetensors"), source=f"--resume {path}/ema")
+        return
     for module, name in ((model, "model.safetensors"), (ema, "ema.safetensors")):
         load_state_dict_strict(module, load_safetensors(path / name), source=f"--resume {path / name}")
 

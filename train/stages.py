@@ -74,14 +74,19 @@ class Stage:
         features.check_model(model.config, cfg.model, class_conditional=self.class_conditional)
         return FeatureData(features)
 
-    def initialise(self, model, cfg: TrainConfig, log=print) -> str:
-        """Load --init, else the previous stage's newest intact EMA weights under --out, into model; returns a
-        line saying what was done."""
-        path = Path(cfg.init) if cfg.init else None
-        if path is None and self.previous is not None:
-            folder = newest_intact_checkpoint(Path(cfg.out) / f"stage{self.previous}", log,
-                                              flag="previous stage's output")
-            path = None if folder is None else folder / "ema.safetensors"
+    def init_source(self, cfg: TrainConfig, log=print) -> Path | None:
+        """The weights a new run starts from: --init, else the previous stage's newest intact EMA weights under
+        --out, else None (from scratch)."""
+        if cfg.init:
+            return Path(cfg.init)
+        if self.previous is None:
+            return None
+        folder = newest_intact_checkpoint(Path(cfg.out) / f"stage{self.previous}", log, flag="previous stage's output")
+        return None if folder is None else folder / "ema.safetensors"
+
+    def initialise(self, model, path: Path | None, cfg: TrainConfig) -> str:
+        """Load the weights at `path` (from `init_source`; None: leave the fresh ones) into model; returns a line
+        saying what was done."""
         if path is None:
             return "no previous stage output and no --init: training from scratch"
         return load_into(model, path, seed=cfg.seed, source=f"--init {path}")
