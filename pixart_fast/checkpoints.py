@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pixart_fast.files import atomic_path
-from pixart_fast.model import CONFIGS, DiT, PixArt, reparameterize
+from pixart_fast.model import CONFIGS, DiT, PixArt, PixArtConfig, reparameterize
 
 # official name prefix  <->  diffusers name prefix, for parameters that map one-to-one.
 _RENAMES = [
@@ -49,6 +49,35 @@ _FUSED = [("attn.qkv.", ("attn1.to_q.", "attn1.to_k.", "attn1.to_v.")),
           ("cross_attn.kv_linear.", ("attn2.to_k.", "attn2.to_v."))]
 # Official-only entries: recomputed (pos_embed) or absent from diffusers (y_embedding).
 NOT_IN_DIFFUSERS = ("pos_embed", "y_embedder.y_embedding")
+
+
+def diffusers_config(config: PixArtConfig) -> dict:
+    """PixArtTransformer2DModel's config.json for a PixArt config. Every field is written out, so loading does
+    not depend on diffusers' defaults (it would guess interpolation_scale and micro-conditions from sample_size)."""
+    return {
+        "_class_name": "PixArtTransformer2DModel",
+        "num_attention_heads": config.num_heads,
+        "attention_head_dim": config.head_dim,
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "num_layers": config.depth,
+        "dropout": 0.0,
+        "norm_num_groups": 32,  # unused by the ada_norm_single blocks
+        "cross_attention_dim": config.hidden_size,
+        "attention_bias": True,
+        "sample_size": config.input_size,
+        "patch_size": config.patch_size,
+        "activation_fn": "gelu-approximate",
+        "num_embeds_ada_norm": 1000,
+        "upcast_attention": False,
+        "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,
+        "interpolation_scale": config.pe_interpolation,
+        "use_additional_conditions": config.micro_conditions,
+        "caption_channels": config.caption_channels,
+        "attention_type": "default",
+    }
 
 
 class CheckpointMismatch(ValueError):
@@ -289,6 +318,12 @@ def load_into(model, path, seed: int = 0, source: str | None = None, from_dit: b
     allow = new + (("y_embedder.y_embedding",) if kind == "diffusers" else ())
     load_state_dict_strict(model, sd, allow_missing=allow, source=source)
     fresh = " (micro-condition embedders new)" if new else ""
+    fits = matching_configs(path)
+    same_size = [n for n in fits if (CONFIGS[n].input_size, CONFIGS[n].pe_interpolation) ==
+                 (model.config.input_size, model.config.pe_interpolation)]
+    if fits and not same_size:  # e.g. 512-px weights into a 1024-px model
+        fresh += (f"; note: made for {' / '.join(fits)}, now at input size {model.config.input_size} and position "
+                  f"scale {model.config.pe_interpolation:g}: a change of resolution, as PixArt's own 512 -> 1024 step")
     return f"initialised from {kind} PixArt checkpoint {path}{fresh}"
 
 
@@ -310,6 +345,61 @@ def training_metadata(path) -> dict:
         except ValueError:
             recorded[key] = value
     return recorded
+
+
+def _released_shapes(path: Path) -> tuple[str, dict]:
+    """(kind, what a released checkpoint says about its model without loading its weights): a diffusers folder's
+    config.json, an official .pth's tensor shapes (memory-mapped: nothing is read but the header)."""
+    if path.is_dir():
+        folder = path / "transformer" if (path / "transformer").is_dir() else path
+        if (folder / "config.json").is_file():
+            return "diffusers", json.loads((folder / "config.json").read_text())
+        return "diffusers", {}
+    if path.suffix in (".pth", ".pt", ".bin"):
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # an old non-zip file, or damaged: load_into says what is wrong when it reads it
+            return "official", {}
+        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
+        return "official", {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)}
+    return "other", {}
+
+
+def _official_shapes(config: PixArtConfig) -> dict:
+    with torch.device("meta"):
+        model = PixArt(config, kernels="torch")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {**shapes, "pos_embed": tuple(model.pos_embed.shape)}
+
+
+_DIFFUSERS_FIELDS = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
+                     "patch_size", "sample_size", "caption_channels", "interpolation_scale", "use_additional_conditions")
+
+
+def matching_configs(path) -> list[str]:
+    """The CONFIGS names a checkpoint fits: the one our trainer recorded; for a diffusers folder, those whose
+    config.json fields agree (interpolation_scale absent: diffusers' default, sample_size // 64, at least 1); for
+    an official .pth, those with its tensors' shapes, position embedding included (its token count is the
+    resolution). Released PixArt-alpha 512 and PixArt-Sigma 512 folders differ only in caption length, which a
+    diffusers config does not record: both match."""
+    path = Path(path)
+    recorded = training_metadata(path).get("model")
+    if recorded:
+        return [recorded]
+    kind, known = _released_shapes(path)
+    if not known:
+        return []
+    if kind == "diffusers":
+        if known.get("interpolation_scale") is None:
+            known = {**known, "interpolation_scale": max(known.get("sample_size", 64) // 64, 1)}
+        return [n for n, c in CONFIGS.items()
+                if all(known.get(f) == v for f, v in diffusers_config(c).items() if f in _DIFFUSERS_FIELDS)]
+    fits = []
+    for name, config in CONFIGS.items():
+        shapes = _official_shapes(config)  # every tensor of the file in the model, every weight of the model in it
+        if all(shapes.get(k) == v for k, v in known.items()) and set(shapes) - {"pos_embed"} <= set(known):
+            fits.append(name)
+    return fits
 
 
 def config_name(path, name: str | None = None) -> str:

@@ -26,40 +26,11 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from pixart_fast import lora
-from pixart_fast.checkpoints import (config_name, load_into, load_pixart, load_safetensors, to_diffusers,
-                                    training_metadata)
+from pixart_fast.checkpoints import (config_name, diffusers_config, load_into, load_pixart, load_safetensors,
+                                    to_diffusers, training_metadata)
 from pixart_fast.model import CONFIGS, PixArt, PixArtConfig
 
 FORMATS = ("diffusers",)
-
-
-def diffusers_config(config: PixArtConfig) -> dict:
-    """PixArtTransformer2DModel's config.json for a PixArt config. Every field is written out, so loading does
-    not depend on diffusers' defaults (it would guess interpolation_scale and micro-conditions from sample_size)."""
-    return {
-        "_class_name": "PixArtTransformer2DModel",
-        "num_attention_heads": config.num_heads,
-        "attention_head_dim": config.head_dim,
-        "in_channels": config.in_channels,
-        "out_channels": config.out_channels,
-        "num_layers": config.depth,
-        "dropout": 0.0,
-        "norm_num_groups": 32,  # unused by the ada_norm_single blocks
-        "cross_attention_dim": config.hidden_size,
-        "attention_bias": True,
-        "sample_size": config.input_size,
-        "patch_size": config.patch_size,
-        "activation_fn": "gelu-approximate",
-        "num_embeds_ada_norm": 1000,
-        "upcast_attention": False,
-        "norm_type": "ada_norm_single",
-        "norm_elementwise_affine": False,
-        "norm_eps": 1e-6,
-        "interpolation_scale": config.pe_interpolation,
-        "use_additional_conditions": config.micro_conditions,
-        "caption_channels": config.caption_channels,
-        "attention_type": "default",
-    }
 
 
 def _checkpoint_file(ckpt: Path, weights: str) -> Path:

@@ -18,11 +18,12 @@ from peft import PeftModel
 from PIL import Image
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-from pixart_fast.checkpoints import load_safetensors, save_safetensors
+from pixart_fast.checkpoints import load_into, load_safetensors, matching_configs, save_safetensors
 from pixart_fast.export import export, load_lora, main as export_main, write_diffusers
 from pixart_fast.extract import extract
 from pixart_fast.features import FeatureDataset
 from pixart_fast.model import CONFIGS, PixArt
+from pixart_fast.train.__main__ import config_from_args
 from pixart_fast.train.loop import make_optimizer, train
 from pixart_fast.train.recipes import RECIPES
 
@@ -188,3 +189,17 @@ def test_came_keeps_about_half_adamws_state_and_resumes_exactly(tmp_path):
         a = load_safetensors(tmp_path / "a/stage2/checkpoints/step-0000004" / name)
         b = load_safetensors(tmp_path / "b/stage2/checkpoints/step-0000004" / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_released_weights_name_the_model_they_fit(sigma_folder, tmp_path):
+    model = random_pixart("PixArtMS-tiny")
+    official = {**model.state_dict(), "pos_embed": model.pos_embed}  # as the official .pth files hold it
+    torch.save({"state_dict": official}, tmp_path / "ms.pth")
+    assert matching_configs(sigma_folder) == [SIGMA]
+    assert matching_configs(tmp_path / "ms.pth") == ["PixArtMS-tiny"]  # not PixArt-tiny: it has size embedders
+    # without --model, --init of released weights picks the model they fit; ours record theirs (stage 3 from 2)
+    assert config_from_args(["--init", str(sigma_folder)]).model == SIGMA
+    assert config_from_args(["--init", str(tmp_path / "ms.pth"), "--model", "PixArt-tiny"]).model == "PixArt-tiny"
+    # weights loaded at another resolution are allowed (PixArt's own 512 -> 1024 step) and said so
+    bigger = PixArt(replace(CONFIGS[SIGMA], input_size=32, pe_interpolation=4.0), kernels="torch")
+    assert "note: made for PixArt-Sigma-tiny, now at input size 32" in load_into(bigger, sigma_folder)

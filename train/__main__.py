@@ -8,6 +8,7 @@ import re
 import sys
 import typing
 
+from pixart_fast.checkpoints import matching_configs, training_metadata
 from pixart_fast.train.loop import train
 from pixart_fast.train.recipes import RECIPES, TrainConfig
 
@@ -76,9 +77,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv=None) -> TrainConfig:
-    """The stage's recipe with the flags given on the command line replacing its fields."""
+    """The stage's recipe with the flags given on the command line replacing its fields. --init of released weights
+    (a diffusers folder, an official .pth) without --model: the model config they fit, when only one does."""
     args = vars(parser().parse_args(argv))
     stage = args.pop("stage") or 2
+    if args["init"] and args["model"] is None and not training_metadata(args["init"]).get("model"):
+        fits = matching_configs(args["init"])
+        if len(fits) > 1:
+            raise SystemExit(f"--init {args['init']} fits several models ({', '.join(fits)}); pass --model")
+        if fits:
+            args["model"] = fits[0]
+            print(f"--init {args['init']}: model {fits[0]}")
     return dataclasses.replace(RECIPES[stage], **{k: v for k, v in args.items() if v is not None})
 
 
