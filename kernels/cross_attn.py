@@ -356,12 +356,14 @@ def cross_attention(q, k, v, kv_mask=None, backend="auto"):
     `kv_linear(y).view(B, L, 2, H, Dh).unbind(2)` are read in place); kv_mask (B, L) bool or 0/1 numbers,
     True = attend, None = all keys. Returns (B, N, H, Dh) in q's dtype; a caption with no valid token gives zeros.
     backend: "auto" | "triton" | "torch" (see kernels/backend.py). The Triton kernels need Dh a multiple of 8
-    up to 128 and 1 <= L <= 128.
+    up to 128 and 1 <= L <= 128; "auto" runs PyTorch's attention for other shapes (PixArt-Sigma's 300 tokens),
+    "triton" refuses them.
     """
     _check_inputs(q, k, v, kv_mask)
-    if not use_triton(backend, q):
-        return cross_attention_ref(q, k, v, kv_mask)
     Dh, L = q.shape[3], k.shape[1]
+    fits = Dh % 8 == 0 and 8 <= Dh <= MAX_HEAD_DIM and 1 <= L <= MAX_KV_LEN
+    if not use_triton(backend, q) or (backend == "auto" and not fits):
+        return cross_attention_ref(q, k, v, kv_mask)
     if Dh % 8 != 0 or not 8 <= Dh <= MAX_HEAD_DIM:
         raise ValueError(f"cross_attention: head dim {Dh} is not supported by the Triton kernel; "
                          f"use a multiple of 8 up to {MAX_HEAD_DIM}, or backend='torch'")

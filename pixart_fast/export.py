@@ -26,9 +26,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from pixart_fast import lora
-from pixart_fast.checkpoints import (config_name, diffusers_config, load_into, load_pixart, load_safetensors,
-                                    to_diffusers, training_metadata)
-from pixart_fast.model import CONFIGS, PixArt, PixArtConfig
+from pixart_fast.checkpoints import config_name, diffusers_config, load_pixart, to_diffusers, training_metadata
+from pixart_fast.model import CONFIGS, PixArtConfig
 
 FORMATS = ("diffusers",)
 
@@ -50,20 +49,6 @@ def write_diffusers(state_dict: dict, config: PixArtConfig, out) -> Path:
     return out
 
 
-def load_lora(path: Path, base=None) -> PixArt:
-    """The LoRA PixArt of a LoRA run's weights file: the config and base it records (`base` overrides the
-    base path), the adapters loaded."""
-    recorded = training_metadata(path)
-    base = base or recorded.get("base")
-    if not base or base == "None":
-        raise ValueError(f"{path} records no base weights; pass --base (the --init the LoRA run was trained on)")
-    model = PixArt(CONFIGS[config_name(path)], kernels="torch")
-    load_into(model, base, from_dit=False, source=f"base {base}")
-    lora.add_lora(model, int(recorded["lora_rank"]), float(recorded["lora_alpha"]), recorded["lora_targets"])
-    lora.load_adapter(model, load_safetensors(path), source=str(path))
-    return model.eval()
-
-
 def export(ckpt, out, format: str = "diffusers", model: str | None = None, weights: str = "ema",
            adapter: bool = False, merge: bool = False, base=None) -> Path:
     """Write checkpoint `ckpt` in `format` to folder `out`; returns `out`. The weights are checked against the
@@ -79,7 +64,7 @@ def export(ckpt, out, format: str = "diffusers", model: str | None = None, weigh
         if adapter == merge:
             raise ValueError(f"{path} holds LoRA adapters: pass --lora (a PEFT adapter folder for diffusers) or "
                              "--merge (base and adapters merged into one diffusers model)")
-        lora_model = load_lora(path, base)
+        lora_model = lora.load_lora(path, base)
         if adapter:
             return lora.to_peft_diffusers(lora_model, out)
         return write_diffusers(lora.merged_state_dict(lora_model), lora_model.config, out)

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pixart_fast.checkpoints import diffusers_module
+from pixart_fast.checkpoints import config_name, diffusers_module, load_into, load_safetensors, training_metadata
+from pixart_fast.model import CONFIGS, PixArt
 
 TARGET_GROUPS = {
     "attn": ("attn.qkv", "attn.proj"),
@@ -172,3 +173,17 @@ def adapter_summary(model: torch.nn.Module) -> str:
     total = sum(p.numel() for p in model.parameters())
     return (f"LoRA rank {rank}, alpha {alpha:g} on {len(modules)} Linear layers: {trained / 1e6:.3f} M trained "
             f"parameters of {total / 1e6:.2f} M")
+
+
+def load_lora(path: Path, base=None, kernels: str = "auto") -> PixArt:
+    """The LoRA PixArt of a LoRA run's weights file (export, sampling): the config and base it records (`base`
+    overrides the base path), the adapters loaded."""
+    recorded = training_metadata(path)
+    base = base or recorded.get("base")
+    if not base or base == "None":
+        raise ValueError(f"{path} records no base weights; pass --base (the --init the LoRA run was trained on)")
+    model = PixArt(CONFIGS[config_name(path)], kernels=kernels)
+    load_into(model, base, from_dit=False, source=f"base {base}")
+    add_lora(model, int(recorded["lora_rank"]), float(recorded["lora_alpha"]), recorded["lora_targets"])
+    load_adapter(model, load_safetensors(path), source=str(path))
+    return model.eval()

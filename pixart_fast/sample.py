@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from pixart_fast.checkpoints import load_pixart, training_metadata
+from pixart_fast.lora import load_lora
 from pixart_fast.diffusion import Diffusion
 from pixart_fast.grid import image_grid
 from pixart_fast.model import CONFIGS, PixArt
@@ -50,7 +51,8 @@ def generate(model: PixArt, text: TextEncoder, prompts: list[str], height: int, 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pixart_fast.sample", description=__doc__)
-    p.add_argument("--ckpt", required=True, help="PixArt weights: ours (.safetensors), official .pth or a diffusers folder")
+    p.add_argument("--ckpt", required=True, help="PixArt weights: ours (.safetensors; a LoRA run's "
+                   "with its recorded base), official .pth or a diffusers folder")
     p.add_argument("--prompt", required=True, action="append", help="caption; repeat for several images")
     p.add_argument("--out", default="sample.png", help="PNG to write: the images in a grid, each above its prompt")
     p.add_argument("--model", default=None, help=f"model config, one of {sorted(CONFIGS)} (default: from the checkpoint)")
@@ -70,8 +72,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_pixart(Path(args.ckpt), args.model).to(device).eval()
     recorded = training_metadata(Path(args.ckpt))  # our trainer's checkpoints say how they were trained
+    # a LoRA run's weights file: the base it records with the adapters on it
+    model = (load_lora(Path(args.ckpt)) if "lora_rank" in recorded else load_pixart(Path(args.ckpt), args.model))
+    model = model.to(device).eval()
     prediction = args.prediction or recorded.get("prediction", "eps")
     tokenizer = args.tokenizer or recorded.get("tokenizer", "byte")
     length = model.config.max_tokens  # the caption length the model's null caption has (Σ: 300)

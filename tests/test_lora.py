@@ -19,10 +19,12 @@ from PIL import Image
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
 from pixart_fast.checkpoints import load_into, load_safetensors, matching_configs, save_safetensors
-from pixart_fast.export import export, load_lora, main as export_main, write_diffusers
+from pixart_fast.export import export, main as export_main, write_diffusers
 from pixart_fast.extract import extract
 from pixart_fast.features import FeatureDataset
+from pixart_fast.lora import load_lora
 from pixart_fast.model import CONFIGS, PixArt
+from pixart_fast.sample import main as sample_main
 from pixart_fast.train.__main__ import config_from_args
 from pixart_fast.train.loop import make_optimizer, train
 from pixart_fast.train.recipes import RECIPES
@@ -132,6 +134,10 @@ def test_lora_in_bf16_autocast_keeps_fp32_adapters_and_trains_without_nan(tmp_pa
     assert len(losses) == 6 and np.isfinite(losses).all() and summary["skipped_steps"] == 0
     adapters = load_safetensors(tmp_path / "stage2/checkpoints/step-0000006/model.safetensors")
     assert {v.dtype for v in adapters.values()} == {torch.float32}
+    # sampling takes the LoRA run's weights file as it takes any checkpoint (the base it records, the adapters)
+    ema = tmp_path / "stage2/checkpoints/step-0000006/ema.safetensors"
+    sample_main(["--ckpt", str(ema), "--prompt", "a red circle", "--out", str(tmp_path / "s.png"), "--steps", "2"])
+    assert (tmp_path / "s.png").stat().st_size > 0
 
 
 def test_lora_refuses_what_it_cannot_do(features, sigma_folder, tmp_path):

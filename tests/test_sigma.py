@@ -189,3 +189,18 @@ def test_text_encoder_pads_to_sigmas_300_tokens(tmp_path):
     long.save_cache(tmp_path / "cache.safetensors")
     with pytest.raises(ValueError, match="was written by encoder"):
         short.load_cache(tmp_path / "cache.safetensors")
+
+
+def test_sigma_captions_longer_than_the_triton_kernel_holds_run_on_auto():
+    """300 caption tokens exceed the cross-attention kernel's one key block (128): kernels="auto" runs PyTorch's
+    attention for them (so a Sigma model trains on a GPU as it is) and equals the torch path; "triton" refuses."""
+    cfg = CONFIGS["PixArt-Sigma-tiny"]
+    torch.manual_seed(0)
+    auto = PixArt(cfg, kernels="auto").eval()  # the interpreter stands in for a GPU here (tests/conftest.py)
+    reference = PixArt(cfg, kernels="torch").eval()
+    reference.load_state_dict(auto.state_dict())
+    x, t, y, mask = torch.randn(2, 4, 16, 16), torch.tensor([5.0, 900.0]), torch.randn(2, 300, 24), torch.ones(2, 300)
+    with torch.no_grad():
+        torch.testing.assert_close(auto(x, t, y, mask), reference(x, t, y, mask), rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="300 keys, the Triton kernel holds 1 to 128"):
+            PixArt(cfg, kernels="triton")(x, t, y, mask)
