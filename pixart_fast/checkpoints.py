@@ -404,10 +404,13 @@ def matching_configs(path) -> list[str]:
 
 def config_name(path, name: str | None = None) -> str:
     """The model config a checkpoint is for: `name` if given, else the one our trainer records in its
-    safetensors metadata. Raises ValueError naming the choices when neither says, or the name is unknown."""
-    name = name or training_metadata(path).get("model")
-    if name is None:
-        raise ValueError(f"{path} does not record its model config; pass --model, one of {sorted(CONFIGS)}")
+    safetensors metadata, else the only one released weights fit (`matching_configs`). Raises ValueError naming
+    the choices when none of these says, or the name is unknown."""
+    fits = [name] if name else matching_configs(path)
+    if len(fits) != 1:
+        choices = fits or sorted(CONFIGS)
+        raise ValueError(f"{path} does not say which model config it is for; pass --model, one of {choices}")
+    name = fits[0]
     if name not in CONFIGS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(CONFIGS)}")
     return name

@@ -206,6 +206,8 @@ def test_released_weights_name_the_model_they_fit(sigma_folder, tmp_path):
     # without --model, --init of released weights picks the model they fit; ours record theirs (stage 3 from 2)
     assert config_from_args(["--init", str(sigma_folder)]).model == SIGMA
     assert config_from_args(["--init", str(tmp_path / "ms.pth"), "--model", "PixArt-tiny"]).model == "PixArt-tiny"
+    export(tmp_path / "ms.pth", tmp_path / "ms")  # export and sampling take them without --model too
+    assert json.loads((tmp_path / "ms/config.json").read_text())["use_additional_conditions"] is True
     # weights loaded at another resolution are allowed (PixArt's own 512 -> 1024 step) and said so
     bigger = PixArt(replace(CONFIGS[SIGMA], input_size=32, pe_interpolation=4.0), kernels="torch")
     assert "note: made for PixArt-Sigma-tiny, now at input size 32" in load_into(bigger, sigma_folder)
