@@ -248,6 +248,14 @@ class CrossAttention(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def linear_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a Linear computes in on x's device: the autocast dtype where autocast is on, else None (the
+    input's own). The kernels write what feeds a Linear in it, so no cast pass runs between them; the residual
+    stream keeps its dtype (fp32)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 class PixArtBlock(nn.Module):
     """x += gate_msa * attn(modulate(LN(x))); x += cross_attn(x, y); x += gate_mlp * mlp(modulate(LN(x))).
 
@@ -255,6 +263,9 @@ class PixArtBlock(nn.Module):
     (adaLN-single). The block takes its attention input already normalised and modulated, and closes with
     one fused pass: the MLP's gated residual add together with the LayerNorm + modulation of whatever comes
     next (the next block's attention input, or the final layer's), so the residual stream is read once there.
+    The cross-attention's residual add runs fused into the MLP's modulation. Under autocast the kernels write
+    what feeds a Linear (the modulated copies, the cross-attention's query input) in the autocast dtype, and the
+    residual stream stays fp32 (the fp32 position embedding makes it so).
     """
 
     def __init__(self, config: PixArtConfig, kernels: str):
@@ -275,10 +286,14 @@ class PixArtBlock(nn.Module):
         next_shift/next_scale (B, D): the modulation of the layer after this block.
         Returns the new stream and its normalised, modulated copy for the next layer."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t0)
-        x = gated_residual(x, gate_msa, self.attn(x_mod), backend=self.kernels)
-        x = x + self.cross_attn(x, y, mask)  # no norm, no modulation, no gate
-        h = self.mlp(modulate(x, shift_mlp, scale_mlp, backend=self.kernels))
-        return gated_residual_modulate(x, gate_mlp, h, next_shift, next_scale, backend=self.kernels)
+        low = linear_dtype(x)
+        out = gated_residual(x, gate_msa, self.attn(x_mod), backend=self.kernels, copy_dtype=low)
+        x, x_q = out if low else (out, out)  # the stream, and (under autocast) its copy for cross_attn's q_linear
+        # x + cross_attn: no norm, no modulation, no gate; the add runs in the MLP's modulate (gate None: 1).
+        x, x_mod = gated_residual_modulate(x, None, self.cross_attn(x_q, y, mask), shift_mlp, scale_mlp,
+                                           backend=self.kernels, out_dtype=low)
+        return gated_residual_modulate(x, gate_mlp, self.mlp(x_mod), next_shift, next_scale, backend=self.kernels,
+                                       out_dtype=low)
 
 
 class FinalLayer(nn.Module):
@@ -453,7 +468,7 @@ class PixArt(nn.Module):
         t0 = self.t_block(t)  # (B, 6D), shared by every block
         y = self.y_embedder(y)  # (B, L, D)
         shift, scale = self.blocks[0].modulation(t0)[:2] if c.depth else self.final_layer.modulation(t)
-        x_mod = modulate(x, shift, scale, backend=self.kernels)  # (B, T, D)
+        x_mod = modulate(x, shift, scale, backend=self.kernels, out_dtype=linear_dtype(x))  # (B, T, D)
         for i, block in enumerate(self.blocks):
             nxt = self.blocks[i + 1].modulation(t0)[:2] if i + 1 < c.depth else self.final_layer.modulation(t)
             if self.recompute != "none" and torch.is_grad_enabled():

@@ -14,12 +14,17 @@ from pixart_fast.kernels.aot import SHARED_MEMORY_LIMIT, ptx_counts
 
 REGIMES = ("bf16 autocast", "fp16 autocast", "fp32")
 TARGETS = ("sm_80", "sm_90")
-# The launches aot_specs() records: (module, kernel) x precision x shape.
+AUTOCAST = REGIMES[:2]
+# The launches aot_specs() records: (module, kernel) x precisions x shape. The attention's gated residual writes a
+# copy for the cross-attention's q_linear under autocast only (in fp32 the stream itself feeds it).
 LAUNCHES = {
-    "modulation": (("modulate_fwd", "modulate_bwd", "modulate_fwd_residual", "modulate_bwd_residual",
-                    "gated_residual_fwd", "gated_residual_bwd"), ("T=256", "T=1024", "T=4096")),
-    "cross_attn": (("cross_attn_fwd", "cross_attn_bwd"), ("N=256", "N=1024", "N=4096")),
-    "patch_copy": (("patchify_fwd", "unpatchify_fwd", "unpatchify_bwd"), ("32x32", "64x64", "128x128")),
+    "modulation": ({"modulate_fwd": REGIMES, "modulate_bwd": REGIMES, "modulate_fwd_residual": REGIMES,
+                    "modulate_bwd_residual": REGIMES, "modulate_fwd_add": REGIMES, "modulate_bwd_add": REGIMES,
+                    "gated_residual_fwd_copy": AUTOCAST, "gated_residual_bwd_copy": AUTOCAST,
+                    "gated_residual_fwd": ("fp32",), "gated_residual_bwd": ("fp32",)}, ("T=256", "T=1024", "T=4096")),
+    "cross_attn": (dict.fromkeys(("cross_attn_fwd", "cross_attn_bwd"), REGIMES), ("N=256", "N=1024", "N=4096")),
+    "patch_copy": (dict.fromkeys(("patchify_fwd", "unpatchify_fwd", "unpatchify_bwd"), REGIMES),
+                   ("32x32", "64x64", "128x128")),
 }
 
 
@@ -54,8 +59,7 @@ def test_every_launch_compiles_for_sm80_and_sm90_without_spills(report):
         served = [(row["module"], row["kernel"], call) for row in report if row["target"] == target
                   for call in row["calls"]]
         expected = [(module, kernel, f"{regime} B=8 {shape}") for module, (kernels, shapes) in LAUNCHES.items()
-                    for kernel in kernels for regime in REGIMES for shape in shapes
-                    ]
+                    for kernel, regimes in kernels.items() for regime in regimes for shape in shapes]
         assert sorted(served) == sorted(expected), target
     for row in report:
         assert 0 < row["registers"] <= 255, row
@@ -74,11 +78,15 @@ def test_specialisation_is_the_jits(report):
     precision's dtypes reach each pointer (under autocast the residual stream is fp32, the branch output bf16)."""
     rows = {(r["kernel"], r["target"], tuple(r["regimes"])): r for r in report}
     fwd = rows["modulate_fwd_residual", "sm_90", ("bf16 autocast",)]
-    assert "X:*fp32 GATE:*fp32 Y:*bf16 SHIFT:*fp32 SCALE:*fp32 H:*fp32 M:*fp32" in fwd["signature"]
+    assert "X:*fp32 GATE:*fp32 Y:*bf16 SHIFT:*fp32 SCALE:*fp32 H:*fp32 M:*bf16" in fwd["signature"]
+    add = rows["modulate_fwd_add", "sm_90", ("bf16 autocast",)]
+    assert "GATE=None" in add["specialization"] and "M:*bf16" in add["signature"], add
+    copy = rows["gated_residual_bwd_copy", "sm_90", ("fp16 autocast",)]
+    assert "DOUT:*fp32 DCOPY:*fp16 GATE:*fp32 Y:*fp16 DX:*fp32 DY:*fp16" in copy["signature"], copy
     divisible = fwd["specialization"].split(";")[0].split()
     assert {"X", "Y", "SHIFT", "M", "D", "stride_xt", "stride_shift"} <= set(divisible), fwd
     plain = next(r for r in report if r["kernel"] == "modulate_fwd" and r["target"] == "sm_90")
-    assert "GATE=None" in plain["specialization"] and plain["regimes"] == list(REGIMES), plain
+    assert "GATE=None" in plain["specialization"] and plain["regimes"] == ["bf16 autocast"], plain
     patch = next(r for r in report if r["kernel"] == "patchify_fwd" and r["target"] == "sm_90")
     assert "stride_iw=1" in patch["specialization"] and "stride_tk=1" in patch["specialization"], patch
     attn = next(r for r in report if r["kernel"] == "cross_attn_fwd" and "bf16 autocast" in r["regimes"])

@@ -133,6 +133,38 @@ def test_mixed_dtypes_follow_type_promotion():
         assert_kernel_close(g, s, r, torch.bfloat16, name)
 
 
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_outputs_in_the_next_linears_dtype(low):
+    """Autocast's dtype contract: fp32 residual stream and vectors, branch outputs in `low`; the modulated output
+    (out_dtype) and the residual's copy (copy_dtype) written in `low`, their gradients arriving in `low`. A gate of
+    None is a plain residual add. Kernel vs the PyTorch path (which casts) vs fp32, by the tolerance rule."""
+    data = _data(2, 7, 96)
+    names = ("x", "gate", "y", "shift", "scale")
+
+    def run(backend, fp32):
+        act = torch.float32 if fp32 else low
+        x = data["x"].clone().requires_grad_()
+        y = data["y"].to(low).to(act).requires_grad_()
+        gate, shift, scale = (data["table"][:, i].clone().requires_grad_() for i in range(3))
+        out_dtype = None if fp32 else low
+        dlow = lambda t: t.to(low).to(act)  # noqa: E731  a Linear's input gradient: in its dtype
+        m = modulate(x, shift, scale, backend=backend, out_dtype=out_dtype)
+        h, h_copy = gated_residual(x, gate, y, backend=backend, copy_dtype=out_dtype or torch.float32)
+        h1, m1 = gated_residual_modulate(x, None, y, shift, scale, backend=backend, out_dtype=out_dtype)
+        h2, m2 = gated_residual_modulate(x, gate, y, shift, scale, backend=backend, out_dtype=out_dtype)
+        outs = (m, h, h_copy, h1, m1, h2, m2)
+        grads = (dlow(data["dm"]), data["dh"], dlow(data["dm"].flip(1)), data["dh"].flip(2), dlow(data["dm"]),
+                 data["dh"], dlow(data["dm"].flip(2)))
+        return [*outs, *torch.autograd.grad(outs, [x, gate, y, shift, scale], grads)]
+
+    got, same, ref = run("triton", False), run("torch", False), run("torch", True)
+    labels = ["m", "h", "h_copy", "h (gate 1)", "m (gate 1)", "h", "m"] + [f"d{n}" for n in names]
+    for name, g, s, r in zip(labels, got, same, ref, strict=True):
+        assert g.dtype == s.dtype, f"{name}: dtype {g.dtype}, PyTorch gives {s.dtype}"
+        assert_kernel_close(g, s, r, low, name)
+    assert [t.dtype for t in got[:7]] == [low, torch.float32, low, torch.float32, low, torch.float32, low]
+
+
 def test_non_contiguous_activations_and_grads():
     """Token-strided x, a y whose D axis is not unit-stride, contiguous vectors, non-contiguous upstream grads.
     T = 21 also gives each of the two samples two backward programs (11 + 10 tokens)."""
@@ -177,15 +209,21 @@ def test_custom_ops_pass_opcheck():
     v = {k: t.detach() for k, t in _leaves(_data(2, 3, 40), torch.float32, torch.float32).items()}
     x, y, gate, shift, scale = v["x"], v["y"], v["gate"], v["shift"], v["scale"]
     ops = torch.ops.pixart_fast
-    m, mean, rstd = ops.modulate_fwd(x, shift, scale, 1e-6)
+    f32, bf16 = torch.float32, torch.bfloat16
+    m, mean, rstd = ops.modulate_fwd(x, shift, scale, 1e-6, f32)
     dm = torch.randn_like(m)
     cases = [
-        (ops.modulate_fwd, (x, shift, scale, 1e-6)),
-        (ops.modulate_bwd, (dm, x, scale, mean, rstd, torch.float32)),
-        (ops.gated_residual_fwd, (x, gate, y)),
-        (ops.gated_residual_bwd, (dm, gate, y)),
-        (ops.gated_residual_modulate_fwd, (x, gate, y, shift, scale, 1e-6)),
-        (ops.gated_residual_modulate_bwd, (dm, dm, x, gate, y, scale, mean, rstd, torch.float32)),
+        (ops.modulate_fwd, (x, shift, scale, 1e-6, f32)),
+        (ops.modulate_fwd, (x, shift, scale, 1e-6, bf16)),
+        (ops.modulate_bwd, (dm, x, scale, mean, rstd, f32)),
+        (ops.gated_residual_fwd, (x, gate, y, None)),
+        (ops.gated_residual_fwd, (x, gate, y, bf16)),
+        (ops.gated_residual_bwd, (dm, None, gate, y, f32)),
+        (ops.gated_residual_bwd, (dm, dm.to(bf16), gate, y, f32)),
+        (ops.gated_residual_modulate_fwd, (x, gate, y, shift, scale, 1e-6, f32)),
+        (ops.gated_residual_modulate_fwd, (x, None, y, shift, scale, 1e-6, bf16)),
+        (ops.gated_residual_modulate_bwd, (dm, dm, x, gate, y, scale, mean, rstd, f32)),
+        (ops.gated_residual_modulate_bwd, (dm, dm.to(bf16), x, None, y, scale, mean, rstd, f32)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -216,9 +254,17 @@ def test_aot_specs_record_every_launch_of_the_model():
     """aot_specs() records the launches the launchers make at XL shapes: every kernel and residual variant, in
     every precision and token count, each with its real arguments and launch configuration."""
     specs = aot_specs()
-    assert {s["name"] for s in specs} == {"modulate_fwd", "modulate_fwd_residual", "modulate_bwd",
-                                          "modulate_bwd_residual", "gated_residual_fwd", "gated_residual_bwd"}
+    assert {s["name"] for s in specs} == {
+        "modulate_fwd", "modulate_fwd_residual", "modulate_fwd_add", "modulate_bwd", "modulate_bwd_residual",
+        "modulate_bwd_add", "gated_residual_fwd", "gated_residual_bwd", "gated_residual_fwd_copy",
+        "gated_residual_bwd_copy"}
     assert {s["call"].rsplit(" B=", 1)[0] for s in specs} == {"bf16 autocast", "fp16 autocast", "fp32"}
     for s in specs:
         assert len(s["args"]) + len(s["kwargs"]) - 2 == len(s["fn"].arg_names), s["name"]  # num_warps/stages extra
         assert s["kwargs"]["BLOCK_D"] == 2048 and s["kwargs"]["num_warps"] in (8, 16), s["name"]
+    for s in specs:  # the dtype contract: what feeds a Linear (and its gradient) low, the residual stream fp32
+        args = dict(zip(s["fn"].arg_names, s["args"]))
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s["call"].split()[0]]
+        assert {n: args[n].dtype for n in ("M", "COPY", "DM", "DCOPY") if args.get(n) is not None} == \
+               {n: low for n in ("M", "COPY", "DM", "DCOPY") if args.get(n) is not None}, s["name"]
+        assert all(args[n].dtype == torch.float32 for n in ("X", "H", "DX", "DOUT", "DH") if args.get(n) is not None)
