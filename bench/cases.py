@@ -5,7 +5,9 @@ Shapes are PixArt-XL/2's: D = 1152, 16 heads of Dh = 72, L = 120 caption tokens,
 tokens (256 / 512 / 1024 px), with B * T = 32768 tokens per call (B = 128 / 32 / 8), so every (B, T, D)
 tensor (75 MB in bf16) is larger than any GPU's L2 cache. Dtypes are what the model sees under bf16 autocast:
 the residual stream and the modulation vectors are fp32 (the fp32 position embedding and scale_shift_table
-promote them), the branch outputs of the linear layers and the attention operands bf16, the latents fp32.
+promote them), the branch outputs of the linear layers and the attention operands bf16, the latents fp32; what
+feeds a Linear (the modulated output, the residual's copy for the cross-attention) is written in bf16, as
+pixart_fast/model.py asks the kernels to.
 
 Bytes (the traffic a roofline divides by bandwidth): every tensor the computation must touch, once. Forward:
 its inputs and outputs. Backward: the output gradients, the inputs it reads (`bwd_reads`, "out" for the
@@ -21,6 +23,7 @@ from pixart_fast.kernels.cross_attn import cross_attention, cross_attention_ref
 from pixart_fast.kernels.modulation import (gated_residual, gated_residual_modulate, gated_residual_modulate_ref,
                                           gated_residual_ref, modulate, modulate_ref)
 from pixart_fast.kernels.patch_copy import patchify, patchify_ref, unpatchify, unpatchify_ref
+from pixart_fast.kernels.roofline import ROOFLINE_GPUS, roofline_rows
 
 D, HEADS, HEAD_DIM, CAPTION_TOKENS, PATCH = 1152, 16, 72, 120, 2
 TOKENS = (256, 1024, 4096)
@@ -37,6 +40,7 @@ class KernelCase:
     ref: Callable  # (**inputs) -> the same: the PyTorch reference
     bwd_reads: tuple[str, ...] = ()  # inputs (and "out") the backward reads besides the output gradients
     fwd_flops_per_token: int = 0  # matrix-product FLOPs per image token (cross-attention only)
+    launches: tuple[str, ...] = ()  # kernels/roofline.py's launch names: the forward's, then the backward's
 
     @property
     def batch(self) -> int:
@@ -64,6 +68,15 @@ class KernelCase:
         reads = [outs[0] if name == "out" else inputs[name] for name in self.bwd_reads]
         grads = [t for t in inputs.values() if t.requires_grad]
         return sum(size(t) for t in outs) + sum(size(t) for t in reads) + sum(size(t) for t in grads)
+
+
+def roofline_seconds(case: KernelCase, backward: bool, gpu_key: str | None) -> float | None:
+    """kernels/roofline.py's roofline time of the case's launches (forward, or forward and backward) on a GPU of
+    its table; None for another GPU."""
+    if gpu_key not in ROOFLINE_GPUS or len(case.launches) < (2 if backward else 1):
+        return None  # another GPU, or a backward the model never launches (patchify's: latents need no gradient)
+    rows = {r["kernel"]: r for r in roofline_rows(tokens=(case.tokens,), gpus={gpu_key: ROOFLINE_GPUS[gpu_key]})}
+    return sum(rows[name]["roofline_us"] for name in case.launches[:2 if backward else 1]) / 1e6
 
 
 def _rand(device, *shape, dtype, grad=True):
@@ -98,22 +111,28 @@ def cases() -> list[KernelCase]:
         B, rows, S = TOKENS_PER_CALL // T, _rows(TOKENS_PER_CALL // T, T), _side(T)
         out += [
             KernelCase("modulate", T, lambda d, r=rows: r(d, "x", "shift", "scale"),
-                       lambda x, shift, scale: modulate(x, shift, scale, backend="triton"), modulate_ref,
-                       bwd_reads=("x", "scale")),
+                       lambda x, shift, scale: modulate(x, shift, scale, backend="triton", out_dtype=BF16),
+                       lambda x, shift, scale: modulate_ref(x, shift, scale, out_dtype=BF16),
+                       bwd_reads=("x", "scale"), launches=("modulate_fwd", "modulate_bwd")),
             KernelCase("gated_residual", T, lambda d, r=rows: r(d, "x", "gate", "y"),
-                       lambda x, gate, y: gated_residual(x, gate, y, backend="triton"), gated_residual_ref,
-                       bwd_reads=("gate", "y")),
+                       lambda x, gate, y: gated_residual(x, gate, y, backend="triton", copy_dtype=BF16),
+                       lambda x, gate, y: gated_residual_ref(x, gate, y, BF16),
+                       bwd_reads=("gate", "y"), launches=("gated_residual_fwd_copy", "gated_residual_bwd_copy")),
             KernelCase("gated_residual_modulate", T, lambda d, r=rows: r(d, "x", "gate", "y", "shift", "scale"),
-                       lambda **a: gated_residual_modulate(**a, backend="triton"), gated_residual_modulate_ref,
-                       bwd_reads=("x", "gate", "y", "scale")),
+                       lambda **a: gated_residual_modulate(**a, backend="triton", out_dtype=BF16),
+                       lambda **a: gated_residual_modulate_ref(**a, out_dtype=BF16),
+                       bwd_reads=("x", "gate", "y", "scale"),
+                       launches=("modulate_fwd_residual", "modulate_bwd_residual")),
             KernelCase("cross_attention", T, _cross_inputs(B, T),
                        lambda **a: cross_attention(**a, backend="triton"), cross_attention_ref,
-                       bwd_reads=("q", "k", "v", "out"), fwd_flops_per_token=2 * 2 * CAPTION_TOKENS * D),
+                       bwd_reads=("q", "k", "v", "out"), fwd_flops_per_token=2 * 2 * CAPTION_TOKENS * D,
+                       launches=("cross_attn_fwd", "cross_attn_bwd")),
             KernelCase("patchify", T, lambda d, B=B, S=S: {"x": _rand(d, B, 4, S, S, dtype=F32)},
-                       lambda x: patchify(x, PATCH, backend="triton"), lambda x: patchify_ref(x, PATCH)),
+                       lambda x: patchify(x, PATCH, backend="triton"), lambda x: patchify_ref(x, PATCH),
+                       launches=("patchify_fwd",)),
             KernelCase("unpatchify", T, lambda d, B=B, T=T: {"x": _rand(d, B, T, PATCH * PATCH * 8, dtype=BF16)},
                        lambda x, S=S: unpatchify(x, PATCH, 8, S, S, backend="triton"),
-                       lambda x, S=S: unpatchify_ref(x, PATCH, 8, S, S)),
+                       lambda x, S=S: unpatchify_ref(x, PATCH, 8, S, S), launches=("unpatchify_fwd", "unpatchify_bwd")),
         ]
     return out
 

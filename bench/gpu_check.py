@@ -678,6 +678,16 @@ def time_kernel(call, reps: int, rounds: int) -> float:
     return statistics.median(times) / reps
 
 
+def _pct_roofline(case, backward: bool, gpu_key: str | None, seconds: float) -> float | None:
+    """100 x kernels/roofline.py's roofline time of the Triton launches / the measured time (issue 16's goal:
+    >= 80 for the modulate family at 256 px); None at tiny shapes, on another GPU, or without that launch."""
+    import cases
+    if cases.D != 1152:  # the dry run's tiny shapes: the roofline table is for PixArt-XL/2's
+        return None
+    roofline = cases.roofline_seconds(case, backward, gpu_key)
+    return None if roofline is None else 100 * roofline / seconds
+
+
 def kernel_rows(check: Check, case, impl: str, device: str, reps: int, rounds: int) -> list[dict]:
     """Both directions of one case and implementation, in test_bench_kernels.py's extra_info format."""
     import cases
@@ -696,7 +706,8 @@ def kernel_rows(check: Check, case, impl: str, device: str, reps: int, rounds: i
             kind="kernel", measured=True, device=check.report["environment"].get("device"), gpu=check.gpu_key,
             kernel=case.kernel, tokens=case.tokens, batch=case.batch, impl=impl, direction=direction,
             seconds_per_call=seconds, bytes=nbytes, gb_per_s=nbytes / seconds / 1e9, tflops=flops / seconds / 1e12,
-            pct_peak_bandwidth=None if gpu is None else 100 * nbytes / seconds / 1e9 / gpu.bandwidth_gbs))
+            pct_peak_bandwidth=None if gpu is None else 100 * nbytes / seconds / 1e9 / gpu.bandwidth_gbs,
+            pct_roofline=_pct_roofline(case, backward, check.gpu_key, seconds) if impl == "triton" else None))
     return rows
 
 
@@ -778,9 +789,11 @@ def _kernel_table(rows) -> list[str]:
                     "-" if "triton" not in us or "eager" not in us else f"{us['eager'] / us['triton']:.2f}x",
                     "-" if "triton" not in us or "compile" not in us else f"{us['compile'] / us['triton']:.2f}x",
                     "-" if tri is None else f"{tri['gb_per_s']:.0f}",
-                    "-" if tri is None else _f(tri["pct_peak_bandwidth"], ".0f")])
+                    "-" if tri is None else _f(tri["pct_peak_bandwidth"], ".0f"),
+                    "-" if tri is None else _f(tri.get("pct_roofline"), ".0f")])
     return _table(["kernel", "tokens", "batch", "direction", "triton us", "eager us", "compile us",
-                   "triton speed-up vs eager", "vs compile", "triton GB/s", "triton % peak BW"], out)
+                   "triton speed-up vs eager", "vs compile", "triton GB/s", "triton % peak BW",
+                   "triton % roofline"], out)
 
 
 def _profile_lines(table: dict) -> list[str]:

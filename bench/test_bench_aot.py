@@ -18,7 +18,8 @@ def test_aot_kernel_report(benchmark, tmp_path):
 
     result = benchmark.pedantic(compile_all, rounds=1, iterations=1)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}"
-    rows = json.loads(report.read_text())
+    out = json.loads(report.read_text())
+    rows = out["compiles"]
     spilling = [f"{r['kernel']} {r['target']}: {r['spill_bytes']} B" for r in rows if r["spill_bytes"]]
     # Findings, not bars: tensor-core instructions of cross-attention and the kernels held to one program per SM.
     tensor_cores = {f"{r['kernel']} {'/'.join(x.split()[0] for x in r['regimes'])} {r['target']}":
@@ -27,5 +28,6 @@ def test_aot_kernel_report(benchmark, tmp_path):
     benchmark.extra_info.update(kind="aot", rows=rows, compilations=len(rows), spilling=spilling,
                                 max_registers=max(r["registers"] for r in rows),
                                 launches=sum(len(r["calls"]) for r in rows),
-                                cross_attn_tensor_cores=tensor_cores, one_program_per_sm=one_program)
+                                cross_attn_tensor_cores=tensor_cores, one_program_per_sm=one_program,
+                                roofline=out["roofline"])
     print(f"\n{result.stdout}")

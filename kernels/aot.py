@@ -1,6 +1,6 @@
 """Ahead-of-time compile report: every kernel compiled for A100 (sm_80) and H100 (sm_90) as the JIT compiles it.
 
-    python -m pixart_fast.kernels.aot [--json FILE]
+    python -m pixart_fast.kernels.aot [--json FILE]     (FILE: {"compiles": [rows], "roofline": [rows]})
 
 No GPU is needed. Each kernel module's aot_specs(sms) runs the real launchers on meta tensors shaped, strided and
 typed as PixArt-XL/2's calls (bf16 and fp16 autocast, fp32) and records the arguments each launch hands the JIT.
@@ -17,6 +17,9 @@ because Triton reads them from the driver only when it loads the kernel on a GPU
 counts read from the PTX and from the SASS (cuobjdump, bundled with Triton): global loads and stores by width in
 bits (ld.global.v4.b32 = 128), wgmma vs mma.sync instructions (SASS: HGMMA vs HMMA).
 docs/ARCHITECTURE.md section 4 asks for zero spills everywhere.
+
+After the compile table, kernels/roofline.py's table: bytes and FLOPs of each launch at PixArt-XL/2 training shapes
+(32768 tokens per call) and its roofline time on A100, H100 and H200.
 
 Run it with TRITON_INTERPRET unset: under the interpreter @triton.jit functions cannot be compiled.
 """
@@ -36,6 +39,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from .backend import interpreting
+from .roofline import format_roofline, roofline_rows
 
 # Modules of pixart_fast.kernels that define aot_specs().
 KERNEL_MODULES = ("patch_copy", "modulation", "cross_attn")
@@ -296,8 +300,10 @@ def main(argv=None):
     too_much_shared = [row for row in rows if row["shared_bytes"] > SHARED_MEMORY_LIMIT[row["target"]]]
     print(f"\n{len(rows)} compilations ({sum(len(row['calls']) for row in rows)} launches), {len(spilling)} with "
           f"register spills, {len(too_much_shared)} above the target's shared memory limit")
+    roofline = roofline_rows()
+    print(f"\n{format_roofline(roofline)}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({"compiles": rows, "roofline": roofline}, indent=1))
 
 
 if __name__ == "__main__":
