@@ -199,8 +199,17 @@ class _Images(Dataset):
 # ----------------------------------------------------------------------------------------------------------
 
 
+PIPELINE_PARTS = {"vae": "vae", "t5": "text_encoder"}  # where a diffusers pipeline folder keeps each encoder
+
+
+def _part(folder, what: str) -> Path:
+    """An encoder's folder: `folder` itself, or its subfolder when `folder` is a diffusers pipeline's."""
+    inside = Path(folder) / PIPELINE_PARTS[what]
+    return inside if inside.is_dir() else Path(folder)
+
+
 def _config(folder, what: str) -> dict:
-    path = Path(folder) / "config.json"
+    path = _part(folder, what) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"--{what} {folder}: no config.json there; pass a local {what.upper()} model folder")
     return json.loads(path.read_text())
@@ -347,7 +356,7 @@ def extract(
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     from diffusers import AutoencoderKL  # diffusers is needed here only
 
-    autoencoder = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype, local_files_only=True,
+    autoencoder = AutoencoderKL.from_pretrained(_part(vae, "vae"), torch_dtype=dtype, local_files_only=True,
                                                 low_cpu_mem_usage=False).to(device).eval().requires_grad_(False)
     text = TextEncoder.from_pretrained(t5, dtype=dtype, device=device, max_length=max_tokens)
     buckets = {r: (h, w) for r, h, w in meta["buckets"]} if multi_aspect else None
@@ -403,8 +412,10 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, help="folder with metadata.jsonl or data_info.json, or that file")
     p.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the metadata's)")
-    p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (config.json + weights)")
-    p.add_argument("--t5", required=True, help="local T5 encoder folder (config.json, weights and tokenizer)")
+    p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (config.json + weights), or a "
+                   "pipeline folder with vae/ inside")
+    p.add_argument("--t5", required=True, help="local T5 encoder folder (config.json, weights and tokenizer), or a "
+                   "pipeline folder with text_encoder/ and tokenizer/ inside")
     p.add_argument("--out", required=True, help="output folder for index.json and the chunk files")
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels: 256, 512 or 1024")
     p.add_argument("--multi-aspect", action="store_true", help="crop to PixArt's nearest aspect-ratio bucket")

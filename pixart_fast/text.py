@@ -52,17 +52,20 @@ class TextEncoder:
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu",
                         max_length: int = MAX_TOKENS) -> "TextEncoder":
-        """Load T5EncoderModel and its tokenizer from a local folder (never the hub). T5-XXL's encoder is
-        4.8 B parameters: pass dtype=torch.bfloat16 to halve its 19 GB (fp16 overflows in T5 v1.1).
-        max_length: the caption length, 120 for PixArt-alpha, 300 for PixArt-Sigma."""
+        """Load T5EncoderModel and its tokenizer from a local folder (never the hub): one holding both, or a
+        diffusers pipeline folder (text_encoder/ and tokenizer/ inside, as the released PixArt-alpha and -Sigma
+        pipelines). T5-XXL's encoder is 4.8 B parameters: pass dtype=torch.bfloat16 to halve its 19 GB (fp16
+        overflows in T5 v1.1). max_length: the caption length, 120 for PixArt-alpha, 300 for PixArt-Sigma."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(
                 f"T5 folder {str(path)!r} does not exist; pass a local folder holding config.json, the weights "
-                "and the tokenizer files"
+                "and the tokenizer files, or a diffusers pipeline folder"
             )
-        model = T5EncoderModel.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        pipeline = (path / "text_encoder").is_dir() and (path / "tokenizer").is_dir()
+        encoder, tokenizer_dir = (path / "text_encoder", path / "tokenizer") if pipeline else (path, path)
+        model = T5EncoderModel.from_pretrained(encoder, dtype=dtype, local_files_only=True).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         return cls(model, tokenizer, name=str(path.resolve()) + _length_tag(max_length), max_length=max_length)
 
     @classmethod

@@ -35,15 +35,16 @@ SIGMA = "PixArt-Sigma-tiny"  # 300 caption tokens of 24 channels, 4 latent chann
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
     """Features for PixArt-Sigma-tiny: a 2x-downsampling VAE with 4 latent channels, a T5 of 24 channels, 300
-    tokens, 32-px photographs that ship inside scikit-image, captioned by hand."""
+    tokens, 32-px photographs that ship inside scikit-image, captioned by hand. The encoders sit in one folder as
+    a diffusers pipeline keeps them (vae/, text_encoder/, tokenizer/), which extraction takes as it is."""
     root = tmp_path_factory.mktemp("sigma_features")
     torch.manual_seed(0)
     AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                  layers_per_block=1, sample_size=32).save_pretrained(root / "vae")
+                  layers_per_block=1, sample_size=32).save_pretrained(root / "pipeline/vae")
     T5EncoderModel(T5Config(vocab_size=384, d_model=24, d_kv=12, d_ff=48, num_layers=1, num_heads=2,
-                            feed_forward_proj="gated-gelu", dropout_rate=0.0)).save_pretrained(root / "t5")
-    ByT5Tokenizer().save_pretrained(root / "t5")
+                            feed_forward_proj="gated-gelu", dropout_rate=0.0)).save_pretrained(root / "pipeline/text_encoder")
+    ByT5Tokenizer().save_pretrained(root / "pipeline/tokenizer")
     (root / "images").mkdir()
     lines = []
     for n, (photo, caption) in enumerate([("astronaut", "an astronaut in a white suit"), ("coffee", "a cup of coffee"),
@@ -51,7 +52,7 @@ def features(tmp_path_factory):
         Image.fromarray(getattr(skimage.data, photo)()).convert("RGB").resize((40, 32)).save(root / f"images/{n}.png")
         lines.append(json.dumps({"file_name": f"{n}.png", "text": caption}))
     (root / "images/metadata.jsonl").write_text("\n".join(lines) + "\n")
-    extract(root / "images", root / "vae", root / "t5", root / "features", resolution=32, batch_size=2,
+    extract(root / "images", root / "pipeline", root / "pipeline", root / "features", resolution=32, batch_size=2,
             max_tokens=300, progress=False)
     return root / "features"
 
