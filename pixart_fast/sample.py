@@ -61,7 +61,8 @@ def main(argv=None) -> int:
                    help="what the model predicts (default: what the checkpoint records, else eps)")
     p.add_argument("--tokenizer", choices=["byte", "word"], default=None,
                    help="the embedded T5's tokenizer (default: what the checkpoint records, else byte)")
-    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (default: pixel space, no VAE)")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder, or a pipeline "
+                   "folder with vae/ inside (default: pixel space, no VAE)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's size)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's size)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
     vae = None
     if args.vae:
         from diffusers import AutoencoderKL
-        vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval()
+        inside = (Path(args.vae) / "vae").is_dir()  # a diffusers pipeline folder: its vae/
+        vae = AutoencoderKL.from_pretrained(args.vae, subfolder="vae" if inside else None).to(device).eval()
     factor = VAE_FACTOR if vae is not None else 1
     side = model.config.input_size * factor
     images = generate(model, text, args.prompt, args.height or side, args.width or side, args.steps,

@@ -117,6 +117,12 @@ def test_lora_fine_tune_of_a_diffusers_sigma_folder_exports_where_it_loads(featu
     assert (got - adapted).abs().max().item() <= 1e-5
     assert (merged_out - adapted).abs().max().item() <= 1e-5
 
+    # sampling with the encoders of a pipeline folder: the LoRA weights file brings its base
+    pipeline = features.parent / "pipeline"
+    sample_main(["--ckpt", str(folder / "ema.safetensors"), "--t5", str(pipeline), "--vae", str(pipeline),
+                 "--prompt", "a cat", "--out", str(tmp_path / "cat.png"), "--steps", "2"])
+    assert (tmp_path / "cat.png").stat().st_size > 0
+
     # resume is bit-identical: 2 steps, then on to 4, equals 4 straight
     train(lora_run(tmp_path / "b", features, sigma_folder, steps=2), progress=False)
     train(lora_run(tmp_path / "b", features, sigma_folder, steps=4, init=None, resume="latest"), progress=False)
