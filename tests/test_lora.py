@@ -218,3 +218,33 @@ def test_released_weights_name_the_model_they_fit(sigma_folder, tmp_path):
     # weights loaded at another resolution are allowed (PixArt's own 512 -> 1024 step) and said so
     bigger = PixArt(replace(CONFIGS[SIGMA], input_size=32, pe_interpolation=4.0), kernels="torch")
     assert "note: made for PixArt-Sigma-tiny, now at input size 32" in load_into(bigger, sigma_folder)
+
+
+def test_lora_keeps_the_fused_kernels_on_the_frozen_parts():
+    """PEFT wraps the Linear layers only: the block's fused kernels (modulation, cross-attention; Triton through
+    the interpreter here) still run, and the LoRA model with them equals the one on PyTorch, gradients included."""
+    from pixart_fast.lora import add_lora
+
+    weights = random_pixart("PixArt-tiny").state_dict()
+    models = {}
+    for kernels in ("triton", "torch"):
+        model = PixArt(CONFIGS["PixArt-tiny"], kernels=kernels)
+        model.load_state_dict(weights)
+        torch.manual_seed(0)
+        models[kernels] = add_lora(model, 4)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".lora_B." in n:  # B starts at zero: give the adapters an effect
+                    p.copy_(torch.linspace(-0.1, 0.1, p.numel()).view_as(p))
+    cfg = CONFIGS["PixArt-tiny"]
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0])
+    y, mask = torch.randn(2, cfg.max_tokens, cfg.caption_channels), torch.ones(2, cfg.max_tokens)
+    outs, grads = {}, {}
+    for kernels, model in models.items():
+        out = model(x, t, y, mask)
+        out.square().mean().backward()
+        outs[kernels] = out.detach()
+        grads[kernels] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-4, atol=1e-5)
+    for n in grads["torch"]:
+        torch.testing.assert_close(grads["triton"][n], grads["torch"][n], rtol=1e-3, atol=1e-5)
