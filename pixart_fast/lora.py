@@ -18,6 +18,7 @@ Our `qkv` and `kv_linear` are diffusers' to_q, to_k, to_v concatenated along the
 on `qkv` (B A, with B of 3D x r) is exactly three diffusers adapters that share A and take one third of B each:
 `to_peft_diffusers` writes it so, with the same rank and alpha, and the outputs agree.
 """
+import copy
 import re
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float = DEFAULT_ALPHA, ta
     names = target_modules(model, targets)
     model.requires_grad_(False)
     # Exact module names (anchored regex): a suffix list would also match same-named layers elsewhere.
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+    # A drawn from a normal distribution of std 1 / rank, B zero: the official script's init_lora_weights="gaussian"
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", init_lora_weights="gaussian",
                         target_modules="^(" + "|".join(re.escape(n) for n in names) + ")$")
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     for name, p in model.named_parameters():
@@ -104,8 +106,6 @@ def load_adapter(model: torch.nn.Module, sd: dict, source: str) -> None:
 def ema_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of `model` for the EMA: a LoRA model's copy shares the frozen base weights (only the adapters are
     averaged, so only they are duplicated); a fully trained model is copied whole."""
-    import copy
-
     shared = {id(p): p for p in model.parameters() if not p.requires_grad}
     ema = copy.deepcopy(model, memo=dict(shared))
     return ema.requires_grad_(False).eval()
