@@ -39,6 +39,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from .backend import interpreting
+from .utils import programs_per_sm
 from .roofline import format_roofline, roofline_rows
 
 # Modules of pixart_fast.kernels that define aot_specs().
@@ -49,11 +50,9 @@ SM_COUNT = {"sm_80": 108, "sm_90": 132}
 # The most shared memory one block may use, in bytes (CUDA C++ Programming Guide, compute capability table:
 # 163 KB on sm_80, 227 KB on sm_90); a kernel that needs more fails at launch with OutOfResources.
 SHARED_MEMORY_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
-# Per SM (same table): shared memory, of which 1 KB is reserved per resident block; registers; threads; blocks.
+# Shared memory per SM (same table), of which 1 KB is reserved per resident block; threads per SM: 2048.
 SM_SHARED_MEMORY = {"sm_80": 164 * 1024, "sm_90": 228 * 1024}
-SHARED_RESERVED_PER_BLOCK = 1024
-SM_REGISTERS, SM_THREADS, SM_BLOCKS = 65536, 2048, 32
-REGISTER_ALLOCATION_UNIT = 256  # registers are allocated per warp in units of 256
+SM_THREADS = 2048
 
 _INTERPRET_ERROR = ("TRITON_INTERPRET=1 is set: @triton.jit functions are interpreted and cannot be compiled ahead "
                     "of time. Run with it unset: env -u TRITON_INTERPRET python -m pixart_fast.kernels.aot")
@@ -131,19 +130,6 @@ def sass_counts(cubin: bytes) -> dict | None:
             "hgmma": len(re.findall(r"\bHGMMA\b", sass)), "hmma": len(re.findall(r"\bHMMA\b", sass))}
 
 
-def programs_per_sm(registers: int, shared_bytes: int, num_warps: int, target: str) -> tuple[int, str]:
-    """Resident programs (blocks) per SM and what limits them ("registers", "shared", "threads" or "blocks")."""
-    warp_registers = -(-registers * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
-    limits = {
-        "registers": (SM_REGISTERS // warp_registers) // num_warps,
-        "threads": SM_THREADS // (32 * num_warps),
-        "blocks": SM_BLOCKS,
-        "shared": SM_SHARED_MEMORY[target] // (shared_bytes + SHARED_RESERVED_PER_BLOCK),
-    }
-    limiter = min(limits, key=limits.get)
-    return limits[limiter], limiter
-
-
 def specialize(spec: dict, target: GPUTarget) -> dict:
     """What the JIT compiles for one aot_specs() entry on `target`: {"signature", "constexprs", "attrs", "options"}.
 
@@ -211,7 +197,7 @@ def compile_spec(spec: dict, target: GPUTarget, sig: dict | None = None) -> dict
            **ptxas_usage(compiled.asm["ptx"], target, meta.enable_fp_fusion, meta.ptx_options),
            "shared_bytes": meta.shared, "num_warps": meta.num_warps}
     row["programs_per_sm"], row["occupancy_limit"] = programs_per_sm(row["registers"], meta.shared, meta.num_warps,
-                                                                     name)
+                                                                     SM_SHARED_MEMORY[name], SM_THREADS)
     row.update(ptx_counts(compiled.asm["ptx"]))
     row.update(sass_counts(compiled.asm["cubin"]) or {})
     return row

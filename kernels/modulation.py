@@ -12,7 +12,8 @@ shift / scale / gate are (B, D) per-sample vectors broadcast over the T tokens i
 
 Forward: one program per token row. Backward: each program walks a block of tokens of one sample, recomputes the
 normalised rows from x and the stored (B*T,) mean / rstd, writes dx (and dy) and keeps fp32 partial sums of
-dshift / dscale / dgate over its tokens; the (B, n_blocks, D) partial rows are summed afterwards. No (B, T, D) temporary
+dshift / dscale / dgate over its tokens; the (B, n_blocks, D) partial rows are summed afterwards. The tokens per
+program make whole waves of the programs per SM the compiled kernel allows, read from it on the GPU. No (B, T, D) temporary
 is saved for backward: the fused op recomputes h = x + gate * y from its inputs.
 
 All arithmetic is fp32; outputs take the dtype PyTorch's own expression would give (type promotion over the
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .backend import tl, triton, use_triton
-from .utils import SUPPORTED_DTYPES, launch_config, launch_options, sm_count
+from .utils import (SUPPORTED_DTYPES, compiled_programs_per_sm, launch_config, launch_options, sm_count,
+                    tokens_per_program)
 
 Tensor = torch.Tensor
 
@@ -116,7 +118,7 @@ def _modulate_fwd_kernel(
     tl.store(RSTD + row, rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_program"])  # one compile for every grid (see _tokens_per_program)
 def _modulate_bwd_kernel(
     DM,  # (B, T, D) grad of m
     DH,  # (B, T, D) grad of h; only with HAS_RESIDUAL
@@ -228,7 +230,7 @@ def _gated_residual_fwd_kernel(
         tl.store(COPY + (b * T + t) * D + cols, out.to(COPY.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_program"])
 def _gated_residual_bwd_kernel(
     DOUT,  # (B, T, D) grad of the output
     DCOPY,  # (B, T, D) grad of the copy, or None
@@ -287,10 +289,17 @@ def _config(D: int, backward: bool) -> dict:
     return launch_config(num_warps, BLOCK_D=block_d)
 
 
-def _rows_per_program(B: int, T: int, device: torch.device) -> int:
-    """Tokens one backward program reduces: about 4 programs per SM over the whole batch, yet at least 8 tokens
-    each so the fp32 partial rows stay a small part of the memory traffic. (CPU interpreter: one 'SM'.)"""
-    return max(8, triton.cdiv(T, triton.cdiv(4 * sm_count(device), B)))
+MIN_TOKENS_PER_PROGRAM = 8  # the backward's fp32 partial rows stay a small part of its traffic
+
+
+def _tokens_per_program(kernel, args, options: dict, B: int, T: int, D: int, device: torch.device) -> int:
+    """Tokens one backward program reduces: whole waves of the programs per SM the compiled kernel allows, read
+    from it (utils.compiled_programs_per_sm), over the device's SMs (utils.tokens_per_program). args(rows, part)
+    are the launch arguments with `part` standing for the partial-sum buffers; rows_per_program is not
+    specialised on, so the kernel measured is the one launched."""
+    part = torch.empty((B, 1, D), device=device, dtype=torch.float32)
+    programs = compiled_programs_per_sm(kernel, args(MIN_TOKENS_PER_PROGRAM, part), options, device)
+    return tokens_per_program(B, T, programs * sm_count(device), MIN_TOKENS_PER_PROGRAM)
 
 
 def _rows(t: Tensor | None) -> Tensor | None:
@@ -349,19 +358,24 @@ def _launch_modulate_bwd(dh, dm, x, gate, y, scale, mean, rstd, shift_dtype: tor
     cfg = _config(x.shape[-1], backward=True)
     dh, dm, x, gate, y, scale = map(_rows, (dh, dm, x, gate, y, scale))
     B, T, D = x.shape
-    rows = _rows_per_program(B, T, x.device)
-    n_blocks = triton.cdiv(T, rows)
     dx = torch.empty((B, T, D), device=x.device, dtype=x.dtype)
     dy = torch.empty((B, T, D), device=x.device, dtype=y.dtype) if residual else None
+
+    def args(rows, dshift, dscale, dgate):
+        return (dm, dh, x, gate, y, scale, mean, rstd, dx, dy, dshift, dscale, dgate,
+                T, D, rows, *_bt_strides(dm), *_bt_strides(dh), *_bt_strides(x), *_bt_strides(y),
+                _row_stride(gate), _row_stride(scale))
+
+    options = {"HAS_RESIDUAL": residual, **launch_options(cfg)}
+    def warmup_args(rows, part):  # one buffer standing for the partial sums
+        return args(rows, part, part, None if gate is None else part)
+
+    rows = _tokens_per_program(_modulate_bwd_kernel, warmup_args, options, B, T, D, x.device)
+    n_blocks = triton.cdiv(T, rows)
     dshift = torch.empty((B, n_blocks, D), device=x.device, dtype=torch.float32)
     dscale = torch.empty_like(dshift)
     dgate = torch.empty_like(dshift) if gate is not None else None
-    _modulate_bwd_kernel[(n_blocks, B)](
-        dm, dh, x, gate, y, scale, mean, rstd, dx, dy, dshift, dscale, dgate,
-        T, D, rows, *_bt_strides(dm), *_bt_strides(dh), *_bt_strides(x), *_bt_strides(y),
-        _row_stride(gate), _row_stride(scale),
-        HAS_RESIDUAL=residual, **launch_options(cfg),
-    )
+    _modulate_bwd_kernel[(n_blocks, B)](*args(rows, dshift, dscale, dgate), **options)
     dgate = dgate.sum(1).to(gate.dtype) if gate is not None else None
     return dx, dgate, dy, dshift.sum(1).to(shift_dtype), dscale.sum(1).to(scale.dtype)
 
@@ -385,15 +399,17 @@ def _launch_gated_residual_bwd(dout, dcopy, gate, y, x_dtype: torch.dtype):
     cfg = _config(y.shape[-1], backward=True)
     dout, dcopy, gate, y = map(_rows, (dout, dcopy, gate, y))
     B, T, D = y.shape
-    rows = _rows_per_program(B, T, y.device)
-    n_blocks = triton.cdiv(T, rows)
     dx = torch.empty((B, T, D), device=y.device, dtype=x_dtype) if dcopy is not None else None
     dy = torch.empty((B, T, D), device=y.device, dtype=y.dtype)
-    dgate = torch.empty((B, n_blocks, D), device=y.device, dtype=torch.float32)
-    _gated_residual_bwd_kernel[(n_blocks, B)](
-        dout, dcopy, gate, y, dx, dy, dgate, T, D, rows, *_bt_strides(dout), *_bt_strides(dcopy), *_bt_strides(y),
-        _row_stride(gate), **launch_options(cfg),
-    )
+
+    def args(rows, dgate):
+        return (dout, dcopy, gate, y, dx, dy, dgate, T, D, rows, *_bt_strides(dout), *_bt_strides(dcopy),
+                *_bt_strides(y), _row_stride(gate))
+
+    options = launch_options(cfg)
+    rows = _tokens_per_program(_gated_residual_bwd_kernel, args, options, B, T, D, y.device)
+    dgate = torch.empty((B, triton.cdiv(T, rows), D), device=y.device, dtype=torch.float32)
+    _gated_residual_bwd_kernel[(dgate.shape[1], B)](*args(rows, dgate), **options)
     return [dgate.sum(1).to(gate.dtype), dy] + ([dx] if dx is not None else [])
 
 

@@ -6,7 +6,9 @@ dtypes and strides) at B * T = 32768 tokens per call: B = 128 / 32 / 8 at T = 25
 - bytes: every tensor argument of the launch read or written once (a strided (B, D) view counts its B * D
   elements; a tile a kernel reads again from L2, as cross-attention's k / v, is not charged again). Of these,
   "private" bytes are the kernel's own bookkeeping, not the op's inputs or outputs: LayerNorm mean / rstd,
-  attention logsumexp, and fp32 partial sums (*_PART) that PyTorch sums afterwards.
+  attention logsumexp, and fp32 partial sums (*_PART) that PyTorch sums afterwards. The grids are the ones
+  recorded off a GPU, where the modulation backward assumes 4 programs per SM (on a GPU its launcher reads the
+  compiled kernel's count), so its partial-sum bytes are those of that grid.
 - FLOPs: tensor-core matrix products, 2 m n k each, at the true sizes (head dim 72, caption length 120, not the
   padded blocks): cross-attention 2 products forward, 5 backward (q k^T recomputed, dv, dp, dq, dk); the other
   kernels do only pointwise work and row reductions, counted as 0.

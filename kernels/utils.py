@@ -18,6 +18,57 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+# Occupancy rules of sm_80 / sm_90 (CUDA C++ Programming Guide, compute capability table): 65536 registers per SM,
+# allocated per warp in units of 256; at most 32 resident blocks; 1 KB of shared memory reserved per block.
+SM_REGISTERS, SM_BLOCKS, REGISTER_ALLOCATION_UNIT, SHARED_RESERVED_PER_BLOCK = 65536, 32, 256, 1024
+# Programs per SM the launchers assume where nothing is compiled for a GPU (the CPU interpreter, the meta tensors
+# of aot_specs()): with one 'SM', four programs per sample keep the backward's partial sums exercised.
+NOMINAL_PROGRAMS_PER_SM = 4
+
+
+def programs_per_sm(registers: int, shared_bytes: int, num_warps: int, sm_shared_bytes: int,
+                    sm_threads: int) -> tuple[int, str]:
+    """Resident programs (blocks) per SM of a kernel and what limits them ("registers", "shared", "threads" or
+    "blocks"), from its registers per thread, shared memory and warps and the SM's shared memory and threads."""
+    warp_registers = -(-registers * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
+    limits = {
+        "registers": (SM_REGISTERS // warp_registers) // num_warps,
+        "threads": sm_threads // (32 * num_warps),
+        "blocks": SM_BLOCKS,
+        "shared": sm_shared_bytes // (shared_bytes + SHARED_RESERVED_PER_BLOCK),
+    }
+    limiter = min(limits, key=limits.get)
+    return limits[limiter], limiter
+
+
+def compiled_programs_per_sm(kernel, args: tuple, options: dict, device: torch.device) -> int:
+    """Programs per SM of `kernel` as the JIT compiles it for this launch (its registers and shared memory read
+    from the compiled kernel, as Triton's fused-softmax tutorial does; kernels/aot.py reads the same ahead of time).
+    Compiles (once: the JIT caches it) without launching. NOMINAL_PROGRAMS_PER_SM off a GPU."""
+    if device.type != "cuda":
+        return NOMINAL_PROGRAMS_PER_SM
+    compiled = kernel.warmup(*args, grid=(1,), **options)
+    compiled._init_handles()  # loads the cubin: n_regs is the driver's count
+    props = torch.cuda.get_device_properties(device)
+    return programs_per_sm(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps,
+                           props.shared_memory_per_multiprocessor, props.max_threads_per_multi_processor)[0]
+
+
+def tokens_per_program(B: int, T: int, slots: int, min_tokens: int) -> int:
+    """Tokens of one sample a backward program reduces, so that its B * n programs run on `slots` (SMs x programs
+    per SM) in the least time: waves x (tokens per program + 1), the + 1 for the fp32 partial-sum rows a program
+    writes (about one token row's traffic). Each program takes >= min_tokens tokens (or all T); the fewest
+    programs among equals."""
+    best = None
+    for n in range(1, max(1, T // min_tokens) + 1):
+        rows = -(-T // n)
+        programs = B * -(-T // rows)
+        cost = -(-programs // slots) * (rows + 1)
+        if best is None or cost < best[0]:
+            best = (cost, rows)
+    return best[1]
+
+
 def launch_config(num_warps: int, num_stages: int = 1, **constexprs) -> dict:
     """A kernel's launch configuration: {"constexprs": {name: value}, "num_warps", "num_stages"}."""
     return {"constexprs": constexprs, "num_warps": num_warps, "num_stages": num_stages}
