@@ -11,7 +11,8 @@ kernels use that:
 
 Shapes: q (B, N, H, Dh); k, v (B, L, H, Dh); kv_mask (B, L), True (or nonzero) = attend; output (B, N, H, Dh);
 lse (B, H, N) fp32, natural-log logsumexp of the scaled scores, -inf for a caption with no valid token.
-Head dim: a multiple of 8 up to 128 (72 pads to a block of 128, masked); L: 1 to 128.
+Head dim: a multiple of 8 up to 128; the forward takes it in two power-of-two column blocks (72 = 64 + 16, 8
+columns masked: no padding to 128), the backward in one (72 pads to 128, masked); L: 1 to 128.
 """
 import math
 
@@ -23,7 +24,7 @@ from .utils import SUPPORTED_DTYPES, launch_config, launch_options, sm_count
 
 MAX_KV_LEN = 128  # all keys in one block; PixArt's captions have 120 tokens
 MAX_HEAD_DIM = 128
-BLOCK_N_FWD, NUM_WARPS_FWD = 64, 8
+BLOCK_N_FWD, NUM_WARPS_FWD = 64, 4
 BLOCK_N_BWD, NUM_WARPS_BWD = 16, 8
 MIN_BLOCKS_PER_PROGRAM = 32  # backward: query blocks one program walks at least (see _backward_splits)
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
@@ -67,6 +68,22 @@ def _dot(a, b, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _load_cols(base, rows, row_stride, row_ok, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The (len(rows), WIDTH) tile of head-dim columns COL0 .. COL0 + WIDTH of a (tokens, HEAD_DIM) matrix; rows
+    not row_ok and columns past HEAD_DIM read 0."""
+    d = COL0 + tl.arange(0, WIDTH)
+    return tl.load(_tile(base, rows, row_stride, d), mask=row_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_cols(base, rows, row_stride, row_ok, value, COL0: tl.constexpr, WIDTH: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    d = COL0 + tl.arange(0, WIDTH)
+    tl.store(_tile(base, rows, row_stride, d), value.to(base.dtype.element_ty),
+             mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
+
+
+@triton.jit
 def _cross_attn_fwd_kernel(
     Q,  # (B, N, H, HEAD_DIM) queries, strided as _aligned allows (unit head-dim stride, rows 16-byte aligned)
     K,  # (B, L, H, HEAD_DIM) keys, likewise
@@ -82,7 +99,8 @@ def _cross_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,  # queries per program
     BLOCK_L: tl.constexpr,  # >= L: every key in one block
-    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    BLOCK_D0: tl.constexpr,  # the head dim in two power-of-two column blocks (see _config), no padding to
+    BLOCK_D1: tl.constexpr,  # a power of two: 72 = 64 + 16 (8 of them masked), 128 = 128 + 0
     DOT_FP32: tl.constexpr,  # widen tl.dot operands to fp32 (the interpreter's bf16, see _dot)
 ):
     pid_n = tl.program_id(0)
@@ -91,29 +109,33 @@ def _cross_attn_fwd_kernel(
     h = pid_bh % H
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     keys = tl.arange(0, BLOCK_L)
-    d = tl.arange(0, BLOCK_D)
     row_ok = rows < N
-    d_ok = d < HEAD_DIM
-    kv_io = (keys < L)[:, None] & d_ok[None, :]
-    key_ok = tl.load(MASK + b * L + keys, mask=keys < L, other=0) != 0
+    key_in = keys < L
+    key_ok = tl.load(MASK + b * L + keys, mask=key_in, other=0) != 0
+    q_base, k_base = Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh
+    v_base, o_base = V + b * stride_vb + h * stride_vh, O + (b * N * H + h) * HEAD_DIM
 
-    q = tl.load(_tile(Q + b * stride_qb + h * stride_qh, rows, stride_qn, d), mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0)
-    k = tl.load(_tile(K + b * stride_kb + h * stride_kh, keys, stride_kl, d), mask=kv_io, other=0.0)
-    s = _dot(q, tl.trans(k), DOT_FP32) * (sm_scale * _LOG2E)  # (BLOCK_N, BLOCK_L), log2 units
+    s = _dot(_load_cols(q_base, rows, stride_qn, row_ok, 0, BLOCK_D0, HEAD_DIM),
+             tl.trans(_load_cols(k_base, keys, stride_kl, key_in, 0, BLOCK_D0, HEAD_DIM)), DOT_FP32)
+    if BLOCK_D1 > 0:
+        s += _dot(_load_cols(q_base, rows, stride_qn, row_ok, BLOCK_D0, BLOCK_D1, HEAD_DIM),
+                  tl.trans(_load_cols(k_base, keys, stride_kl, key_in, BLOCK_D0, BLOCK_D1, HEAD_DIM)), DOT_FP32)
+    s = s * (sm_scale * _LOG2E)  # (BLOCK_N, BLOCK_L), log2 units
     s = tl.where(key_ok[None, :], s, float("-inf"))
     m = tl.max(s, 1)
     m = tl.where(m == float("-inf"), 0.0, m)  # empty caption: keep exp2 finite; every p is 0 below
     p = tl.exp2(s - m[:, None])
     l = tl.sum(p, 1)
-    v = tl.load(_tile(V + b * stride_vb + h * stride_vh, keys, stride_vl, d), mask=kv_io, other=0.0)
-    acc = _dot(p.to(v.dtype), v, DOT_FP32)  # (BLOCK_N, BLOCK_D) fp32
     l_safe = tl.where(l == 0.0, 1.0, l)  # empty caption: o = 0 / 1 = 0 and lse = -inf
-    o = acc / l_safe[:, None]
     lse = tl.where(l == 0.0, float("-inf"), (m + tl.log2(l_safe)) * _LN2)  # natural log
+    p = p.to(O.dtype.element_ty)
 
-    o_ptrs = _tile(O + (b * N * H + h) * HEAD_DIM, rows, H * HEAD_DIM, d)
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    v0 = _load_cols(v_base, keys, stride_vl, key_in, 0, BLOCK_D0, HEAD_DIM)
+    _store_cols(o_base, rows, H * HEAD_DIM, row_ok, _dot(p, v0, DOT_FP32) / l_safe[:, None], 0, BLOCK_D0, HEAD_DIM)
+    if BLOCK_D1 > 0:
+        v1 = _load_cols(v_base, keys, stride_vl, key_in, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+        _store_cols(o_base, rows, H * HEAD_DIM, row_ok, _dot(p, v1, DOT_FP32) / l_safe[:, None], BLOCK_D0, BLOCK_D1,
+                    HEAD_DIM)
     tl.store(LSE + pid_bh.to(tl.int64) * N + rows, lse, mask=row_ok)
 
 
@@ -140,7 +162,8 @@ def _cross_attn_bwd_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,  # queries per step
     BLOCK_L: tl.constexpr,  # >= L: every key in one block
-    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    BLOCK_D0: tl.constexpr,  # the head dim in two column blocks, as in the forward
+    BLOCK_D1: tl.constexpr,
     DOT_FP32: tl.constexpr,  # widen tl.dot operands to fp32 (the interpreter's bf16, see _dot)
 ):
     pid_split = tl.program_id(0)
@@ -148,55 +171,90 @@ def _cross_attn_bwd_kernel(
     b = (pid_bh // H).to(tl.int64)  # int64: batch offsets can pass 2**31 elements
     h = pid_bh % H
     keys = tl.arange(0, BLOCK_L)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    kv_io = (keys < L)[:, None] & d_ok[None, :]
-    key_ok = tl.load(MASK + b * L + keys, mask=keys < L, other=0) != 0
-    k = tl.load(_tile(K + b * stride_kb + h * stride_kh, keys, stride_kl, d), mask=kv_io, other=0.0)
-    v = tl.load(_tile(V + b * stride_vb + h * stride_vh, keys, stride_vl, d), mask=kv_io, other=0.0)
+    key_in = keys < L
+    key_ok = tl.load(MASK + b * L + keys, mask=key_in, other=0) != 0
+    q_base, do_base = Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh
+    o_base, dq_base = O + b * stride_ob + h * stride_oh, DQ + (b * N * H + h) * HEAD_DIM
+    k0 = _load_cols(K + b * stride_kb + h * stride_kh, keys, stride_kl, key_in, 0, BLOCK_D0, HEAD_DIM)
+    v0 = _load_cols(V + b * stride_vb + h * stride_vh, keys, stride_vl, key_in, 0, BLOCK_D0, HEAD_DIM)
+    dk0 = tl.zeros((BLOCK_L, BLOCK_D0), dtype=tl.float32)
+    dv0 = tl.zeros((BLOCK_L, BLOCK_D0), dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        k1 = _load_cols(K + b * stride_kb + h * stride_kh, keys, stride_kl, key_in, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+        v1 = _load_cols(V + b * stride_vb + h * stride_vh, keys, stride_vl, key_in, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+        dk1 = tl.zeros((BLOCK_L, BLOCK_D1), dtype=tl.float32)
+        dv1 = tl.zeros((BLOCK_L, BLOCK_D1), dtype=tl.float32)
     qk_scale = sm_scale * _LOG2E  # scores in log2 units, for exp2
-    dk = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
 
     for i in range(blocks_per_program):
         rows = (pid_split * blocks_per_program + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        io = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(_tile(Q + b * stride_qb + h * stride_qh, rows, stride_qn, d), mask=io, other=0.0)
-        do = tl.load(_tile(DO + b * stride_dob + h * stride_doh, rows, stride_don, d), mask=io, other=0.0)
-        o = tl.load(_tile(O + b * stride_ob + h * stride_oh, rows, stride_on, d), mask=io, other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O) = rowsum(dP * P)
+        q0 = _load_cols(q_base, rows, stride_qn, row_ok, 0, BLOCK_D0, HEAD_DIM)
+        do0 = _load_cols(do_base, rows, stride_don, row_ok, 0, BLOCK_D0, HEAD_DIM)
+        o0 = _load_cols(o_base, rows, stride_on, row_ok, 0, BLOCK_D0, HEAD_DIM)
+        delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)  # rowsum(dO * O) = rowsum(dP * P)
+        s = _dot(q0, tl.trans(k0), DOT_FP32)
+        dp = _dot(do0, tl.trans(v0), DOT_FP32)
+        if BLOCK_D1 > 0:
+            q1 = _load_cols(q_base, rows, stride_qn, row_ok, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+            do1 = _load_cols(do_base, rows, stride_don, row_ok, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+            o1 = _load_cols(o_base, rows, stride_on, row_ok, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+            delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+            s += _dot(q1, tl.trans(k1), DOT_FP32)
+            dp += _dot(do1, tl.trans(v1), DOT_FP32)
         lse = tl.load(LSE + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * _LOG2E
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty caption: exp2(s - inf) = 0, not inf
-
-        s = _dot(q, tl.trans(k), DOT_FP32) * qk_scale  # (BLOCK_N, BLOCK_L)
         # Masked keys and padding rows get p = 0 explicitly: an empty caption's lse is -inf.
-        p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_FP32)
-        dp = _dot(do, tl.trans(v), DOT_FP32)
-        ds = p * (dp - delta[:, None])  # dLoss/dS for S = sm_scale * q k^T
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32)
-        dq = _dot(ds.to(k.dtype), k, DOT_FP32) * sm_scale
-        tl.store(_tile(DQ + (b * N * H + h) * HEAD_DIM, rows, H * HEAD_DIM, d), dq.to(DQ.dtype.element_ty), mask=io)
+        p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        ds = (p * (dp - delta[:, None])).to(q0.dtype)  # dLoss/dS for S = sm_scale * q k^T
+        pt = tl.trans(p.to(do0.dtype))
+        dst = tl.trans(ds)
+        dv0 += _dot(pt, do0, DOT_FP32)
+        dk0 += _dot(dst, q0, DOT_FP32)
+        _store_cols(dq_base, rows, H * HEAD_DIM, row_ok, _dot(ds, k0, DOT_FP32) * sm_scale, 0, BLOCK_D0, HEAD_DIM)
+        if BLOCK_D1 > 0:
+            dv1 += _dot(pt, do1, DOT_FP32)
+            dk1 += _dot(dst, q1, DOT_FP32)
+            _store_cols(dq_base, rows, H * HEAD_DIM, row_ok, _dot(ds, k1, DOT_FP32) * sm_scale, BLOCK_D0, BLOCK_D1,
+                        HEAD_DIM)
 
     part = ((pid_split * (tl.num_programs(1) // H) + b) * L * H + h) * HEAD_DIM  # (split, b, 0, h, 0) of the partials
-    tl.store(_tile(DK_PART + part, keys, H * HEAD_DIM, d), dk * sm_scale, mask=kv_io)
-    tl.store(_tile(DV_PART + part, keys, H * HEAD_DIM, d), dv, mask=kv_io)
+    _store_cols(DK_PART + part, keys, H * HEAD_DIM, key_in, dk0 * sm_scale, 0, BLOCK_D0, HEAD_DIM)
+    _store_cols(DV_PART + part, keys, H * HEAD_DIM, key_in, dv0, 0, BLOCK_D0, HEAD_DIM)
+    if BLOCK_D1 > 0:
+        _store_cols(DK_PART + part, keys, H * HEAD_DIM, key_in, dk1 * sm_scale, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+        _store_cols(DV_PART + part, keys, H * HEAD_DIM, key_in, dv1, BLOCK_D0, BLOCK_D1, HEAD_DIM)
 
 
-def _config(kind: str, head_dim: int, kv_len: int, dot_fp32: bool = False) -> dict:
+def head_dim_blocks(head_dim: int) -> tuple[int, int]:
+    """The head dim as two power-of-two column blocks (tl.dot needs blocks >= 16; the second may be 0): the
+    largest power of two that fits, then the rest rounded up. 72 -> (64, 16): 80 columns of MMA work and
+    accumulators instead of 128; 128 -> (128, 0); 24 -> (16, 16); 8 -> (16, 0)."""
+    first = max(16, 1 << (head_dim.bit_length() - 1))
+    rest = head_dim - first
+    return first, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+
+
+def _config(kind: str, head_dim: int, kv_len: int, dtype: torch.dtype, dot_fp32: bool = False) -> dict:
     """Block sizes and warps of one kernel ("fwd" or "bwd"); the launchers and aot_specs() both read it.
 
-    All keys in one block (BLOCK_L >= L) and the head dim padded to a power of two; tl.dot needs blocks >= 16.
-    Chosen for zero register spills on sm_80 and sm_90 at PixArt's shapes (Dh = 72 -> 128, L = 120 -> 128).
+    All keys in one block (BLOCK_L >= L). The forward splits the head dim in two column blocks (head_dim_blocks:
+    Dh = 72 -> 64 + 16); in 16 bits, with 4 warps, it compiles to 159 / 202 registers, 3 / 2 programs per SM on
+    sm_90 / sm_80 (one 128-wide block, 8 warps: 143 / 150 registers, 1 program per SM); fp32 (FMA units, for
+    checking) keeps 8 warps, with which it spills least. The backward keeps one block padded to a
+    power of two (72 -> 128): split, its live tiles spill 560-690 bytes at every query block of 16 to 64 rows tried,
+    on both targets. Chosen for zero register spills on sm_80 and sm_90 at PixArt's shapes (L = 120 -> 128).
     """
     block_n, num_warps = (BLOCK_N_FWD, NUM_WARPS_FWD) if kind == "fwd" else (BLOCK_N_BWD, NUM_WARPS_BWD)
+    num_warps = 8 if dtype == torch.float32 else num_warps
+    block_d0, block_d1 = head_dim_blocks(head_dim) if kind == "fwd" else (max(16, triton.next_power_of_2(head_dim)), 0)
     return launch_config(
         num_warps,
         HEAD_DIM=head_dim,
         BLOCK_N=block_n,
         BLOCK_L=max(16, triton.next_power_of_2(kv_len)),
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_D0=block_d0,
+        BLOCK_D1=block_d1,
         DOT_FP32=dot_fp32,
     )
 
@@ -226,7 +284,7 @@ def cross_attn_fwd_launch(q, k, v, kv_mask):
     L = k.shape[1]
     out = q.new_empty(B, N, H, Dh)
     lse = q.new_empty(B, H, N, dtype=torch.float32)
-    cfg = _config("fwd", Dh, L, _dot_fp32(q))
+    cfg = _config("fwd", Dh, L, q.dtype, _dot_fp32(q))
     grid = (triton.cdiv(N, cfg["constexprs"]["BLOCK_N"]), B * H)
     _cross_attn_fwd_kernel[grid](
         q, k, v, kv_mask, out, lse,
@@ -258,7 +316,7 @@ def cross_attn_bwd_launch(do, q, k, v, out, lse, kv_mask, splits=None):
     do, q, k, v, out = (_aligned(x) for x in (do, q, k, v, out))
     B, N, H, Dh = q.shape
     L = k.shape[1]
-    cfg = _config("bwd", Dh, L, _dot_fp32(q))
+    cfg = _config("bwd", Dh, L, q.dtype, _dot_fp32(q))
     n_blocks = triton.cdiv(N, cfg["constexprs"]["BLOCK_N"])
     splits = _backward_splits(n_blocks, B * H, q.device) if splits is None else splits
     blocks_per_program = triton.cdiv(n_blocks, splits)

@@ -50,8 +50,8 @@ def check_against_reference(q, kv, mask, dout, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "N, L, Dh",
-    [(77, 120, 72), (7, 7, 72), (33, 1, 72), (7, 7, 8), (7, 120, 128)],
-    ids=["model-L120", "L7", "L1", "Dh8", "Dh128"],
+    [(77, 120, 72), (7, 7, 72), (33, 1, 72), (7, 7, 8), (7, 120, 128), (7, 7, 96)],
+    ids=["model-L120", "L7", "L1", "Dh8", "Dh128", "Dh96"],
 )
 def test_matches_reference(N, L, Dh, dtype):
     check_against_reference(*make_inputs(2, N, L, 2, Dh, seed=N + L + Dh), dtype)
@@ -211,7 +211,15 @@ def test_aot_specs_match_the_launch_configuration():
     for spec in specs:
         kind = "fwd" if spec["name"].endswith("fwd") else "bwd"
         kwargs = dict(spec["kwargs"])
-        cfg = cross_attn._config(kind, 72, 120, kwargs["DOT_FP32"])  # what the launchers use at Dh = 72, L = 120
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["call"].split()[0]]
+        cfg = cross_attn._config(kind, 72, 120, dtype, kwargs["DOT_FP32"])  # the launchers' at Dh = 72, L = 120
         assert (kwargs.pop("num_warps"), kwargs.pop("num_stages")) == (cfg["num_warps"], cfg["num_stages"])
         assert kwargs == cfg["constexprs"]
-        assert kwargs["BLOCK_L"] == 128 and kwargs["BLOCK_D"] == 128
+        blocks = (64, 16) if kind == "fwd" else (128, 0)  # the forward without padding 72 to 128 (see _config)
+        assert kwargs["BLOCK_L"] == 128 and (kwargs["BLOCK_D0"], kwargs["BLOCK_D1"]) == blocks
+
+
+@pytest.mark.parametrize("head_dim, blocks", [(72, (64, 16)), (8, (16, 0)), (24, (16, 16)), (64, (64, 0)),
+                                              (96, (64, 32)), (120, (64, 64)), (128, (128, 0))])
+def test_head_dim_blocks_cover_the_head_dim_in_two_dots(head_dim, blocks):
+    assert cross_attn.head_dim_blocks(head_dim) == blocks
