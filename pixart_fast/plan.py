@@ -4,6 +4,7 @@
     python -m pixart_fast.plan --gpu H100 --mfu 0.35 --usd-per-gpu-hour 2.5
     python -m pixart_fast.plan --mfu-from bench.json --json     # MFU measured by `pytest bench/ --benchmark-json`
     python -m pixart_fast.plan --schedule my_schedule.json --png plan.png
+    python -m pixart_fast.plan --memory --model PixArt-XL/2-512 --gpu 4090   # training memory, largest batch
 
 FLOP convention (torch.utils.flop_counter.FlopCounterMode's, and MFU's as PaLM defines it): only matrix
 products count, an (m x k) @ (k x n) product as 2mkn FLOPs, attention's q k^T and p v included; elementwise
@@ -17,12 +18,17 @@ image counted at the 256-px cost ("256-px equivalent"): the cheaper convention, 
 1024-px stages (4.1x and 21.8x the 256-px cost per image: more tokens, and self-attention grows with their square).
 """
 import argparse
+import functools
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from pixart_fast.model import CONFIGS, PixArtConfig
+import torch
+
+from pixart_fast.lora import DEFAULT_TARGETS, target_modules
+from pixart_fast.model import CONFIGS, RECOMPUTE, PixArt, PixArtConfig
 
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (input and weight gradients)
 VAE_DOWNSAMPLE = 8  # SD-VAE: one latent pixel per 8 x 8 image pixels
@@ -95,28 +101,6 @@ def flops_per_image(config: PixArtConfig, height_px: int | None = None, width_px
     return TRAIN_FLOPS_PER_FORWARD * sum(forward_flops(config, height_px, width_px, **kwargs).values())
 
 
-# Bytes a parameter costs in training whatever the batch: fp32 weight, gradient, two AdamW moments, the EMA copy.
-TRAIN_BYTES_PER_PARAM = 4 + 4 + 8 + 4
-
-
-def training_memory_bytes(params: int, batch: int, resolution: int, activation_bytes_256: float,
-                          fixed_bytes: float = 0.0, patch_px: int = 16) -> float:
-    """Estimated memory of a training step: TRAIN_BYTES_PER_PARAM per parameter, `fixed_bytes` a step holds once
-    (under autocast the low-precision weight copies the backward needs), and `batch` images of activations,
-    `activation_bytes_256` per image at 256 px scaled by the token count (patch_px pixels a token side: 16 for
-    PixArt-XL/2's 8x VAE and patch 2). An estimate: allocator slack and temporary buffers are not counted."""
-    tokens = (resolution // patch_px) ** 2
-    return params * TRAIN_BYTES_PER_PARAM + fixed_bytes + batch * activation_bytes_256 * tokens / 256
-
-
-def largest_batch(memory_gb: float, params: int, resolution: int, activation_bytes_256: float,
-                  fixed_bytes: float = 0.0) -> int:
-    """The largest batch whose `training_memory_bytes` fits in `memory_gb` GB (0: not even one image)."""
-    free = memory_gb * 1e9 - training_memory_bytes(params, 0, resolution, activation_bytes_256, fixed_bytes)
-    per_image = training_memory_bytes(params, 1, resolution, activation_bytes_256) - params * TRAIN_BYTES_PER_PARAM
-    return max(0, int(free // per_image))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # GPUs
 # ----------------------------------------------------------------------------------------------------------
@@ -185,6 +169,166 @@ def resolve_gpu(name: str) -> str:
 # Defaults for energy and emissions, each overridable on the command line.
 PUE = 1.10  # Google data centers, fleet-wide trailing-twelve-month PUE 1.10 (2023 Environmental Report)
 KG_CO2_PER_KWH = 0.48  # world average electricity, 480 g CO2/kWh in 2023 (Ember, Global Electricity Review 2024)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory of a training step
+# ----------------------------------------------------------------------------------------------------------
+
+OPTIMIZERS = ("adamw", "came")
+LORA_RANK = 16  # the LoRA rank the planner assumes by default: the official PixArt LoRA script's
+FP32 = 4  # bytes of an fp32 number: weights, EMA, gradients and optimizer state are all fp32 in the trainer
+
+
+def optimizer_state_bytes(shape: tuple[int, ...], optimizer: str) -> int:
+    """Bytes of optimizer state one fp32 parameter tensor of `shape` gets, as the optimizer allocates it.
+
+    adamw (torch.optim.AdamW): exp_avg and exp_avg_sq, each the parameter's size, and a 0-dim fp32 step count.
+    came (came_pytorch.CAME, PixArt-Sigma's): exp_avg the parameter's size; the second moment and the residual
+    moment factored into a row (shape[:-1]) and a column (shape[:-2] + shape[-1:]) vector each for a tensor of
+    2 or more dimensions, else exp_avg_sq the parameter's size; a 0-dim fp32 RMS (its step count is a Python int).
+    """
+    n = math.prod(shape)
+    if optimizer == "adamw":
+        return FP32 * (2 * n + 1)
+    if optimizer == "came":
+        second = 2 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]) if len(shape) >= 2 else n
+        return FP32 * (n + second + 1)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _parameter_shapes(config: PixArtConfig, lora_rank: int, lora_targets: str):
+    """(frozen parameter shapes, trained parameter shapes, buffer bytes) of the model the trainer builds: every
+    parameter trained, or (lora_rank > 0) the base frozen and PEFT's lora_A (r, in) and lora_B (out, r) trained
+    on each Linear that `pixart_fast.lora.target_modules` selects. Built on the meta device: no memory."""
+    with torch.device("meta"):
+        model = PixArt(config, kernels="torch")
+    shapes = tuple(tuple(p.shape) for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    if not lora_rank:
+        return (), shapes, buffers
+    adapters = []
+    for name in target_modules(model, lora_targets):
+        linear = model.get_submodule(name)
+        adapters += [(lora_rank, linear.in_features), (linear.out_features, lora_rank)]
+    return shapes, tuple(adapters), buffers
+
+
+def state_bytes(config: PixArtConfig, lora_rank: int = 0, optimizer: str = "adamw",
+                lora_targets: str = DEFAULT_TARGETS) -> dict[str, int]:
+    """Bytes the trainer holds whatever the batch, exactly, as `python -m pixart_fast.train` keeps them: fp32
+    weights (parameters and buffers; with LoRA the frozen base stays fp32 beside the fp32 adapters), the EMA (a
+    copy of the weights; with LoRA only the adapters and buffers: `pixart_fast.lora.ema_copy` shares the frozen
+    base), fp32 gradients of the trained parameters and their optimizer state (`optimizer_state_bytes`).
+    lora_rank 0: full fine-tuning. Also returns the parameter counts "params" and "trained_params"."""
+    if lora_rank < 0:
+        raise ValueError(f"lora_rank must be >= 0 (0: full fine-tuning), got {lora_rank}")
+    frozen, trained, buffers = _parameter_shapes(config, lora_rank, lora_targets)
+    n_frozen, n_trained = sum(map(math.prod, frozen)), sum(map(math.prod, trained))
+    return {"params": n_frozen + n_trained, "trained_params": n_trained,
+            "weights": FP32 * (n_frozen + n_trained) + buffers, "ema": FP32 * n_trained + buffers,
+            "gradients": FP32 * n_trained, "optimizer_state": sum(optimizer_state_bytes(s, optimizer) for s in trained)}
+
+
+@dataclass(frozen=True)
+class ActivationFit:
+    """Bytes a training forward under bf16 autocast leaves allocated for the backward at PixArt-XL/2's width
+    (hidden size 1152), PyTorch kernels: per image, in each block per image token and per caption token, and
+    outside the blocks per image token; per step whatever the batch (the bf16 weight copies the backward needs),
+    in each block and outside them. The Triton kernels a GPU runs keep less without recomputation (the bench's
+    `ours+triton` variant), so there the "none" figures are an upper bound."""
+
+    block_token: float
+    block_caption_token: float
+    block_step: float
+    outside_token: float
+    outside_step: float
+
+
+ACTIVATION_WIDTH = 1152
+# Printed by `pytest bench/test_bench_memory.py -k activation_fit --benchmark-only -s` (2026-12-02; PyTorch profiler
+# memory events at XL width: per image from batch 1 against 2, per block from 1 against 2 blocks, per image token
+# from 256 against 1024 image tokens, per caption token from 120 against 300; LoRA at rank 16 on the default
+# targets); `-k planner_vs_measured` checks them against whole 28-block models.
+# (training, recompute): ActivationFit(block_token, block_caption_token, block_step, outside_token, outside_step)
+ACTIVATIONS = {
+    ("full", "none"): ActivationFit(64656, 4610, 42467328, 18760, 21307392),
+    ("full", "selective"): ActivationFit(36992, 4608, 5056, 14134, 21307392),
+    ("full", "full"): ActivationFit(6912, 0, 5056, 14134, 21307392),
+    ("lora", "none"): ActivationFit(67152, 6946, 43315256, 13076, 21824560),
+    ("lora", "selective"): ActivationFit(62528, 9248, 5112, 14139, 21824560),
+    ("lora", "full"): ActivationFit(6912, 0, 5112, 14139, 21824560),
+}
+
+
+def activation_bytes(config: PixArtConfig, resolution: int, recompute: str = "none",
+                     lora: bool = False) -> tuple[float, float]:
+    """(bytes per image, bytes per step) of activations a training step at `resolution` px keeps for the backward:
+    ACTIVATIONS' fit for the recomputation mode, times the image tokens ((resolution / 16)^2 for 8x latents and
+    patch 2), caption tokens (config.max_tokens: padding is masked, not skipped) and depth."""
+    if config.hidden_size != ACTIVATION_WIDTH:
+        raise ValueError(f"activation memory is measured at PixArt-XL/2's width {ACTIVATION_WIDTH}; this model's "
+                         f"is {config.hidden_size}")
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    fit = ACTIVATIONS[("lora" if lora else "full", recompute)]
+    T = image_tokens(config, resolution)
+    per_image = config.depth * (fit.block_token * T + fit.block_caption_token * config.max_tokens) \
+        + fit.outside_token * T
+    return per_image, config.depth * fit.block_step + fit.outside_step
+
+
+def image_tokens(config: PixArtConfig, resolution: int) -> int:
+    """Image tokens of a square `resolution`-px image: (resolution / (8 * patch_size))^2."""
+    unit = VAE_DOWNSAMPLE * config.patch_size
+    if resolution <= 0 or resolution % unit:
+        raise ValueError(f"resolution {resolution} px must be a positive multiple of {unit} px")
+    return (resolution // unit) ** 2
+
+
+def training_memory(config: PixArtConfig, resolution: int, lora_rank: int = 0, optimizer: str = "adamw",
+                    recompute: str = "none", lora_targets: str = DEFAULT_TARGETS) -> dict[str, float]:
+    """Estimated memory of a training step, bytes: `state_bytes` (exact) and `activation_bytes` (measured on a CPU,
+    fitted) as "activations_per_image" and "activations_per_step". Not counted: the CUDA context and allocator
+    slack, the backward's short-lived buffers; gradients are counted beside every activation, though they fill
+    while the backward frees activations."""
+    per_image, per_step = activation_bytes(config, resolution, recompute, lora_rank > 0)
+    return {**state_bytes(config, lora_rank, optimizer, lora_targets), "activations_per_image": per_image,
+            "activations_per_step": per_step}
+
+
+def step_bytes(memory: dict, batch: int) -> float:
+    """Bytes of a training step of `batch` images under a `training_memory` estimate."""
+    held = sum(memory[k] for k in ("weights", "ema", "gradients", "optimizer_state", "activations_per_step"))
+    return held + batch * memory["activations_per_image"]
+
+
+def largest_batch(memory: dict, memory_gb: float) -> int:
+    """The largest batch whose `step_bytes` fit in `memory_gb` GB (1e9 bytes; 0: not even one image)."""
+    return max(0, int((memory_gb * 1e9 - step_bytes(memory, 0)) // memory["activations_per_image"]))
+
+
+def memory_plan(model: str = "PixArt-Sigma-XL/2-1024", gpu: str = "RTX4090", resolutions=None,
+                lora_rank: int = LORA_RANK, optimizers=OPTIMIZERS, recomputes=RECOMPUTE,
+                lora_targets: str = DEFAULT_TARGETS) -> dict:
+    """`training_memory` of a CONFIGS model for full fine-tuning and LoRA (rank lora_rank; 0: full only), each
+    optimizer and recomputation mode, at each resolution (default the model's own), with the largest batch that
+    fits `gpu`. Returns a JSON-serialisable dict: "settings" and "rows"."""
+    if model not in CONFIGS:
+        raise ValueError(f"unknown model {model!r}; one of {', '.join(CONFIGS)}")
+    config, gpu = CONFIGS[model], resolve_gpu(gpu)
+    resolutions = resolutions or [config.input_size * VAE_DOWNSAMPLE]
+    rows = []
+    for res in resolutions:
+        for rank in (0, lora_rank) if lora_rank else (0,):
+            for optimizer in optimizers:
+                for recompute in recomputes:
+                    m = training_memory(config, res, rank, optimizer, recompute, lora_targets)
+                    rows.append({"resolution": res, "lora_rank": rank, "optimizer": optimizer,
+                                 "recompute": recompute, **m, "largest_batch": largest_batch(m, GPUS[gpu].memory_gb)})
+    return {"settings": {"model": model, "gpu": gpu, **asdict(GPUS[gpu]), "lora_targets": lora_targets},
+            "rows": rows}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -440,11 +584,50 @@ def draw_png(result: dict, path) -> None:
     img.save(path)
 
 
+def format_memory(result: dict) -> str:
+    """A `memory_plan` as text: one row per resolution, training, optimizer and recomputation mode, in GB."""
+    s = result["settings"]
+    header = ("px", "training", "optimizer", "recompute", "weights", "EMA", "grads", "opt. state", "act./step",
+              "act./image", "batch")
+    lines = [(str(r["resolution"]), f"LoRA r{r['lora_rank']}" if r["lora_rank"] else "full", r["optimizer"],
+              r["recompute"], *(f"{r[k] / 1e9:.2f}" for k in ("weights", "ema", "gradients", "optimizer_state",
+                                                              "activations_per_step", "activations_per_image")),
+              str(r["largest_batch"])) for r in result["rows"]]
+    return "\n".join([
+        f"{s['model']}: training memory in GB (1e9 bytes); batch: the largest that fits a {s['name']} "
+        f"({s['memory_gb']:g} GB).\nAn estimate from the planner's model, not a measurement on a GPU.", "",
+        _table(header, lines), "",
+        "weights, EMA, gradients, optimizer state: the trainer's fp32 tensors, counted exactly (LoRA: the frozen "
+        "base stays fp32;\nthe EMA, gradients and optimizer hold the adapters only; LoRA targets "
+        f"{s['lora_targets']}). Activations: bf16 autocast,\nfitted on the bench's CPU measurement of the PyTorch "
+        "kernels (bench/test_bench_memory.py; the Triton kernels keep less\nwithout recomputation); per step: the "
+        "bf16 weight copies the backward needs. Not counted: the CUDA context,\nallocator slack, the backward's "
+        "temporaries; the card's GB are taken as 1e9 bytes, which leaves them the 7 % by which\nits memory "
+        "(GiB) is larger."])
+
+
 def _gpu_arg(name: str) -> str:
     try:
         return resolve_gpu(name)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _choices(allowed: tuple[str, ...]):
+    """An argparse type: a comma-separated subset of `allowed`, as a tuple."""
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(v.strip() for v in text.split(","))
+        if not set(values) <= set(allowed):
+            raise argparse.ArgumentTypeError(f"expected {', '.join(allowed)} (comma-separated), got {text!r}")
+        return values
+    return parse
 
 
 def main(argv=None):
@@ -455,7 +638,7 @@ def main(argv=None):
                         "global_batch, optional config, class_conditional, paper_v100_days}; default: the paper's")
     parser.add_argument("--gpu", type=_gpu_arg, metavar="NAME",
                         help=f"GPU type, any case: {gpu_names()} (default A100-80GB, or the bench's GPU with "
-                        "--mfu-from)")
+                        "--mfu-from; RTX4090 with --memory)")
     mfu = parser.add_mutually_exclusive_group()
     mfu.add_argument("--mfu", type=float, metavar="FRACTION",
                      help="model-FLOP utilisation, a fraction in (0, 1] of the dense bf16 peak")
@@ -469,7 +652,33 @@ def main(argv=None):
     parser.add_argument("--watts", type=float, metavar="W", help="average power per GPU, W (default: the GPU's TDP)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     parser.add_argument("--png", metavar="FILE", help="also draw the comparison as a bar chart PNG")
+    memory = parser.add_argument_group("--memory: what a training step holds, and the largest batch that fits --gpu")
+    memory.add_argument("--memory", action="store_true", help="print GB of weights, EMA, gradients, optimizer state "
+                        "and activations, full fine-tuning and LoRA, and the largest batch that fits --gpu")
+    memory.add_argument("--model", default="PixArt-Sigma-XL/2-1024", choices=CONFIGS, metavar="NAME",
+                        help="a pixart_fast.model.CONFIGS name at PixArt-XL/2's width (default PixArt-Sigma-XL/2-1024)")
+    memory.add_argument("--resolution", type=_ints, metavar="PX[,PX]", help="image sides, px (default the model's)")
+    memory.add_argument("--lora-rank", type=int, default=LORA_RANK, metavar="R",
+                        help=f"rank of the LoRA rows (default {LORA_RANK}, the official LoRA script's); 0: full only")
+    memory.add_argument("--lora-targets", default=DEFAULT_TARGETS, metavar="GROUPS",
+                        help=f"the Linear layers LoRA adapts, as the trainer's (default {DEFAULT_TARGETS})")
+    memory.add_argument("--optimizer", type=_choices(OPTIMIZERS), default=OPTIMIZERS, metavar="NAME[,NAME]",
+                        help="adamw, came or both (default)")
+    memory.add_argument("--recompute", type=_choices(RECOMPUTE), default=RECOMPUTE, metavar="MODE[,MODE]",
+                        help="none, selective, full, comma-separated (default all three)")
     args = parser.parse_args(argv)
+
+    if args.memory:
+        if args.schedule or args.mfu is not None or args.mfu_from or args.png:
+            parser.error("--memory takes --model, --gpu, --resolution, --lora-rank, --lora-targets, --optimizer, "
+                         "--recompute and --json, not --schedule, --mfu, --mfu-from or --png")
+        try:
+            result = memory_plan(args.model, args.gpu or "RTX4090", args.resolution, args.lora_rank,
+                                 args.optimizer, args.recompute, args.lora_targets)
+        except ValueError as e:  # a model of another width, a resolution off the patch grid, unknown LoRA targets
+            parser.error(str(e))
+        print(json.dumps(result, indent=1) if args.json else format_memory(result))
+        return
 
     try:
         schedule = PAPER_SCHEDULE if args.schedule is None else load_schedule(args.schedule)

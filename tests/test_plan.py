@@ -1,5 +1,7 @@
 """The cost planner (pixart_fast/plan.py): its FLOP count against torch's FlopCounterMode run on the real
-modules, the paper schedule's A100-days, and the plan's arithmetic, schedule files and command line."""
+modules, the paper schedule's A100-days, the plan's arithmetic, schedule files and command line, and the memory
+planner's weights, EMA, gradients and optimizer state against the real tensors of a training step (its
+activation figures are checked against measurements in bench/test_bench_memory.py)."""
 import json
 
 import pytest
@@ -7,9 +9,12 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from pixart_fast.model import CONFIGS, DiT, PixArt
-from pixart_fast.plan import (GPU_ALIASES, GPUS, PAPER_SCHEDULE, Stage, flops_per_image, forward_flops, gpu_days,
-                              load_schedule, main, mfu_from_bench, plan, resolve_gpu)
+from came_pytorch import CAME
+from pixart_fast.lora import add_lora, ema_copy
+from pixart_fast.model import CONFIGS, RECOMPUTE, DiT, PixArt
+from pixart_fast.plan import (GPU_ALIASES, GPUS, LORA_RANK, OPTIMIZERS, PAPER_SCHEDULE, Stage, activation_bytes,
+                              flops_per_image, forward_flops, gpu_days, largest_batch, load_schedule, main,
+                              mfu_from_bench, plan, resolve_gpu, state_bytes, step_bytes, training_memory)
 
 
 def counted_flops(model, x, *args, **kwargs):
@@ -220,14 +225,99 @@ def test_gpu_names_and_aliases(capsys):
     assert "unknown GPU 'B200'" in err and "A100-80GB (or A100)" in err and "RTX4090" in err
 
 
-def test_largest_batch_fits_and_one_more_does_not():
-    from pixart_fast.plan import largest_batch, training_memory_bytes
+def real_state_bytes(name: str, lora_rank: int, optimizer: str) -> dict[str, int]:
+    """What the trainer's tensors take after one real training step of a tiny model: fp32 weights and buffers,
+    the EMA (`pixart_fast.lora.ema_copy`: its tensors that the model does not share), the gradients and the
+    optimizer's state tensors, in bytes; and the parameter counts."""
+    cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    model = PixArt(cfg, kernels="torch").train()
+    if lora_rank:
+        add_lora(model, lora_rank)
+    ema = ema_copy(model)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.AdamW(trained, lr=1e-4, fused=True) if optimizer == "adamw" else
+           CAME(trained, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16)))
+    model(*pixart_inputs(cfg, 2, cfg.input_size, cfg.input_size)).square().mean().backward()
+    opt.step()
+    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    weights = [*model.parameters(), *model.buffers()]
+    shared = {t.data_ptr() for t in weights}
+    return {"params": sum(p.numel() for p in model.parameters()), "trained_params": sum(p.numel() for p in trained),
+            "weights": size(weights),
+            "ema": size(t for t in [*ema.parameters(), *ema.buffers()] if t.data_ptr() not in shared),
+            "gradients": size(p.grad for p in trained if p.grad is not None),
+            "optimizer_state": size(v for state in opt.state.values() for v in state.values() if torch.is_tensor(v))}
 
-    params, act, fixed = 610_856_096, 500 * 2**20, 1.5e9
-    for gb, res in ((80, 256), (141, 512), (80, 1024)):
-        b = largest_batch(gb, params, res, act, fixed)
+
+@pytest.mark.parametrize("name", ["PixArt-tiny", "PixArtMS-tiny", "PixArt-Sigma-tiny"])
+@pytest.mark.parametrize("lora_rank", [0, 4])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_state_bytes_equal_real_tensors(name, lora_rank, optimizer):
+    """The planner's weights, EMA, gradients and optimizer state equal the bytes of the real tensors after a real
+    AdamW or CAME step, full and LoRA (the trained-parameter count then PEFT's)."""
+    real = real_state_bytes(name, lora_rank, optimizer)
+    assert state_bytes(CONFIGS[name], lora_rank, optimizer) == real
+    if lora_rank:
+        assert real["trained_params"] < real["params"] / 5  # the base frozen: only the adapters train
+
+
+def test_lora_targets_and_came_factoring():
+    cfg = CONFIGS["PixArt-Sigma-XL/2-1024"]
+    full = state_bytes(cfg, 0, "adamw")
+    assert full["params"] == 610_856_096
+    assert full["weights"] > 4 * full["params"]  # and the buffers: position table, null caption
+    assert full["optimizer_state"] == pytest.approx(8 * full["params"], rel=1e-4)
+    came = state_bytes(cfg, 0, "came")["optimizer_state"]
+    assert 0.5 * full["optimizer_state"] < came < 0.51 * full["optimizer_state"]  # exp_avg; vectors for the rest
+    attn = state_bytes(cfg, 16, "adamw", "attn")
+    D, depth = cfg.hidden_size, cfg.depth
+    assert attn["trained_params"] == depth * 16 * ((D + 3 * D) + (D + D))  # qkv (D -> 3D) and proj (D -> D)
+    with pytest.raises(ValueError, match="names no Linear layer"):
+        state_bytes(cfg, 16, "adamw", "attn,conv")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        state_bytes(cfg, 0, "sgd")
+
+
+def test_largest_batch_fits_and_one_more_does_not():
+    cfg = CONFIGS["PixArt-Sigma-XL/2-1024"]
+    for res, recompute, rank, optimizer, gb in ((1024, "none", 0, "adamw", 80), (1024, "full", 16, "came", 24),
+                                                  (512, "selective", 16, "adamw", 24), (2048, "full", 0, "came", 141)):
+        memory = training_memory(cfg, res, rank, optimizer, recompute)
+        b = largest_batch(memory, gb)
         assert b > 0
-        assert training_memory_bytes(params, b, res, act, fixed) <= gb * 1e9
-        assert training_memory_bytes(params, b + 1, res, act, fixed) > gb * 1e9
-    assert largest_batch(80, params, 1024, act) < largest_batch(80, params, 256, act)  # 16x the tokens
-    assert largest_batch(10, params, 256, act) == 0  # 611 M parameters alone need 12.2 GB
+        assert step_bytes(memory, b) <= gb * 1e9 < step_bytes(memory, b + 1)
+    full = training_memory(cfg, 1024, 0, "adamw", "none")
+    assert largest_batch(full, 10) == 0  # weights, EMA, gradients and AdamW's moments alone take 12.2 GB
+    per_image = {mode: training_memory(cfg, 1024, recompute=mode)["activations_per_image"] for mode in RECOMPUTE}
+    assert per_image["full"] < per_image["selective"] < per_image["none"]
+    at_1024, at_2048 = activation_bytes(cfg, 1024)[0], activation_bytes(cfg, 2048)[0]
+    assert 3.9 * at_1024 < at_2048 < 4 * at_1024  # 4x the image tokens, the same 300 caption tokens
+    with pytest.raises(ValueError, match="measured at PixArt-XL/2's width"):
+        activation_bytes(CONFIGS["PixArt-tiny"], 64)
+    with pytest.raises(ValueError, match="multiple of 16 px"):
+        activation_bytes(cfg, 1000)
+
+
+def test_memory_command_line(capsys):
+    main(["--memory", "--model", "PixArt-XL/2-512", "--gpu", "4090", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["settings"]["gpu"] == "RTX4090" and result["settings"]["memory_gb"] == 24
+    rows = result["rows"]
+    assert {(r["resolution"], r["lora_rank"]) for r in rows} == {(512, 0), (512, LORA_RANK)}
+    assert len(rows) == 2 * len(OPTIMIZERS) * len(RECOMPUTE)
+    for r in rows:
+        assert r == {**r, **training_memory(CONFIGS["PixArt-XL/2-512"], 512, r["lora_rank"], r["optimizer"],
+                                            r["recompute"]), "largest_batch": r["largest_batch"]}
+        assert r["largest_batch"] == largest_batch(r, 24)
+    main(["--memory", "--resolution", "512,1024", "--lora-rank", "0", "--optimizer", "came", "--recompute", "full"])
+    text = capsys.readouterr().out
+    assert "PixArt-Sigma-XL/2-1024" in text and "GeForce RTX 4090" in text and "not a measurement" in text
+    assert [line.split()[:4] for line in text.splitlines() if line[:4] in ("512 ", "1024")] == [
+        ["512", "full", "came", "full"], ["1024", "full", "came", "full"]]
+    for bad, message in ((["--model", "PixArt-tiny"], "measured at PixArt-XL/2's width"),
+                         (["--optimizer", "sgd"], "expected adamw, came"),
+                         (["--mfu", "0.4"], "--memory takes --model")):
+        with pytest.raises(SystemExit):
+            main(["--memory", *bad])
+        assert message in capsys.readouterr().err
