@@ -149,8 +149,9 @@ def _cross_attn_bwd_kernel(
     LSE,  # (B, H, N) contiguous fp32: the forward's logsumexp
     MASK,  # (B, L) bool, contiguous: True = attend
     DQ,  # (B, N, H, HEAD_DIM) contiguous output, q's dtype
-    DK_PART,  # (SPLITS, B, L, H, HEAD_DIM) contiguous fp32 output: dk summed over this program's queries
-    DV_PART,  # (SPLITS, B, L, H, HEAD_DIM) contiguous fp32 output: dv likewise
+    DK,  # contiguous output: dk itself, (B, L, H, HEAD_DIM) in k's dtype, when one program per (batch, head) walks
+         # all queries (SPLITS = 1); else (SPLITS, B, L, H, HEAD_DIM) fp32, dk summed over each program's queries
+    DV,  # dv likewise
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
@@ -218,12 +219,12 @@ def _cross_attn_bwd_kernel(
             _store_cols(dq_base, rows, H * HEAD_DIM, row_ok, _dot(ds, k1, DOT_FP32) * sm_scale, BLOCK_D0, BLOCK_D1,
                         HEAD_DIM)
 
-    part = ((pid_split * (tl.num_programs(1) // H) + b) * L * H + h) * HEAD_DIM  # (split, b, 0, h, 0) of the partials
-    _store_cols(DK_PART + part, keys, H * HEAD_DIM, key_in, dk0 * sm_scale, 0, BLOCK_D0, HEAD_DIM)
-    _store_cols(DV_PART + part, keys, H * HEAD_DIM, key_in, dv0, 0, BLOCK_D0, HEAD_DIM)
+    part = ((pid_split * (tl.num_programs(1) // H) + b) * L * H + h) * HEAD_DIM  # (split, b, 0, h, 0) of DK / DV
+    _store_cols(DK + part, keys, H * HEAD_DIM, key_in, dk0 * sm_scale, 0, BLOCK_D0, HEAD_DIM)
+    _store_cols(DV + part, keys, H * HEAD_DIM, key_in, dv0, 0, BLOCK_D0, HEAD_DIM)
     if BLOCK_D1 > 0:
-        _store_cols(DK_PART + part, keys, H * HEAD_DIM, key_in, dk1 * sm_scale, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-        _store_cols(DV_PART + part, keys, H * HEAD_DIM, key_in, dv1, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+        _store_cols(DK + part, keys, H * HEAD_DIM, key_in, dk1 * sm_scale, BLOCK_D0, BLOCK_D1, HEAD_DIM)
+        _store_cols(DV + part, keys, H * HEAD_DIM, key_in, dv1, BLOCK_D0, BLOCK_D1, HEAD_DIM)
 
 
 def head_dim_blocks(head_dim: int) -> tuple[int, int]:
@@ -322,10 +323,11 @@ def cross_attn_bwd_launch(do, q, k, v, out, lse, kv_mask, splits=None):
     blocks_per_program = triton.cdiv(n_blocks, splits)
     splits = triton.cdiv(n_blocks, blocks_per_program)  # no program without a query block
     dq = q.new_empty(B, N, H, Dh)
-    dk_part = q.new_empty(splits, B, L, H, Dh, dtype=torch.float32)
-    dv_part = torch.empty_like(dk_part)
+    # One split: the kernel writes dk and dv in their dtypes; more: fp32 partial sums, summed below.
+    shape, partial = ((B, L, H, Dh), None) if splits == 1 else ((splits, B, L, H, Dh), torch.float32)
+    dk, dv = q.new_empty(shape, dtype=partial or k.dtype), q.new_empty(shape, dtype=partial or v.dtype)
     _cross_attn_bwd_kernel[(splits, B * H)](
-        q, k, v, out, do, lse, kv_mask, dq, dk_part, dv_part,
+        q, k, v, out, do, lse, kv_mask, dq, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -334,7 +336,7 @@ def cross_attn_bwd_launch(do, q, k, v, out, lse, kv_mask, splits=None):
         N, L, H, blocks_per_program, 1.0 / math.sqrt(Dh),
         **launch_options(cfg),
     )
-    return dq, dk_part.sum(0).to(k.dtype), dv_part.sum(0).to(v.dtype)
+    return (dq, dk, dv) if splits == 1 else (dq, dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype))
 
 
 @torch.library.custom_op("pixart_fast::cross_attn_fwd", mutates_args=())
@@ -458,5 +460,9 @@ def aot_specs(sms: int = 132, batch: int = 8, tokens=(256, 1024, 4096)) -> list[
                 cross_attn_bwd_launch(torch.empty_like(out), q, k, v, out, lse, mask)
             for call in calls:
                 kind = "fwd" if call["fn"] is _cross_attn_fwd_kernel else "bwd"
-                specs.append({"name": f"cross_attn_{kind}", "call": f"{regime} B={batch} N={N}", **call})
+                args = dict(zip(call["fn"].arg_names, call["args"]))
+                # Kernel-private tensors (kernels/roofline.py): the logsumexp, and dk / dv when split into partials.
+                private = ["LSE"] + [n for n in ("DK", "DV") if n in args and args[n].dim() == 5]
+                specs.append({"name": f"cross_attn_{kind}", "call": f"{regime} B={batch} N={N}", "private": private,
+                              **call})
     return specs

@@ -6,7 +6,8 @@ dtypes and strides) at B * T = 32768 tokens per call: B = 128 / 32 / 8 at T = 25
 - bytes: every tensor argument of the launch read or written once (a strided (B, D) view counts its B * D
   elements; a tile a kernel reads again from L2, as cross-attention's k / v, is not charged again). Of these,
   "private" bytes are the kernel's own bookkeeping, not the op's inputs or outputs: LayerNorm mean / rstd,
-  attention logsumexp, and fp32 partial sums (*_PART) that PyTorch sums afterwards. The grids are the ones
+  attention logsumexp, and fp32 partial sums (*_PART; cross-attention's dk / dv when its backward is split) that
+  PyTorch sums afterwards. The grids are the ones
   recorded off a GPU, where the modulation backward assumes 4 programs per SM (on a GPU its launcher reads the
   compiled kernel's count), so its partial-sum bytes are those of that grid.
 - FLOPs: tensor-core matrix products, 2 m n k each, at the true sizes (head dim 72, caption length 120, not the
@@ -37,13 +38,16 @@ def _shape_kwargs(module: str, tokens: int) -> dict:
 
 
 def launch_bytes(spec: dict) -> tuple[int, int]:
-    """(bytes, private bytes) one recorded launch moves: each tensor argument once."""
+    """(bytes, private bytes) one recorded launch moves: each tensor argument once. Private: the arguments the
+    spec lists under "private", by default PRIVATE_ARGS and every *_PART."""
     total = private = 0
     for name, arg in zip(spec["fn"].arg_names, spec["args"]):
         if isinstance(arg, torch.Tensor):
             size = arg.numel() * arg.element_size()
             total += size
-            private += size if name in PRIVATE_ARGS or name.endswith("_PART") else 0
+            is_private = name in spec["private"] if "private" in spec else (name in PRIVATE_ARGS or
+                                                                           name.endswith("_PART"))
+            private += size if is_private else 0
     return total, private
 
 

@@ -195,13 +195,19 @@ print(json.dumps(out))
 def test_aot_specs_launch_what_the_model_launches(tmp_path):
     """aot_specs() claims the model's launches: a small PixArt run forward and backward on the CPU under bf16 and
     fp16 autocast and in fp32, its kernel launches recorded, launches the same kernels with the same pointer
-    dtypes (None pointers included) and flags as aot_specs() does for that precision."""
+    dtypes (None pointers included) and flags as aot_specs() does for that precision, which has besides only the
+    split cross-attention backward of XL shapes."""
     script = tmp_path / "model_launches.py"
     script.write_text(MODEL_LAUNCHES)
     result = _run([str(script)], timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     for regime, seen in json.loads(result.stdout.splitlines()[-1]).items():
-        assert seen["model"] == seen["aot_specs"], regime
+        assert set(seen["model"]) <= set(seen["aot_specs"]), regime
+        # What only XL shapes launch: the cross-attention backward split over several programs per (batch, head),
+        # dk / dv as fp32 partial sums (a small model's backward is one split, dk / dv in their own dtype).
+        extra = [json.loads(x) for x in set(seen["aot_specs"]) - set(seen["model"])]
+        assert [(name, tensors[8:]) for name, tensors, _ in extra] == \
+               ([] if regime == "fp32" else [("_cross_attn_bwd_kernel", ["torch.float32", "torch.float32"])]), regime
 
 
 HUNGRY_KERNEL = '''
