@@ -84,13 +84,16 @@ CONFIGS = {
     # PixArt-XL/2's. Patch 4 (64 tokens), not the patch 2 of the paper's models (256 tokens): on 2 CPU cores patch 2 trains
     # at about 48 images/s and after 5 minutes samples only noise of the right colour; patch 4 runs about 4x
     # faster and in the same time draws objects of the right colour (issue 4's note has the measurements).
+    # max_tokens 32: the embedded captions are at most 24 word tokens (EOS included); padding to 120 cost ~15 % of
+    # stage 2's images/s (docs/time-to-quality-log.md). With --tokenizer byte, captions over 32 bytes are cut.
     "PixArt-pixel-32": PixArtConfig(input_size=32, patch_size=4, in_channels=3, hidden_size=144, depth=4,
-                                    num_heads=2, caption_channels=64, num_classes=24),
+                                    num_heads=2, caption_channels=64, max_tokens=32, num_classes=24),
     # Stage 3 of the embedded default: the same network at twice the side (256 tokens, as a 256-px latent),
     # multi-aspect, with micro-conditions; positions interpolated by 2 as PixArt does from 512 to 1024 px, so
     # stage-2 weights carry over unchanged.
     "PixArtMS-pixel-64": PixArtConfig(input_size=64, patch_size=4, in_channels=3, hidden_size=144, depth=4,
-                                      num_heads=2, caption_channels=64, pe_interpolation=2.0, micro_conditions=True),
+                                      num_heads=2, caption_channels=64, max_tokens=32, pe_interpolation=2.0,
+                                      micro_conditions=True),
     # Tiny models for tests.
     "PixArt-pixel-tiny": PixArtConfig(input_size=16, in_channels=3, hidden_size=48, depth=2, num_heads=2,
                                       caption_channels=64, num_classes=24),

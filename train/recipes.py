@@ -74,7 +74,9 @@ class TrainConfig:
 
 
 # About 5 minutes each on 2 CPU cores (2026-11-22, AMD EPYC, 2 threads): stage 1 about 170 images/s, stage 2
-# about 115 (it also runs the T5 encoder), stage 3 about 35 (four times the tokens).
+# about 115 (it also runs the T5 encoder), stage 3 about 35 (four times the tokens). Stage 2: lr 2e-3 (warm-up 50)
+# learned placement faster than 1e-3 and 4e-3 at the same steps, and 32-token captions (model.CONFIGS) pay for
+# 1600 steps in the same time (docs/time-to-quality-log.md).
 # The embedded stages predict v with min-SNR-5 weighting: the eps objective gives the noisy steps, where the
 # caption decides the layout, almost no weight in image space, and the samples start from garbage (README,
 # "Time to quality"). From stage 2 on, diffusers' "+1" form (weight 1 at the noisiest steps) and a word-level
@@ -83,7 +85,8 @@ _EMBEDDED = dict(prediction="v", min_snr_gamma=5.0)
 _EMBEDDED_TEXT = dict(_EMBEDDED, min_snr_plus_one=True, tokenizer="word")
 RECIPES = {
     1: TrainConfig(stage=1, steps=2000, batch_size=24, save_every=500, sample_every=500, num_val=100, **_EMBEDDED),
-    2: TrainConfig(stage=2, steps=1200, batch_size=24, save_every=400, sample_every=400, **_EMBEDDED_TEXT),
+    2: TrainConfig(stage=2, steps=1600, batch_size=24, lr=2e-3, warmup=50, save_every=400, sample_every=400,
+                   **_EMBEDDED_TEXT),
     3: TrainConfig(stage=3, model="PixArtMS-pixel-64", steps=1000, batch_size=8, lr=5e-4, save_every=250,
                    sample_every=250, **_EMBEDDED_TEXT),
 }
