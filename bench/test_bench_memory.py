@@ -144,12 +144,12 @@ def test_activation_fit(benchmark, variant):
                            rounds=1, iterations=1)
     t = lambda c: (c.input_size // c.patch_size) ** 2  # noqa: E731
     base, more_tokens, more_captions = FIT_SHAPES.values()
-    fit = ActivationFit(
-        block_token=(m["512px"]["block"] - m["256px"]["block"]) / (t(more_tokens) - t(base)),
-        block_caption_token=(m["256px-300tokens"]["block"] - m["256px"]["block"]) / (
-            more_captions.max_tokens - base.max_tokens),
-        block_step=m["256px"]["block_step"], outside_token=m["256px"]["outside"] / t(base),
-        outside_step=m["256px"]["outside_step"])
+    per_token = lambda part: (m["512px"][part] - m["256px"][part]) / (t(more_tokens) - t(base))  # noqa: E731
+    per_caption_token = lambda part: (m["256px-300tokens"][part] - m["256px"][part]) / (  # noqa: E731
+        more_captions.max_tokens - base.max_tokens)
+    fit = ActivationFit(block_token=per_token("block"), block_caption_token=per_caption_token("block"),
+                        block_step=m["256px"]["block_step"], outside_token=per_token("outside"),
+                        outside_caption_token=per_caption_token("outside"), outside_step=m["256px"]["outside_step"])
     kind, recompute = variant.split()
     values = ", ".join(str(round(v)) for v in asdict(fit).values())
     print(f'\n    ("{kind}", "{recompute}"): ActivationFit({values}),')

@@ -234,15 +234,16 @@ def state_bytes(config: PixArtConfig, lora_rank: int = 0, optimizer: str = "adam
 @dataclass(frozen=True)
 class ActivationFit:
     """Bytes a training forward under bf16 autocast leaves allocated for the backward at PixArt-XL/2's width
-    (hidden size 1152), PyTorch kernels: per image, in each block per image token and per caption token, and
-    outside the blocks per image token; per step whatever the batch (the bf16 weight copies the backward needs),
-    in each block and outside them. The Triton kernels a GPU runs keep less without recomputation (the bench's
+    (hidden size 1152), PyTorch kernels: per image, per image token and per caption token, in each block and
+    outside the blocks; per step whatever the batch (the bf16 weight copies the backward needs), in each block and
+    outside them. The Triton kernels a GPU runs keep less without recomputation (the bench's
     `ours+triton` variant), so there the "none" figures are an upper bound."""
 
     block_token: float
     block_caption_token: float
     block_step: float
     outside_token: float
+    outside_caption_token: float
     outside_step: float
 
 
@@ -251,14 +252,15 @@ ACTIVATION_WIDTH = 1152
 # memory events at XL width: per image from batch 1 against 2, per block from 1 against 2 blocks, per image token
 # from 256 against 1024 image tokens, per caption token from 120 against 300; LoRA at rank 16 on the default
 # targets); `-k planner_vs_measured` checks them against whole 28-block models.
-# (training, recompute): ActivationFit(block_token, block_caption_token, block_step, outside_token, outside_step)
+# (training, recompute): ActivationFit(block_token, block_caption_token, block_step, outside_token,
+#                                      outside_caption_token, outside_step)
 ACTIVATIONS = {
-    ("full", "none"): ActivationFit(64656, 4610, 42467328, 18760, 21307392),
-    ("full", "selective"): ActivationFit(36992, 4608, 5056, 14134, 21307392),
-    ("full", "full"): ActivationFit(6912, 0, 5056, 14134, 21307392),
-    ("lora", "none"): ActivationFit(67152, 6946, 43315256, 13076, 21824560),
-    ("lora", "selective"): ActivationFit(62528, 9248, 5112, 14139, 21824560),
-    ("lora", "full"): ActivationFit(6912, 0, 5112, 14139, 21824560),
+    ("full", "none"): ActivationFit(64656, 4610, 42467328, 11624, 15104, 21307392),
+    ("full", "selective"): ActivationFit(36992, 4608, 5056, 7016, 15105, 21307392),
+    ("full", "full"): ActivationFit(6912, 0, 5056, 7016, 15105, 21307392),
+    ("lora", "none"): ActivationFit(67152, 6946, 43315256, 7008, 12864, 21824560),
+    ("lora", "selective"): ActivationFit(62528, 9248, 5112, 7008, 15169, 21824560),
+    ("lora", "full"): ActivationFit(6912, 0, 5112, 7008, 15169, 21824560),
 }
 
 
@@ -273,9 +275,9 @@ def activation_bytes(config: PixArtConfig, resolution: int, recompute: str = "no
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
     fit = ACTIVATIONS[("lora" if lora else "full", recompute)]
-    T = image_tokens(config, resolution)
-    per_image = config.depth * (fit.block_token * T + fit.block_caption_token * config.max_tokens) \
-        + fit.outside_token * T
+    T, L = image_tokens(config, resolution), config.max_tokens
+    per_image = config.depth * (fit.block_token * T + fit.block_caption_token * L) \
+        + fit.outside_token * T + fit.outside_caption_token * L
     return per_image, config.depth * fit.block_step + fit.outside_step
 
 
