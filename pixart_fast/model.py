@@ -255,8 +255,10 @@ def linear_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype a Linear computes in on x's device: the autocast dtype where autocast is on, else None (the
     input's own). The kernels write what feeds a Linear in it, so no cast pass runs between them; the residual
     stream keeps its dtype (fp32)."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    device = x.device.type  # "meta" (shape-only runs, the planner's FLOP count) has no autocast
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
 
 
 class PixArtBlock(nn.Module):
