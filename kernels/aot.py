@@ -224,7 +224,7 @@ def compile_report(modules=KERNEL_MODULES, targets=TARGETS) -> list[dict]:
                 raise AttributeError(f"kernel module {module.__name__} defines no aot_specs(); add one "
                                      "(see docs/ARCHITECTURE.md section 4)")
             groups = {}
-            for spec in module.aot_specs(sms=SM_COUNT[name]):
+            for spec in module.aot_specs(sms=SM_COUNT[name], capability=target.arch):
                 sig = specialize(spec, target)
                 groups.setdefault(_key(spec, sig), (spec, sig, []))[2].append(spec.get("call", ""))
             # Rows of one kernel together, in the order aot_specs() first launches each kernel.

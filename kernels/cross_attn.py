@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import interpreting, tl, triton, use_triton
-from .utils import SUPPORTED_DTYPES, launch_config, launch_options, sm_count
+from .utils import SUPPORTED_DTYPES, compute_capability, launch_config, launch_options, sm_count
 
 MAX_KV_LEN = 128  # all keys in one block; PixArt's captions have 120 tokens
 MAX_HEAD_DIM = 128
@@ -166,6 +166,7 @@ def _cross_attn_bwd_kernel(
     BLOCK_D0: tl.constexpr,  # the head dim in two column blocks, as in the forward
     BLOCK_D1: tl.constexpr,
     DOT_FP32: tl.constexpr,  # widen tl.dot operands to fp32 (the interpreter's bf16, see _dot)
+    KEYS_MAJOR: tl.constexpr,  # scores as (keys, queries) instead of (queries, keys) (see _config)
 ):
     pid_split = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -194,22 +195,34 @@ def _cross_attn_bwd_kernel(
         do0 = _load_cols(do_base, rows, stride_don, row_ok, 0, BLOCK_D0, HEAD_DIM)
         o0 = _load_cols(o_base, rows, stride_on, row_ok, 0, BLOCK_D0, HEAD_DIM)
         delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)  # rowsum(dO * O) = rowsum(dP * P)
-        s = _dot(q0, tl.trans(k0), DOT_FP32)
-        dp = _dot(do0, tl.trans(v0), DOT_FP32)
         if BLOCK_D1 > 0:
             q1 = _load_cols(q_base, rows, stride_qn, row_ok, BLOCK_D0, BLOCK_D1, HEAD_DIM)
             do1 = _load_cols(do_base, rows, stride_don, row_ok, BLOCK_D0, BLOCK_D1, HEAD_DIM)
             o1 = _load_cols(o_base, rows, stride_on, row_ok, BLOCK_D0, BLOCK_D1, HEAD_DIM)
             delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
-            s += _dot(q1, tl.trans(k1), DOT_FP32)
-            dp += _dot(do1, tl.trans(v1), DOT_FP32)
         lse = tl.load(LSE + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * _LOG2E
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty caption: exp2(s - inf) = 0, not inf
         # Masked keys and padding rows get p = 0 explicitly: an empty caption's lse is -inf.
-        p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
-        ds = (p * (dp - delta[:, None])).to(q0.dtype)  # dLoss/dS for S = sm_scale * q k^T
-        pt = tl.trans(p.to(do0.dtype))
-        dst = tl.trans(ds)
+        if KEYS_MAJOR:  # scores as (keys, queries): the dk, dv, dp and s products have BLOCK_L rows
+            st = _dot(k0, tl.trans(q0), DOT_FP32)
+            dpt = _dot(v0, tl.trans(do0), DOT_FP32)
+            if BLOCK_D1 > 0:
+                st += _dot(k1, tl.trans(q1), DOT_FP32)
+                dpt += _dot(v1, tl.trans(do1), DOT_FP32)
+            pt = tl.where(key_ok[:, None] & row_ok[None, :], tl.exp2(st * qk_scale - lse[None, :]), 0.0)
+            dst = (pt * (dpt - delta[None, :])).to(q0.dtype)  # dLoss/dS^T for S = sm_scale * q k^T
+            pt = pt.to(do0.dtype)
+            ds = tl.trans(dst)
+        else:  # (queries, keys)
+            s = _dot(q0, tl.trans(k0), DOT_FP32)
+            dp = _dot(do0, tl.trans(v0), DOT_FP32)
+            if BLOCK_D1 > 0:
+                s += _dot(q1, tl.trans(k1), DOT_FP32)
+                dp += _dot(do1, tl.trans(v1), DOT_FP32)
+            p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+            ds = (p * (dp - delta[:, None])).to(q0.dtype)  # dLoss/dS for S = sm_scale * q k^T
+            pt = tl.trans(p.to(do0.dtype))
+            dst = tl.trans(ds)
         dv0 += _dot(pt, do0, DOT_FP32)
         dk0 += _dot(dst, q0, DOT_FP32)
         _store_cols(dq_base, rows, H * HEAD_DIM, row_ok, _dot(ds, k0, DOT_FP32) * sm_scale, 0, BLOCK_D0, HEAD_DIM)
@@ -236,7 +249,8 @@ def head_dim_blocks(head_dim: int) -> tuple[int, int]:
     return first, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
-def _config(kind: str, head_dim: int, kv_len: int, dtype: torch.dtype, dot_fp32: bool = False) -> dict:
+def _config(kind: str, head_dim: int, kv_len: int, dtype: torch.dtype, dot_fp32: bool = False,
+            capability: int | None = None) -> dict:
     """Block sizes and warps of one kernel ("fwd" or "bwd"); the launchers and aot_specs() both read it.
 
     All keys in one block (BLOCK_L >= L). The forward splits the head dim in two column blocks (head_dim_blocks:
@@ -244,7 +258,11 @@ def _config(kind: str, head_dim: int, kv_len: int, dtype: torch.dtype, dot_fp32:
     sm_90 / sm_80 (one 128-wide block, 8 warps: 143 / 150 registers, 1 program per SM); fp32 (FMA units, for
     checking) keeps 8 warps, with which it spills least. The backward keeps one block padded to a
     power of two (72 -> 128): split, its live tiles spill 560-690 bytes at every query block of 16 to 64 rows tried,
-    on both targets. Chosen for zero register spills on sm_80 and sm_90 at PixArt's shapes (L = 120 -> 128).
+    on both targets. On sm_90 and later (capability >= 90) the backward takes the scores as (keys, queries)
+    (KEYS_MAJOR): four of its five products then have 128 rows, and 16-bit compiles put them on wgmma (18 wgmma
+    against 16 mma.sync, 2 / 48 the other way round), without spills; on sm_80 that form spills 52-80 bytes at
+    every query block tried, so the others keep (queries, keys). Chosen for zero register spills on sm_80 and
+    sm_90 at PixArt's shapes (L = 120 -> 128).
     """
     block_n, num_warps = (BLOCK_N_FWD, NUM_WARPS_FWD) if kind == "fwd" else (BLOCK_N_BWD, NUM_WARPS_BWD)
     num_warps = 8 if dtype == torch.float32 else num_warps
@@ -257,6 +275,7 @@ def _config(kind: str, head_dim: int, kv_len: int, dtype: torch.dtype, dot_fp32:
         BLOCK_D0=block_d0,
         BLOCK_D1=block_d1,
         DOT_FP32=dot_fp32,
+        **({} if kind == "fwd" else {"KEYS_MAJOR": (capability or 0) >= 90}),
     )
 
 
@@ -317,7 +336,7 @@ def cross_attn_bwd_launch(do, q, k, v, out, lse, kv_mask, splits=None):
     do, q, k, v, out = (_aligned(x) for x in (do, q, k, v, out))
     B, N, H, Dh = q.shape
     L = k.shape[1]
-    cfg = _config("bwd", Dh, L, q.dtype, _dot_fp32(q))
+    cfg = _config("bwd", Dh, L, q.dtype, _dot_fp32(q), compute_capability(q.device))
     n_blocks = triton.cdiv(N, cfg["constexprs"]["BLOCK_N"])
     splits = _backward_splits(n_blocks, B * H, q.device) if splits is None else splits
     blocks_per_program = triton.cdiv(n_blocks, splits)
@@ -435,13 +454,14 @@ def cross_attention(q, k, v, kv_mask=None, backend="auto"):
     return CrossAttentionFunction.apply(q, k, v, kv_mask.bool().contiguous())
 
 
-def aot_specs(sms: int = 132, batch: int = 8, tokens=(256, 1024, 4096)) -> list[dict]:
+def aot_specs(sms: int = 132, batch: int = 8, tokens=(256, 1024, 4096), capability: int = 90) -> list[dict]:
     """The launches PixArt-XL/2's cross-attention makes, forward and backward, for ahead-of-time compilation.
 
     The real launchers run on meta tensors shaped and strided as pixart_fast/model.py's CrossAttention passes them
     (the kernels' launches are recorded, not run): H = 16, Dh = 72, L = 120, batch 8, N = 256 / 1024 / 4096 query
     tokens; q a view of q_linear's output, k and v views of kv_linear's (.view(B, L, 2, H, Dh).unbind(2)), all in
-    the autocast dtype (bf16, fp16) or fp32; on a GPU of `sms` SMs (the backward's splits depend on it). Entries as
+    the autocast dtype (bf16, fp16) or fp32; on a GPU of `sms` SMs (the backward's splits depend on it) and compute
+    capability `capability` (90: sm_90; the backward's form depends on it). Entries as
     kernels/modulation.py's aot_specs().
     """
     from .utils import recorded_launches
@@ -455,7 +475,8 @@ def aot_specs(sms: int = 132, batch: int = 8, tokens=(256, 1024, 4096)) -> list[
             k, v = torch.empty(batch, kv_len, 2 * D, dtype=dtype, device="meta").view(
                 batch, kv_len, 2, H, head_dim).unbind(2)
             mask = torch.empty(batch, kv_len, dtype=torch.bool, device="meta")
-            with recorded_launches(globals(), (_cross_attn_fwd_kernel, _cross_attn_bwd_kernel), sms) as calls:
+            with recorded_launches(globals(), (_cross_attn_fwd_kernel, _cross_attn_bwd_kernel), sms,
+                                   capability) as calls:
                 out, lse = cross_attn_fwd_launch(q, k, v, mask)
                 cross_attn_bwd_launch(torch.empty_like(out), q, k, v, out, lse, mask)
             for call in calls:

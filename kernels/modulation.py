@@ -635,7 +635,8 @@ def gated_residual_modulate(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def aot_specs(sms: int = 132, D: int = 1152, batch: int = 8, tokens=(256, 1024, 4096)) -> list[dict]:
+def aot_specs(sms: int = 132, D: int = 1152, batch: int = 8, tokens=(256, 1024, 4096),
+              capability: int = 90) -> list[dict]:
     """The launches PixArt-XL/2's blocks make, forward and backward, for ahead-of-time compilation (kernels/aot.py).
 
     The real launchers run on meta tensors shaped, strided and typed as the model's (the kernels' launches are
@@ -647,7 +648,8 @@ def aot_specs(sms: int = 132, D: int = 1152, batch: int = 8, tokens=(256, 1024, 
     gradient arrives in it, the residual stream's gradient is fp32. The calls, in a block's order: the model's
     first modulate, the attention's gated residual (with the query copy under autocast), the cross-attention's
     residual add fused with the MLP's modulate (gate 1, "_add"), the MLP's gated residual fused with the next
-    modulate ("_residual"). Each entry: {"name", "call", "fn", "args", "kwargs", "grid"}; kernels/aot.py
+    modulate ("_residual"). `capability` (the target's, as every module's aot_specs() takes it) changes none of
+    these launches. Each entry: {"name", "call", "fn", "args", "kwargs", "grid"}; kernels/aot.py
     specialises the arguments as Triton's JIT would and compiles each distinct specialisation once.
     """
     from .utils import recorded_launches
@@ -663,7 +665,7 @@ def aot_specs(sms: int = 132, D: int = 1152, batch: int = 8, tokens=(256, 1024, 
             table = torch.empty(6, D, dtype=torch.float32, device="meta")  # a block's scale_shift_table
             shift, scale, gate = (table[None] + t0.reshape(batch, 6, D)).unbind(1)[:3]
             dx = torch.empty_like(x)  # the residual stream's gradient
-            with recorded_launches(globals(), kernels, sms) as calls:
+            with recorded_launches(globals(), kernels, sms, capability) as calls:
                 _, m, mean, rstd = _launch_modulate_fwd(x, None, None, shift, scale, 1e-6, low)
                 _launch_modulate_bwd(None, torch.empty_like(m), x, None, None, scale, mean, rstd, shift.dtype)
                 outs = _launch_gated_residual_fwd(x, gate, y, copy)

@@ -192,14 +192,14 @@ def unpatchify(x: torch.Tensor, p: int, C: int, H: int, W: int, backend: str = "
     return _Unpatchify.apply(x, p, C, H, W)
 
 
-def aot_specs(sms: int = 132, batch: int = 8, sizes=(32, 64, 128)) -> list[dict]:
+def aot_specs(sms: int = 132, batch: int = 8, sizes=(32, 64, 128), capability: int = 90) -> list[dict]:
     """The copies PixArt-XL/2 training launches, for ahead-of-time compilation (kernels/aot.py).
 
     The real launchers run on meta tensors (the launches are recorded, not run): batch 8, p = 2, latents 32 / 64 /
     128 square. pixart_fast/model.py patchifies the fp32 latents (in every precision: they need no gradient, so
     there is no patchify backward), unpatchifies the final Linear's output of 8 channels (the autocast dtype, or
-    fp32) and, backward, turns the image gradient of that dtype back into tokens. `sms` is unused (the grid does
-    not depend on the GPU). Entries as kernels/modulation.py's aot_specs().
+    fp32) and, backward, turns the image gradient of that dtype back into tokens. `sms` and `capability` are unused
+    (the grid does not depend on the GPU). Entries as kernels/modulation.py's aot_specs().
     """
     from .utils import recorded_launches
 
@@ -210,7 +210,7 @@ def aot_specs(sms: int = 132, batch: int = 8, sizes=(32, 64, 128)) -> list[dict]
             T = (size // p) ** 2
             latents = torch.empty(batch, c_in, size, size, dtype=torch.float32, device="meta")
             tokens = torch.empty(batch, T, p * p * c_out, dtype=dtype, device="meta")
-            with recorded_launches(globals(), (_patch_copy_kernel,), sms) as calls:
+            with recorded_launches(globals(), (_patch_copy_kernel,), sms, capability) as calls:
                 _image_to_tokens(latents, p, True)  # patchify forward
                 image = _tokens_to_image(tokens, p, c_out, size, size, False)  # unpatchify forward
                 _image_to_tokens(torch.empty_like(image), p, False)  # unpatchify backward

@@ -77,7 +77,8 @@ def roofline_rows(tokens=TOKENS, gpus=ROOFLINE_GPUS) -> list[dict]:
             batch = TOKENS_PER_CALL // T
             for module_name in KERNEL_MODULES:
                 module = importlib.import_module(f".{module_name}", __package__)
-                specs = module.aot_specs(sms=SM_COUNT[target], batch=batch, **_shape_kwargs(module_name, T))
+                specs = module.aot_specs(sms=SM_COUNT[target], batch=batch, capability=int(target[3:]),
+                                         **_shape_kwargs(module_name, T))
                 for spec in (s for s in specs if s["call"].startswith(REGIME)):
                     nbytes, private = launch_bytes(spec)
                     flops = launch_flops(spec)

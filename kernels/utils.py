@@ -13,6 +13,14 @@ TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 SUPPORTED_DTYPES = tuple(TRITON_DTYPE)  # the dtypes every kernel reads and writes; arithmetic is fp32
 
 
+def compute_capability(device: torch.device) -> int | None:
+    """major * 10 + minor of a CUDA device (80 for A100, 90 for H100); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 1 elsewhere (the CPU interpreter runs as one 'SM')."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -80,10 +88,10 @@ def launch_options(config: dict) -> dict:
 
 
 @contextmanager
-def recorded_launches(namespace: dict, kernels, sms: int):
+def recorded_launches(namespace: dict, kernels, sms: int, capability: int | None = None):
     """Inside the block, launches of `kernels` (JITFunctions) are recorded instead of run, and the launchers'
-    sm_count (looked up in `namespace`, the kernel module's globals()) answers `sms`. Yields the list the launches
-    go to, in order.
+    sm_count and compute_capability (looked up in `namespace`, the kernel module's globals()) answer `sms` and
+    `capability`. Yields the list the launches go to, in order.
 
     aot_specs() runs the real launchers on meta tensors shaped (and strided) as the model's own, so each spec holds
     the very arguments the launcher hands the JIT (kernels/aot.py then specialises them as the JIT does).
@@ -96,15 +104,14 @@ def recorded_launches(namespace: dict, kernels, sms: int):
             calls.append({"fn": fn, "args": args, "kwargs": kwargs, "grid": grid})
         return run
 
-    saved_sm_count = namespace.get("sm_count")
-    if saved_sm_count is not None:
-        namespace["sm_count"] = lambda device: sms
+    answers = {"sm_count": lambda device: sms, "compute_capability": lambda device: capability}
+    saved = {name: namespace[name] for name in answers if name in namespace}
+    namespace.update({name: answers[name] for name in saved})
     for fn in kernels:
         fn.run = recorder(fn)  # an instance attribute over JITFunction.run, which fn[grid](...) calls
     try:
         yield calls
     finally:
-        if saved_sm_count is not None:
-            namespace["sm_count"] = saved_sm_count
+        namespace.update(saved)
         for fn in kernels:
             del fn.run

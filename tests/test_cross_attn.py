@@ -212,11 +212,21 @@ def test_aot_specs_match_the_launch_configuration():
         kind = "fwd" if spec["name"].endswith("fwd") else "bwd"
         kwargs = dict(spec["kwargs"])
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["call"].split()[0]]
-        cfg = cross_attn._config(kind, 72, 120, dtype, kwargs["DOT_FP32"])  # the launchers' at Dh = 72, L = 120
+        cfg = cross_attn._config(kind, 72, 120, dtype, kwargs["DOT_FP32"], 90)  # the launchers' at Dh 72, L 120
         assert (kwargs.pop("num_warps"), kwargs.pop("num_stages")) == (cfg["num_warps"], cfg["num_stages"])
         assert kwargs == cfg["constexprs"]
         blocks = (64, 16) if kind == "fwd" else (128, 0)  # the forward without padding 72 to 128 (see _config)
         assert kwargs["BLOCK_L"] == 128 and (kwargs["BLOCK_D0"], kwargs["BLOCK_D1"]) == blocks
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N, L, Dh", [(77, 120, 72), (33, 1, 72), (7, 7, 8)], ids=["model-L120", "L1", "Dh8"])
+def test_the_hopper_backward_matches_reference(N, L, Dh, dtype, monkeypatch):
+    """The backward's (keys, queries) form, which the launcher picks on compute capability 9.0 and later."""
+    monkeypatch.setattr(cross_attn, "compute_capability", lambda device: 90)
+    assert cross_attn._config("bwd", Dh, L, dtype, False, cross_attn.compute_capability(None))["constexprs"][
+        "KEYS_MAJOR"]
+    check_against_reference(*make_inputs(2, N, L, 2, Dh, seed=N + L + Dh), dtype)
 
 
 @pytest.mark.parametrize("head_dim, blocks", [(72, (64, 16)), (8, (16, 0)), (24, (16, 16)), (64, (64, 0)),
