@@ -338,8 +338,23 @@ _KEPT = {getattr(_aten, name).default for name in (
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu") if hasattr(_aten, name)}
 
 
+_LOW_RANK = 8  # a matmul whose inner or output width is at most 1/8 of the other: a low-rank factor (LoRA's A, B)
+
+
+def _low_rank(op, args) -> bool:
+    """A product through a narrow width (LoRA's x A^T: D -> r, then B: r -> D): 2 r D FLOPs per token against a
+    Linear's 2 D^2, so recomputing it is cheap, while keeping B's output would keep one more (T, D) per Linear."""
+    if op not in (_aten.mm.default, _aten.addmm.default):
+        return False
+    a, b = args[-2:]  # mm(a, b), addmm(bias, a, b): (m, k) @ (k, n)
+    k, n = a.shape[-1], b.shape[-1]
+    return min(k, n) * _LOW_RANK <= max(k, n)
+
+
 def _keep_matmul_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in _KEPT or op is torch.ops.pixart_fast.cross_attn_fwd.default:  # the cross-attention kernel: a matmul
+    if op is torch.ops.pixart_fast.cross_attn_fwd.default:  # the cross-attention kernel: a matmul
+        return CheckpointPolicy.MUST_SAVE
+    if op in _KEPT and not _low_rank(op, args):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

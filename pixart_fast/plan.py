@@ -259,7 +259,7 @@ ACTIVATIONS = {
     ("full", "selective"): ActivationFit(36992, 4608, 5056, 7016, 15105, 21307392),
     ("full", "full"): ActivationFit(6912, 0, 5056, 7016, 15105, 21307392),
     ("lora", "none"): ActivationFit(67152, 6946, 43315256, 7008, 12864, 21824560),
-    ("lora", "selective"): ActivationFit(62528, 9248, 5112, 7008, 15169, 21824560),
+    ("lora", "selective"): ActivationFit(36992, 4608, 5112, 7008, 15169, 21824560),
     ("lora", "full"): ActivationFit(6912, 0, 5112, 7008, 15169, 21824560),
 }
 

@@ -248,3 +248,33 @@ def test_lora_keeps_the_fused_kernels_on_the_frozen_parts():
     torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-4, atol=1e-5)
     for n in grads["torch"]:
         torch.testing.assert_close(grads["triton"][n], grads["torch"][n], rtol=1e-3, atol=1e-5)
+
+
+def test_selective_recomputation_recomputes_the_adapters_and_keeps_the_gradients():
+    """Selective recomputation keeps matmul outputs, but not a LoRA adapter's: its products go through the narrow
+    rank (x A^T: D -> r, B: r -> D), cheap to recompute, while keeping B's output would keep one more (T, D) per
+    adapted Linear. The gradients stay those of no recomputation."""
+    from pixart_fast.lora import add_lora
+    from pixart_fast.model import _low_rank
+
+    mm, addmm = torch.ops.aten.mm.default, torch.ops.aten.addmm.default
+    assert _low_rank(mm, (torch.empty(10, 1152), torch.empty(1152, 16)))  # x A^T
+    assert _low_rank(mm, (torch.empty(10, 16), torch.empty(16, 3456)))  # (x A^T) B^T
+    assert not _low_rank(addmm, (torch.empty(4608), torch.empty(10, 1152), torch.empty(1152, 4608)))  # fc1
+    assert not _low_rank(addmm, (torch.empty(192), torch.empty(10, 48), torch.empty(48, 192)))  # a tiny model's fc1
+
+    weights = random_pixart("PixArt-tiny").state_dict()
+    grads = {}
+    for recompute in ("none", "selective"):
+        model = PixArt(CONFIGS["PixArt-tiny"], kernels="torch", recompute=recompute)
+        model.load_state_dict(weights)
+        torch.manual_seed(0)
+        add_lora(model, 4).train()
+        cfg = CONFIGS["PixArt-tiny"]
+        g = torch.Generator().manual_seed(3)
+        x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 500.0])
+        y = torch.randn(2, cfg.max_tokens, cfg.caption_channels, generator=g)
+        model(x, t, y, torch.ones(2, cfg.max_tokens)).square().mean().backward()
+        grads[recompute] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n, grad in grads["none"].items():
+        torch.testing.assert_close(grads["selective"][n], grad, rtol=1e-5, atol=1e-7)
