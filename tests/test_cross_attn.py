@@ -219,10 +219,11 @@ def test_aot_specs_match_the_launch_configuration():
         assert kwargs["BLOCK_L"] == 128 and (kwargs["BLOCK_D0"], kwargs["BLOCK_D1"]) == blocks
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("N, L, Dh", [(77, 120, 72), (33, 1, 72), (7, 7, 8)], ids=["model-L120", "L1", "Dh8"])
 def test_the_hopper_backward_matches_reference(N, L, Dh, dtype, monkeypatch):
-    """The backward's (keys, queries) form, which the launcher picks on compute capability 9.0 and later."""
+    """The backward's (keys, queries) form, which the launcher picks for 16-bit inputs on compute capability 9.0
+    and later."""
     monkeypatch.setattr(cross_attn, "compute_capability", lambda device: 90)
     assert cross_attn._config("bwd", Dh, L, dtype, False, cross_attn.compute_capability(None))["constexprs"][
         "KEYS_MAJOR"]
