@@ -262,7 +262,7 @@ def _config(kind: str, head_dim: int, kv_len: int, dtype: torch.dtype, dot_fp32:
     (KEYS_MAJOR): four of its five products then have 128 rows, and 16-bit compiles put them on wgmma (18 wgmma
     against 16 mma.sync, 2 / 48 the other way round), without spills; on sm_80 that form spills 52-80 bytes at
     every query block tried, so the others keep (queries, keys), as does fp32 (no tensor cores; on sm_90 it
-    spills 8 KB in (queries, keys), 47 KB in (keys, queries)). Chosen for zero register spills on sm_80 and
+    spills 42 KB in (queries, keys), 47 KB in (keys, queries)). Chosen for zero register spills on sm_80 and
     sm_90 at PixArt's shapes (L = 120 -> 128).
     """
     block_n, num_warps = (BLOCK_N_FWD, NUM_WARPS_FWD) if kind == "fwd" else (BLOCK_N_BWD, NUM_WARPS_BWD)
