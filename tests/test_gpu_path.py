@@ -86,7 +86,7 @@ def test_fused_adamw_and_foreach_ema_equal_the_per_parameter_updates():
             a.grad, b.grad = g.clone(), g.clone()
         fused.step()
         plain.step()
-        update_ema(ema, model, 0.9999, step, torch.tensor(True))
+        update_ema(list(ema.parameters()), list(model.parameters()), 0.9999, step, torch.tensor(True))
         with torch.no_grad():  # the per-parameter EMA this replaces
             d = min(0.9999, (1 + step) / (10 + step))
             for e, p in zip(ref_ema.parameters(), ref.parameters()):
