@@ -32,6 +32,7 @@ from pixart_fast.kernels.backend import BACKENDS
 from pixart_fast.kernels.cross_attn import MAX_HEAD_DIM, MAX_KV_LEN, cross_attention
 from pixart_fast.kernels.modulation import MAX_D, gated_residual, gated_residual_modulate, modulate
 from pixart_fast.kernels.patch_copy import patchify
+from pixart_fast.model import linear_dtype
 
 ATTR = "pixart_fast_patch"  # the one attribute patch() sets on the model: its PatchReport; unpatch() removes it
 
@@ -81,16 +82,17 @@ def _diffusers_block_forward(self, hidden_states, attention_mask=None, encoder_h
         mod = ada.linear(ada.silu(ada.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype))).chunk(6, dim=1)
         norm_msa, norm_mlp = ada.norm, self.norm3
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod  # (B, D) each
-    x = modulate(hidden_states, shift_msa, scale_msa, eps=norm_msa.eps, backend=backend)  # (B, T, D)
+    low = linear_dtype(hidden_states)  # under autocast the modulated copies feed Linears in its dtype: no cast pass
+    x = modulate(hidden_states, shift_msa, scale_msa, eps=norm_msa.eps, backend=backend, out_dtype=low)  # (B, T, D)
     attn = self.attn1(x, attention_mask=attention_mask)
     if self.attn2 is None:  # nothing between the two branches: fuse the residual add with the next LN + modulation
         hidden_states, x = gated_residual_modulate(hidden_states, gate_msa, attn, shift_mlp, scale_mlp,
-                                                   eps=norm_mlp.eps, backend=backend)
+                                                   eps=norm_mlp.eps, backend=backend, out_dtype=low)
     else:  # PixArt: cross-attention on the raw stream in between, no norm, no gate
         hidden_states = gated_residual(hidden_states, gate_msa, attn, backend=backend)
         hidden_states = hidden_states + self.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                                    attention_mask=encoder_attention_mask)
-        x = modulate(hidden_states, shift_mlp, scale_mlp, eps=norm_mlp.eps, backend=backend)
+        x = modulate(hidden_states, shift_mlp, scale_mlp, eps=norm_mlp.eps, backend=backend, out_dtype=low)
     return gated_residual(hidden_states, gate_mlp, self.ff(x), backend=backend)  # (B, T, D)
 
 
@@ -98,16 +100,17 @@ def _dit_block_forward(self, x, c, *, backend):
     """facebookresearch/DiT's DiTBlock.forward: x (B, T, D), c (B, D) -> (B, T, D). adaLN_modulation(c) gives
     shift, scale, gate of the attention branch, then of the MLP branch, in DiT's order."""
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-    m = modulate(x, shift_msa, scale_msa, eps=self.norm1.eps, backend=backend)
+    low = linear_dtype(x)
+    m = modulate(x, shift_msa, scale_msa, eps=self.norm1.eps, backend=backend, out_dtype=low)
     x, m = gated_residual_modulate(x, gate_msa, self.attn(m), shift_mlp, scale_mlp, eps=self.norm2.eps,
-                                   backend=backend)
+                                   backend=backend, out_dtype=low)
     return gated_residual(x, gate_mlp, self.mlp(m), backend=backend)
 
 
 def _dit_final_layer_forward(self, x, c, *, backend):
     """facebookresearch/DiT's FinalLayer.forward: x (B, T, D), c (B, D) -> linear(modulate(LN(x))) (B, T, out)."""
     shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-    return self.linear(modulate(x, shift, scale, eps=self.norm_final.eps, backend=backend))
+    return self.linear(modulate(x, shift, scale, eps=self.norm_final.eps, backend=backend, out_dtype=linear_dtype(x)))
 
 
 def _patch_conv_forward(self, x, *, backend):

@@ -299,6 +299,27 @@ def test_ada_norm_single_block_in_bf16():
         assert_kernel_close(grads[name], grads_torch[name], g_ref, torch.bfloat16, name)
 
 
+def test_ada_norm_single_block_under_bf16_autocast_feeds_its_linears_without_casts():
+    """fp32 weights under bf16 autocast (the trainer's GPU setting): the patched block's kernels write the modulated
+    copies in bf16, so the Linears after them read them as they are; output and gradients within the kernel rule
+    of diffusers' own block under the same autocast, against fp32."""
+    ref = ada_norm_single_block()
+    inputs = block_inputs()
+    out_ref, grads_ref = forward_backward(ref, inputs)
+    patched = copy.deepcopy(ref)
+    patch(patched)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_torch, grads_torch = forward_backward(ref, inputs)
+        seen = []
+        hook = patched.attn1.to_q.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+        out, grads = forward_backward(patched, inputs)
+        hook.remove()
+    assert seen == [torch.bfloat16]  # the modulated input arrives in the autocast dtype
+    assert_kernel_close(out.float(), out_torch.float(), out_ref, torch.bfloat16, "output")
+    for name, g_ref in grads_ref.items():
+        assert_kernel_close(grads[name], grads_torch[name], g_ref, torch.bfloat16, name)
+
+
 def test_diffusers_dit_patched_equals_unpatched():
     """diffusers' DiTTransformer2DModel: BasicTransformerBlocks with norm_type 'ada_norm_zero', no cross-attention."""
     torch.manual_seed(0)
