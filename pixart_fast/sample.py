@@ -79,9 +79,10 @@ def main(argv=None) -> int:
     model = model.to(device).eval()
     prediction = args.prediction or recorded.get("prediction", "eps")
     tokenizer = args.tokenizer or recorded.get("tokenizer", "byte")
+    locality = recorded.get("t5_locality", 0.0)  # the embedded T5 the checkpoint was trained with
     length = model.config.max_tokens  # the caption length the model's null caption has (Σ: 300)
     text = (TextEncoder.from_pretrained(args.t5, max_length=length) if args.t5 else
-            TextEncoder.embedded(tokenizer=tokenizer, max_length=length))
+            TextEncoder.embedded(tokenizer=tokenizer, max_length=length, locality=locality))
     if text.caption_channels != model.config.caption_channels:
         raise SystemExit(f"error: the text encoder gives {text.caption_channels}-dim features but the model expects "
                          f"{model.config.caption_channels}: pass the T5 the model was trained with (--t5)")

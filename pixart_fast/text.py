@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from transformers.models.t5.modeling_t5 import T5Attention
 
 from pixart_fast.data import COLOURS, REGIONS, SHAPES, SIZES
 from pixart_fast.files import atomic_path
@@ -30,6 +31,20 @@ def _length_tag(max_length: int) -> str:
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1 (120 for PixArt-alpha, 300 for PixArt-Sigma), got {max_length}")
     return "" if max_length == MAX_TOKENS else f"-max{max_length}"
+
+
+def _distance_bias(model: T5EncoderModel, locality: float) -> None:
+    """Set the T5 encoder's relative position bias (every head) to -locality x the distance its bucket starts at."""
+    attention = model.encoder.block[0].layer[0].SelfAttention
+    buckets = attention.relative_attention_num_buckets
+    offsets = torch.arange(-attention.relative_attention_max_distance, attention.relative_attention_max_distance + 1)
+    of_bucket = T5Attention._relative_position_bucket(offsets, bidirectional=True, num_buckets=buckets,
+                                                       max_distance=attention.relative_attention_max_distance)
+    far = float(attention.relative_attention_max_distance)
+    bias = torch.tensor([offsets[of_bucket == b].abs().min().item() if (of_bucket == b).any() else far
+                         for b in range(buckets)], dtype=torch.float32)
+    with torch.no_grad():
+        attention.relative_attention_bias.weight.copy_(-locality * bias[:, None].expand(-1, attention.n_heads))
 
 
 class TextEncoder:
@@ -71,14 +86,17 @@ class TextEncoder:
     @classmethod
     def embedded(
         cls, seed: int = 0, d_model: int = 64, num_layers: int = 2, num_heads: int = 2, d_ff: int = 128, device="cpu",
-        tokenizer: str = "byte", max_length: int = MAX_TOKENS,
+        tokenizer: str = "byte", max_length: int = MAX_TOKENS, locality: float = 0.0,
     ) -> "TextEncoder":
         """The embedded default: a T5 v1.1-style encoder (gated-GELU MLP) with random weights fixed by seed,
         built without touching the global RNG, and ByT5's tokenizer (vocabulary 384: 3 specials, 256 bytes,
         125 sentinels). Its features carry the caption's bytes and their order; the diffusion model learns
         to read them through its caption projection. tokenizer "word": `word_tokenizer()` instead, one token per
         word of the captions' closed vocabulary (the cross-attention then reads words, not spellings).
-        max_length: the caption length (default 120)."""
+        max_length: the caption length (default 120). locality > 0: the first layer's relative position bias (T5
+        keeps it there, shared by all layers) falls by `locality` per token of distance instead of being random,
+        so each token's features mix mostly its own phrase's words: a region word then carries its object's
+        colour and shape, which a trained T5 binds and a random one mixes with the other objects' words."""
         if tokenizer not in ("byte", "word"):
             raise ValueError(f"tokenizer must be 'byte' or 'word', got {tokenizer!r}")
         tok = ByT5Tokenizer() if tokenizer == "byte" else cls.word_tokenizer()
@@ -89,8 +107,11 @@ class TextEncoder:
         with torch.random.fork_rng(devices=[]):  # the weights depend on seed alone, and callers' RNG is untouched
             torch.manual_seed(seed)
             model = T5EncoderModel(config)
+        if locality:
+            _distance_bias(model, locality)
         name = f"embedded-t5-d{d_model}-l{num_layers}-h{num_heads}-f{d_ff}-seed{seed}"
-        name += ("" if tokenizer == "byte" else f"-{tokenizer}") + _length_tag(max_length)
+        name += ("" if tokenizer == "byte" else f"-{tokenizer}") + (f"-local{locality:g}" if locality else "")
+        name += _length_tag(max_length)
         return cls(model.to(device), tok, name=name, max_length=max_length)
 
     @staticmethod

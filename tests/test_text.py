@@ -116,3 +116,19 @@ def test_word_tokenizer_gives_one_token_a_word_of_every_embedded_caption():
     assert "word" in encoder.name and encoder.name != TextEncoder.embedded().name
     with pytest.raises(ValueError, match="tokenizer must be"):
         TextEncoder.embedded(tokenizer="bpe")
+
+
+def test_local_attention_bias_falls_with_distance_and_names_the_encoder():
+    """locality > 0: the embedded T5's relative position bias is -locality x distance (its buckets' nearest), the
+    same in every head, so a token's features mix mostly its neighbours; the encoder's name (the feature cache's
+    key) says so, and locality 0 leaves the seeded random bias."""
+    plain = TextEncoder.embedded(tokenizer="word", max_length=32)
+    local = TextEncoder.embedded(tokenizer="word", max_length=32, locality=0.5)
+    bias = local.model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    assert torch.equal(bias[:, 0], bias[:, 1]) and bias[0, 0] == 0  # bucket 0: distance 0
+    assert bias[1, 0] == -0.5 and (bias <= 0).all()
+    assert "local0.5" in local.name and "local" not in plain.name
+    for (name, a), b in zip(plain.model.named_parameters(), local.model.parameters()):
+        assert torch.equal(a, b) == ("relative_attention_bias" not in name), name
+    features, mask = local.encode(["a red circle at top left and a blue square at bottom right"])
+    assert torch.isfinite(features).all() and mask.sum() == 14  # 13 words and EOS

@@ -51,7 +51,7 @@ OPTIMIZERS = ("adamw", "came")
 # Settings that shape the run's trajectory: resuming with other values is allowed, but warned about.
 TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup", "grad_clip", "ema_decay",
               "caption_dropout", "precision", "seed", "data", "t5", "prediction", "min_snr_gamma", "min_snr_plus_one",
-              "tokenizer", "optimizer", "lora_rank", "lora_alpha", "lora_targets")
+              "tokenizer", "t5_locality", "optimizer", "lora_rank", "lora_alpha", "lora_targets")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -61,6 +61,9 @@ class TrainConfig:
                                            "form), which keeps the noisiest steps' weight at 1")
     tokenizer: str = _field("byte", "the embedded T5's tokenizer: byte (ByT5's) or word (the captions' closed "
                                     "vocabulary, one token a word)")
+    t5_locality: float = _field(0.0, "the embedded T5's attention bias: 0 random (as its other weights); > 0 falls by "
+                                     "this much per token of distance, so a word's features carry its own phrase "
+                                     "(binds a colour to its region)")
     optimizer: str = _field("adamw", "adamw (torch's, fused) or came (PixArt-Sigma's CAME: factored second moments, "
                                      "about half AdamW's optimizer-state memory; its betas and eps as Sigma's configs)")
     lora_rank: int = _field(0, "LoRA rank: PEFT adapters on the frozen base weights, and only the adapters are "
