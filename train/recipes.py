@@ -76,8 +76,9 @@ class TrainConfig:
                                                 "comma-separated")
 
 
-# About 5 minutes each on 2 CPU cores (2026-11-22, AMD EPYC, 2 threads): stage 1 about 170 images/s, stage 2
-# about 115 (it also runs the T5 encoder), stage 3 about 35 (four times the tokens). Stage 2: lr 2e-3 (warm-up 50)
+# About 5 minutes each on 2 CPU cores: stage 1 180-230 images/s, stage 2 141-152 with 32-token captions (2026-12-02,
+# Intel Xeon, 2 threads; the time-to-quality bench), stage 3 about 35 (2026-11-22; four times the tokens and
+# 120-token captions then). Stage 2: lr 2e-3 (warm-up 50)
 # learned placement faster than 1e-3 and 4e-3 at the same steps, and 32-token captions (model.CONFIGS) pay for
 # 1600 steps in the same time (docs/time-to-quality-log.md).
 # The embedded stages predict v with min-SNR-5 weighting: the eps objective gives the noisy steps, where the
