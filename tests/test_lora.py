@@ -278,3 +278,12 @@ def test_selective_recomputation_recomputes_the_adapters_and_keeps_the_gradients
         grads[recompute] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     for n, grad in grads["none"].items():
         torch.testing.assert_close(grads["selective"][n], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_the_resume_command_of_a_lora_run_keeps_its_base():
+    from pixart_fast.train.loop import resume_command
+
+    cfg = replace(RECIPES[2], init="sigma/transformer", lora_rank=16, data="features", out="runs/mine")
+    command = resume_command(cfg)
+    assert "--init sigma/transformer" in command and "--lora-rank 16" in command and command.endswith("--resume latest")
+    assert "--init" not in resume_command(replace(cfg, lora_rank=0))  # full training: the checkpoint holds it all
