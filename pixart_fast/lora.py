@@ -180,7 +180,7 @@ def load_lora(path: Path, base=None, kernels: str = "auto") -> PixArt:
     overrides the base path), the adapters loaded."""
     recorded = training_metadata(path)
     base = base or recorded.get("base")
-    if not base or base == "None":
+    if not base:
         raise ValueError(f"{path} records no base weights; pass --base (the --init the LoRA run was trained on)")
     model = PixArt(CONFIGS[config_name(path)], kernels=kernels)
     load_into(model, base, from_dit=False, source=f"base {base}")

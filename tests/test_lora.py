@@ -28,6 +28,7 @@ from pixart_fast.sample import main as sample_main
 from pixart_fast.train.__main__ import config_from_args
 from pixart_fast.train.loop import make_optimizer, train
 from pixart_fast.train.recipes import RECIPES
+from test_export import random_pixart
 
 SIGMA = "PixArt-Sigma-tiny"  # 300 caption tokens of 24 channels, 4 latent channels, 16 x 16 latents
 
@@ -55,15 +56,6 @@ def features(tmp_path_factory):
     extract(root / "images", root / "pipeline", root / "pipeline", root / "features", resolution=32, batch_size=2,
             max_tokens=300, progress=False)
     return root / "features"
-
-
-def random_pixart(name, seed=0):
-    torch.manual_seed(seed)
-    model = PixArt(CONFIGS[name], kernels="torch").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 1.0 / p.shape[-1] ** 0.5)
-    return model
 
 
 @pytest.fixture(scope="module")

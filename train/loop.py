@@ -202,8 +202,8 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
     net = distributed.wrap(model, d, cfg.fsdp)  # DDP, FSDP2 (model sharded in place) or the model itself
     distributed.shard_like(ema, cfg.fsdp)
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
-    params, ema_by_name = dict(model.named_parameters()), dict(ema.named_parameters())
-    params, ema_params = [params[n] for n in trained], [ema_by_name[n] for n in trained]
+    model_by_name, ema_by_name = dict(model.named_parameters()), dict(ema.named_parameters())
+    params, ema_params = [model_by_name[n] for n in trained], [ema_by_name[n] for n in trained]
     opt = make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     start, skipped = 0, 0
