@@ -10,8 +10,8 @@ feeds a Linear (the modulated output, the residual's copy for the cross-attentio
 pixart_fast/model.py asks the kernels to.
 
 Bytes (the traffic a roofline divides by bandwidth): every tensor the computation must touch, once. Forward:
-its inputs and outputs. Backward: the output gradients, the inputs it reads (`bwd_reads`, "out" for the
-forward's output), and a gradient for every differentiable input. Kernel-private statistics (LayerNorm mean
+its inputs and outputs. Backward: the output gradients, the inputs it reads (`bwd_reads`), and a gradient
+for every differentiable input. Kernel-private statistics (LayerNorm mean
 and rstd, the attention logsumexp) are left out: they are under 1 % of the traffic.
 """
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ class KernelCase:
     inputs: Callable[[torch.device], dict]  # device -> {name: tensor}, float tensors with requires_grad
     triton: Callable  # (**inputs) -> tensor or tuple: the Triton kernel
     ref: Callable  # (**inputs) -> the same: the PyTorch reference
-    bwd_reads: tuple[str, ...] = ()  # inputs (and "out") the backward reads besides the output gradients
+    bwd_reads: tuple[str, ...] = ()  # inputs the backward reads besides the output gradients
     fwd_flops_per_token: int = 0  # matrix-product FLOPs per image token (cross-attention only)
     launches: tuple[str, ...] = ()  # kernels/roofline.py's launch names: the forward's, then the backward's
 
@@ -65,7 +65,7 @@ class KernelCase:
         size = lambda t: t.numel() * t.element_size()  # noqa: E731
         if not backward:
             return sum(size(t) for t in inputs.values()) + sum(size(t) for t in outs)
-        reads = [outs[0] if name == "out" else inputs[name] for name in self.bwd_reads]
+        reads = [inputs[name] for name in self.bwd_reads]
         grads = [t for t in inputs.values() if t.requires_grad]
         return sum(size(t) for t in outs) + sum(size(t) for t in reads) + sum(size(t) for t in grads)
 
@@ -125,7 +125,7 @@ def cases() -> list[KernelCase]:
                        launches=("modulate_fwd_residual", "modulate_bwd_residual")),
             KernelCase("cross_attention", T, _cross_inputs(B, T),
                        lambda **a: cross_attention(**a, backend="triton"), cross_attention_ref,
-                       bwd_reads=("q", "k", "v", "out"), fwd_flops_per_token=2 * 2 * CAPTION_TOKENS * D,
+                       bwd_reads=("q", "k", "v"), fwd_flops_per_token=2 * 2 * CAPTION_TOKENS * D,
                        launches=("cross_attn_fwd", "cross_attn_bwd")),
             KernelCase("patchify", T, lambda d, B=B, S=S: {"x": _rand(d, B, 4, S, S, dtype=F32)},
                        lambda x: patchify(x, PATCH, backend="triton"), lambda x: patchify_ref(x, PATCH),

@@ -88,14 +88,19 @@ _PTX_BITS = {"b8": 8, "u8": 8, "s8": 8, "b16": 16, "u16": 16, "s16": 16, "f16": 
 
 def ptx_counts(ptx: str) -> dict:
     """Global loads / stores of a kernel's PTX by access width in bits ({"128": n, ...}; ld.global.v4.b32 = 128,
-    ld.global.b16 = 16) and its tensor-core instructions: wgmma (wgmma.mma_async, sm_90) and mma (mma.sync)."""
-    counts = {"ld": collections.Counter(), "st": collections.Counter()}
+    ld.global.b16 = 16), its asynchronous global -> shared copies by width (cp.async, what software-pipelined
+    loops load with; cp.async.cg.shared.global [..], [..], 16 = 128) and its tensor-core instructions: wgmma
+    (wgmma.mma_async, sm_90) and mma (mma.sync)."""
+    counts = {"ld": collections.Counter(), "st": collections.Counter(), "cp": collections.Counter()}
     for op, suffixes in re.findall(r"\b(ld|st)\.global((?:\.[\w:]+)*)", ptx):
         parts = suffixes.split(".")[1:]
         vector = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d+", p)), 1)
         bits = next((_PTX_BITS[p] for p in reversed(parts) if p in _PTX_BITS), None)
         counts[op][str(vector * bits) if bits else "?"] += 1
-    return {"ptx_ld": _by_width(counts["ld"]), "ptx_st": _by_width(counts["st"]),
+    for size in re.findall(r"\bcp\.async\.c[ag]\.shared(?:::cta)?\.global(?:\.[\w:]+)*\s*\[[^]]*\],\s*\[[^]]*\],\s*(\w+)",
+                           ptx):
+        counts["cp"][str(8 * int(size, 0))] += 1
+    return {"ptx_ld": _by_width(counts["ld"]), "ptx_st": _by_width(counts["st"]), "ptx_cp": _by_width(counts["cp"]),
             "wgmma": len(re.findall(r"\bwgmma\.mma_async\b", ptx)), "mma": len(re.findall(r"\bmma\.sync\b", ptx))}
 
 
@@ -104,8 +109,9 @@ def _by_width(counter: collections.Counter) -> dict:
 
 
 def sass_counts(cubin: bytes) -> dict | None:
-    """The same counts from the SASS (cuobjdump -sass of the cubin): LDG / STG by width (no suffix = 32 bits,
-    .U16 = 16, .64, .128) and HGMMA vs HMMA instructions. None where Triton's cuobjdump cannot run."""
+    """The same counts from the SASS (cuobjdump -sass of the cubin): LDG / STG / LDGSTS (cp.async) by width (no
+    suffix = 32 bits, .U16 = 16, .64, .128) and HGMMA vs HMMA instructions. None where Triton's cuobjdump cannot
+    run."""
     try:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
@@ -114,8 +120,8 @@ def sass_counts(cubin: bytes) -> dict | None:
                                   capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError, AttributeError):
         return None
-    counts = {"LDG": collections.Counter(), "STG": collections.Counter()}
-    for op, suffixes in re.findall(r"\b(LDG|STG)((?:\.[\w]+)*)", sass):
+    counts = {"LDG": collections.Counter(), "STG": collections.Counter(), "LDGSTS": collections.Counter()}
+    for op, suffixes in re.findall(r"\b(LDGSTS|LDG|STG)\b((?:\.[\w]+)*)", sass):
         parts = suffixes.split(".")[1:]
         bits = 32
         for p in parts:
@@ -127,6 +133,7 @@ def sass_counts(cubin: bytes) -> dict | None:
                 bits = 8
         counts[op][str(bits)] += 1
     return {"sass_ld": _by_width(counts["LDG"]), "sass_st": _by_width(counts["STG"]),
+            "sass_cp": _by_width(counts["LDGSTS"]),
             "hgmma": len(re.findall(r"\bHGMMA\b", sass)), "hmma": len(re.findall(r"\bHMMA\b", sass))}
 
 
@@ -260,9 +267,11 @@ TABLE_COLUMNS = {
     "prog/SM": lambda r: f"{r['programs_per_sm']} ({r['occupancy_limit']})",
     "ld bits": lambda r: _widths(r["ptx_ld"]),
     "st bits": lambda r: _widths(r["ptx_st"]),
+    "cp.async bits": lambda r: _widths(r["ptx_cp"]),
     "wgmma/mma": lambda r: f"{r['wgmma']}/{r['mma']}",
     "SASS LDG": lambda r: _widths(r.get("sass_ld")),
     "SASS STG": lambda r: _widths(r.get("sass_st")),
+    "SASS LDGSTS": lambda r: _widths(r.get("sass_cp")),
     "HGMMA/HMMA": lambda r: f"{r['hgmma']}/{r['hmma']}" if "hgmma" in r else "-",
 }
 

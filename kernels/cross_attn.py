@@ -5,14 +5,17 @@ with a mask), 16 heads of dim 72. Since L <= 128, all keys of one (batch, head) 
 kernels use that:
 - forward: the softmax of a query block is exact in registers (one max, one sum), with no online rescaling over
   key blocks; it stores the per-row logsumexp for the backward;
-- backward (flash-attention-2 style: recompute P from q, k and the logsumexp; delta = rowsum(dO * O) first): the
-  program that accumulates dk and dv over a run of query blocks also writes those blocks' complete dq, so there
-  is neither a second dq kernel nor an atomic add.
+- backward (flash-attention-2 style: recompute P from q, k and the logsumexp): delta = rowsum(dO * O) is
+  rowsum(dP * P) over the one key block, so the output is not read again; the program that accumulates dk and dv
+  over a run of query blocks also writes those blocks' complete dq, so there is neither a second dq kernel nor an
+  atomic add.
+- both loop over query blocks with the keys and values loaded once per program, the next block's loads in
+  flight during this one's products (software pipelining, NUM_STAGES = 2).
 
 Shapes: q (B, N, H, Dh); k, v (B, L, H, Dh); kv_mask (B, L), True (or nonzero) = attend; output (B, N, H, Dh);
 lse (B, H, N) fp32, natural-log logsumexp of the scaled scores, -inf for a caption with no valid token.
-Head dim: a multiple of 8 up to 128; the forward takes it in two power-of-two column blocks (72 = 64 + 16, 8
-columns masked: no padding to 128), the backward in one (72 pads to 128, masked); L: 1 to 128.
+Head dim: a multiple of 8 up to 128, taken in two power-of-two column blocks (72 = 64 + 16, 8 columns masked: no
+padding to 128), except by sm_80's backward, which pads it to one (72 -> 128, masked; see _config); L: 1 to 128.
 """
 import math
 
@@ -24,9 +27,7 @@ from .utils import SUPPORTED_DTYPES, compute_capability, launch_config, launch_o
 
 MAX_KV_LEN = 128  # all keys in one block; PixArt's captions have 120 tokens
 MAX_HEAD_DIM = 128
-BLOCK_N_FWD, NUM_WARPS_FWD = 64, 4
-BLOCK_N_BWD, NUM_WARPS_BWD = 16, 8
-MIN_BLOCKS_PER_PROGRAM = 32  # backward: query blocks one program walks at least (see _backward_splits)
+MIN_ROWS_PER_PROGRAM = 512  # backward: queries one program walks at least (see _backward_splits)
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -83,7 +84,7 @@ def _store_cols(base, rows, row_stride, row_ok, value, COL0: tl.constexpr, WIDTH
              mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["blocks_per_program"])  # one compile for every grid
 def _cross_attn_fwd_kernel(
     Q,  # (B, N, H, HEAD_DIM) queries, strided as _aligned allows (unit head-dim stride, rows 16-byte aligned)
     K,  # (B, L, H, HEAD_DIM) keys, likewise
@@ -95,48 +96,53 @@ def _cross_attn_fwd_kernel(
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
     N, L, H,
+    blocks_per_program,  # query blocks of BLOCK_N rows that one program walks through
     sm_scale,  # 1 / sqrt(HEAD_DIM)
     HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # queries per program
+    BLOCK_N: tl.constexpr,  # queries per step
     BLOCK_L: tl.constexpr,  # >= L: every key in one block
     BLOCK_D0: tl.constexpr,  # the head dim in two power-of-two column blocks (see _config), no padding to
     BLOCK_D1: tl.constexpr,  # a power of two: 72 = 64 + 16 (8 of them masked), 128 = 128 + 0
     DOT_FP32: tl.constexpr,  # widen tl.dot operands to fp32 (the interpreter's bf16, see _dot)
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the query-block loop
 ):
-    pid_n = tl.program_id(0)
+    pid_split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # int64: batch offsets can pass 2**31 elements
     h = pid_bh % H
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     keys = tl.arange(0, BLOCK_L)
-    row_ok = rows < N
     key_in = keys < L
     key_ok = tl.load(MASK + b * L + keys, mask=key_in, other=0) != 0
     q_base, k_base = Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh
     v_base, o_base = V + b * stride_vb + h * stride_vh, O + (b * N * H + h) * HEAD_DIM
-
-    s = _dot(_load_cols(q_base, rows, stride_qn, row_ok, 0, BLOCK_D0, HEAD_DIM),
-             tl.trans(_load_cols(k_base, keys, stride_kl, key_in, 0, BLOCK_D0, HEAD_DIM)), DOT_FP32)
-    if BLOCK_D1 > 0:
-        s += _dot(_load_cols(q_base, rows, stride_qn, row_ok, BLOCK_D0, BLOCK_D1, HEAD_DIM),
-                  tl.trans(_load_cols(k_base, keys, stride_kl, key_in, BLOCK_D0, BLOCK_D1, HEAD_DIM)), DOT_FP32)
-    s = s * (sm_scale * _LOG2E)  # (BLOCK_N, BLOCK_L), log2 units
-    s = tl.where(key_ok[None, :], s, float("-inf"))
-    m = tl.max(s, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)  # empty caption: keep exp2 finite; every p is 0 below
-    p = tl.exp2(s - m[:, None])
-    l = tl.sum(p, 1)
-    l_safe = tl.where(l == 0.0, 1.0, l)  # empty caption: o = 0 / 1 = 0 and lse = -inf
-    lse = tl.where(l == 0.0, float("-inf"), (m + tl.log2(l_safe)) * _LN2)  # natural log
-    p = p.to(O.dtype.element_ty)
-
+    # Keys and values once per program, for all its query blocks.
+    kt0 = tl.trans(_load_cols(k_base, keys, stride_kl, key_in, 0, BLOCK_D0, HEAD_DIM))
     v0 = _load_cols(v_base, keys, stride_vl, key_in, 0, BLOCK_D0, HEAD_DIM)
-    _store_cols(o_base, rows, H * HEAD_DIM, row_ok, _dot(p, v0, DOT_FP32) / l_safe[:, None], 0, BLOCK_D0, HEAD_DIM)
     if BLOCK_D1 > 0:
+        kt1 = tl.trans(_load_cols(k_base, keys, stride_kl, key_in, BLOCK_D0, BLOCK_D1, HEAD_DIM))
         v1 = _load_cols(v_base, keys, stride_vl, key_in, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-        _store_cols(o_base, rows, H * HEAD_DIM, row_ok, _dot(p, v1, DOT_FP32) / l_safe[:, None], BLOCK_D0, BLOCK_D1,
+
+    for i in tl.range(0, blocks_per_program, num_stages=NUM_STAGES):
+        rows = (pid_split * blocks_per_program + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        s = _dot(_load_cols(q_base, rows, stride_qn, row_ok, 0, BLOCK_D0, HEAD_DIM), kt0, DOT_FP32)
+        if BLOCK_D1 > 0:
+            s += _dot(_load_cols(q_base, rows, stride_qn, row_ok, BLOCK_D0, BLOCK_D1, HEAD_DIM), kt1, DOT_FP32)
+        s = s * (sm_scale * _LOG2E)  # (BLOCK_N, BLOCK_L), log2 units
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m = tl.max(s, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)  # empty caption: keep exp2 finite; every p is 0 below
+        p = tl.exp2(s - m[:, None])
+        l = tl.sum(p, 1)
+        l_safe = tl.where(l == 0.0, 1.0, l)  # empty caption: o = 0 / 1 = 0 and lse = -inf
+        lse = tl.where(l == 0.0, float("-inf"), (m + tl.log2(l_safe)) * _LN2)  # natural log
+        p = p.to(O.dtype.element_ty)
+        _store_cols(o_base, rows, H * HEAD_DIM, row_ok, _dot(p, v0, DOT_FP32) / l_safe[:, None], 0, BLOCK_D0,
                     HEAD_DIM)
-    tl.store(LSE + pid_bh.to(tl.int64) * N + rows, lse, mask=row_ok)
+        if BLOCK_D1 > 0:
+            _store_cols(o_base, rows, H * HEAD_DIM, row_ok, _dot(p, v1, DOT_FP32) / l_safe[:, None], BLOCK_D0,
+                        BLOCK_D1, HEAD_DIM)
+        tl.store(LSE + pid_bh.to(tl.int64) * N + rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -144,7 +150,6 @@ def _cross_attn_bwd_kernel(
     Q,  # (B, N, H, HEAD_DIM) queries, strided as _aligned allows (unit head-dim stride, rows 16-byte aligned)
     K,  # (B, L, H, HEAD_DIM) keys, likewise
     V,  # (B, L, H, HEAD_DIM) values, likewise
-    O,  # (B, N, H, HEAD_DIM) forward output, likewise
     DO,  # (B, N, H, HEAD_DIM) gradient of the output, likewise
     LSE,  # (B, H, N) contiguous fp32: the forward's logsumexp
     MASK,  # (B, L) bool, contiguous: True = attend
@@ -155,7 +160,6 @@ def _cross_attn_bwd_kernel(
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
-    stride_ob, stride_on, stride_oh,
     stride_dob, stride_don, stride_doh,
     N, L, H,
     blocks_per_program,  # query blocks of BLOCK_N rows that one program walks through
@@ -167,6 +171,7 @@ def _cross_attn_bwd_kernel(
     BLOCK_D1: tl.constexpr,
     DOT_FP32: tl.constexpr,  # widen tl.dot operands to fp32 (the interpreter's bf16, see _dot)
     KEYS_MAJOR: tl.constexpr,  # scores as (keys, queries) instead of (queries, keys) (see _config)
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the query-block loop
 ):
     pid_split = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -176,7 +181,7 @@ def _cross_attn_bwd_kernel(
     key_in = keys < L
     key_ok = tl.load(MASK + b * L + keys, mask=key_in, other=0) != 0
     q_base, do_base = Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh
-    o_base, dq_base = O + b * stride_ob + h * stride_oh, DQ + (b * N * H + h) * HEAD_DIM
+    dq_base = DQ + (b * N * H + h) * HEAD_DIM
     k0 = _load_cols(K + b * stride_kb + h * stride_kh, keys, stride_kl, key_in, 0, BLOCK_D0, HEAD_DIM)
     v0 = _load_cols(V + b * stride_vb + h * stride_vh, keys, stride_vl, key_in, 0, BLOCK_D0, HEAD_DIM)
     dk0 = tl.zeros((BLOCK_L, BLOCK_D0), dtype=tl.float32)
@@ -188,18 +193,14 @@ def _cross_attn_bwd_kernel(
         dv1 = tl.zeros((BLOCK_L, BLOCK_D1), dtype=tl.float32)
     qk_scale = sm_scale * _LOG2E  # scores in log2 units, for exp2
 
-    for i in range(blocks_per_program):
+    for i in tl.range(0, blocks_per_program, num_stages=NUM_STAGES):
         rows = (pid_split * blocks_per_program + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         q0 = _load_cols(q_base, rows, stride_qn, row_ok, 0, BLOCK_D0, HEAD_DIM)
         do0 = _load_cols(do_base, rows, stride_don, row_ok, 0, BLOCK_D0, HEAD_DIM)
-        o0 = _load_cols(o_base, rows, stride_on, row_ok, 0, BLOCK_D0, HEAD_DIM)
-        delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)  # rowsum(dO * O) = rowsum(dP * P)
         if BLOCK_D1 > 0:
             q1 = _load_cols(q_base, rows, stride_qn, row_ok, BLOCK_D0, BLOCK_D1, HEAD_DIM)
             do1 = _load_cols(do_base, rows, stride_don, row_ok, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-            o1 = _load_cols(o_base, rows, stride_on, row_ok, BLOCK_D0, BLOCK_D1, HEAD_DIM)
-            delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
         lse = tl.load(LSE + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * _LOG2E
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty caption: exp2(s - inf) = 0, not inf
         # Masked keys and padding rows get p = 0 explicitly: an empty caption's lse is -inf.
@@ -210,6 +211,7 @@ def _cross_attn_bwd_kernel(
                 st += _dot(k1, tl.trans(q1), DOT_FP32)
                 dpt += _dot(v1, tl.trans(do1), DOT_FP32)
             pt = tl.where(key_ok[:, None] & row_ok[None, :], tl.exp2(st * qk_scale - lse[None, :]), 0.0)
+            delta = tl.sum(pt * dpt, 0)  # rowsum(dP * P) = rowsum(dO * O), all keys being in this block
             dst = (pt * (dpt - delta[None, :])).to(q0.dtype)  # dLoss/dS^T for S = sm_scale * q k^T
             pt = pt.to(do0.dtype)
             ds = tl.trans(dst)
@@ -220,6 +222,7 @@ def _cross_attn_bwd_kernel(
                 s += _dot(q1, tl.trans(k1), DOT_FP32)
                 dp += _dot(do1, tl.trans(v1), DOT_FP32)
             p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+            delta = tl.sum(p * dp, 1)  # rowsum(dP * P) = rowsum(dO * O), all keys being in this block
             ds = (p * (dp - delta[:, None])).to(q0.dtype)  # dLoss/dS for S = sm_scale * q k^T
             pt = tl.trans(p.to(do0.dtype))
             dst = tl.trans(ds)
@@ -251,23 +254,28 @@ def head_dim_blocks(head_dim: int) -> tuple[int, int]:
 
 def _config(kind: str, head_dim: int, kv_len: int, dtype: torch.dtype, dot_fp32: bool = False,
             capability: int | None = None) -> dict:
-    """Block sizes and warps of one kernel ("fwd" or "bwd"); the launchers and aot_specs() both read it.
+    """Block sizes, warps and pipelining of one kernel ("fwd" or "bwd"); the launchers and aot_specs() both read it.
 
-    All keys in one block (BLOCK_L >= L). The forward splits the head dim in two column blocks (head_dim_blocks:
-    Dh = 72 -> 64 + 16); in 16 bits, with 4 warps, it compiles to 159 / 202 registers, 3 / 2 programs per SM on
-    sm_90 / sm_80 (one 128-wide block, 8 warps: 143 / 150 registers, 1 program per SM); fp32 (FMA units, for
-    checking) keeps 8 warps, with which it spills least. The backward keeps one block padded to a
-    power of two (72 -> 128): split, its live tiles spill 560-690 bytes at every query block of 16 to 64 rows tried,
-    on both targets. On sm_90 and later (capability >= 90) the backward takes the scores as (keys, queries)
-    (KEYS_MAJOR): four of its five products then have 128 rows, and 16-bit compiles put them on wgmma (18 wgmma
-    against 16 mma.sync, 2 / 48 the other way round), without spills; on sm_80 that form spills 52-80 bytes at
-    every query block tried, so the others keep (queries, keys), as does fp32 (no tensor cores; on sm_90 it
-    spills 42 KB in (queries, keys), 47 KB in (keys, queries)). Chosen for zero register spills on sm_80 and
-    sm_90 at PixArt's shapes (L = 120 -> 128).
+    All keys in one block (BLOCK_L >= L). Both kernels loop over query blocks of BLOCK_N rows with the keys and
+    values loaded once per program, the next block's loads in flight during this one's products (NUM_STAGES = 2).
+    Forward: the head dim in two column blocks (head_dim_blocks: 72 -> 64 + 16, no padding to 128), 64 rows, 4
+    warps: in 16 bits 130 / 245 registers, 3 / 2 programs per SM on sm_90 / sm_80, every sm_90 product on wgmma
+    (128-row blocks: 254 registers, 2 programs per SM on sm_90; 248 bytes of spills on sm_80).
+    Backward on sm_90 and later (capability >= 90), 16 bits: the scores as (keys, queries) (KEYS_MAJOR, so dk, dv,
+    dp and s have 128 key rows), the head dim split as in the forward, 64 query rows, 8 warps: all 42 products on
+    wgmma, 247 registers, 1 program per SM. On sm_80 (and in fp32) the backward keeps (queries, keys), 16 rows and
+    one head-dim block padded to a power of two (72 -> 128): 244 registers; there the split head dim spills 520-630
+    bytes and (keys, queries) 24-68 bytes at every query block tried. Chosen for zero register spills on sm_80 and
+    sm_90 at PixArt's shapes (L = 120 -> 128) in 16 bits; fp32 (FMA units, 8 warps: for checking) spills at every
+    configuration tried, so cross_attention() runs it only when asked for backend="triton".
     """
-    block_n, num_warps = (BLOCK_N_FWD, NUM_WARPS_FWD) if kind == "fwd" else (BLOCK_N_BWD, NUM_WARPS_BWD)
+    split = kind == "fwd" or ((capability or 0) >= 90 and dtype != torch.float32)
+    if kind == "fwd":
+        block_n, num_warps = 64, 4
+    else:
+        block_n, num_warps = (64 if split else 16), 8
     num_warps = 8 if dtype == torch.float32 else num_warps
-    block_d0, block_d1 = head_dim_blocks(head_dim) if kind == "fwd" else (max(16, triton.next_power_of_2(head_dim)), 0)
+    block_d0, block_d1 = head_dim_blocks(head_dim) if split else (max(16, triton.next_power_of_2(head_dim)), 0)
     return launch_config(
         num_warps,
         HEAD_DIM=head_dim,
@@ -276,7 +284,8 @@ def _config(kind: str, head_dim: int, kv_len: int, dtype: torch.dtype, dot_fp32:
         BLOCK_D0=block_d0,
         BLOCK_D1=block_d1,
         DOT_FP32=dot_fp32,
-        **({} if kind == "fwd" else {"KEYS_MAJOR": (capability or 0) >= 90 and dtype != torch.float32}),
+        NUM_STAGES=2,
+        **({} if kind == "fwd" else {"KEYS_MAJOR": split}),
     )
 
 
@@ -306,40 +315,50 @@ def cross_attn_fwd_launch(q, k, v, kv_mask):
     out = q.new_empty(B, N, H, Dh)
     lse = q.new_empty(B, H, N, dtype=torch.float32)
     cfg = _config("fwd", Dh, L, q.dtype, _dot_fp32(q))
-    grid = (triton.cdiv(N, cfg["constexprs"]["BLOCK_N"]), B * H)
+    n_blocks = triton.cdiv(N, cfg["constexprs"]["BLOCK_N"])
+    blocks_per_program = triton.cdiv(n_blocks, _forward_splits(n_blocks, B * H, q.device))
+    grid = (triton.cdiv(n_blocks, blocks_per_program), B * H)
     _cross_attn_fwd_kernel[grid](
         q, k, v, kv_mask, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        N, L, H, 1.0 / math.sqrt(Dh),
+        N, L, H, blocks_per_program, 1.0 / math.sqrt(Dh),
         **launch_options(cfg),
     )
     return out, lse
 
 
-def _backward_splits(n_blocks: int, bh: int, device) -> int:
-    """How many programs share one (batch, head)'s query blocks in the backward.
+def _forward_splits(n_blocks: int, bh: int, device) -> int:
+    """How many programs share one (batch, head)'s query blocks in the forward: one, unless the batch and heads
+    give fewer than 4 programs per SM (the GPU holds 2-3 at once, see _config): each program loads the keys and
+    values once for all its query blocks, and at PixArt-XL/2's training batches one per (batch, head) fills it."""
+    return max(1, min(n_blocks, triton.cdiv(4 * sm_count(device), bh)))
 
-    Enough to fill the GPU about twice over, but each program walks at least MIN_BLOCKS_PER_PROGRAM query blocks
-    (512 rows): its fp32 dk/dv partials (2 x L x Dh, written, then read by the sum) then cost at most about half
-    of its own q/o/dO/dq traffic (4 x 512 x Dh in 16 bits), and much less at the usual 1 to 3 splits.
+
+def _backward_splits(n_blocks: int, block_n: int, bh: int, device) -> int:
+    """How many programs share one (batch, head)'s n_blocks query blocks of block_n rows in the backward.
+
+    Enough to fill the GPU about twice over, but each program walks at least MIN_ROWS_PER_PROGRAM queries: its
+    fp32 dk/dv partials (2 x L x Dh, written, then read by the sum) then cost at most about a third of its own
+    q/dO/dq traffic (3 x 512 x Dh in 16 bits), and much less at the usual 1 to 3 splits.
     """
-    return max(1, min(triton.cdiv(2 * sm_count(device), bh), n_blocks // MIN_BLOCKS_PER_PROGRAM))
+    return max(1, min(triton.cdiv(2 * sm_count(device), bh), n_blocks * block_n // MIN_ROWS_PER_PROGRAM))
 
 
-def cross_attn_bwd_launch(do, q, k, v, out, lse, kv_mask, splits=None):
-    """Backward. do, out (B, N, H, Dh); q, k, v, kv_mask as in the forward; lse (B, H, N) fp32 from it.
+def cross_attn_bwd_launch(do, q, k, v, lse, kv_mask, splits=None):
+    """Backward. do (B, N, H, Dh); q, k, v, kv_mask as in the forward; lse (B, H, N) fp32 from it.
 
     splits: programs per (batch, head) along N (None = chosen from the GPU's size). Returns dq, dk, dv, each
     contiguous in its input's dtype.
     """
-    do, q, k, v, out = (_aligned(x) for x in (do, q, k, v, out))
+    do, q, k, v = (_aligned(x) for x in (do, q, k, v))
     B, N, H, Dh = q.shape
     L = k.shape[1]
     cfg = _config("bwd", Dh, L, q.dtype, _dot_fp32(q), compute_capability(q.device))
-    n_blocks = triton.cdiv(N, cfg["constexprs"]["BLOCK_N"])
-    splits = _backward_splits(n_blocks, B * H, q.device) if splits is None else splits
+    block_n = cfg["constexprs"]["BLOCK_N"]
+    n_blocks = triton.cdiv(N, block_n)
+    splits = _backward_splits(n_blocks, block_n, B * H, q.device) if splits is None else splits
     blocks_per_program = triton.cdiv(n_blocks, splits)
     splits = triton.cdiv(n_blocks, blocks_per_program)  # no program without a query block
     dq = q.new_empty(B, N, H, Dh)
@@ -347,11 +366,10 @@ def cross_attn_bwd_launch(do, q, k, v, out, lse, kv_mask, splits=None):
     shape, partial = ((B, L, H, Dh), None) if splits == 1 else ((splits, B, L, H, Dh), torch.float32)
     dk, dv = q.new_empty(shape, dtype=partial or k.dtype), q.new_empty(shape, dtype=partial or v.dtype)
     _cross_attn_bwd_kernel[(splits, B * H)](
-        q, k, v, out, do, lse, kv_mask, dq, dk, dv,
+        q, k, v, do, lse, kv_mask, dq, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         N, L, H, blocks_per_program, 1.0 / math.sqrt(Dh),
         **launch_options(cfg),
@@ -374,30 +392,29 @@ def _(q, k, v, kv_mask):
 
 @torch.library.custom_op("pixart_fast::cross_attn_bwd", mutates_args=())
 def _cross_attn_bwd_op(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    kv_mask: torch.Tensor,
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor, kv_mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return cross_attn_bwd_launch(do, q, k, v, out, lse, kv_mask)
+    return cross_attn_bwd_launch(do, q, k, v, lse, kv_mask)
 
 
 @_cross_attn_bwd_op.register_fake
-def _(do, q, k, v, out, lse, kv_mask):
+def _(do, q, k, v, lse, kv_mask):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 class CrossAttentionFunction(torch.autograd.Function):
-    """Triton forward and backward; saves q, k, v, the output and the (B, H, N) logsumexp."""
+    """Triton forward and backward; saves q, k, v and the (B, H, N) logsumexp."""
 
     @staticmethod
     def forward(ctx, q, k, v, kv_mask):
         out, lse = torch.ops.pixart_fast.cross_attn_fwd(q, k, v, kv_mask)
-        ctx.save_for_backward(q, k, v, out, lse, kv_mask)
+        ctx.save_for_backward(q, k, v, lse, kv_mask)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, kv_mask = ctx.saved_tensors
-        dq, dk, dv = torch.ops.pixart_fast.cross_attn_bwd(dout, q, k, v, out, lse, kv_mask)
+        q, k, v, lse, kv_mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.pixart_fast.cross_attn_bwd(dout, q, k, v, lse, kv_mask)
         return dq, dk, dv, None
 
 
@@ -437,11 +454,13 @@ def cross_attention(q, k, v, kv_mask=None, backend="auto"):
     True = attend, None = all keys. Returns (B, N, H, Dh) in q's dtype; a caption with no valid token gives zeros.
     backend: "auto" | "triton" | "torch" (see kernels/backend.py). The Triton kernels need Dh a multiple of 8
     up to 128 and 1 <= L <= 128; "auto" runs PyTorch's attention for other shapes (PixArt-Sigma's 300 tokens),
-    "triton" refuses them.
+    "triton" refuses them. "auto" also runs PyTorch's for fp32 on a GPU: the kernels are built for 16-bit tensor
+    cores, and their fp32 tiles (FMA units) spill (see _config); "triton" runs them, for checking.
     """
     _check_inputs(q, k, v, kv_mask)
     Dh, L = q.shape[3], k.shape[1]
-    fits = Dh % 8 == 0 and 8 <= Dh <= MAX_HEAD_DIM and 1 <= L <= MAX_KV_LEN
+    fits = (Dh % 8 == 0 and 8 <= Dh <= MAX_HEAD_DIM and 1 <= L <= MAX_KV_LEN
+            and (q.dtype != torch.float32 or interpreting()))
     if not use_triton(backend, q) or (backend == "auto" and not fits):
         return cross_attention_ref(q, k, v, kv_mask)
     if Dh % 8 != 0 or not 8 <= Dh <= MAX_HEAD_DIM:
@@ -461,16 +480,16 @@ def aot_specs(sms: int = 132, batch: int = 8, tokens=(256, 1024, 4096), capabili
     The real launchers run on meta tensors shaped and strided as pixart_fast/model.py's CrossAttention passes them
     (the kernels' launches are recorded, not run): H = 16, Dh = 72, L = 120, batch 8, N = 256 / 1024 / 4096 query
     tokens; q a view of q_linear's output, k and v views of kv_linear's (.view(B, L, 2, H, Dh).unbind(2)), all in
-    the autocast dtype (bf16, fp16) or fp32; on a GPU of `sms` SMs (the backward's splits depend on it) and compute
-    capability `capability` (90: sm_90; the backward's form depends on it). Entries as
-    kernels/modulation.py's aot_specs().
+    the autocast dtype, bf16 or fp16 (in fp32 the model's calls run PyTorch's attention, see cross_attention);
+    on a GPU of `sms` SMs (the backward's splits depend on it) and compute capability `capability` (90: sm_90;
+    the backward's form depends on it). Entries as kernels/modulation.py's aot_specs().
     """
     from .utils import recorded_launches
 
     H, head_dim, kv_len = 16, 72, 120
     D = H * head_dim
     specs = []
-    for regime, dtype in (("bf16 autocast", torch.bfloat16), ("fp16 autocast", torch.float16), ("fp32", torch.float32)):
+    for regime, dtype in (("bf16 autocast", torch.bfloat16), ("fp16 autocast", torch.float16)):
         for N in tokens:
             q = torch.empty(batch, N, D, dtype=dtype, device="meta").view(batch, N, H, head_dim)
             k, v = torch.empty(batch, kv_len, 2 * D, dtype=dtype, device="meta").view(
@@ -479,7 +498,7 @@ def aot_specs(sms: int = 132, batch: int = 8, tokens=(256, 1024, 4096), capabili
             with recorded_launches(globals(), (_cross_attn_fwd_kernel, _cross_attn_bwd_kernel), sms,
                                    capability) as calls:
                 out, lse = cross_attn_fwd_launch(q, k, v, mask)
-                cross_attn_bwd_launch(torch.empty_like(out), q, k, v, out, lse, mask)
+                cross_attn_bwd_launch(torch.empty_like(out), q, k, v, lse, mask)
             for call in calls:
                 kind = "fwd" if call["fn"] is _cross_attn_fwd_kernel else "bwd"
                 args = dict(zip(call["fn"].arg_names, call["args"]))

@@ -10,10 +10,12 @@ shift / scale / gate are (B, D) per-sample vectors broadcast over the T tokens i
 (B, T, D). They usually are strided views: `(table[None] + t0.reshape(B, 6, D)).chunk(6, 1)` squeezed gives
 (B, D) views with row stride 6 * D, which the kernels read in place.
 
-Forward: one program per token row. Backward: each program walks a block of tokens of one sample, recomputes the
-normalised rows from x and the stored (B*T,) mean / rstd, writes dx (and dy) and keeps fp32 partial sums of
-dshift / dscale / dgate over its tokens; the (B, n_blocks, D) partial rows are summed afterwards. The tokens per
-program make whole waves of the programs per SM the compiled kernel allows, read from it on the GPU. No (B, T, D) temporary
+Every kernel walks a block of tokens of one sample: it loads the sample's (B, D) vectors once, then its rows in a
+software-pipelined loop (the next row's loads in flight, cp.async into shared memory, while the current row is
+reduced). The backward recomputes the normalised rows from x and the stored (B*T,) mean / rstd, writes dx (and dy)
+and keeps fp32 partial sums of dshift / dscale / dgate over its tokens; the (B, n_blocks, D) partial rows are summed
+afterwards. The tokens per program make whole waves of the programs per SM the compiled kernel allows, read from it
+on the GPU. No (B, T, D) temporary
 is saved for backward: the fused op recomputes h = x + gate * y from its inputs.
 
 All arithmetic is fp32; outputs take the dtype PyTorch's own expression would give (type promotion over the
@@ -35,6 +37,9 @@ from .utils import (SUPPORTED_DTYPES, compiled_programs_per_sm, launch_config, l
 Tensor = torch.Tensor
 
 MAX_D = 8192  # widest row one program holds in registers
+# Token loops are software-pipelined this deep: the next row's loads (cp.async into shared memory) are in flight
+# while the current row is reduced.
+NUM_STAGES = tl.constexpr(2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,7 +72,7 @@ def gated_residual_modulate_ref(x, gate, y, shift, scale, eps: float = 1e-6, out
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_program"])  # one compile for every grid (see _tokens_per_program)
 def _modulate_fwd_kernel(
     X,  # (B, T, D) input (the residual stream)
     GATE,  # (B, D) residual gate, or None for gate 1; only with HAS_RESIDUAL
@@ -80,6 +85,7 @@ def _modulate_fwd_kernel(
     RSTD,  # (B*T,) fp32 out: 1 / sqrt(var(h) + eps)
     T,
     D,
+    rows_per_program,  # tokens of one sample one program walks through
     stride_xb,
     stride_xt,
     stride_yb,
@@ -91,31 +97,35 @@ def _modulate_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    row = b * T + t
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
 
-    # The rows are loaded first; shift / scale (L2-resident (B, D) vectors) after the reductions: loaded before
-    # them they stay live across the reductions and cost 8 registers, 8 -> 6 programs per SM (compile report).
-    h = tl.load(X + b * stride_xb + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        y = tl.load(Y + b * stride_yb + t * stride_yt + cols, mask=mask, other=0.0).to(tl.float32)
-        if GATE is not None:
-            y *= tl.load(GATE + b * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
-        h += y
-        tl.store(H + row * D + cols, h.to(H.dtype.element_ty), mask=mask)
-
-    mean = tl.sum(h, axis=0) / D
-    hc = tl.where(mask, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=0) / D + eps)
+    # The sample's vectors once per program, before its rows; the rows' loads pipelined (the next row's in flight
+    # while this one is reduced).
     shift = tl.load(SHIFT + b * stride_shift + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + b * stride_scale + cols, mask=mask, other=0.0).to(tl.float32)
-    m = hc * rstd * (1.0 + scale) + shift
-    tl.store(M + row * D + cols, m.to(M.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    scale1 = 1.0 + tl.load(SCALE + b * stride_scale + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL and GATE is not None:
+        gate = tl.load(GATE + b * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    t_start = block.to(tl.int64) * rows_per_program
+    t_end = tl.minimum(t_start + rows_per_program, T)
+    for t in tl.range(t_start, t_end, num_stages=NUM_STAGES):
+        row = b * T + t
+        h = tl.load(X + b * stride_xb + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            y = tl.load(Y + b * stride_yb + t * stride_yt + cols, mask=mask, other=0.0).to(tl.float32)
+            if GATE is not None:
+                h += gate * y
+            else:
+                h += y
+            tl.store(H + row * D + cols, h.to(H.dtype.element_ty), mask=mask)
+        mean = tl.sum(h, axis=0) / D
+        hc = tl.where(mask, h - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=0) / D + eps)
+        tl.store(M + row * D + cols, (hc * rstd * scale1 + shift).to(M.dtype.element_ty), mask=mask)
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
 
 
 @triton.jit(do_not_specialize=["rows_per_program"])  # one compile for every grid (see _tokens_per_program)
@@ -163,7 +173,7 @@ def _modulate_bwd_kernel(
 
     t_start = block.to(tl.int64) * rows_per_program
     t_end = tl.minimum(t_start + rows_per_program, T)
-    for t in range(t_start, t_end):
+    for t in tl.range(t_start, t_end, num_stages=NUM_STAGES):
         row = b * T + t
         # Every load of the row first (dh too), then the two row reductions.
         h = tl.load(X + b * stride_xb + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
@@ -201,7 +211,7 @@ def _modulate_bwd_kernel(
         tl.store(DGATE_PART + part, dgate, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_program"])
 def _gated_residual_fwd_kernel(
     X,  # (B, T, D) residual stream
     GATE,  # (B, D)
@@ -210,6 +220,7 @@ def _gated_residual_fwd_kernel(
     COPY,  # (B*T, D) out: the same in the next Linear's dtype, or None
     T,
     D,
+    rows_per_program,  # tokens of one sample one program walks through
     stride_xb,
     stride_xt,
     stride_yb,
@@ -217,17 +228,20 @@ def _gated_residual_fwd_kernel(
     stride_gate,  # row stride of GATE
     BLOCK_D: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    x = tl.load(X + b * stride_xb + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(Y + b * stride_yb + t * stride_yt + cols, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(GATE + b * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
-    out = x + gate * y
-    tl.store(OUT + (b * T + t) * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
-    if COPY is not None:
-        tl.store(COPY + (b * T + t) * D + cols, out.to(COPY.dtype.element_ty), mask=mask)
+    t_start = block.to(tl.int64) * rows_per_program
+    t_end = tl.minimum(t_start + rows_per_program, T)
+    for t in tl.range(t_start, t_end, num_stages=NUM_STAGES):
+        x = tl.load(X + b * stride_xb + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + b * stride_yb + t * stride_yt + cols, mask=mask, other=0.0).to(tl.float32)
+        out = x + gate * y
+        tl.store(OUT + (b * T + t) * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
+        if COPY is not None:
+            tl.store(COPY + (b * T + t) * D + cols, out.to(COPY.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["rows_per_program"])
@@ -259,7 +273,7 @@ def _gated_residual_bwd_kernel(
     dgate = tl.zeros((BLOCK_D,), dtype=tl.float32)
     t_start = block.to(tl.int64) * rows_per_program
     t_end = tl.minimum(t_start + rows_per_program, T)
-    for t in range(t_start, t_end):
+    for t in tl.range(t_start, t_end, num_stages=NUM_STAGES):
         dout = tl.load(DOUT + b * stride_dob + t * stride_dot + cols, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(Y + b * stride_yb + t * stride_yt + cols, mask=mask, other=0.0).to(tl.float32)
         if DCOPY is not None:
@@ -289,13 +303,13 @@ def _config(D: int, backward: bool) -> dict:
     return launch_config(num_warps, BLOCK_D=block_d)
 
 
-MIN_TOKENS_PER_PROGRAM = 8  # the backward's fp32 partial rows stay a small part of its traffic
+MIN_TOKENS_PER_PROGRAM = 8  # a program's own rows (vectors read, partial sums written) stay a small part of its traffic
 
 
 def _tokens_per_program(kernel, args, options: dict, B: int, T: int, D: int, device: torch.device) -> int:
-    """Tokens one backward program reduces: whole waves of the programs per SM the compiled kernel allows, read
-    from it (utils.compiled_programs_per_sm), over the device's SMs (utils.tokens_per_program). args(rows, part)
-    are the launch arguments with `part` standing for the partial-sum buffers; rows_per_program is not
+    """Tokens one program walks: whole waves of the programs per SM the compiled kernel allows, read from it
+    (utils.compiled_programs_per_sm), over the device's SMs (utils.tokens_per_program). args(rows, part) are the
+    launch arguments with `part` standing for a backward's partial-sum buffers; rows_per_program is not
     specialised on, so the kernel measured is the one launched."""
     part = torch.empty((B, 1, D), device=device, dtype=torch.float32)
     programs = compiled_programs_per_sm(kernel, args(MIN_TOKENS_PER_PROGRAM, part), options, device)
@@ -344,11 +358,13 @@ def _launch_modulate_fwd(x, gate, y, shift, scale, eps: float, m_dtype: torch.dt
     m = torch.empty((B, T, D), device=x.device, dtype=m_dtype)
     mean = torch.empty(B * T, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    _modulate_fwd_kernel[(T, B)](
-        x, gate, y, shift, scale, h, m, mean, rstd,
-        T, D, *_bt_strides(x), *_bt_strides(y), _row_stride(gate), _row_stride(shift), _row_stride(scale), eps,
-        HAS_RESIDUAL=residual, **launch_options(cfg),
-    )
+    def args(rows, _):
+        return (x, gate, y, shift, scale, h, m, mean, rstd, T, D, rows, *_bt_strides(x), *_bt_strides(y),
+                _row_stride(gate), _row_stride(shift), _row_stride(scale), eps)
+
+    options = {"HAS_RESIDUAL": residual, **launch_options(cfg)}
+    rows = _tokens_per_program(_modulate_fwd_kernel, args, options, B, T, D, x.device)
+    _modulate_fwd_kernel[(triton.cdiv(T, rows), B)](*args(rows, None), **options)
     return h, m, mean, rstd
 
 
@@ -387,10 +403,12 @@ def _launch_gated_residual_fwd(x, gate, y, copy_dtype: torch.dtype | None):
     B, T, D = x.shape
     out = torch.empty((B, T, D), device=x.device, dtype=_result_dtype(x, gate, y))
     copy = torch.empty((B, T, D), device=x.device, dtype=copy_dtype) if copy_dtype is not None else None
-    _gated_residual_fwd_kernel[(T, B)](
-        x, gate, y, out, copy, T, D, *_bt_strides(x), *_bt_strides(y), _row_stride(gate),
-        **launch_options(cfg),
-    )
+    def args(rows, _):
+        return x, gate, y, out, copy, T, D, rows, *_bt_strides(x), *_bt_strides(y), _row_stride(gate)
+
+    options = launch_options(cfg)
+    rows = _tokens_per_program(_gated_residual_fwd_kernel, args, options, B, T, D, x.device)
+    _gated_residual_fwd_kernel[(triton.cdiv(T, rows), B)](*args(rows, None), **options)
     return [out] if copy is None else [out, copy]
 
 

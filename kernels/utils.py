@@ -63,10 +63,10 @@ def compiled_programs_per_sm(kernel, args: tuple, options: dict, device: torch.d
 
 
 def tokens_per_program(B: int, T: int, slots: int, min_tokens: int) -> int:
-    """Tokens of one sample a backward program reduces, so that its B * n programs run on `slots` (SMs x programs
-    per SM) in the least time: waves x (tokens per program + 1), the + 1 for the fp32 partial-sum rows a program
-    writes (about one token row's traffic). Each program takes >= min_tokens tokens (or all T); the fewest
-    programs among equals."""
+    """Tokens of one sample a program walks, so that its B * n programs run on `slots` (SMs x programs per SM) in
+    the least time: waves x (tokens per program + 1), the + 1 for a program's own rows (about one token row's
+    traffic: the (B, D) vectors a forward reads, the fp32 partial sums a backward writes). Each program takes
+    >= min_tokens tokens (or all T); the fewest programs among equals."""
     best = None
     for n in range(1, max(1, T // min_tokens) + 1):
         rows = -(-T // n)

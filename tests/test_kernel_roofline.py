@@ -51,7 +51,7 @@ def _reference_bytes() -> dict:
         "modulate_fwd_residual": _size(x, gate, y, shift, scale, h2, m2),
         "modulate_bwd_residual": _size(h2, m2, x, gate, y, scale, x, y),
         "cross_attn_fwd": _size(q, k, v, mask, o),
-        "cross_attn_bwd": _size(o, q, k, v, o, mask, q, k, v),  # do; q, k, v, o, mask; dq, dk, dv (one split)
+        "cross_attn_bwd": _size(o, q, k, v, mask, q, k, v),  # do; q, k, v, mask (not o); dq, dk, dv (one split)
         "patchify_fwd": _size(latents, patchify_ref(latents, 2)),
         "unpatchify_fwd": _size(tokens, image),
         "unpatchify_bwd": _size(image, tokens),

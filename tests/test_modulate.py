@@ -16,7 +16,8 @@ from pixart_fast.kernels.modulation import (
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # PixArt-XL/2's D = 1152 (not a power of two) with a few tokens; odd token counts with small D. At T = 77 the
-# backward splits the tokens over four programs (3 x 20 + 17), so the fp32 partial sums are exercised.
+# kernels split the tokens over four programs (3 x 20 + 17), each walking its rows in the pipelined loop, so the
+# fp32 partial sums and a short last block are exercised.
 SHAPES = [(2, 5, 1152), (2, 7, 96), (1, 77, 40)]
 
 
