@@ -195,11 +195,11 @@ def _train(variant, resolution, batch, seconds, mfu, kind="train_step", **extra)
         images_per_s=batch / seconds, tflops=100.0, mfu=mfu, peak_memory_gb=40.0, warmup_s=3.0, **extra)}
 
 
-def _kernel(impl, direction, seconds):
+def _kernel(impl, direction, seconds, kernel="modulate", pct_roofline=None):
     return {"name": f"kernel {impl}", "extra_info": dict(
-        kind="kernel", measured=True, device="NVIDIA H200", gpu="H200", kernel="modulate", tokens=256, batch=128,
+        kind="kernel", measured=True, device="NVIDIA H200", gpu="H200", kernel=kernel, tokens=256, batch=128,
         impl=impl, direction=direction, seconds_per_call=seconds, bytes=10**8, gb_per_s=10**8 / seconds / 1e9,
-        tflops=0.0, pct_peak_bandwidth=50.0)}
+        tflops=0.0, pct_peak_bandwidth=50.0, pct_roofline=pct_roofline)}
 
 
 def test_the_gpu_tables_and_the_json_format_on_synthetic_rows(gpu_check, tmp_path):
@@ -225,7 +225,11 @@ def test_the_gpu_tables_and_the_json_format_on_synthetic_rows(gpu_check, tmp_pat
             _train("ours+triton+compile", 256, 32, 0.07, 0.41),
             _train("ours+triton", 256, 80, 0.2, 0.36, kind="largest_batch", probes=8, search_seconds=9.0),
             _train("ours+triton", 256, 32, 0.08, 0.36, kind="energy", joules_per_image=0.5, mean_watts=600.0),
-            _kernel("triton", "fwd", 1e-4), _kernel("eager", "fwd", 3e-4), _kernel("compile", "fwd", 2e-4)]
+            _kernel("triton", "fwd", 1e-4, pct_roofline=85.0), _kernel("eager", "fwd", 3e-4),
+            _kernel("compile", "fwd", 2e-4), _kernel("triton", "fwd+bwd", 4e-4, pct_roofline=70.0),
+            _kernel("compile", "fwd+bwd", 4.4e-4), _kernel("eager", "fwd+bwd", 9e-4),
+            *(_kernel(impl, "fwd+bwd", seconds, "cross_attention")
+              for impl, seconds in (("triton", 2e-4), ("eager", 3e-4), ("compile", 2.6e-4)))]
     report = {"schema": "pixart_fast.gpu_check/1", "started": "now", "datetime": "now", "dry_run": False,
               "environment": {"device": "NVIDIA H200", "gpu": "H200"}, "install": {}, "notes": [],
               "parts": {"profile": {"label": "(e)", "status": "ok", "items": [], "table": table}},
@@ -233,6 +237,12 @@ def test_the_gpu_tables_and_the_json_format_on_synthetic_rows(gpu_check, tmp_pat
     summary = gpu_check.summarize(report)
     assert "| ours+triton | 256 | 32 | 80.0 | 400.0 | 1.25x | 100.0 | 36.0% | 40.0 | 3.0 |" in summary
     assert "| modulate | 256 | 128 | fwd | 100.0 | 300.0 | 200.0 | 3.00x | 2.00x | 1000 | 50 |" in summary
+    goals = summary.split("## Kernel goals at 256 tokens")[1].split("##")[0]
+    assert "| >= 80 % of roofline | modulate | fwd | 85 | 80 | yes |" in goals
+    assert "| >= 80 % of roofline | modulate | fwd+bwd | 70 | 80 | no |" in goals
+    assert "| >= 1.2x torch.compile | modulate | fwd+bwd | 1.10 | 1.20 | no |" in goals
+    assert "| >= 1.2x torch.compile | cross_attention | fwd+bwd | 1.30 | 1.20 | yes |" in goals
+    assert "| faster than SDPA (same mask) | cross_attention | fwd+bwd | 1.50 | 1.00 | yes |" in goals
     assert "## Largest batch at 256 px" in summary and "| 8 | 9.0 |" in summary
     assert "## Energy per training image" in summary and "| 0.50 | 600 |" in summary
     assert "sm90_xmma_gemm_bf16bf16_bf16f32" in summary and "| matmul | 0.60 | 60.0 |" in summary
