@@ -150,10 +150,12 @@ def specialize(spec: dict, target: GPUTarget) -> dict:
         return {"signature": spec["signature"], "constexprs": spec["constexprs"], "attrs": spec.get("attrs", {}),
                 "options": options}
     fn = spec["fn"]
-    # The options JITFunction.run adds to the launch keywords before it binds them.
+    # The options JITFunction.run adds to the launch keywords before it binds them (fpsan_homomorphic_casts from
+    # Triton 3.7 on; the GPU image has 3.6).
     kwargs = {**spec["kwargs"], "debug": spec["kwargs"].get("debug", fn.debug) or triton.knobs.runtime.debug,
-              "instrumentation_mode": triton.knobs.compilation.instrumentation_mode,
-              "fpsan_homomorphic_casts": triton.knobs.compilation.fpsan_homomorphic_casts}
+              "instrumentation_mode": triton.knobs.compilation.instrumentation_mode}
+    if hasattr(triton.knobs.compilation, "fpsan_homomorphic_casts"):
+        kwargs["fpsan_homomorphic_casts"] = triton.knobs.compilation.fpsan_homomorphic_casts
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound_args, specialization, options = binder(*spec["args"], **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
