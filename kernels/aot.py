@@ -97,8 +97,8 @@ def ptx_counts(ptx: str) -> dict:
         vector = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d+", p)), 1)
         bits = next((_PTX_BITS[p] for p in reversed(parts) if p in _PTX_BITS), None)
         counts[op][str(vector * bits) if bits else "?"] += 1
-    for size in re.findall(r"\bcp\.async\.c[ag]\.shared(?:::cta)?\.global(?:\.[\w:]+)*\s*\[[^]]*\],\s*\[[^]]*\],\s*(\w+)",
-                           ptx):
+    copy = r"\bcp\.async\.c[ag]\.shared(?:::cta)?\.global(?:\.[\w:]+)*\s*\[[^]]*\],\s*\[[^]]*\],\s*(\w+)"
+    for size in re.findall(copy, ptx):
         counts["cp"][str(8 * int(size, 0))] += 1
     return {"ptx_ld": _by_width(counts["ld"]), "ptx_st": _by_width(counts["st"]), "ptx_cp": _by_width(counts["cp"]),
             "wgmma": len(re.findall(r"\bwgmma\.mma_async\b", ptx)), "mma": len(re.findall(r"\bmma\.sync\b", ptx))}

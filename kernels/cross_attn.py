@@ -264,7 +264,7 @@ def _config(kind: str, head_dim: int, kv_len: int, dtype: torch.dtype, dot_fp32:
     Backward on sm_90 and later (capability >= 90), 16 bits: the scores as (keys, queries) (KEYS_MAJOR, so dk, dv,
     dp and s have 128 key rows), the head dim split as in the forward, 64 query rows, 8 warps: all 42 products on
     wgmma, 247 registers, 1 program per SM. On sm_80 (and in fp32) the backward keeps (queries, keys), 16 rows and
-    one head-dim block padded to a power of two (72 -> 128): 244 registers; there the split head dim spills 520-630
+    one head-dim block padded to a power of two (72 -> 128): 244-255 registers; there the split head dim spills 520-630
     bytes and (keys, queries) 24-68 bytes at every query block tried. Chosen for zero register spills on sm_80 and
     sm_90 at PixArt's shapes (L = 120 -> 128) in 16 bits; fp32 (FMA units, 8 warps: for checking) spills at every
     configuration tried, so cross_attention() runs it only when asked for backend="triton".
