@@ -41,18 +41,25 @@ PICTURES = [
 ]
 
 
+def save_tiny_encoders(vae_dir, t5_dir, latent_channels: int, t5_channels: int):
+    """Save a random 2x-downsampling VAE with `latent_channels` to vae_dir and a one-layer T5 encoder of
+    `t5_channels` with ByT5's tokenizer to t5_dir (seeded: the same folders every time)."""
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels, norm_num_groups=4,
+                  layers_per_block=1, sample_size=32).save_pretrained(vae_dir)
+    T5EncoderModel(T5Config(vocab_size=384, d_model=t5_channels, d_kv=t5_channels // 2, d_ff=2 * t5_channels,
+                            num_layers=1, num_heads=2, feed_forward_proj="gated-gelu",
+                            dropout_rate=0.0)).save_pretrained(t5_dir)
+    ByT5Tokenizer().save_pretrained(t5_dir)
+
+
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
     """(vae folder, t5 folder): a 2x-downsampling VAE with 3 latent channels (the tiny test models' in_channels)
     and a 64-channel T5 encoder (their caption_channels)."""
     root = tmp_path_factory.mktemp("encoders")
-    torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=3, norm_num_groups=4,
-                  layers_per_block=1, sample_size=32).save_pretrained(root / "vae")
-    T5EncoderModel(T5Config(vocab_size=384, d_model=64, d_kv=32, d_ff=128, num_layers=1, num_heads=2,
-                            feed_forward_proj="gated-gelu", dropout_rate=0.0)).save_pretrained(root / "t5")
-    ByT5Tokenizer().save_pretrained(root / "t5")
+    save_tiny_encoders(root / "vae", root / "t5", latent_channels=3, t5_channels=64)
     return root / "vae", root / "t5"
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from diffusers import AutoencoderKL, PixArtTransformer2DModel
+from diffusers import PixArtTransformer2DModel
 from peft import PeftModel
 from PIL import Image
-from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+from transformers import ByT5Tokenizer
 
 from pixart_fast.checkpoints import load_into, load_safetensors, matching_configs, save_safetensors
 from pixart_fast.export import export, main as export_main, write_diffusers
@@ -29,6 +29,7 @@ from pixart_fast.train.__main__ import config_from_args
 from pixart_fast.train.loop import make_optimizer, train
 from pixart_fast.train.recipes import RECIPES
 from test_export import random_pixart
+from test_extract import save_tiny_encoders
 
 SIGMA = "PixArt-Sigma-tiny"  # 300 caption tokens of 24 channels, 4 latent channels, 16 x 16 latents
 
@@ -39,12 +40,7 @@ def features(tmp_path_factory):
     tokens, 32-px photographs that ship inside scikit-image, captioned by hand. The encoders sit in one folder as
     a diffusers pipeline keeps them (vae/, text_encoder/, tokenizer/), which extraction takes as it is."""
     root = tmp_path_factory.mktemp("sigma_features")
-    torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                  layers_per_block=1, sample_size=32).save_pretrained(root / "pipeline/vae")
-    T5EncoderModel(T5Config(vocab_size=384, d_model=24, d_kv=12, d_ff=48, num_layers=1, num_heads=2,
-                            feed_forward_proj="gated-gelu", dropout_rate=0.0)).save_pretrained(root / "pipeline/text_encoder")
+    save_tiny_encoders(root / "pipeline/vae", root / "pipeline/text_encoder", latent_channels=4, t5_channels=24)
     ByT5Tokenizer().save_pretrained(root / "pipeline/tokenizer")
     (root / "images").mkdir()
     lines = []
