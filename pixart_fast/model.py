@@ -256,7 +256,11 @@ def linear_dtype(x: torch.Tensor) -> torch.dtype | None:
     input's own). The kernels write what feeds a Linear in it, so no cast pass runs between them; the residual
     stream keeps its dtype (fp32)."""
     device = x.device.type  # "meta" (shape-only runs, the planner's FLOP count) has no autocast
-    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+    # CPU and CUDA always have autocast: torch.compile cannot trace is_autocast_available on torch 2.11 (a graph
+    # break per call), so only other devices ask it.
+    if device not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device):
+        return None
+    if not torch.is_autocast_enabled(device):
         return None
     return torch.get_autocast_dtype(device)
 
