@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from diffusers import PixArtTransformer2DModel
 from safetensors.torch import load_file
 
 from pixart_fast.checkpoints import CheckpointMismatch, load_pixart, save_safetensors, to_diffusers
@@ -24,11 +23,12 @@ def random_pixart(name, seed=0):
 
 @pytest.mark.parametrize("name", ["PixArt-tiny", "PixArtMS-tiny", "PixArtMS-pixel-tiny", "PixArt-Sigma-tiny"])
 def test_exported_folder_loads_in_diffusers_and_matches(name, tmp_path):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers not installed")
     cfg = CONFIGS[name]
     ours = random_pixart(name)
     save_safetensors(ours.state_dict(), tmp_path / "ckpt.safetensors", {"model": name})
     main(["--ckpt", str(tmp_path / "ckpt.safetensors"), "--out", str(tmp_path / "hf"), "--format", "diffusers"])
-    ref = PixArtTransformer2DModel.from_pretrained(tmp_path / "hf").eval()
+    ref = diffusers.PixArtTransformer2DModel.from_pretrained(tmp_path / "hf").eval()
     assert ref.config.interpolation_scale == cfg.pe_interpolation
     assert ref.use_additional_conditions == cfg.micro_conditions
 
@@ -88,12 +88,13 @@ def test_sigma_config_json_is_what_diffusers_hub_folders_hold(name):
     px / 8, interpolation_scale 1 / 2 / 4 and use_additional_conditions false written out, not left to diffusers'
     guesses (it would turn micro-conditions on at sample_size 128). The caption length (300) is no config field:
     diffusers' PixArtSigmaPipeline takes it as max_sequence_length, 300 by default."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers not installed")
     cfg = CONFIGS[name]
     config = diffusers_config(cfg)
     assert (config["sample_size"], config["interpolation_scale"], config["use_additional_conditions"]) == (
         cfg.input_size, {64: 1.0, 128: 2.0, 256: 4.0}[cfg.input_size], False)
     assert config["caption_channels"] == 4096 and config["num_layers"] == 28 and config["attention_head_dim"] == 72
-    assert set(config) - {"_class_name"} <= set(PixArtTransformer2DModel.extract_init_dict(config)[0])
+    assert set(config) - {"_class_name"} <= set(diffusers.PixArtTransformer2DModel.extract_init_dict(config)[0])
 
 
 def test_exported_sigma_folder_round_trips(tmp_path):

@@ -12,8 +12,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
-import skimage.data
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -44,10 +42,11 @@ PICTURES = [
 def save_tiny_encoders(vae_dir, t5_dir, latent_channels: int, t5_channels: int):
     """Save a random 2x-downsampling VAE with `latent_channels` to vae_dir and a one-layer T5 encoder of
     `t5_channels` with ByT5's tokenizer to t5_dir (seeded: the same folders every time)."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers not installed")
     torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels, norm_num_groups=4,
-                  layers_per_block=1, sample_size=32).save_pretrained(vae_dir)
+    diffusers.AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels,
+                            norm_num_groups=4, layers_per_block=1, sample_size=32).save_pretrained(vae_dir)
     T5EncoderModel(T5Config(vocab_size=384, d_model=t5_channels, d_kv=t5_channels // 2, d_ff=2 * t5_channels,
                             num_layers=1, num_heads=2, feed_forward_proj="gated-gelu",
                             dropout_rate=0.0)).save_pretrained(t5_dir)
@@ -65,7 +64,8 @@ def encoders(tmp_path_factory):
 
 def picture(name, width, height):
     """skimage.data's photograph `name`, center-cropped to the aspect ratio width / height and resized."""
-    image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    photos = pytest.importorskip("skimage.data", reason="scikit-image not installed")
+    image = Image.fromarray(getattr(photos, name)()).convert("RGB")
     W, H = image.size
     scale = min(W / width, H / height)
     cw, ch = round(width * scale), round(height * scale)
@@ -149,12 +149,13 @@ def test_load_image_resizes_the_shorter_side_and_crops_the_center(tmp_path):
 
 
 def test_features_equal_the_encoders_and_unreadable_images_are_skipped(images, encoders, tmp_path):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers not installed")
     summary = run(images, encoders, tmp_path)
     assert summary["encoded"] == len(PICTURES) and summary["chunks_written"] == 3
     assert summary["unreadable"][0][0] == str(images / "broken.jpg") and len(summary["unreadable"]) == 1
     data = FeatureDataset(tmp_path)
     assert len(data) == len(PICTURES) and data.buckets == [(32, 32)]
-    vae = AutoencoderKL.from_pretrained(encoders[0], low_cpu_mem_usage=False)
+    vae = diffusers.AutoencoderKL.from_pretrained(encoders[0], low_cpu_mem_usage=False)
     text = TextEncoder.from_pretrained(encoders[1])
     for i, record in enumerate(kept_records(images)):
         sample = data[i]

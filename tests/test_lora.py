@@ -11,9 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import skimage.data
 import torch
-from diffusers import PixArtTransformer2DModel
 from peft import PeftModel
 from PIL import Image
 from transformers import ByT5Tokenizer
@@ -39,6 +37,7 @@ def features(tmp_path_factory):
     """Features for PixArt-Sigma-tiny: a 2x-downsampling VAE with 4 latent channels, a T5 of 24 channels, 300
     tokens, 32-px photographs that ship inside scikit-image, captioned by hand. The encoders sit in one folder as
     a diffusers pipeline keeps them (vae/, text_encoder/, tokenizer/), which extraction takes as it is."""
+    photos = pytest.importorskip("skimage.data", reason="scikit-image not installed")
     root = tmp_path_factory.mktemp("sigma_features")
     save_tiny_encoders(root / "pipeline/vae", root / "pipeline/text_encoder", latent_channels=4, t5_channels=24)
     ByT5Tokenizer().save_pretrained(root / "pipeline/tokenizer")
@@ -46,7 +45,7 @@ def features(tmp_path_factory):
     lines = []
     for n, (photo, caption) in enumerate([("astronaut", "an astronaut in a white suit"), ("coffee", "a cup of coffee"),
                                           ("chelsea", "a tabby cat"), ("rocket", "a rocket on its launch pad")]):
-        Image.fromarray(getattr(skimage.data, photo)()).convert("RGB").resize((40, 32)).save(root / f"images/{n}.png")
+        Image.fromarray(getattr(photos, photo)()).convert("RGB").resize((40, 32)).save(root / f"images/{n}.png")
         lines.append(json.dumps({"file_name": f"{n}.png", "text": caption}))
     (root / "images/metadata.jsonl").write_text("\n".join(lines) + "\n")
     extract(root / "images", root / "pipeline", root / "pipeline", root / "features", resolution=32, batch_size=2,
@@ -78,6 +77,7 @@ def sigma_inputs(cfg, seed=1):
 
 
 def test_lora_fine_tune_of_a_diffusers_sigma_folder_exports_where_it_loads(features, sigma_folder, tmp_path):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers not installed")
     summary = train(lora_run(tmp_path / "a", features, sigma_folder, steps=4), progress=False)
     assert np.isfinite(summary["final_loss"]) and summary["skipped_steps"] == 0
     folder = tmp_path / "a/stage2/checkpoints/step-0000004"
@@ -86,14 +86,14 @@ def test_lora_fine_tune_of_a_diffusers_sigma_folder_exports_where_it_loads(featu
     assert any(v.abs().max() > 0 for k, v in saved.items() if ".lora_B." in k)  # trained (B starts at zero)
 
     ours = load_lora(folder / "ema.safetensors")  # the base it records, the EMA adapters
-    base = PixArtTransformer2DModel.from_pretrained(sigma_folder).eval()
+    base = diffusers.PixArtTransformer2DModel.from_pretrained(sigma_folder).eval()
 
     export_main(["--ckpt", str(folder), "--out", str(tmp_path / "adapter"), "--lora"])
     assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     export(folder, tmp_path / "merged", merge=True)
-    merged = PixArtTransformer2DModel.from_pretrained(tmp_path / "merged").eval()
-    plain = PixArtTransformer2DModel.from_pretrained(sigma_folder).eval()
+    merged = diffusers.PixArtTransformer2DModel.from_pretrained(tmp_path / "merged").eval()
+    plain = diffusers.PixArtTransformer2DModel.from_pretrained(sigma_folder).eval()
 
     x, t, y, mask = sigma_inputs(CONFIGS[SIGMA])
     with torch.no_grad():

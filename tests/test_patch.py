@@ -16,9 +16,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
-from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.attention_processor import AttnProcessor2_0
 from tolerance import assert_kernel_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -206,10 +203,11 @@ PIXART_CONFIGS = {
 
 
 def diffusers_pixart(variant, seed=0):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers not installed")
     torch.manual_seed(seed)
-    model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=8,
-                                     num_layers=2, cross_attention_dim=48, sample_size=8, patch_size=2,
-                                     caption_channels=24, **PIXART_CONFIGS[variant])
+    model = diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=24, in_channels=4,
+                                               out_channels=8, num_layers=2, cross_attention_dim=48, sample_size=8,
+                                               patch_size=2, caption_channels=24, **PIXART_CONFIGS[variant])
     return randomize(model, seed)
 
 
@@ -226,6 +224,9 @@ def pixart_inputs(variant, W=8, seed=1):
 
 
 def ada_norm_single_block(**overrides):
+    pytest.importorskip("diffusers", reason="diffusers not installed")
+    from diffusers.models.attention import BasicTransformerBlock
+
     torch.manual_seed(0)
     config = dict(dim=32, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=24,
                   activation_fn="gelu-approximate", num_embeds_ada_norm=1000, attention_bias=False,
@@ -322,10 +323,11 @@ def test_ada_norm_single_block_under_bf16_autocast_feeds_its_linears_without_cas
 
 def test_diffusers_dit_patched_equals_unpatched():
     """diffusers' DiTTransformer2DModel: BasicTransformerBlocks with norm_type 'ada_norm_zero', no cross-attention."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers not installed")
     torch.manual_seed(0)
-    model = randomize(DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
-                                            out_channels=8, num_layers=2, sample_size=8, patch_size=2,
-                                            num_embeds_ada_norm=10))
+    model = randomize(diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                                      out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                                      num_embeds_ada_norm=10))
     g = torch.Generator().manual_seed(1)
     inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([3, 700]),
                   class_labels=torch.tensor([1, 4]), return_dict=False)
@@ -457,6 +459,9 @@ def test_nothing_to_patch_lists_what_was_looked_for():
 
 
 def test_unsupported_parts_are_reported_and_left_alone():
+    pytest.importorskip("diffusers", reason="diffusers not installed")
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
     class MyProcessor(AttnProcessor2_0):
         pass
 
@@ -488,6 +493,7 @@ def test_calls_the_patch_cannot_serve_run_diffusers_own_forward():
 
 def test_readme_section_example_runs_and_prints_what_it_shows(capsys):
     """The README section's ```python block, executed as written there; it prints the ```text block shown there."""
+    pytest.importorskip("diffusers", reason="diffusers not installed")  # the example patches diffusers' PixArt
     text = README.read_text()
     assert SECTION in text, f"README.md has no section {SECTION!r}"
     text = text.split(SECTION, 1)[1].split("\n## ", 1)[0]

@@ -7,8 +7,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from diffusers import PixArtTransformer2DModel
-from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
 from pixart_fast.checkpoints import CheckpointMismatch, load_any, load_pixart, to_diffusers
 from pixart_fast.export import diffusers_config
@@ -59,10 +57,11 @@ def test_sigma_xl_has_diffusers_names_and_shapes(px):
     """The full-size networks, built on the meta device (no memory): 610,856,096 parameters as PixArt-XL/2 (no size
     embedders), a (300, 4096) null caption, and exactly the parameters of the diffusers model the conversion script
     builds, name for name and shape for shape."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers not installed")
     cfg = CONFIGS[SIGMA[px]]
     with torch.device("meta"):
         ours = PixArt(cfg, kernels="torch")
-        ref = PixArtTransformer2DModel(**conversion_script_config(px))
+        ref = diffusers.PixArtTransformer2DModel(**conversion_script_config(px))
     assert sum(p.numel() for p in ours.parameters()) == 610_856_096
     assert ours.y_embedder.y_embedding.shape == (300, 4096)
     converted, expected = to_diffusers(ours.state_dict()), ref.state_dict()
@@ -74,6 +73,9 @@ def test_sigma_xl_has_diffusers_names_and_shapes(px):
 def test_position_embedding_of_the_2k_model_equals_diffusers(grid):
     """At full size: PixArt-Sigma-XL/2-2K's positions (base grid 128, interpolation 4) on the square grid and on
     aspect-ratio buckets, against diffusers' function (float32 there, float64 then rounded here)."""
+    pytest.importorskip("diffusers", reason="diffusers not installed")
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
     cfg = CONFIGS[SIGMA[2048]]
     base = cfg.input_size // cfg.patch_size
     ours = pos_embed_2d(cfg.hidden_size, *grid, base, cfg.pe_interpolation)
