@@ -11,6 +11,7 @@ problem (CheckpointDamaged), never with a library traceback.
 """
 import json
 import pickle
+import pickletools
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from pixart_fast.cli import UserError
 from pixart_fast.files import atomic_path
 from pixart_fast.model import CONFIGS, DiT, PixArt, PixArtConfig, reparameterize
 
@@ -220,18 +222,35 @@ def load_safetensors(path) -> dict:
         raise _damaged(path, e) from e
 
 
+def _calls_code(path) -> bool:
+    """Whether a file is a whole pickle stream that imports or calls something (read by pickletools, never run):
+    tells pickled code from damaged bytes where torch.load's refusal does not."""
+    try:
+        with open(path, "rb") as f:
+            return any(op.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE")
+                       for op, _, _ in pickletools.genops(f))
+    except Exception:  # noqa: BLE001 - not a pickle stream to its end: damaged, not code
+        return False
+
+
 def _torch_load_weights(path) -> dict:
     """torch.load with weights_only=True: a file that carries pickled code is refused, never run; a truncated or
     corrupt file raises CheckpointDamaged."""
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # what weights_only raises for anything beyond plain tensors
-        raise ValueError(f"{path}: refused to load. Only plain weight files are accepted (torch.load with "
-                         f"weights_only=True failed: {type(e).__name__}: {str(e).splitlines()[0]})") from e
-    except (RuntimeError, EOFError, OSError) as e:  # torch's zip reader: truncated or corrupt archive
+    except pickle.UnpicklingError as e:  # weights_only's refusal: pickled code, or bytes that are no pickle at all
+        why = (" ".join(str(e).split()).partition("WeightsUnpickler error: ")[2].split(". ")[0]
+               .split(" Check the documentation")[0] or "not a pickle")
+        if "Unsupported global" not in why:
+            if not _calls_code(path):
+                raise _damaged(path, ValueError(why)) from e
+            why = "the pickle imports or calls code"
+        raise UserError(f"{path}: refused to load: it holds pickled code, and only plain weight files are accepted "
+                        f"(torch.load with weights_only=True: {why})") from e
+    except (RuntimeError, EOFError, OSError, UnicodeDecodeError) as e:  # torch's zip reader: truncated or corrupt
         raise _damaged(path, e) from e
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+        raise UserError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     return obj
 
 
@@ -280,7 +299,7 @@ def load_any(path) -> tuple[str, dict]:
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
         sd = load_official(path)
         return ("dit" if any("adaLN_modulation" in k for k in sd) else "official"), sd
-    raise ValueError(f"{path}: unknown checkpoint format {path.suffix!r} (expected a folder, .safetensors, .pth or .pt)")
+    raise UserError(f"{path}: unknown checkpoint format {path.suffix!r} (expected a folder, .safetensors, .pth or .pt)")
 
 
 

@@ -9,7 +9,7 @@ import sys
 from typing import Callable
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A mistake the user can fix: the message names the offending value and what to do instead."""
 
 

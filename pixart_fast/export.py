@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from pixart_fast import lora
 from pixart_fast.checkpoints import config_name, diffusers_config, load_pixart, to_diffusers, training_metadata
+from pixart_fast.cli import UserError, run
 from pixart_fast.model import CONFIGS, PixArtConfig
 
 FORMATS = ("diffusers",)
@@ -55,14 +56,14 @@ def export(ckpt, out, format: str = "diffusers", model: str | None = None, weigh
     model config first (strictly: every key, every shape), so a wrong --model fails here, not in diffusers.
     A LoRA run's checkpoint: adapter=True writes its PEFT adapter, merge=True the merged model (one of them)."""
     if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
+        raise UserError(f"unknown format {format!r}; choose one of {FORMATS}")
     path = _checkpoint_file(Path(ckpt), weights)
     is_lora = "lora_rank" in training_metadata(path)
     if adapter or merge or is_lora:
         if not is_lora:
-            raise ValueError(f"--lora / --merge export a LoRA run's adapters; {path} holds no LoRA adapters")
+            raise UserError(f"--lora / --merge export a LoRA run's adapters; {path} holds no LoRA adapters")
         if adapter == merge:
-            raise ValueError(f"{path} holds LoRA adapters: pass --lora (a PEFT adapter folder for diffusers) or "
+            raise UserError(f"{path} holds LoRA adapters: pass --lora (a PEFT adapter folder for diffusers) or "
                              "--merge (base and adapters merged into one diffusers model)")
         lora_model = lora.load_lora(path, base)
         if adapter:
@@ -93,4 +94,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

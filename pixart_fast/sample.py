@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from pixart_fast.checkpoints import load_pixart, training_metadata
+from pixart_fast.cli import UserError, run
 from pixart_fast.lora import load_lora
 from pixart_fast.diffusion import Diffusion
 from pixart_fast.grid import image_grid
@@ -71,6 +72,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--scale", type=int, default=4, help="upscale the written PNG by this factor (nearest)")
     args = p.parse_args(argv)
+    for flag, path in (("--ckpt", args.ckpt), ("--t5", args.t5), ("--vae", args.vae)):
+        if path is not None and not Path(path).exists():  # nothing is downloaded: a name is not a path
+            raise UserError(f"{flag} {path}: no such file or folder (pass a local path; nothing is downloaded)")
+    if not Path(args.out).resolve().parent.is_dir():
+        raise UserError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist; create it or pass "
+                        "another path")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     recorded = training_metadata(Path(args.ckpt))  # our trainer's checkpoints say how they were trained
@@ -84,13 +91,14 @@ def main(argv=None) -> int:
     text = (TextEncoder.from_pretrained(args.t5, max_length=length) if args.t5 else
             TextEncoder.embedded(tokenizer=tokenizer, max_length=length, locality=locality))
     if text.caption_channels != model.config.caption_channels:
-        raise SystemExit(f"error: the text encoder gives {text.caption_channels}-dim features but the model expects "
-                         f"{model.config.caption_channels}: pass the T5 the model was trained with (--t5)")
+        raise UserError(f"the text encoder gives {text.caption_channels}-dim features but the model expects "
+                        f"{model.config.caption_channels}: pass the T5 the model was trained with (--t5)")
     vae = None
     if args.vae:
         from diffusers import AutoencoderKL
         inside = (Path(args.vae) / "vae").is_dir()  # a diffusers pipeline folder: its vae/
-        vae = AutoencoderKL.from_pretrained(args.vae, subfolder="vae" if inside else None).to(device).eval()
+        vae = AutoencoderKL.from_pretrained(args.vae, subfolder="vae" if inside else None,
+                                            local_files_only=True).to(device).eval()
     factor = VAE_FACTOR if vae is not None else 1
     side = model.config.input_size * factor
     images = generate(model, text, args.prompt, args.height or side, args.width or side, args.steps,
@@ -101,4 +109,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

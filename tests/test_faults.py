@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from pixart_fast.checkpoints import CheckpointMismatch, load_safetensors, save_safetensors
 from pixart_fast.diffusion import Diffusion
 from pixart_fast.distributed import Dist
-from pixart_fast.extract import extract, read_records
+from pixart_fast.extract import extract, read_records, write_chunk_manifest
 from pixart_fast.features import FeatureDataset
 from pixart_fast.kernels.cross_attn import cross_attention, cross_attention_ref
 from pixart_fast.kernels.modulation import (gated_residual, gated_residual_modulate, gated_residual_modulate_ref,
@@ -88,7 +88,7 @@ def test_an_interrupted_save_leaves_the_last_checkpoint_latest_and_keep_prunes(t
     capsys.readouterr()
     train(tiny(tmp_path, steps=4, resume="latest", keep=2), progress=False)
     out = capsys.readouterr().out
-    assert f"deleted {ckpts / 'step-0000003.tmp'}, left by an interrupted save" in out
+    assert f"deleted {ckpts / 'step-0000003.tmp'}, left incomplete by an interrupted save" in out
     assert f"resumed from {ckpts / 'step-0000002'} at step 2" in out
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003", "step-0000004"]  # --keep 2
     assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == [1, 2, 3, 4]
@@ -291,11 +291,13 @@ def test_a_metadata_line_that_is_not_json_stops_before_any_output(encoders, tmp_
 
 
 def rewrite(path, **changes) -> None:
-    """Rewrite a chunk with some tensors replaced (None: removed), its metadata kept."""
+    """Rewrite a chunk with some tensors replaced (None: removed), its metadata kept, and its manifest, as a
+    writer of such a chunk would (else the dataset refuses it as damaged, before looking inside)."""
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     tensors = {k: v for k, v in {**load_file(path), **changes}.items() if v is not None}
     save_file(tensors, str(path), metadata=meta)
+    write_chunk_manifest(path)
 
 
 def test_a_feature_chunk_of_the_wrong_shape_or_dtype_is_named(messy, tmp_path):

@@ -9,6 +9,7 @@ import sys
 import typing
 
 from pixart_fast.checkpoints import matching_configs, training_metadata
+from pixart_fast.cli import UserError, run
 from pixart_fast.train.loop import train
 from pixart_fast.train.recipes import RECIPES, TrainConfig
 
@@ -71,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=_converter(hints[f.name]), default=None,
-                       metavar=f.name.upper(), choices=sorted(RECIPES) if f.name == "stage" else None,
+                       metavar=f.name.upper(), choices=f.metadata["choices"],
                        help=_help(f).replace("%", "%%"))
     return p
 
@@ -84,7 +85,7 @@ def config_from_args(argv=None) -> TrainConfig:
     if args["init"] and args["model"] is None and not training_metadata(args["init"]).get("model"):
         fits = matching_configs(args["init"])
         if len(fits) > 1:
-            raise SystemExit(f"--init {args['init']} fits several models ({', '.join(fits)}); pass --model")
+            raise UserError(f"--init {args['init']} fits several models ({', '.join(fits)}); pass --model")
         if fits:
             args["model"] = fits[0]
             print(f"--init {args['init']}: model {fits[0]}")
@@ -97,4 +98,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

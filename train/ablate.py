@@ -17,6 +17,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from pixart_fast.cli import run
 from pixart_fast.train.loop import train
 from pixart_fast.train.recipes import RECIPES
 
@@ -144,4 +145,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -23,6 +23,7 @@ When things go wrong (README "When things go wrong"):
   stop the run with an error naming the step and the last good checkpoint. Non-finite weights are never saved.
 """
 import json
+import math
 import shlex
 import signal
 import threading
@@ -37,17 +38,18 @@ from tqdm import tqdm
 
 from pixart_fast import distributed, lora
 from pixart_fast.checkpoints import training_metadata
+from pixart_fast.cli import UserError
 from pixart_fast.diffusion import Diffusion
 from pixart_fast.files import atomic_path
 from pixart_fast.loader import prefetch, to_device
 from pixart_fast.train.recipes import RECIPES, TrainConfig
-from pixart_fast.train.run_folder import (latest_checkpoint, load_trainer_state, load_weights, newest_intact_checkpoint,
-                                          remove_leftovers, save_checkpoint, trim_metrics, verified_checkpoint)
+from pixart_fast.train.run_folder import (claimed, latest_checkpoint, load_trainer_state, load_weights,
+                                          newest_intact_checkpoint, recover_leftovers, save_checkpoint, trim_metrics,
+                                          verified_checkpoint)
 from pixart_fast.train.stages import STAGES, Stage
 
 PREFETCH_DEPTH, PREFETCH_WORKERS = 4, 2  # batches built ahead of the step, by this many threads
 PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # "auto": see autocast_dtype
-OPTIMIZERS = ("adamw", "came")
 # Settings that shape the run's trajectory: resuming with other values is allowed, but warned about.
 TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup", "grad_clip", "ema_decay",
               "caption_dropout", "precision", "seed", "data", "t5", "prediction", "min_snr_gamma", "min_snr_plus_one",
@@ -158,6 +160,7 @@ class Run:
     scaler: torch.amp.GradScaler
     start: int  # steps done before this process started (a resumed run)
     skipped: int  # non-finite steps skipped so far (up to the last `read_records`)
+    seconds: float  # training time before this process started (a resumed run)
     autocast: torch.dtype | None  # the forward's autocast dtype; None: fp32
 
 
@@ -165,14 +168,12 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
     """Build the model and EMA, the data, the optimizer and scheduler; resume from or initialise them."""
     stage = STAGES[cfg.stage]
     run_dir = Path(cfg.out) / f"stage{cfg.stage}"
-    run_dir.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):  # every rank builds the same initial weights; the global RNG is untouched
         torch.manual_seed(cfg.seed)
         model = stage.build_model(cfg)
     data = stage.data(cfg, model)
     if d.main:
-        for leftover in remove_leftovers(run_dir):
-            log(f"deleted {leftover}, left by an interrupted save")
+        recover_leftovers(run_dir, log)
     resume = None
     if cfg.resume == "latest":  # the newest checkpoint that verifies; damaged ones are named and skipped
         resume = newest_intact_checkpoint(run_dir, log)
@@ -188,7 +189,7 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
                     if resume is not None and cfg.init is None else None)
         base = Path(recorded) if recorded else stage.init_source(cfg, log)
         if cfg.lora_rank and base is None:
-            raise ValueError(f"--lora-rank {cfg.lora_rank} adapts existing weights, but there are none: pass --init "
+            raise UserError(f"--lora-rank {cfg.lora_rank} adapts existing weights, but there are none: pass --init "
                              "(a diffusers folder, an official .pth or our checkpoint) or train the previous stage")
         log(stage.initialise(model, base, cfg))
     if cfg.lora_rank:
@@ -206,9 +207,9 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
     params, ema_params = [model_by_name[n] for n in trained], [ema_by_name[n] for n in trained]
     opt = make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
-    start, skipped = 0, 0
+    start, skipped, seconds = 0, 0, 0.0
     if resume is not None:
-        start, skipped, saved = load_trainer_state(resume, model, opt, sched)
+        start, skipped, seconds, saved = load_trainer_state(resume, model, opt, sched)
         log(f"resumed from {resume} at step {start}")
         changed = [f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in TRAJECTORY
                    if saved.get(k) != getattr(cfg, k)]
@@ -223,7 +224,7 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
     diffusion = Diffusion(learn_sigma=model.config.learn_sigma, prediction=cfg.prediction,
                           min_snr_gamma=cfg.min_snr_gamma, min_snr_plus_one=cfg.min_snr_plus_one)
     return Run(cfg, stage, d, run_dir, model, net, ema, base if cfg.lora_rank else None, params, ema_params, data,
-               diffusion, opt, sched, scaler, start, skipped, autocast_dtype(cfg.precision, d.device))
+               diffusion, opt, sched, scaler, start, skipped, seconds, autocast_dtype(cfg.precision, d.device))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -318,30 +319,12 @@ def train(cfg: TrainConfig, device: str | None = None, progress: bool = True) ->
     SIGINT / SIGTERM, {"interrupted": True, "steps" done, "checkpoint", "resume": the command that continues}.
     Under torchrun (WORLD_SIZE > 1 in the environment) this process trains its slice of every batch; device None
     picks cuda:LOCAL_RANK when there is CUDA."""
-    if cfg.stage not in STAGES:
-        raise ValueError(f"stage must be one of {sorted(STAGES)}, got {cfg.stage}")
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {cfg.precision!r}")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError(f"steps and batch size must be >= 1, got steps={cfg.steps}, batch_size={cfg.batch_size}")
-    if cfg.fsdp and cfg.precision == "fp16":
-        raise ValueError("--fsdp true with fp16 is not supported (its gradient scaler does not shard); use bf16")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
-    if cfg.lora_rank < 0:
-        raise ValueError(f"--lora-rank must be >= 0 (0: train every weight), got {cfg.lora_rank}")
-    if cfg.fsdp and (cfg.lora_rank or cfg.optimizer == "came"):
-        raise ValueError("--fsdp true shards full training with AdamW; LoRA and CAME state are small or factored "
-                         "per whole weight: run them without --fsdp (DDP)")
-    if cfg.lora_rank and cfg.stage == 1:
-        raise ValueError("--lora-rank adapts a text-conditioned PixArt (stages 2 and 3); stage 1 trains a DiT "
-                         "from scratch")
     d = distributed.setup(device)
     matmul_precision = torch.get_float32_matmul_precision()
     if d.device.type == "cuda":  # what stays fp32 (all of it with --precision fp32) runs its matmuls on TF32
         torch.set_float32_matmul_precision("high")
     try:
-        with StopSignals() as stop:
+        with StopSignals() as stop, claimed(Path(cfg.out) / f"stage{cfg.stage}") if d.main else nullcontext():
             return _train(cfg, d, progress and d.main, stop)
     finally:
         torch.set_float32_matmul_precision(matmul_precision)
@@ -351,6 +334,8 @@ def train(cfg: TrainConfig, device: str | None = None, progress: bool = True) ->
 def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSignals) -> dict:
     log = (tqdm.write if progress else print) if d.main else (lambda *a: None)
     run = setup(cfg, d, log)
+    if run.start >= cfg.steps:
+        return _already_done(run, log)
     n_params = sum(p.numel() for p in run.model.parameters())
     parallel = f", {d.world_size} processes ({'FSDP2' if cfg.fsdp else 'DDP'})" if d.world_size > 1 else ""
     precision = str(run.autocast).removeprefix("torch.") + " autocast" if run.autocast else "fp32"
@@ -364,7 +349,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
 
     def save(step: int) -> Path:
         return save_checkpoint(run.run_dir, step, run.model, run.ema, run.opt, run.sched, run.skipped, cfg, d,
-                               run.base)
+                               run.base, run.seconds + time.time() - t_start)
 
     bar = tqdm(total=cfg.steps, initial=run.start, disable=not progress, desc=f"stage {cfg.stage}", unit="step")
     t_start = t_log = time.time()
@@ -418,7 +403,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
                 log(f"step {done}: EMA " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()
                                                      if isinstance(v, float)))
         bar.close()
-        train_time = time.time() - t_start
+        train_time = run.seconds + time.time() - t_start  # over every process that trained this run
         final = run.run_dir / "checkpoints" / f"step-{done:07d}" if saved_at == done else save(done)
         if done < cfg.steps:  # stopped by a signal
             command = resume_command(cfg)
@@ -432,6 +417,26 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
     return _summary(run, scores, train_time, last, final, log)
 
 
+def _already_done(run: Run, log) -> dict:
+    """A run resumed at its last step (a finished run started again): nothing is trained or rewritten. Its
+    summary.json is returned as it is; one missing (the run was stopped during its final evaluation) is written
+    from the checkpoint and metrics.jsonl. A checkpoint past --steps is the user's to sort out."""
+    cfg, path = run.cfg, run.run_dir / "summary.json"
+    checkpoint = latest_checkpoint(run.run_dir)
+    if run.start > cfg.steps:
+        raise UserError(f"--steps {cfg.steps}, but the run is already at step {run.start} ({checkpoint}): pass "
+                        f"--steps {run.start} or more to go on, or another --out for a new run")
+    if path.exists() and json.loads(path.read_text()).get("steps") == cfg.steps:
+        log(f"stage {cfg.stage}: the run is complete ({cfg.steps} steps, {checkpoint}); nothing to do. Its summary: "
+            f"{path}")
+        return json.loads(path.read_text())
+    losses = [r["loss"] for r in map(json.loads, (run.run_dir / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r] if (run.run_dir / "metrics.jsonl").exists() else []
+    scores = run.data.evaluate(run.ema, run.stage, cfg, run.diffusion, run.d.device,
+                               run.run_dir / "samples" / f"step-{cfg.steps:07d}.png" if run.d.main else None)
+    return _summary(run, scores, run.seconds, {"loss": losses[-1]} if losses else {}, checkpoint, log)
+
+
 def _summary(run: Run, scores: dict, train_time: float, last: dict, final: Path, log) -> dict:
     """Write summary.json (rank 0) and say how the run ended; returns the summary."""
     cfg = run.cfg
@@ -441,9 +446,18 @@ def _summary(run: Run, scores: dict, train_time: float, last: dict, final: Path,
                "skipped_steps": run.skipped, "ema_alignment_accuracy": scores.get("accuracy"), "ema_scores": scores,
                "checkpoint": str(final), "samples": str(png) if run.data.draws_samples else None}
     if run.d.main:
-        with atomic_path(run.run_dir / "summary.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        with atomic_path(run.run_dir / "summary.json") as tmp:  # JSON has no NaN: a non-finite number is null
+            tmp.write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
     samples = f"; samples {png}" if run.data.draws_samples else ""
     log(f"stage {cfg.stage} done in {train_time:.0f} s: {run.data.describe(scores, cfg, run.stage)}; "
         f"checkpoint {final}{samples}")
     return summary
+
+
+def _finite(value):
+    """value with every non-finite float (NaN, inf) inside it replaced by None."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value

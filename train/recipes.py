@@ -6,74 +6,126 @@ dataset on a 2-core CPU (about 5 minutes a stage); the paper's schedule (Table 4
 is `pixart_fast.plan.PAPER_SCHEDULE`, and its optimizer settings are in the fields' help ("paper: ..."). Every
 field can be overridden from the command line.
 """
-from dataclasses import dataclass, field
+import math
+import os
+from dataclasses import dataclass, field, fields
 
+from pixart_fast.cli import UserError
 from pixart_fast.lora import DEFAULT_ALPHA, DEFAULT_TARGETS
+from pixart_fast.model import CONFIGS
+
+INF = math.inf
 
 
-def _field(default, help: str):
-    """A config field whose help text the command line shows."""
-    return field(default=default, metadata={"help": help})
+def _field(default, help: str, choices: tuple | None = None, low: float | None = None, high: float = INF,
+           open_low: bool = False):
+    """A config field: the help text the command line shows, and what values it takes (one of `choices`, or a
+    number in [low, high]; (low, high] with open_low), checked by TrainConfig.__post_init__."""
+    return field(default=default, metadata={"help": help, "choices": choices, "range": (low, high, open_low)})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    stage: int = _field(2, "1 pixel dependency (class-conditional DiT), 2 text-image alignment, 3 aesthetics")
-    model: str = _field("PixArt-pixel-32", "a model config name from pixart_fast.model.CONFIGS")
-    steps: int = _field(1200, "total optimizer steps of the run (a resumed run continues up to this total)")
-    batch_size: int = _field(24, "images per optimizer step")
-    lr: float = _field(1e-3, "peak AdamW learning rate, reached after --warmup steps, then held (paper: 2e-5)")
-    weight_decay: float = _field(0.03, "AdamW weight decay")
-    adam_eps: float = _field(1e-10, "AdamW epsilon")
-    warmup: int = _field(20, "linear learning-rate warm-up, in steps (paper: 1000)")
-    grad_clip: float = _field(1.0, "max global gradient norm (paper: 0.01 at lr 2e-5)")
-    ema_decay: float = _field(0.9999, "EMA decay of the weights; step s uses min(decay, (1 + s) / (10 + s))")
-    caption_dropout: float = _field(0.1, "probability that a caption (stage 1: a class) is replaced by the null one")
+    stage: int = _field(2, "1 pixel dependency (class-conditional DiT), 2 text-image alignment, 3 aesthetics",
+                        choices=(1, 2, 3))
+    model: str = _field("PixArt-pixel-32", "a model config name from pixart_fast.model.CONFIGS",
+                        choices=tuple(CONFIGS))
+    steps: int = _field(1200, "total optimizer steps of the run (a resumed run continues up to this total)", low=1)
+    batch_size: int = _field(24, "images per optimizer step (under torchrun: a multiple of the processes)", low=1)
+    lr: float = _field(1e-3, "peak AdamW learning rate, reached after --warmup steps, then held (paper: 2e-5)",
+                       low=0, open_low=True)
+    weight_decay: float = _field(0.03, "AdamW weight decay", low=0)
+    adam_eps: float = _field(1e-10, "AdamW epsilon", low=0, open_low=True)
+    warmup: int = _field(20, "linear learning-rate warm-up, in steps (paper: 1000)", low=0)
+    grad_clip: float = _field(1.0, "max global gradient norm (paper: 0.01 at lr 2e-5)", low=0, open_low=True)
+    ema_decay: float = _field(0.9999, "EMA decay of the weights; step s uses min(decay, (1 + s) / (10 + s))",
+                              low=0, high=1)
+    caption_dropout: float = _field(0.1, "probability that a caption (stage 1: a class) is replaced by the null one",
+                                    low=0, high=1)
     precision: str = _field("auto", "auto (bf16 on CUDA, fp32 on a CPU), fp32, bf16 or fp16 autocast (fp16 adds a "
-                                     "gradient scaler); on CUDA, fp32 matmuls use TF32")
+                                     "gradient scaler); on CUDA, fp32 matmuls use TF32",
+                            choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = _field(False, "torch.compile the model (one graph, the Triton kernels included)")
     recompute: str = _field("none", "what the backward pass recomputes to save activation memory: none, selective "
                                     "(each block's pointwise work; its matmul and attention outputs are kept) or "
-                                    "full (whole blocks; paper: full)")
+                                    "full (whole blocks; paper: full)", choices=("none", "selective", "full"))
     fsdp: bool = _field(False, "under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP")
     kernels: str = _field("auto", "auto (Triton on CUDA, PyTorch on CPU), triton or torch; stage 1's DiT runs its patchify "
-                                  "/ unpatchify on them, its blocks stay PyTorch")
-    seed: int = _field(0, "seed of the initial weights, the data order, noise, timesteps and caption dropout")
+                                  "/ unpatchify on them, its blocks stay PyTorch", choices=("auto", "triton", "torch"))
+    seed: int = _field(0, "seed of the initial weights, the data order, noise, timesteps and caption dropout", low=0)
     out: str = _field("runs", "output root; this stage writes <out>/stage<N>/")
     resume: str | None = _field(None, "'latest' or a checkpoint folder of this run to continue from")
     init: str | None = _field(None, "weights to start from: a DiT or PixArt checkpoint (official .pth, diffusers "
                                     "folder, ours); default: the previous stage's newest EMA weights under --out")
     data: str | None = _field(None, "a folder of extracted features; default: the embedded procedural dataset")
-    t5: str | None = _field(None, "a local T5 encoder folder; default: the embedded tiny T5 with a byte tokenizer")
-    log_every: int = _field(10, "steps between metrics.jsonl lines")
-    save_every: int = _field(100, "steps between checkpoints (one is always written at the end)")
-    keep: int = _field(0, "checkpoints to keep, the newest; older ones are deleted (0: keep all)")
+    t5: str | None = _field(None, "a local T5 encoder folder; default: the embedded tiny T5")
+    log_every: int = _field(10, "steps between metrics.jsonl lines", low=1)
+    save_every: int = _field(100, "steps between checkpoints (one is always written at the end)", low=1)
+    keep: int = _field(0, "checkpoints to keep, the newest; older ones are deleted (0: keep all)", low=0)
     max_bad_steps: int = _field(10, "consecutive steps with a non-finite loss or gradient norm (each skipped: no "
-                                    "optimizer or EMA update) after which the run stops; 0: never stop")
-    sample_every: int = _field(0, "steps between validation sample grids (0: only at the end)")
-    sample_steps: int = _field(20, "DPM-Solver++ steps for validation samples")
-    cfg_scale: float = _field(4.5, "classifier-free guidance scale for validation samples")
+                                    "optimizer or EMA update) after which the run stops; 0: never stop", low=0)
+    sample_every: int = _field(0, "steps between validation sample grids (0: only at the end)", low=0)
+    sample_steps: int = _field(20, "DPM-Solver++ steps for validation samples", low=1)
+    cfg_scale: float = _field(4.5, "classifier-free guidance scale for validation samples", low=0)
     num_val: int = _field(56, "held-out captions (stage 1: class samples) to sample and score; 56 captions hold "
-                              "about 110 objects, so one object is under 1 % of a score")
-    prediction: str = _field("eps", "what the model predicts: eps (PixArt) or v (v-prediction; the samplers convert)")
-    min_snr_gamma: float = _field(0.0, "min-SNR-gamma loss weighting (Hang et al. 2023; 5 is theirs); 0: unweighted")
+                              "about 110 objects, so one object is under 1 % of a score", low=1)
+    prediction: str = _field("eps", "what the model predicts: eps (PixArt) or v (v-prediction; the samplers convert)",
+                             choices=("eps", "v"))
+    min_snr_gamma: float = _field(0.0, "min-SNR-gamma loss weighting (Hang et al. 2023; 5 is theirs); 0: unweighted",
+                                  low=0)
     min_snr_plus_one: bool = _field(False, "with --prediction v: weight min(SNR + 1, gamma) / (SNR + 1) (diffusers' "
                                            "form), which keeps the noisiest steps' weight at 1")
     tokenizer: str = _field("byte", "the embedded T5's tokenizer: byte (ByT5's) or word (the captions' closed "
-                                    "vocabulary, one token a word)")
+                                    "vocabulary, one token a word)", choices=("byte", "word"))
     t5_locality: float = _field(0.0, "the embedded T5's attention bias: 0 random (as its other weights); > 0 falls by "
                                      "this much per token of distance, so a word's features carry its own phrase "
-                                     "(binds a colour to its region)")
+                                     "(binds a colour to its region)", low=0)
     optimizer: str = _field("adamw", "adamw (torch's, fused) or came (PixArt-Sigma's CAME: factored second moments, "
-                                     "about half AdamW's optimizer-state memory; its betas and eps as Sigma's configs)")
+                                     "about half AdamW's optimizer-state memory; its betas and eps as Sigma's configs)",
+                             choices=("adamw", "came"))
     lora_rank: int = _field(0, "LoRA rank: PEFT adapters on the frozen base weights, and only the adapters are "
-                               "trained, averaged and saved; 0: train every weight (official PixArt LoRA guide: 16)")
+                               "trained, averaged and saved; 0: train every weight (official PixArt LoRA guide: 16)",
+                           low=0)
     lora_alpha: float = _field(DEFAULT_ALPHA, "LoRA alpha: the adapters' output is scaled by alpha / rank; 8 is "
-                                              "PEFT's and the official PixArt LoRA script's")
+                                              "PEFT's and the official PixArt LoRA script's", low=0, open_low=True)
     lora_targets: str = _field(DEFAULT_TARGETS, "the Linear layers LoRA adapts: groups attn (self-attention), cross "
                                                 "(cross-attention), mlp, embed (timestep, caption and size embedders, "
                                                 "t_block, final layer), or module-name suffixes such as attn.qkv, "
                                                 "comma-separated")
+
+    def __post_init__(self):
+        """Every rule a config must keep, checked here once, before a run writes anything: each field's choices
+        and range, the combinations that cannot work, and (under torchrun, WORLD_SIZE set) a batch that splits
+        evenly over the processes. UserError names the flag, the value and what it takes."""
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            flag = "--" + f.name.replace("_", "-")
+            if value is None:
+                continue
+            if meta["choices"] is not None and value not in meta["choices"]:
+                raise UserError(f"{flag} {value}: unknown {f.name.replace('_', ' ')}; choose one of "
+                                f"{', '.join(map(str, meta['choices']))}")
+            low, high, open_low = meta["range"]
+            if low is None:
+                continue
+            if not math.isfinite(value):
+                raise UserError(f"{flag} {value}: must be a finite number")
+            if not (value > low if open_low else value >= low) or value > high:
+                bound = f"> {low}" if open_low else f">= {low}"
+                raise UserError(f"{flag} {value}: must be {bound}" + (f" and <= {high}" if high < INF else ""))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; a single process: 1
+        if self.batch_size % world_size:
+            raise UserError(f"--batch-size {self.batch_size} does not split over {world_size} processes: pass a "
+                            f"multiple of {world_size}")
+        if self.fsdp and self.precision == "fp16":
+            raise UserError("--fsdp true with --precision fp16 is not supported (its gradient scaler does not "
+                            "shard): use bf16")
+        if self.fsdp and (self.lora_rank or self.optimizer == "came"):
+            raise UserError("--fsdp true shards full training with AdamW; LoRA and CAME state are small or factored "
+                            "per whole weight: run them without --fsdp (DDP)")
+        if self.lora_rank and self.stage == 1:
+            raise UserError("--lora-rank adapts a text-conditioned PixArt (stages 2 and 3); stage 1 trains a DiT "
+                            "from scratch")
 
 
 # About 5 minutes each on 2 CPU cores: stage 1 180-230 images/s, stage 2 141-152 with 32-token captions (2026-12-02,

@@ -7,29 +7,84 @@ saves, and metrics.jsonl trimming.
                                only, and record the frozen base weights' path ("base" in their metadata)
 
 A folder is written as step-XXXXXXX.tmp, every file and the folder fsync'd, the manifest last, and only then
-renamed: a kill -9 at any moment leaves complete folders only (and *.tmp leftovers, deleted by the next run).
+renamed. Saving a step again (a run resumed from an older checkpoint) moves the old folder aside as
+step-XXXXXXX.replaced.tmp until the new one is in place. A kill -9 at any moment leaves every checkpoint complete
+under its name or in a *.tmp folder that the next run puts back (recover_leftovers): a complete step-XXXXXXX.tmp
+(its manifest verifies) is renamed into place, else the replaced copy is restored; only incomplete leftovers and
+folders whose deletion was cut short (*.old.tmp) are deleted.
 The manifest catches damage after the save (a disk, a copy or a sync tool that cut a file short or flipped a bit):
 `--resume latest` verifies the newest folder, says what is wrong with a damaged one, skips it and takes the
 newest intact one. Folders written before manifests existed are verified by reading every file whole.
 """
+import fcntl
 import json
 import os
 import re
+import shlex
 import shutil
+import socket
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from pixart_fast import distributed, lora
+from pixart_fast.cli import UserError
 from pixart_fast.checkpoints import load_safetensors, load_state_dict_strict, nonfinite_keys, save_safetensors
 from pixart_fast.files import atomic_path, fsync_dir, verify_manifest, write_manifest
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "trainer.pt")
+WRITING, REPLACED, DELETING = ".tmp", ".replaced.tmp", ".old.tmp"  # suffixes of checkpoint folders in passing
 
 
-class NoIntactCheckpoint(RuntimeError):
+LOCK = ".lock"  # held by the run writing the folder: its pid, host, start time and command inside
+
+
+class NoIntactCheckpoint(UserError):
     """--resume found checkpoints, but every one is damaged (or the one named is)."""
+
+
+@contextmanager
+def claimed(run_dir: Path):
+    """Create a stage's run folder (and the folders above it) and hold its lock while the run writes there. A
+    second run on the same folder fails at once with UserError naming the first. The lock is the system's
+    (flock), released when its process ends however it ends, so a dead run's lock is taken over. A run that
+    fails before writing anything but the lock leaves nothing behind: the folders it created are removed."""
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = path.read_text().strip() if path.exists() else ""
+            raise UserError(f"{run_dir} is in use by another run ({holder or 'unknown'}): wait for it to end, or "
+                            "pass another --out") from None
+        if os.path.exists(path) and os.fstat(fd).st_ino == os.stat(path).st_ino:
+            break  # the file still has its name: the lock is ours (else its holder deleted it on the way out)
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                 f"{shlex.join(sys.argv)}\n".encode())
+    try:
+        yield run_dir
+    except BaseException:
+        if run_dir in created and all(f.is_file() and (f.name == LOCK or f.stat().st_size == 0)
+                                      for f in run_dir.iterdir()):
+            shutil.rmtree(run_dir)  # it wrote nothing but the lock and empty files: as if it never ran
+            for folder in created[1:]:
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+        raise
+    finally:
+        if path.exists() and os.fstat(fd).st_ino == os.stat(path).st_ino:
+            path.unlink()
+        os.close(fd)
 
 
 def checkpoint_folders(run_dir: Path) -> list[Path]:
@@ -98,30 +153,53 @@ def verified_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def remove_leftovers(run_dir: Path) -> list[Path]:
-    """Delete the *.tmp folders that interrupted saves or deletions left in checkpoints/; returns their paths."""
-    leftovers = sorted((run_dir / "checkpoints").glob("*.tmp"))
-    for p in leftovers:
-        shutil.rmtree(p)
-    return leftovers
+def recover_leftovers(run_dir: Path, log=print) -> None:
+    """Finish what interrupted saves and deletions left in checkpoints/, each action logged. Where step-N is
+    missing: a complete step-N.tmp (every file its manifest lists, intact) is renamed into place, else an intact
+    step-N.replaced.tmp (the copy a save of the same step moved aside) is put back. Every other *.tmp folder
+    (an incomplete save, a cut-off deletion, a copy no longer needed) is deleted."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return
+    for writing in sorted(folder.glob("step-*" + WRITING)):
+        final = folder / writing.name.removesuffix(WRITING)
+        if not re.fullmatch(r"step-\d+", final.name) or final.exists():
+            continue
+        replaced = final.with_name(final.name + REPLACED)
+        if verify_manifest(writing) == [] and not checkpoint_problems(writing):
+            os.replace(writing, final)
+            log(f"{final}: completed by a save that was interrupted before its last rename; kept")
+        elif replaced.is_dir() and not checkpoint_problems(replaced):
+            os.replace(replaced, final)
+            log(f"{final}: put back (a save replacing it was interrupted)")
+    for replaced in sorted(folder.glob("step-*" + REPLACED)):
+        final = folder / replaced.name.removesuffix(REPLACED)
+        if not final.exists() and not checkpoint_problems(replaced):
+            os.replace(replaced, final)
+            log(f"{final}: put back (a save replacing it was interrupted)")
+    fsync_dir(folder)
+    for leftover in sorted(folder.glob("*.tmp")):
+        shutil.rmtree(leftover)
+        log(f"deleted {leftover}, left incomplete by an interrupted save or deletion")
 
 
 def remove_checkpoint(folder: Path) -> None:
     """Delete a checkpoint folder: renamed to *.old.tmp first (atomic), so a crash midway leaves a leftover
-    for remove_leftovers, never a half-deleted folder under a complete checkpoint's name."""
-    trash = folder.with_name(folder.name + ".old.tmp")
+    for recover_leftovers to delete, never a half-deleted folder under a complete checkpoint's name."""
+    trash = folder.with_name(folder.name + DELETING)
     shutil.rmtree(trash, ignore_errors=True)
     os.replace(folder, trash)
     shutil.rmtree(trash)
 
 
 def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, skipped: int, cfg,
-                    d: distributed.Dist, base: Path | None = None) -> Path:
+                    d: distributed.Dist, base: Path | None = None, seconds: float = 0.0) -> Path:
     """Write checkpoints/step-XXXXXXX crash-safely: every file written and fsync'd in step-XXXXXXX.tmp, the
     manifest last, then the folder renamed into place (the rename fsync'd too); then all but the newest --keep
     checkpoints are deleted. Refuses weights holding NaN or inf. Every rank calls it (gathering sharded state is
     a collective); rank 0 writes whole, unsharded state dicts. skipped: the run's skipped steps so far. base: a
-    LoRA run's frozen base weights (its files then hold the adapters only)."""
+    LoRA run's frozen base weights (its files then hold the adapters only). seconds: the run's training time so
+    far, over all the processes that resumed it."""
     final = run_dir / "checkpoints" / f"step-{step:07d}"
     if lora.is_lora(model):
         model_sd, ema_sd = lora.adapter_state_dict(model), lora.adapter_state_dict(ema)
@@ -136,7 +214,7 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, skipped: i
             raise FloatingPointError(f"refusing to write checkpoint {final}: the {name} weights hold NaN or inf in "
                                      f"{len(bad)} tensors ({', '.join(bad[:3])}); the last good checkpoint is "
                                      f"{latest_checkpoint(run_dir) or 'none yet'}")
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = final.with_name(final.name + WRITING)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # what a sampler needs to know besides the weights: the config, what the model predicts, the embedded T5's
@@ -149,12 +227,17 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, skipped: i
     save_safetensors(ema_sd, tmp / "ema.safetensors", meta)
     with atomic_path(tmp / "trainer.pt") as path:
         torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(), "skipped_steps": skipped,
-                    "config": asdict(cfg)}, path)
+                    "train_seconds": seconds, "config": asdict(cfg)}, path)
     write_manifest(tmp)  # last: a folder with a manifest holds every file it lists
-    if final.exists():  # this step was saved before (a run resumed from an older checkpoint): replaced
-        remove_checkpoint(final)
+    # This step saved before (a run resumed from an older checkpoint): its folder is moved aside, not deleted,
+    # until the new one has its name, so a kill in between leaves two complete copies (recover_leftovers).
+    replaced = final.with_name(final.name + REPLACED)
+    if final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
     os.replace(tmp, final)
     fsync_dir(final.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
     if cfg.keep:
         for old in checkpoint_folders(run_dir)[:-cfg.keep]:
             if old != final:
@@ -172,13 +255,14 @@ def load_weights(path: Path, model, ema) -> None:
         load_state_dict_strict(module, load_safetensors(path / name), source=f"--resume {path / name}")
 
 
-def load_trainer_state(path: Path, model, opt, sched) -> tuple[int, int, dict]:
-    """The optimizer (after wrapping: each rank takes its shard) and scheduler of a checkpoint
-    folder; returns (the step it ends at, the steps skipped so far, the run's settings then)."""
+def load_trainer_state(path: Path, model, opt, sched) -> tuple[int, int, float, dict]:
+    """The optimizer (after wrapping: each rank takes its shard) and scheduler of a checkpoint folder; returns
+    (the step it ends at, the steps skipped so far, the training seconds so far, the run's settings then)."""
     state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     distributed.load_optimizer_state_dict(model, opt, state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    return int(state["step"]), int(state.get("skipped_steps", 0)), state["config"]
+    return (int(state["step"]), int(state.get("skipped_steps", 0)), float(state.get("train_seconds", 0.0)),
+            state["config"])
 
 
 def trim_metrics(path: Path, step: int) -> None:

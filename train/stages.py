@@ -22,6 +22,7 @@ import torch
 from pixart_fast import data as embedded
 from pixart_fast.batch import Batch
 from pixart_fast.checkpoints import load_into
+from pixart_fast.cli import UserError
 from pixart_fast.diffusion import Diffusion
 from pixart_fast.eval import alignment_scores
 from pixart_fast.features import FeatureDataset
@@ -50,7 +51,7 @@ class Stage:
 
     def model_config(self, cfg: TrainConfig):
         if cfg.model not in CONFIGS:
-            raise ValueError(f"unknown model {cfg.model!r}; choose one of {sorted(CONFIGS)}")
+            raise UserError(f"unknown model {cfg.model!r}; choose one of {sorted(CONFIGS)}")
         return replace(CONFIGS[cfg.model], class_dropout_prob=cfg.caption_dropout)
 
     def embedded_set(self, size: int, seed: int, split: str, length: int = 100_000):
@@ -68,7 +69,7 @@ class Stage:
             return EmbeddedData(self.embedded_set(size, cfg.seed, "train"),
                                 self.embedded_set(size, 0, "val", cfg.num_val), self.text_encoder(cfg, model))
         if cfg.t5 is not None:
-            raise ValueError(f"--t5 {cfg.t5} encodes the embedded captions; the features in --data {cfg.data} hold "
+            raise UserError(f"--t5 {cfg.t5} encodes the embedded captions; the features in --data {cfg.data} hold "
                              "their captions' T5 features already: drop --t5")
         features = FeatureDataset(cfg.data)
         features.check_model(model.config, cfg.model, class_conditional=self.class_conditional)
@@ -78,6 +79,9 @@ class Stage:
         """The weights a new run starts from: --init, else the previous stage's newest intact EMA weights under
         --out, else None (from scratch)."""
         if cfg.init:
+            if not Path(cfg.init).exists():
+                raise UserError(f"--init {cfg.init}: no such file or folder; pass a checkpoint (ours, an official "
+                                ".pth, a DiT .pt) or a diffusers folder")
             return Path(cfg.init)
         if self.previous is None:
             return None
@@ -118,7 +122,7 @@ class ClassConditional(Stage):
     def build_model(self, cfg):
         mcfg = self.model_config(cfg)
         if mcfg.micro_conditions:
-            raise ValueError(f"stage 1 trains a class-conditional DiT; {cfg.model} has micro-conditions")
+            raise UserError(f"stage 1 trains a class-conditional DiT; {cfg.model} has micro-conditions")
         return DiT(mcfg, kernels=cfg.kernels, recompute=cfg.recompute)
 
     def condition(self, net, batch, drop, micro_conditions):
@@ -149,7 +153,7 @@ class TextConditional(Stage):
         text = (TextEncoder.from_pretrained(cfg.t5, max_length=length) if cfg.t5 else
                 TextEncoder.embedded(tokenizer=cfg.tokenizer, max_length=length, locality=cfg.t5_locality))
         if text.caption_channels != model.config.caption_channels:
-            raise ValueError(f"text encoder gives {text.caption_channels}-dim features but {cfg.model} expects "
+            raise UserError(f"text encoder gives {text.caption_channels}-dim features but {cfg.model} expects "
                              f"{model.config.caption_channels}; pick a matching --model or --t5")
         return text
 
