@@ -60,16 +60,19 @@ def _checksums(paths: list[Path]) -> list[str]:
         return list(pool.map(crc32, paths))
 
 
-def write_manifest(folder) -> Path:
+def write_manifest(folder, names: list[str] | None = None, manifest: str = MANIFEST) -> Path:
     """Write `folder/manifest.json` (atomically) listing every other file in the folder with its size in bytes
-    and its CRC-32. Call it after the last file is written."""
+    and its CRC-32. Call it after the last file is written. names / manifest: list only these files of the
+    folder, in a manifest of that name (one per file of a folder that several processes fill)."""
     folder = Path(folder)
-    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    if names is None:
+        names = [p.name for p in folder.iterdir() if p.is_file() and p.name != manifest]
+    names = sorted(names)
     sums = _checksums([folder / n for n in names])
     files = {n: {"bytes": (folder / n).stat().st_size, "crc32": s} for n, s in zip(names, sums)}
-    with atomic_path(folder / MANIFEST) as tmp:
+    with atomic_path(folder / manifest) as tmp:
         tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
-    return folder / MANIFEST
+    return folder / manifest
 
 
 def verify_manifest(folder) -> list[str] | None:
