@@ -1,30 +1,13 @@
-"""The GPU the benchmarks run on, its entry in the planner's table, the roofline model of the estimates, and
-the board's energy counter.
+"""The GPU the benchmarks run on, its entry in the GPU table, the roofline model of the estimates, and the
+board's energy counter.
 
-Peak numbers come from `pixart_fast.plan.GPUS` (each with its datasheet source). Only a GPU found in that table
-gets a % of peak or an MFU; any other gets its raw numbers.
+Peak numbers come from `pixart_fast.gpus.GPUS` (each with its datasheet source), which also maps a CUDA device's
+name to its entry (`gpu_key`). Only a GPU found in that table gets a % of peak or an MFU; any other gets its raw
+numbers.
 """
 import torch
 
-from pixart_fast.plan import GPU
-
-
-def gpu_key(name: str, memory_bytes: int) -> str | None:
-    """The GPUS key for a CUDA device name, e.g. "NVIDIA A100-SXM4-80GB" -> "A100-80GB", or None.
-
-    PCIe A100s share the SXM card's tensor peak (bandwidth and power are slightly lower); H100 PCIe and NVL
-    have other peaks and are not in the table."""
-    n = name.upper()
-    if "H200" in n:
-        return "H200"
-    if "H100" in n and "PCIE" not in n and "NVL" not in n:
-        return "H100"
-    if "A100" in n:
-        return "A100-80GB" if memory_bytes > 60e9 else "A100-40GB"
-    for key, marker in (("V100", "V100"), ("L40S", "L40S"), ("RTX4090", "RTX 4090")):
-        if marker in n:
-            return key
-    return None
+from pixart_fast.gpus import GPU, gpu_key
 
 
 def device_info() -> dict:
@@ -47,7 +30,7 @@ class EnergyMeter:
 
     def __init__(self, device: int = 0):
         try:
-            import pynvml  # the nvidia-ml-py package
+            import pynvml  # nvidia-ml-py, optional (the gpu extra): imported only where energy is measured
         except ImportError as e:
             raise RuntimeError("nvidia-ml-py is not installed (pip install -e .[gpu])") from e
         # NVML numbers GPUs its own way (CUDA_VISIBLE_DEVICES does not apply): find torch's device by UUID.

@@ -10,16 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
+from pixart_fast.tables import fmt, markdown_table
+
 MIB = 2**20
-
-
-def _table(header, rows) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
-           ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
-
-
-def _num(value, spec):
-    return "-" if value is None else format(value, spec)
 
 
 def summarize(data: dict) -> str:
@@ -42,20 +35,21 @@ def summarize(data: dict) -> str:
 
     if "cpu_train_step" in by_kind:
         out += ["## Training step on the CPU: ours against diffusers (measured)", ""]
-        out += _table(["config", "batch", "ours ms", "diffusers ms", "ours / diffusers"],
-                      [(i["config"], i["batch"], f"{i['ours_median_s'] * 1e3:.1f}",
-                        f"{i['diffusers_median_s'] * 1e3:.1f}", f"{i['ratio_ours_over_diffusers']:.3f}")
-                       for i in by_kind["cpu_train_step"]])
+        out += markdown_table(["config", "batch", "ours ms", "diffusers ms", "ours / diffusers"],
+                              [(i["config"], i["batch"], f"{i['ours_median_s'] * 1e3:.1f}",
+                                f"{i['diffusers_median_s'] * 1e3:.1f}", f"{i['ratio_ours_over_diffusers']:.3f}")
+                               for i in by_kind["cpu_train_step"]])
         out += ["Medians; the two steps alternate round by round so both see the same machine load.", ""]
 
     if "activation_memory" in by_kind:
         rows = by_kind["activation_memory"]
         ref = next((i for i in rows if i["model"] == "diffusers"), None)
         out += ["## Activation memory saved for backward, per 256-px image (measured, fp32)", ""]
-        out += _table(["variant", "MiB per block", "vs diffusers", "PixArt-XL/2 MiB (extrapolated: base + 28 blocks)"],
-                      [(i["variant"], f"{i['per_block_bytes'] / MIB:.2f}",
-                        "-" if ref is None else f"{i['per_block_bytes'] / ref['per_block_bytes']:.3f}",
-                        f"{i['xl2_extrapolated_bytes'] / MIB:.0f}") for i in rows])
+        out += markdown_table(["variant", "MiB per block", "vs diffusers",
+                               "PixArt-XL/2 MiB (extrapolated: base + 28 blocks)"],
+                              [(i["variant"], f"{i['per_block_bytes'] / MIB:.2f}",
+                                "-" if ref is None else f"{i['per_block_bytes'] / ref['per_block_bytes']:.3f}",
+                                f"{i['xl2_extrapolated_bytes'] / MIB:.0f}") for i in rows])
         out += ["Distinct storages of the tensors autograd saves (saved_tensors_hooks), parameters excluded; "
                 "XL width (D = 1152), 0 and 1 blocks, batch 1.", ""]
 
@@ -68,19 +62,20 @@ def summarize(data: dict) -> str:
         pairs = {}  # (kernel, config) -> {target: row}
         for r in info["rows"]:
             pairs.setdefault((r["kernel"], r["config"]), {})[r["target"]] = r
-        out += _table(["kernel", "registers sm_80", "registers sm_90", "spill bytes", "shared bytes (max)"],
-                      [(kernel, by.get("sm_80", {}).get("registers", "-"), by.get("sm_90", {}).get("registers", "-"),
-                        sum(r["spill_bytes"] for r in by.values()), max(r["shared_bytes"] for r in by.values()))
-                       for (kernel, config), by in pairs.items()])
+        out += markdown_table(["kernel", "registers sm_80", "registers sm_90", "spill bytes", "shared bytes (max)"],
+                              [(kernel, by.get("sm_80", {}).get("registers", "-"),
+                                by.get("sm_90", {}).get("registers", "-"),
+                                sum(r["spill_bytes"] for r in by.values()), max(r["shared_bytes"] for r in by.values()))
+                               for (kernel, config), by in pairs.items()])
 
     if "kernel" in by_kind:
         out += ["## Kernels on the GPU (measured)", ""]
-        out += _table(["kernel", "tokens", "batch", "impl", "direction", "us per call", "GB/s", "% peak BW",
-                       "TFLOP/s", "device"],
-                      [(i["kernel"], i["tokens"], i["batch"], i["impl"], i["direction"],
-                        f"{i['seconds_per_call'] * 1e6:.1f}", f"{i['gb_per_s']:.0f}",
-                        _num(i["pct_peak_bandwidth"], ".0f"), f"{i['tflops']:.1f}", i["device"])
-                       for i in by_kind["kernel"]])
+        out += markdown_table(["kernel", "tokens", "batch", "impl", "direction", "us per call", "GB/s", "% peak BW",
+                               "TFLOP/s", "device"],
+                              [(i["kernel"], i["tokens"], i["batch"], i["impl"], i["direction"],
+                                f"{i['seconds_per_call'] * 1e6:.1f}", f"{i['gb_per_s']:.0f}",
+                                fmt(i["pct_peak_bandwidth"], ".0f"), f"{i['tflops']:.1f}", i["device"])
+                               for i in by_kind["kernel"]])
 
     for kind, title in (("train_step", "PixArt-XL/2 training step on the GPU (measured)"),
                         ("largest_batch", "Largest batch that fits (measured)"),
@@ -93,13 +88,13 @@ def summarize(data: dict) -> str:
         rows = []
         for i in by_kind[kind]:
             row = [i["variant"], i["resolution"], i["batch"], f"{i['images_per_s']:.1f}", f"{i['tflops']:.0f}",
-                   _num(i["mfu"], ".1%"), f"{i['peak_memory_gb']:.1f}", i["device"]]
+                   fmt(i["mfu"], ".1%"), f"{i['peak_memory_gb']:.1f}", i["device"]]
             if kind == "largest_batch":
                 row.append(i["probes"])
             if kind == "energy":
                 row += [f"{i['joules_per_image']:.2f}", f"{i['mean_watts']:.0f}"]
             rows.append(row)
-        out += _table(header + extra, rows)
+        out += markdown_table(header + extra, rows)
 
     if "estimates" in by_kind:
         info = by_kind["estimates"][0]
@@ -107,12 +102,13 @@ def summarize(data: dict) -> str:
                 "Lower bounds on time from the GPU table's dense bf16 peak and memory bandwidth: kernels take "
                 "max(FLOPs / peak, bytes / bandwidth); a training step takes its matrix-product FLOPs (3 x forward) "
                 "at peak plus AdamW's 28 bytes per parameter at bandwidth. Elementwise work is left out.", ""]
-        out += _table(["GPU", "px", "batch", "estimate: s/step", "estimate: images/s", "estimate: MFU"],
-                      [(r["gpu"], r["resolution"], r["batch"], f"{r['seconds']:.3f}", f"{r['images_per_s']:.0f}",
-                        f"{r['mfu']:.1%}") for r in info["train_rows"]])
-        out += _table(["GPU", "kernel", "tokens", "batch", "direction", "MB moved", "estimate: us", "bound"],
-                      [(r["gpu"], r["kernel"], r["tokens"], r["batch"], r["direction"], f"{r['bytes'] / 1e6:.0f}",
-                        f"{r['seconds'] * 1e6:.0f}", r["bound"]) for r in info["kernel_rows"]])
+        out += markdown_table(["GPU", "px", "batch", "estimate: s/step", "estimate: images/s", "estimate: MFU"],
+                              [(r["gpu"], r["resolution"], r["batch"], f"{r['seconds']:.3f}",
+                                f"{r['images_per_s']:.0f}", f"{r['mfu']:.1%}") for r in info["train_rows"]])
+        out += markdown_table(["GPU", "kernel", "tokens", "batch", "direction", "MB moved", "estimate: us", "bound"],
+                              [(r["gpu"], r["kernel"], r["tokens"], r["batch"], r["direction"],
+                                f"{r['bytes'] / 1e6:.0f}", f"{r['seconds'] * 1e6:.0f}", r["bound"])
+                               for r in info["kernel_rows"]])
     return "\n".join(out)
 
 

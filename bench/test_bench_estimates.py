@@ -2,18 +2,19 @@
 carries "estimate": true, and bench/summary.py prints them under an "estimate" heading.
 
 Kernels: time >= max(FLOPs / dense bf16 peak, bytes / memory bandwidth), FLOPs and bytes from bench/cases.py.
-Training step of PixArt-XL/2: time >= matrix-product FLOPs (pixart_fast.plan: 3 x forward) / dense bf16 peak
+Training step of PixArt-XL/2: time >= matrix-product FLOPs (pixart_fast.flops: 3 x forward) / dense bf16 peak
 + AdamW's traffic / bandwidth (28 bytes per fp32 parameter: read weight, gradient and two moments, write weight
 and two moments). Elementwise work and launch overheads are left out, so these are lower bounds on time and
 upper bounds on images/s; the MFU they imply is below 100 % only by the optimizer's share.
-Peaks: pixart_fast.plan.GPUS, each with its datasheet source.
+Peaks: pixart_fast.gpus.GPUS, each with its datasheet source.
 """
 import torch
 
 from cases import cases
 from gpus import roofline_seconds
 from pixart_fast.model import PixArt
-from pixart_fast.plan import GPUS, flops_per_image
+from pixart_fast.flops import flops_per_image
+from pixart_fast.gpus import GPUS
 from workloads import XL, XL_BATCH
 
 ADAMW_BYTES_PER_PARAM = 28

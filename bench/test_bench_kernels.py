@@ -11,7 +11,7 @@ import torch
 
 from cases import cases, kernel_call, roofline_seconds
 from pixart_fast.kernels.backend import interpreting
-from pixart_fast.plan import GPUS
+from pixart_fast.gpus import GPUS
 
 CASES = {case.name: case for case in cases()}
 REPS, ROUNDS = 10, 10

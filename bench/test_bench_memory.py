@@ -13,7 +13,7 @@ XL/2's per-image total is extrapolated as base + 28 blocks. The Triton kernels r
 (TRITON_INTERPRET=1 must be set before Triton is imported): that executes their autograd Functions, which decide
 what is saved, exactly as on a GPU.
 
-The planner's activation model (`pixart_fast.plan.ACTIVATIONS`: PyTorch kernels, bf16 autocast, full fine-tuning and
+The planner's activation model (`pixart_fast.memory.ACTIVATIONS`: PyTorch kernels, bf16 autocast, full fine-tuning and
 LoRA, each recomputation mode; the Triton kernels keep less without recomputation, and interpreted they take too
 long at these shapes on a CPU) is fitted here at XL width with 1 and 2 blocks (`-k activation_fit`: 256 against
 1024 image tokens, 120 against 300 caption tokens) and checked against whole 28-block models, batch 1 against 2
@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from pixart_fast.lora import add_lora
 from pixart_fast.model import CONFIGS, RECOMPUTE, PixArt, PixArtConfig
-from pixart_fast.plan import LORA_RANK, ActivationFit, activation_bytes
+from pixart_fast.memory import LORA_RANK, ActivationFit, activation_bytes
 from workloads import build_diffusers, make_batch, model_fn
 
 # variant: (model, kernels, recompute)
@@ -137,7 +137,7 @@ def compare(config: PixArtConfig, variant: str, per_image: float, per_step: floa
 
 @pytest.mark.parametrize("variant", PLANNER_VARIANTS)
 def test_activation_fit(benchmark, variant):
-    """Fits pixart_fast.plan.ACTIVATIONS[variant] (printed, to paste there) from 1 against 2 blocks (2 blocks, not
+    """Fits pixart_fast.memory.ACTIVATIONS[variant] (printed, to paste there) from 1 against 2 blocks (2 blocks, not
     0: the caption embedding that every block reads is kept once however many blocks there are) and checks the
     planner's against the fitted shapes."""
     m = benchmark.pedantic(lambda: {name: planner_measure(cfg, variant, (1, 2)) for name, cfg in FIT_SHAPES.items()},

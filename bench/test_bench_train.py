@@ -2,14 +2,15 @@
 our model with the Triton kernels on and off, each with torch.compile on and off, and diffusers'
 PixArtTransformer2DModel with the same weights; the largest batch that fits; energy per image. CUDA only.
 
-MFU = model FLOPs (pixart_fast.plan.flops_per_image: 3 x forward, matrix products only) per second / the GPU's
+MFU = model FLOPs (pixart_fast.flops.flops_per_image: 3 x forward, matrix products only) per second / the GPU's
 dense bf16 peak from the planner's table; None on a GPU missing from the table.
 """
 import pytest
 import torch
 
 from gpus import EnergyMeter
-from pixart_fast.plan import GPUS, flops_per_image
+from pixart_fast.flops import flops_per_image
+from pixart_fast.gpus import GPUS
 from workloads import TRAIN_VARIANTS, XL, XL_BATCH, adamw, build_diffusers, build_ours, largest_batch, make_batch, train_step
 
 VARIANTS = TRAIN_VARIANTS  # name: (model, kernels, torch.compile)

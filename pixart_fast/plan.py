@@ -1,4 +1,4 @@
-"""The cost planner: training FLOPs counted from PixArt's shapes, and what a training schedule costs on a GPU.
+"""The cost planner: what a training schedule costs on a GPU (GPU-days, energy, CO2, dollars), and its command line.
 
     python -m pixart_fast.plan                                  # the paper's Table 4 on A100 80GB, floor only
     python -m pixart_fast.plan --gpu H100 --mfu 0.35 --usd-per-gpu-hour 2.5
@@ -6,331 +6,31 @@
     python -m pixart_fast.plan --schedule my_schedule.json --png plan.png
     python -m pixart_fast.plan --memory --model PixArt-XL/2-512 --gpu 4090   # training memory, largest batch
 
-FLOP convention (torch.utils.flop_counter.FlopCounterMode's, and MFU's as PaLM defines it): only matrix
-products count, an (m x k) @ (k x n) product as 2mkn FLOPs, attention's q k^T and p v included; elementwise
-work (LayerNorm, modulation, GELU, softmax, residual adds, biases, the optimizer) counts zero. A training image
-costs 3 x its forward pass: the backward computes one product for the input gradient and one for the weight
-gradient of every forward product. Text (T5) and VAE encoding are not counted: PixArt trains on features
-extracted once beforehand.
+Training FLOPs are counted by pixart_fast/flops.py (matrix products only, 3 x forward per training image), the
+memory of a training step by pixart_fast/memory.py; the GPUs' peaks come from pixart_fast/gpus.py.
 
 A schedule stage's images are counted at the stage's own resolution ("exact"). The planner also shows every
 image counted at the 256-px cost ("256-px equivalent"): the cheaper convention, which undercounts the 512-px and
 1024-px stages (4.1x and 21.8x the 256-px cost per image: more tokens, and self-attention grows with their square).
 """
 import argparse
-import functools
 import json
-import math
-import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import torch
+from PIL import Image, ImageDraw, ImageFont
 
-from pixart_fast.lora import DEFAULT_TARGETS, target_modules
-from pixart_fast.model import CONFIGS, RECOMPUTE, PixArt, PixArtConfig
+from pixart_fast.flops import flops_per_image
+from pixart_fast.gpus import GPU, GPUS, gpu_names, resolve_gpu
+from pixart_fast.lora import DEFAULT_TARGETS
+from pixart_fast.memory import LORA_RANK, OPTIMIZERS, memory_plan
+from pixart_fast.model import CONFIGS, RECOMPUTE
+from pixart_fast.tables import fmt, text_table
 
-TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (input and weight gradients)
-VAE_DOWNSAMPLE = 8  # SD-VAE: one latent pixel per 8 x 8 image pixels
 SECONDS_PER_DAY = 86_400
-
-
-# ----------------------------------------------------------------------------------------------------------
-# FLOPs of one image
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _mm(m: int, k: int, n: int) -> int:
-    """FLOPs of an (m x k) @ (k x n) product."""
-    return 2 * m * k * n
-
-
-def forward_flops(config: PixArtConfig, height_px: int | None = None, width_px: int | None = None, *,
-                  vae_downsample: int = VAE_DOWNSAMPLE, caption_tokens: int | None = None,
-                  class_conditional: bool = False) -> dict[str, int]:
-    """FLOPs of one image's forward pass, per part of the model (matrix products only, 2mkn each).
-
-    config: the architecture; height_px x width_px: the image in pixels (default: the config's own input size),
-    each a multiple of vae_downsample * patch_size; vae_downsample: image pixels per latent pixel (8 for SD-VAE
-    latents, 1 for a pixel-space model). caption_tokens: L, the padded caption length the model attends over
-    (default config.max_tokens = 120; padding is masked, not skipped, so it costs the same).
-    class_conditional: count the stage-1 DiT instead (`pixart_fast.model.DiT`): per-block adaLN and a label
-    lookup, no caption projection and no cross-attention.
-    Returns {part: FLOPs}; the values sum to the forward FLOPs of one image.
-    """
-    c = config
-    unit = vae_downsample * c.patch_size
-    size_h = c.input_size * vae_downsample if height_px is None else height_px
-    size_w = size_h if width_px is None else width_px
-    if size_h <= 0 or size_w <= 0 or size_h % unit or size_w % unit:
-        raise ValueError(f"image size {size_h} x {size_w} px must be positive multiples of vae_downsample * "
-                         f"patch_size = {vae_downsample} * {c.patch_size} = {unit} px")
-    T = (size_h // unit) * (size_w // unit)  # image tokens
-    D, p, N = c.hidden_size, c.patch_size, c.depth
-    L = c.max_tokens if caption_tokens is None else caption_tokens
-    mlp_hidden = int(D * c.mlp_ratio)
-    f = {
-        "patch_embed": _mm(T, c.in_channels * p * p, D),
-        "t_embedder": _mm(1, 256, D) + _mm(1, D, D),  # 256-dim sinusoid -> D -> D
-    }
-    if class_conditional:
-        f["adaLN"] = N * _mm(1, D, 6 * D) + _mm(1, D, 2 * D)  # every block's own, and the final layer's
-    else:
-        f["t_block"] = _mm(1, D, 6 * D)  # adaLN-single: once per image, shared by all blocks
-        f["caption_projection"] = _mm(L, c.caption_channels, D) + _mm(L, D, D)
-        if c.micro_conditions:  # height, width and aspect ratio, each a 256-dim sinusoid -> D/3 -> D/3
-            f["micro_conditions"] = 3 * (_mm(1, 256, D // 3) + _mm(1, D // 3, D // 3))
-    f["self_attn_linears"] = N * (_mm(T, D, 3 * D) + _mm(T, D, D))  # qkv, proj
-    f["self_attn_scores_values"] = N * (_mm(T, D, T) + _mm(T, T, D))  # q k^T and p v, summed over heads
-    if not class_conditional:
-        f["cross_attn_linears"] = N * (_mm(T, D, D) + _mm(L, D, 2 * D) + _mm(T, D, D))  # q, kv (captions), proj
-        f["cross_attn_scores_values"] = N * (_mm(T, D, L) + _mm(T, L, D))
-    f["mlp"] = N * (_mm(T, D, mlp_hidden) + _mm(T, mlp_hidden, D))
-    f["final_layer"] = _mm(T, D, p * p * c.out_channels)
-    return f
-
-
-def flops_per_image(config: PixArtConfig, height_px: int | None = None, width_px: int | None = None,
-                    **kwargs) -> int:
-    """Training FLOPs of one image, forward + backward = 3 x forward (see `forward_flops` for the arguments).
-
-    FlopCounterMode run on the real module reports about 0.1 % less at 256 px: autograd skips the input
-    gradient of a product whose input needs none (patch embedding, the first layers of the timestep and
-    caption MLPs). The 3 x convention counts it, as MFU is conventionally defined.
-    """
-    return TRAIN_FLOPS_PER_FORWARD * sum(forward_flops(config, height_px, width_px, **kwargs).values())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# GPUs
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    tflops: float  # dense (no sparsity) bf16 tensor-core TFLOP/s with fp32 accumulation; fp16 on V100 (no bf16)
-    bandwidth_gbs: float  # memory bandwidth, GB/s (1e9 bytes/s)
-    tdp_w: float  # board power limit, W
-    memory_gb: float  # memory capacity, GB
-
-
-GPUS = {
-    # NVIDIA A100 Tensor Core GPU datasheet (2021): BF16 312 TFLOP/s dense (624 with sparsity); HBM2 1,555 GB/s
-    # (40GB) and HBM2e 2,039 GB/s (80GB SXM); max TDP 400 W (SXM).
-    "A100-40GB": GPU("A100 SXM4 40GB", 312.0, 1555.0, 400.0, 40.0),
-    "A100-80GB": GPU("A100 SXM4 80GB", 312.0, 2039.0, 400.0, 80.0),
-    # NVIDIA H100 Tensor Core GPU datasheet: H100 SXM BF16 1,979 TFLOP/s with sparsity = 989.5 dense;
-    # 3.35 TB/s HBM3; max TDP up to 700 W; 80 GB.
-    "H100": GPU("H100 SXM5 80GB", 989.5, 3350.0, 700.0, 80.0),
-    # NVIDIA H200 Tensor Core GPU datasheet: H200 SXM BF16 1,979 TFLOP/s with sparsity = 989.5 dense;
-    # 4.8 TB/s HBM3e; max TDP up to 700 W; 141 GB.
-    "H200": GPU("H200 SXM 141GB", 989.5, 4800.0, 700.0, 141.0),
-    # NVIDIA Tesla V100 datasheet: V100 SXM2 125 TFLOP/s fp16 tensor (no bf16); 900 GB/s HBM2; 300 W; 32 GB.
-    "V100": GPU("V100 SXM2 32GB", 125.0, 900.0, 300.0, 32.0),
-    # NVIDIA L40S datasheet: BF16 tensor 362.05 TFLOP/s dense (733 with sparsity); 864 GB/s GDDR6; 350 W; 48 GB.
-    "L40S": GPU("L40S 48GB", 362.05, 864.0, 350.0, 48.0),
-    # NVIDIA Ada Lovelace GPU architecture whitepaper (v2.1), GeForce RTX 4090: BF16 tensor with FP32
-    # accumulate 165.2 TFLOP/s dense (330.4 with sparsity); 1,008 GB/s GDDR6X; 450 W total graphics power; 24 GB.
-    "RTX4090": GPU("GeForce RTX 4090 24GB", 165.2, 1008.0, 450.0, 24.0),
-}
-
-# Other names the planner accepts for a GPUS key. A bare part name means the part most sold now: A100 the 80 GB
-# SXM4 (H100, H200 and V100 are GPUS keys themselves: the SXM entries above).
-GPU_ALIASES = {"A100": "A100-80GB", "4090": "RTX4090"}
-
-
-def _gpu_token(name: str) -> str:
-    """A GPU name as compared: without case, spaces, hyphens or underscores ("a100 80gb" == "A100-80GB")."""
-    return re.sub(r"[\s_-]", "", name).upper()
-
-
-_GPU_NAMES = {**{_gpu_token(k): k for k in GPUS}, **{_gpu_token(a): k for a, k in GPU_ALIASES.items()}}
-
-
-def gpu_names() -> str:
-    """The names `resolve_gpu` accepts, for help and errors: "A100-40GB, A100-80GB (or A100), H100, ..."."""
-    aliases = {}
-    for alias, key in GPU_ALIASES.items():
-        aliases.setdefault(key, []).append(alias)
-    return ", ".join(f"{k} (or {', '.join(aliases[k])})" if k in aliases else k for k in GPUS)
-
-
-def resolve_gpu(name: str) -> str:
-    """The GPUS key a GPU name means: a key or an alias of GPU_ALIASES, in any case, spaces, hyphens and
-    underscores ignored: "a100" -> "A100-80GB", "h100" -> "H100", "a100_40gb" -> "A100-40GB".
-    Raises ValueError, listing the accepted names, for any other name."""
-    key = _GPU_NAMES.get(_gpu_token(str(name)))
-    if key is None:
-        raise ValueError(f"unknown GPU {name!r}; known (any case): {gpu_names()}")
-    return key
-
-
 # Defaults for energy and emissions, each overridable on the command line.
 PUE = 1.10  # Google data centers, fleet-wide trailing-twelve-month PUE 1.10 (2023 Environmental Report)
 KG_CO2_PER_KWH = 0.48  # world average electricity, 480 g CO2/kWh in 2023 (Ember, Global Electricity Review 2024)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Memory of a training step
-# ----------------------------------------------------------------------------------------------------------
-
-OPTIMIZERS = ("adamw", "came")
-LORA_RANK = 16  # the LoRA rank the planner assumes by default: the official PixArt LoRA script's
-FP32 = 4  # bytes of an fp32 number: weights, EMA, gradients and optimizer state are all fp32 in the trainer
-
-
-def optimizer_state_bytes(shape: tuple[int, ...], optimizer: str) -> int:
-    """Bytes of optimizer state one fp32 parameter tensor of `shape` gets, as the optimizer allocates it.
-
-    adamw (torch.optim.AdamW): exp_avg and exp_avg_sq, each the parameter's size, and a 0-dim fp32 step count.
-    came (came_pytorch.CAME, PixArt-Sigma's): exp_avg the parameter's size; the second moment and the residual
-    moment factored into a row (shape[:-1]) and a column (shape[:-2] + shape[-1:]) vector each for a tensor of
-    2 or more dimensions, else exp_avg_sq the parameter's size; a 0-dim fp32 RMS (its step count is a Python int).
-    """
-    n = math.prod(shape)
-    if optimizer == "adamw":
-        return FP32 * (2 * n + 1)
-    if optimizer == "came":
-        second = 2 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]) if len(shape) >= 2 else n
-        return FP32 * (n + second + 1)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-
-
-@functools.lru_cache(maxsize=None)
-def _parameter_shapes(config: PixArtConfig, lora_rank: int, lora_targets: str):
-    """(frozen parameter shapes, trained parameter shapes, buffer bytes) of the model the trainer builds: every
-    parameter trained, or (lora_rank > 0) the base frozen and PEFT's lora_A (r, in) and lora_B (out, r) trained
-    on each Linear that `pixart_fast.lora.target_modules` selects. Built on the meta device: no memory."""
-    with torch.device("meta"):
-        model = PixArt(config, kernels="torch")
-    shapes = tuple(tuple(p.shape) for p in model.parameters())
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    if not lora_rank:
-        return (), shapes, buffers
-    adapters = []
-    for name in target_modules(model, lora_targets):
-        linear = model.get_submodule(name)
-        adapters += [(lora_rank, linear.in_features), (linear.out_features, lora_rank)]
-    return shapes, tuple(adapters), buffers
-
-
-def state_bytes(config: PixArtConfig, lora_rank: int = 0, optimizer: str = "adamw",
-                lora_targets: str = DEFAULT_TARGETS) -> dict[str, int]:
-    """Bytes the trainer holds whatever the batch, exactly, as `python -m pixart_fast.train` keeps them: fp32
-    weights (parameters and buffers; with LoRA the frozen base stays fp32 beside the fp32 adapters), the EMA (a
-    copy of the weights; with LoRA only the adapters and buffers: `pixart_fast.lora.ema_copy` shares the frozen
-    base), fp32 gradients of the trained parameters and their optimizer state (`optimizer_state_bytes`).
-    lora_rank 0: full fine-tuning. Also returns the parameter counts "params" and "trained_params"."""
-    if lora_rank < 0:
-        raise ValueError(f"lora_rank must be >= 0 (0: full fine-tuning), got {lora_rank}")
-    frozen, trained, buffers = _parameter_shapes(config, lora_rank, lora_targets)
-    n_frozen, n_trained = sum(map(math.prod, frozen)), sum(map(math.prod, trained))
-    return {"params": n_frozen + n_trained, "trained_params": n_trained,
-            "weights": FP32 * (n_frozen + n_trained) + buffers, "ema": FP32 * n_trained + buffers,
-            "gradients": FP32 * n_trained, "optimizer_state": sum(optimizer_state_bytes(s, optimizer) for s in trained)}
-
-
-@dataclass(frozen=True)
-class ActivationFit:
-    """Bytes a training forward under bf16 autocast leaves allocated for the backward at PixArt-XL/2's width
-    (hidden size 1152), PyTorch kernels: per image, per image token and per caption token, in each block and
-    outside the blocks; per step whatever the batch (the bf16 weight copies the backward needs), in each block and
-    outside them. The Triton kernels a GPU runs keep less without recomputation (the bench's
-    `ours+triton` variant), so there the "none" figures are an upper bound."""
-
-    block_token: float
-    block_caption_token: float
-    block_step: float
-    outside_token: float
-    outside_caption_token: float
-    outside_step: float
-
-
-ACTIVATION_WIDTH = 1152
-# Printed by `pytest bench/test_bench_memory.py -k activation_fit --benchmark-only -s` (2026-12-02; PyTorch profiler
-# memory events at XL width: per image from batch 1 against 2, per block from 1 against 2 blocks, per image token
-# from 256 against 1024 image tokens, per caption token from 120 against 300; LoRA at rank 16 on the default
-# targets); `-k planner_vs_measured` checks them against whole 28-block models.
-# (training, recompute): ActivationFit(block_token, block_caption_token, block_step, outside_token,
-#                                      outside_caption_token, outside_step)
-ACTIVATIONS = {
-    ("full", "none"): ActivationFit(64656, 4610, 42467328, 11624, 15104, 21307392),
-    ("full", "selective"): ActivationFit(36992, 4608, 5056, 7016, 15105, 21307392),
-    ("full", "full"): ActivationFit(6912, 0, 5056, 7016, 15105, 21307392),
-    ("lora", "none"): ActivationFit(67152, 6946, 43315256, 7008, 12864, 21824560),
-    ("lora", "selective"): ActivationFit(36992, 4608, 5112, 7008, 15169, 21824560),
-    ("lora", "full"): ActivationFit(6912, 0, 5112, 7008, 15169, 21824560),
-}
-
-
-def activation_bytes(config: PixArtConfig, resolution: int, recompute: str = "none",
-                     lora: bool = False) -> tuple[float, float]:
-    """(bytes per image, bytes per step) of activations a training step at `resolution` px keeps for the backward:
-    ACTIVATIONS' fit for the recomputation mode, times the image tokens ((resolution / 16)^2 for 8x latents and
-    patch 2), caption tokens (config.max_tokens: padding is masked, not skipped) and depth."""
-    if config.hidden_size != ACTIVATION_WIDTH:
-        raise ValueError(f"activation memory is measured at PixArt-XL/2's width {ACTIVATION_WIDTH}; this model's "
-                         f"is {config.hidden_size}")
-    if recompute not in RECOMPUTE:
-        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
-    fit = ACTIVATIONS[("lora" if lora else "full", recompute)]
-    T, L = image_tokens(config, resolution), config.max_tokens
-    per_image = config.depth * (fit.block_token * T + fit.block_caption_token * L) \
-        + fit.outside_token * T + fit.outside_caption_token * L
-    return per_image, config.depth * fit.block_step + fit.outside_step
-
-
-def image_tokens(config: PixArtConfig, resolution: int) -> int:
-    """Image tokens of a square `resolution`-px image: (resolution / (8 * patch_size))^2."""
-    unit = VAE_DOWNSAMPLE * config.patch_size
-    if resolution <= 0 or resolution % unit:
-        raise ValueError(f"resolution {resolution} px must be a positive multiple of {unit} px")
-    return (resolution // unit) ** 2
-
-
-def training_memory(config: PixArtConfig, resolution: int, lora_rank: int = 0, optimizer: str = "adamw",
-                    recompute: str = "none", lora_targets: str = DEFAULT_TARGETS) -> dict[str, float]:
-    """Estimated memory of a training step, bytes: `state_bytes` (exact) and `activation_bytes` (measured on a CPU,
-    fitted) as "activations_per_image" and "activations_per_step". Not counted: the CUDA context and allocator
-    slack, the backward's short-lived buffers; gradients are counted beside every activation, though they fill
-    while the backward frees activations."""
-    per_image, per_step = activation_bytes(config, resolution, recompute, lora_rank > 0)
-    return {**state_bytes(config, lora_rank, optimizer, lora_targets), "activations_per_image": per_image,
-            "activations_per_step": per_step}
-
-
-def step_bytes(memory: dict, batch: int) -> float:
-    """Bytes of a training step of `batch` images under a `training_memory` estimate."""
-    held = sum(memory[k] for k in ("weights", "ema", "gradients", "optimizer_state", "activations_per_step"))
-    return held + batch * memory["activations_per_image"]
-
-
-def largest_batch(memory: dict, memory_gb: float) -> int:
-    """The largest batch whose `step_bytes` fit in `memory_gb` GB (1e9 bytes; 0: not even one image)."""
-    return max(0, int((memory_gb * 1e9 - step_bytes(memory, 0)) // memory["activations_per_image"]))
-
-
-def memory_plan(model: str = "PixArt-Sigma-XL/2-1024", gpu: str = "RTX4090", resolutions=None,
-                lora_rank: int = LORA_RANK, optimizers=OPTIMIZERS, recomputes=RECOMPUTE,
-                lora_targets: str = DEFAULT_TARGETS) -> dict:
-    """`training_memory` of a CONFIGS model for full fine-tuning and LoRA (rank lora_rank; 0: full only), each
-    optimizer and recomputation mode, at each resolution (default the model's own), with the largest batch that
-    fits `gpu`. Returns a JSON-serialisable dict: "settings" and "rows"."""
-    if model not in CONFIGS:
-        raise ValueError(f"unknown model {model!r}; one of {', '.join(CONFIGS)}")
-    config, gpu = CONFIGS[model], resolve_gpu(gpu)
-    resolutions = resolutions or [config.input_size * VAE_DOWNSAMPLE]
-    rows = []
-    for res in resolutions:
-        for rank in (0, lora_rank) if lora_rank else (0,):
-            for optimizer in optimizers:
-                for recompute in recomputes:
-                    m = training_memory(config, res, rank, optimizer, recompute, lora_targets)
-                    rows.append({"resolution": res, "lora_rank": rank, "optimizer": optimizer,
-                                 "recompute": recompute, **m, "largest_batch": largest_batch(m, GPUS[gpu].memory_gb)})
-    return {"settings": {"model": model, "gpu": gpu, **asdict(GPUS[gpu]), "lora_targets": lora_targets},
-            "rows": rows}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -493,17 +193,6 @@ def plan(schedule=PAPER_SCHEDULE, gpu: str = "A100-80GB", mfu: float | dict | No
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _fmt(value, spec):
-    return "-" if value is None else format(value, spec)
-
-
-def _table(header, lines):
-    cells = [header] + lines
-    widths = [max(len(line[k]) for line in cells) for k in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) if k else c.ljust(w) for k, (c, w) in enumerate(zip(line, widths)))
-                     for line in cells)
-
-
 def bars(result: dict) -> list[tuple[str, float]]:
     """The comparison the planner draws: (label with unit, GPU-days)."""
     gpu, out = result["settings"]["gpu"], []
@@ -528,20 +217,20 @@ def format_plan(result: dict) -> str:
               "MFU", "days", "kWh", "t CO2", "USD", "paper V100-days")
     lines = [(r["name"], str(r["resolution"]), f"{r['steps']:,}", f"{r['global_batch']:,}", f"{r['images']:.3g}",
               f"{r['tflop_per_image']:.3f}", f"{r['tflop_per_image_256']:.3f}", f"{r['flop'] / 1e18:.1f}",
-              f"{r['floor_gpu_days']:.1f}", f"{r['floor_gpu_days_256']:.1f}", _fmt(r.get("mfu"), ".1%"),
-              _fmt(r.get("gpu_days"), ".1f"), _fmt(r.get("kwh"), ",.0f"),
-              _fmt(None if r.get("kg_co2") is None else r["kg_co2"] / 1000, ".2f"), _fmt(r.get("usd"), ",.0f"),
-              _fmt(r["paper_v100_days"], ".0f")) for r in rows]
+              f"{r['floor_gpu_days']:.1f}", f"{r['floor_gpu_days_256']:.1f}", fmt(r.get("mfu"), ".1%"),
+              fmt(r.get("gpu_days"), ".1f"), fmt(r.get("kwh"), ",.0f"),
+              fmt(None if r.get("kg_co2") is None else r["kg_co2"] / 1000, ".2f"), fmt(r.get("usd"), ",.0f"),
+              fmt(r["paper_v100_days"], ".0f")) for r in rows]
     v100 = None if result["paper"] is None else result["paper"]["v100_days"]
     lines.append(("total", "", "", "", f"{tot['images']:.3g}", "", "", f"{tot['flop'] / 1e18:.1f}",
                   f"{tot['floor_gpu_days']:.1f}", f"{tot['floor_gpu_days_256']:.1f}", "",
-                  _fmt(tot["gpu_days"], ".1f"), _fmt(tot["kwh"], ",.0f"),
-                  _fmt(None if tot["kg_co2"] is None else tot["kg_co2"] / 1000, ".2f"), _fmt(tot["usd"], ",.0f"),
-                  _fmt(v100, ".0f")))
+                  fmt(tot["gpu_days"], ".1f"), fmt(tot["kwh"], ",.0f"),
+                  fmt(None if tot["kg_co2"] is None else tot["kg_co2"] / 1000, ".2f"), fmt(tot["usd"], ",.0f"),
+                  fmt(v100, ".0f")))
     out = [f"GPU: {s['name']} ({gpu}), {s['tflops']:g} dense bf16 TFLOP/s, {s['bandwidth_gbs']:g} GB/s, "
            f"{s['watts']:g} W; PUE {s['pue']:g}, {s['kg_co2_per_kwh']:g} kg CO2/kWh, "
-           f"{_fmt(s['usd_per_gpu_hour'], 'g')} USD per GPU-hour. Days: {gpu}-days.", "",
-           _table(header, lines), ""]
+           f"{fmt(s['usd_per_gpu_hour'], 'g')} USD per GPU-hour. Days: {gpu}-days.", "",
+           text_table(header, lines), ""]
     out += [f"{label:<58} {days:10.1f}" for label, days in bars(result)]
     if result["paper"]:
         p = result["paper"]
@@ -568,8 +257,6 @@ def _ratio(rows, resolution):
 
 def draw_png(result: dict, path) -> None:
     """A horizontal bar chart of `bars(result)` drawn with Pillow, written to path."""
-    from PIL import Image, ImageDraw, ImageFont
-
     items = bars(result)
     font = ImageFont.load_default(size=16)
     width, left, bar_h, gap, top = 1100, 470, 28, 14, 50
@@ -598,7 +285,7 @@ def format_memory(result: dict) -> str:
     return "\n".join([
         f"{s['model']}: training memory in GB (1e9 bytes); batch: the largest that fits a {s['name']} "
         f"({s['memory_gb']:g} GB).\nAn estimate from the planner's model, not a measurement on a GPU.", "",
-        _table(header, lines), "",
+        text_table(header, lines), "",
         "weights, EMA, gradients, optimizer state: the trainer's fp32 tensors, counted exactly (LoRA: the frozen "
         "base stays fp32;\nthe EMA, gradients and optimizer hold the adapters only; LoRA targets "
         f"{s['lora_targets']}). Activations: bf16 autocast,\nfitted on the bench's CPU measurement of the PyTorch "

@@ -1,7 +1,8 @@
-"""The cost planner (pixart_fast/plan.py): its FLOP count against torch's FlopCounterMode run on the real
-modules, the paper schedule's A100-days, the plan's arithmetic, schedule files and command line, and the memory
-planner's weights, EMA, gradients and optimizer state against the real tensors of a training step (its
-activation figures are checked against measurements in bench/test_bench_memory.py)."""
+"""The cost planner (pixart_fast/plan.py) and what it counts with (flops.py, memory.py, gpus.py): its FLOP count
+against torch's FlopCounterMode run on the real modules, the paper schedule's A100-days, the plan's arithmetic,
+schedule files and command line, the GPU table's names, and the memory model's weights, EMA, gradients and
+optimizer state against the real tensors of a training step (its activation figures are checked against
+measurements in bench/test_bench_memory.py)."""
 import json
 
 import pytest
@@ -12,9 +13,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from came_pytorch import CAME
 from pixart_fast.lora import add_lora, ema_copy
 from pixart_fast.model import CONFIGS, RECOMPUTE, DiT, PixArt
-from pixart_fast.plan import (GPU_ALIASES, GPUS, LORA_RANK, OPTIMIZERS, PAPER_SCHEDULE, Stage, activation_bytes,
-                              flops_per_image, forward_flops, gpu_days, largest_batch, load_schedule, main,
-                              mfu_from_bench, plan, resolve_gpu, state_bytes, step_bytes, training_memory)
+from pixart_fast.flops import flops_per_image, forward_flops
+from pixart_fast.gpus import GPU_ALIASES, GPUS, resolve_gpu
+from pixart_fast.memory import (LORA_RANK, OPTIMIZERS, activation_bytes, largest_batch, state_bytes, step_bytes,
+                                training_memory)
+from pixart_fast.plan import PAPER_SCHEDULE, Stage, gpu_days, load_schedule, main, mfu_from_bench, plan
 
 
 def counted_flops(model, x, *args, **kwargs):
