@@ -38,21 +38,15 @@ from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from .backend import interpreting
-from .utils import programs_per_sm
-from .roofline import format_roofline, roofline_rows
+from pixart_fast.tables import text_table
 
-# Modules of pixart_fast.kernels that define aot_specs().
-KERNEL_MODULES = ("patch_copy", "modulation", "cross_attn")
+from .backend import interpreting
+from .roofline import format_roofline, roofline_rows
+from .targets import KERNEL_MODULES, SHARED_MEMORY_LIMIT, SM_COUNT, SM_SHARED_MEMORY, SM_THREADS
+from .utils import programs_per_sm
+
+# The compile targets: A100 (sm_80), H100 and H200 (sm_90).
 TARGETS = (GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32))
-# SMs of the GPU each target stands for (A100 SXM; H100 SXM and H200): launchers size some grids from it.
-SM_COUNT = {"sm_80": 108, "sm_90": 132}
-# The most shared memory one block may use, in bytes (CUDA C++ Programming Guide, compute capability table:
-# 163 KB on sm_80, 227 KB on sm_90); a kernel that needs more fails at launch with OutOfResources.
-SHARED_MEMORY_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
-# Shared memory per SM (same table), of which 1 KB is reserved per resident block; threads per SM: 2048.
-SM_SHARED_MEMORY = {"sm_80": 164 * 1024, "sm_90": 228 * 1024}
-SM_THREADS = 2048
 
 _INTERPRET_ERROR = ("TRITON_INTERPRET=1 is set: @triton.jit functions are interpreted and cannot be compiled ahead "
                     "of time. Run with it unset: env -u TRITON_INTERPRET python -m pixart_fast.kernels.aot")
@@ -280,9 +274,7 @@ TABLE_COLUMNS = {
 
 def format_table(rows: list[dict]) -> str:
     """The report rows as an aligned text table (ld / st bits: "128x6 32x2" = six 128-bit and two 32-bit accesses)."""
-    cells = [tuple(TABLE_COLUMNS)] + [tuple(f(row) for f in TABLE_COLUMNS.values()) for row in rows]
-    widths = [max(len(line[k]) for line in cells) for k in range(len(TABLE_COLUMNS))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells)
+    return text_table(TABLE_COLUMNS, [[f(row) for f in TABLE_COLUMNS.values()] for row in rows], right=False)
 
 
 def main(argv=None):

@@ -13,7 +13,7 @@ dtypes and strides) at B * T = 32768 tokens per call: B = 128 / 32 / 8 at T = 25
 - FLOPs: tensor-core matrix products, 2 m n k each, at the true sizes (head dim 72, caption length 120, not the
   padded blocks): cross-attention 2 products forward, 5 backward (q k^T recomputed, dv, dp, dq, dk); the other
   kernels do only pointwise work and row reductions, counted as 0.
-- roofline: max(bytes / bandwidth, FLOPs / dense bf16 peak), the GPU figures from pixart_fast.plan.GPUS
+- roofline: max(bytes / bandwidth, FLOPs / dense bf16 peak), the GPU figures from pixart_fast.gpus.GPUS
   (datasheets). A time no GPU measured is a goal, not a result.
 """
 import importlib
@@ -21,12 +21,15 @@ import math
 
 import torch
 
-from pixart_fast.plan import GPUS
+from pixart_fast.gpus import GPUS
+from pixart_fast.tables import text_table
+
+from .targets import KERNEL_MODULES, SM_COUNT
 
 TOKENS = (256, 1024, 4096)
 TOKENS_PER_CALL = 32768
 REGIME = "bf16 autocast"
-# The GPUs of the report, each with the compile target (kernels/aot.py) whose SM count sizes its grids.
+# The GPUs of the report, each with the compile target (kernels/targets.py) whose SM count sizes its grids.
 ROOFLINE_GPUS = {"A100-80GB": "sm_80", "H100": "sm_90", "H200": "sm_90"}
 PRIVATE_ARGS = ("MEAN", "RSTD", "LSE")  # and every *_PART
 MATRIX_PRODUCTS = {"cross_attn_fwd": 2, "cross_attn_bwd": 5}
@@ -68,8 +71,6 @@ def roofline_rows(tokens=TOKENS, gpus=ROOFLINE_GPUS) -> list[dict]:
     row: {"kernel", "tokens", "batch", "gpu", "bytes", "private_bytes", "flops", "memory_us", "compute_us",
     "roofline_us", "bound" ("memory" or "compute")}.
     """
-    from .aot import KERNEL_MODULES, SM_COUNT
-
     rows = []
     for gpu_key, target in gpus.items():
         gpu = GPUS[gpu_key]
@@ -102,10 +103,8 @@ def format_roofline(rows: list[dict]) -> str:
                                "GFLOP": f"{r['flops'] / 1e9:.1f}"})
         lines[key][f"{r['gpu']} us"] = f"{r['roofline_us']:.1f} ({r['bound'][0]})"
     header = ["kernel", "T", "B", "MB", "private MB", "GFLOP"] + [f"{g} us" for g in gpus]
-    cells = [header] + [[line.get(h, "-") for h in header] for line in lines.values()]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-    text = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
+    text = text_table(header, [[line.get(h, "-") for h in header] for line in lines.values()], right=False)
     return (f"Roofline at PixArt-XL/2 shapes, {REGIME}, {TOKENS_PER_CALL} tokens per call (MB: bytes moved, each "
             f"tensor argument once, on the {gpus[0]}'s grid; private: statistics and fp32 partial sums; us: max(bytes / bandwidth, FLOPs / "
-            "dense bf16 peak), m = memory-, c = compute-bound; datasheet figures from pixart_fast.plan.GPUS, "
+            "dense bf16 peak), m = memory-, c = compute-bound; datasheet figures from pixart_fast.gpus.GPUS, "
             f"goals until a GPU measures them)\n{text}")

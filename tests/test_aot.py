@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from pixart_fast.kernels.aot import SHARED_MEMORY_LIMIT, ptx_counts
+from pixart_fast.kernels.aot import ptx_counts
+from pixart_fast.kernels.targets import SHARED_MEMORY_LIMIT
 
 REGIMES = ("bf16 autocast", "fp16 autocast", "fp32")
 TARGETS = ("sm_80", "sm_90")

@@ -1,4 +1,4 @@
-"""The bytes-and-FLOPs model of kernels/roofline.py (issue 16, deliverable 5) against independent counts: the sizes
+"""The bytes-and-FLOPs model of kernels/roofline.py against independent counts: the sizes
 of the PyTorch references' input, output and gradient tensors at the same shapes and dtypes (meta tensors), and
 PyTorch's FlopCounterMode on the reference attention."""
 import pytest
@@ -9,7 +9,7 @@ from pixart_fast.kernels.cross_attn import cross_attention_ref
 from pixart_fast.kernels.modulation import gated_residual_modulate_ref, gated_residual_ref, modulate_ref
 from pixart_fast.kernels.patch_copy import patchify_ref, unpatchify_ref
 from pixart_fast.kernels.roofline import TOKENS_PER_CALL, roofline_rows
-from pixart_fast.plan import GPUS
+from pixart_fast.gpus import GPUS
 
 D, H, DH, L, T = 1152, 16, 72, 120, 256
 B = TOKENS_PER_CALL // T
@@ -89,7 +89,7 @@ def test_flops_are_flopcountermodes_on_the_reference_attention():
 
 
 @pytest.mark.parametrize("gpu", ["A100-80GB", "H100", "H200"])
-def test_roofline_time_reads_the_planners_gpu_table(gpu):
+def test_roofline_time_reads_the_gpu_table(gpu):
     target = "sm_80" if gpu.startswith("A100") else "sm_90"
     for r in roofline_rows(tokens=(T,), gpus={gpu: target}):
         memory_s, compute_s = r["bytes"] / (GPUS[gpu].bandwidth_gbs * 1e9), r["flops"] / (GPUS[gpu].tflops * 1e12)
