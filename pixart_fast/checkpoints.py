@@ -321,7 +321,7 @@ def load_into(model, path, seed: int = 0, source: str | None = None, from_dit: b
     kind, sd = load_any(path)
     bad = nonfinite_keys(sd)
     if bad:
-        raise ValueError(f"{source}: NaN or inf in {len(bad)} tensors ({', '.join(bad[:3])}); pick another checkpoint")
+        raise UserError(f"{source}: NaN or inf in {len(bad)} tensors ({', '.join(bad[:3])}); pick another checkpoint")
     if isinstance(model, DiT):
         if kind != "dit":
             raise ValueError(f"stage 1 trains a class-conditional DiT; {source} is a {kind} checkpoint")

@@ -1,5 +1,5 @@
 """Checkpoints are verified before they are trusted: a damaged newest folder is named, skipped, and the run resumes
-from the newest intact one, still bit-identical to a run that was never interrupted (README "When things go wrong")."""
+from the newest intact one, still bit-identical to a run that was never interrupted (docs/faults.md)."""
 import json
 import os
 import re

@@ -1,4 +1,4 @@
-"""When things go wrong: every fault of the README's table gets a clear message naming the offending value or
+"""When things go wrong: every fault of docs/faults.md gets a clear message naming the offending value or
 path, and leaves no partial output behind. The trainer (interrupted saves, non-finite steps and weights,
 checkpoints that do not fit, pickled code), the extractor (missing and corrupt images, empty and long captions,
 small images, metadata that is not JSON), feature chunks of the wrong shape or dtype, and the kernels' inputs

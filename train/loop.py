@@ -13,7 +13,7 @@ Rank 0 writes metrics.jsonl (one JSON object per logged step: loss, mse, vb, lr,
 samples/*.png (validation grids from the EMA model, embedded data) and summary.json (wall time, final loss, the
 EMA model's alignment scores, or its validation loss on --data).
 
-When things go wrong (README "When things go wrong"):
+When things go wrong (docs/faults.md):
 - Checkpoints are written crash-safely and verified before a resume trusts them (train/run_folder.py).
 - SIGINT / SIGTERM: the current step finishes, a checkpoint is saved, and train() returns (exit status 0)
   after printing the command that resumes the run. The previous signal handlers are restored on return.
