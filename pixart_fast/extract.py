@@ -17,35 +17,40 @@ hides the padding, so nothing else is needed to rebuild the padded (max_tokens, 
 caption length: 120 for PixArt-alpha (the default), 300 for PixArt-Sigma; index.json records it, and training
 refuses a model whose max_tokens differs.
 
-Output: records are cut into chunks of --chunk-size, written as `chunk-XXXXXX.safetensors`, and `index.json`
+Output: records are cut into chunks of --chunk-size, written as `chunk-XXXXXX.safetensors` with a manifest
+beside each (`chunk-XXXXXX.manifest.json`: its size and CRC-32, which training checks), and `index.json`
 describes the whole extraction (`FeatureDataset` in pixart_fast.features reads it). A chunk file exists only
 when complete (written to a temporary name, then renamed), so a rerun skips finished chunks, and
 `--shard i/n` handles chunks i, i + n, i + 2n, ...: n processes or machines writing into one folder produce
-exactly the files of one unsharded run.
+the files of one unsharded run. A rerun checks each finished chunk against the metadata as it reads now (image
+files, captions, labels): a caption fixed in a chunk not yet written does not disturb the others, one fixed in a
+finished chunk names that chunk to delete. Nothing is written into --out before the first chunk is done.
 
-Bad input (README "When things go wrong"): a metadata line that is not a JSON record stops the run before any
-work, naming the file and line. A missing or unreadable image is skipped, reported by path and listed in the
-summary and the chunk's metadata. An image smaller than its target is upscaled (bicubic; its original size is
-kept as PixArtMS's micro-condition), an empty caption is kept (T5 sees only its end-of-sequence token), and a
-caption longer than --max-tokens tokens is truncated: each warned about once and counted in the summary.
+Bad input (README "When things go wrong"): a metadata line that is not a JSON record, or whose file name or
+caption is not valid Unicode, stops the run before any work, naming the file and line. A missing or unreadable
+image is skipped, reported by path and listed in the summary and the chunk's metadata. A 16-bit greyscale image
+is scaled to 8 bits. An image smaller than its target is upscaled (bicubic; its original size is kept as
+PixArtMS's micro-condition), an empty caption is kept (T5 sees only its end-of-sequence token), and a caption
+longer than --max-tokens tokens is truncated: each warned about once and counted in the summary.
 """
 import argparse
-import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pixart_fast.files import atomic_path
-from pixart_fast.features import FORMAT, INDEX, chunk_name
+from pixart_fast.cli import run
+from pixart_fast.files import atomic_path, write_manifest
+from pixart_fast.features import FORMAT, INDEX, FeatureError, chunk_name, manifest_name
 from pixart_fast.text import MAX_TOKENS, TextEncoder
 
 
@@ -62,14 +67,15 @@ ASPECT_RATIO_1024 = {
     3.11: (1792, 576), 3.62: (1856, 512), 3.75: (1920, 512), 3.88: (1984, 512), 4.0: (2048, 512),
 }
 UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # what PIL raises for a missing or bad file
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit greyscale (PNG, TIFF)
 
 
 def aspect_ratio_buckets(resolution: int) -> dict[float, tuple[int, int]]:
     """PixArt's bucket table at `resolution` px: the 1024 table scaled by resolution / 1024, which gives the
     official 512 and 256 tables exactly, and any other multiple of 16 (small test runs) alike."""
     if resolution < 16 or resolution % 16:
-        raise ValueError(f"--multi-aspect needs a resolution of 256, 512, 1024 or another multiple of 16, "
-                         f"got {resolution}")
+        raise FeatureError(f"--multi-aspect needs a resolution of 256, 512, 1024 or another multiple of 16, "
+                           f"got {resolution}")
     return {r: (h * resolution // 1024, w * resolution // 1024) for r, (h, w) in ASPECT_RATIO_1024.items()}
 
 
@@ -89,6 +95,7 @@ class Record:
     file: str  # path relative to the image root, as the metadata writes it
     caption: str
     label: int | None = None  # class label for stage 1, where the metadata has one
+    where: str = field(default="", compare=False)  # the metadata file and line (or record) it was read from
 
 
 def find_metadata(images) -> Path:
@@ -109,14 +116,15 @@ def _parse(text: str, where: str):
         return json.loads(text)
     except json.JSONDecodeError as e:
         at = f"line {e.lineno} column {e.colno}" if "\n" in text else f"column {e.colno}"
-        raise ValueError(f"{where}: not JSON ({e.msg} at {at}): {text[:80]!r}; fix or delete it") from None
+        raise FeatureError(f"{where}: not JSON ({e.msg} at {at}): {text[:80]!r}; fix or delete it") from None
 
 
 def read_records(metadata) -> list[Record]:
     """Records of a metadata.jsonl (one JSON object a line) or a data_info.json (one JSON list), in file order.
     A record names its image with "file_name" (imagefolder) or "path" (PixArt) and its caption with "text"
     or "prompt"; other keys are ignored, except an integer "label". Any line or record that is not one of
-    these raises ValueError naming the file and the line (metadata.jsonl) or record."""
+    these, or whose file name or caption is not valid Unicode (a lone surrogate, from a broken \\u escape: T5's
+    tokenizer cannot encode it), raises FeatureError naming the file and the line (metadata.jsonl) or record."""
     metadata = Path(metadata)
     text = metadata.read_text(encoding="utf-8")
     if metadata.suffix == ".jsonl":
@@ -126,32 +134,30 @@ def read_records(metadata) -> list[Record]:
     else:
         entries = _parse(text, str(metadata))
         if not isinstance(entries, list):
-            raise ValueError(f"{metadata}: expected a JSON list of records (PixArt's data_info.json), "
-                             f"got {type(entries).__name__}")
+            raise FeatureError(f"{metadata}: expected a JSON list of records (PixArt's data_info.json), "
+                               f"got {type(entries).__name__}")
         wheres = [f"{metadata}, record {r}" for r in range(len(entries))]
     records = []
     for e, where in zip(entries, wheres):
         if not isinstance(e, dict):
-            raise ValueError(f"{where}: expected a JSON object with 'file_name' and 'text', got {str(e)[:80]!r}")
+            raise FeatureError(f"{where}: expected a JSON object with 'file_name' and 'text', got {str(e)[:80]!r}")
         file, caption = e.get("file_name", e.get("path")), e.get("text", e.get("prompt"))
         if not isinstance(file, str) or not isinstance(caption, str):
-            raise ValueError(f"{where}: need a 'file_name' (or 'path') and a 'text' (or 'prompt') "
-                             f"string, got keys {sorted(e)}")
+            raise FeatureError(f"{where}: need a 'file_name' (or 'path') and a 'text' (or 'prompt') "
+                               f"string, got keys {sorted(e)}")
+        for name, value in (("file name", file), ("caption", caption)):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as u:
+                raise FeatureError(f"{where}: {name} {value!r} is not valid Unicode (a lone surrogate at character "
+                                   f"{u.start}); fix its \\u escape or delete the line") from None
         label = e.get("label")
         if label is not None and not isinstance(label, int):
-            raise ValueError(f"{where}: 'label' must be an integer class, got {label!r}")
-        records.append(Record(file, caption, label))
+            raise FeatureError(f"{where}: 'label' must be an integer class, got {label!r}")
+        records.append(Record(file, caption, label, where))
     if not records:
-        raise ValueError(f"{metadata} lists no images")
+        raise FeatureError(f"{metadata} lists no images")
     return records
-
-
-def records_digest(records: list[Record]) -> str:
-    """sha256 of the records, to tell a rerun on the same input from one on another."""
-    h = hashlib.sha256()
-    for r in records:
-        h.update(json.dumps([r.file, r.caption, r.label]).encode() + b"\n")
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,11 +166,14 @@ def records_digest(records: list[Record]) -> str:
 
 
 def load_image(path, resolution: int, buckets: dict | None) -> tuple[torch.Tensor, tuple[int, int], float]:
-    """Read an image (EXIF orientation applied, RGB) and fit it to its target: resize (bicubic) so it covers the
-    target, center-crop. Returns (image (3, H, W) float32 in [-1, 1], original (height, width), aspect ratio of
-    the bucket: its table key with buckets, else 1.0)."""
+    """Read an image (EXIF orientation applied, RGB; 16-bit greyscale scaled to 8 bits) and fit it to its target:
+    resize (bicubic) so it covers the target, center-crop. Returns (image (3, H, W) float32 in [-1, 1], original
+    (height, width), aspect ratio of the bucket: its table key with buckets, else 1.0)."""
     with Image.open(path) as f:
-        image = ImageOps.exif_transpose(f).convert("RGB")
+        image = ImageOps.exif_transpose(f)
+        if image.mode in SIXTEEN_BIT:  # PIL's convert would clip these to 255: white
+            image = Image.fromarray(np.clip(np.asarray(image) / 257, 0, 255).round().astype(np.uint8))
+        image = image.convert("RGB")
     h, w = image.height, image.width
     ratio, (H, W) = nearest_bucket(h, w, buckets) if buckets else (1.0, (resolution, resolution))
     scale = max(H / h, W / w)
@@ -220,19 +229,19 @@ def plan(records: list[Record], vae, t5, resolution: int, multi_aspect: bool, ch
     """The extraction's description, written as index.json: the same for every shard of one extraction.
     Encoder shapes come from their config.json files, so a finished extraction loads no weights."""
     if max_tokens < 1:
-        raise ValueError(f"--max-tokens must be >= 1 (120 for PixArt-alpha, 300 for PixArt-Sigma), got {max_tokens}")
+        raise FeatureError(f"--max-tokens must be >= 1 (120 for PixArt-alpha, 300 for PixArt-Sigma), got {max_tokens}")
     vae_cfg, t5_cfg = _config(vae, "vae"), _config(t5, "t5")
     downsample = 2 ** (len(vae_cfg["block_out_channels"]) - 1)  # one 2x downsampling per block but the last
     buckets = aspect_ratio_buckets(resolution) if multi_aspect else {1.0: (resolution, resolution)}
     odd = [hw for hw in buckets.values() if hw[0] % downsample or hw[1] % downsample]
     if odd:
-        raise ValueError(f"the VAE downsamples by {downsample} but --resolution {resolution} gives image sizes "
-                         f"{odd[:3]} not divisible by it; pick a resolution that is a multiple of {downsample}")
+        raise FeatureError(f"the VAE downsamples by {downsample} but --resolution {resolution} gives image sizes "
+                           f"{odd[:3]} not divisible by it; pick a resolution that is a multiple of {downsample}")
     labels = [r.label for r in records]
     if any(lab is not None for lab in labels) and any(lab is None for lab in labels):
-        raise ValueError("some records have a 'label' and some do not; label all of them (stage 1) or none")
+        raise FeatureError("some records have a 'label' and some do not; label all of them (stage 1) or none")
     return {
-        "format": FORMAT, "num_records": len(records), "records_sha256": records_digest(records),
+        "format": FORMAT, "num_records": len(records),
         "chunk_size": chunk_size, "num_chunks": -(-len(records) // chunk_size),
         "resolution": resolution, "multi_aspect": multi_aspect,
         "buckets": [[r, h, w] for r, (h, w) in buckets.items()],
@@ -245,15 +254,16 @@ def plan(records: list[Record], vae, t5, resolution: int, multi_aspect: bool, ch
 
 
 def write_index(out: Path, index: dict) -> None:
-    """Write index.json, or check that the one there describes the same extraction (paths may differ)."""
+    """Write index.json, or check that the one there describes the same extraction (paths may differ; the
+    records are checked chunk by chunk, by `check_chunk`)."""
     path = out / INDEX
     if path.exists():
         old = json.loads(path.read_text())
         diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in index.items()
                 if k not in ("vae", "t5") and old.get(k) != v]
         if diff:
-            raise ValueError(f"{out} holds another extraction ({'; '.join(diff)}); use a new --out, or delete that "
-                             "folder to start over")
+            raise FeatureError(f"{out} holds another extraction ({'; '.join(diff)}); use a new --out, or delete that "
+                               "folder to start over")
         return
     with atomic_path(path, suffix=f".tmp-{os.getpid()}") as tmp:  # every shard writes the same text: they agree
         tmp.write_text(json.dumps(index, indent=1) + "\n")
@@ -262,6 +272,35 @@ def write_index(out: Path, index: dict) -> None:
 def chunk_records(k: int, chunk_size: int, num_records: int) -> range:
     """The record indices of chunk k."""
     return range(k * chunk_size, min((k + 1) * chunk_size, num_records))
+
+
+def check_chunk(path: Path, records: list[Record], chunk: range) -> None:
+    """Raise FeatureError if the finished chunk at `path` (records `chunk`) holds other image files, captions or
+    labels than `records` give now: the metadata changed there since it was written."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            info, index = f.metadata() or {}, f.get_tensor("index").tolist()
+            labels = f.get_tensor("label").tolist() if "label" in f.keys() else [None] * len(index)
+        files, captions = json.loads(info["files"]), json.loads(info["captions"])
+    except (SafetensorError, KeyError, ValueError) as e:
+        raise FeatureError(f"feature chunk {path} is not a readable chunk ({type(e).__name__}: {e}); delete it and "
+                           "run this command again to write it again") from None
+    for i, file, caption, label in zip(index, files, captions, labels):
+        if i not in chunk:
+            raise FeatureError(f"feature chunk {path} holds record {i}, not one of its {chunk.start}..{chunk.stop - 1};"
+                               " delete it and run this command again to write it again")
+        r = records[i]
+        change = (f"names {r.file!r}" if r.file != file else f"captions it {r.caption!r}" if r.caption != caption
+                  else f"labels it {r.label!r}, not {label!r}" if r.label != label else None)
+        if change:
+            raise FeatureError(f"{path} holds {file!r} captioned {caption!r}, but {r.where} now {change}; delete "
+                               "that chunk to extract it again, or use a new --out to keep it")
+
+
+def write_chunk_manifest(path: Path) -> None:
+    """Write the manifest of the chunk at `path` (its size and CRC-32, which FeatureDataset checks) beside it."""
+    k = int(path.name.removeprefix("chunk-").removesuffix(".safetensors"))
+    write_manifest(path.parent, [path.name], manifest_name(k))
 
 
 @torch.no_grad()
@@ -282,7 +321,8 @@ def encode(vae, text: TextEncoder, items: list, records: list[Record]) -> dict[i
 
 def write_chunk(path: Path, samples: dict, meta: dict, records: list[Record], skipped: list) -> None:
     """samples: record index -> {"mean", "std", "text", "hw", "size", "ratio"}. Per-sample tensors are keyed by
-    the global record index; small (n,) tables list what the chunk holds. Written atomically."""
+    the global record index; small (n,) tables list what the chunk holds. Written atomically, then its manifest
+    (a rerun writes the manifest of a chunk that has none)."""
     kept = sorted(samples)
     tensors = {
         "index": torch.tensor(kept, dtype=torch.int64),  # (n,) record indices
@@ -301,6 +341,7 @@ def write_chunk(path: Path, samples: dict, meta: dict, records: list[Record], sk
             "skipped": json.dumps(skipped)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=info)
+    write_chunk_manifest(path)
 
 
 def count_oddities(summary: dict, path: Path, hw: tuple[int, int], size: tuple[int, int], caption: str, log) -> None:
@@ -331,18 +372,24 @@ def extract(
     length T5 pads (or truncates) to, recorded in index.json: 120 for PixArt-alpha, 300 for PixArt-Sigma."""
     i_shard, n_shards = shard
     if not 0 <= i_shard < n_shards:
-        raise ValueError(f"--shard {i_shard}/{n_shards}: need 0 <= i < n")
+        raise FeatureError(f"--shard {i_shard}/{n_shards}: need 0 <= i < n")
     if batch_size < 1 or chunk_size < 1:
-        raise ValueError(f"batch size and chunk size must be >= 1, got {batch_size} and {chunk_size}")
+        raise FeatureError(f"--batch-size and --chunk-size must be >= 1, got {batch_size} and {chunk_size}")
     metadata = find_metadata(images)
     root = Path(image_root) if image_root else metadata.parent
     records = read_records(metadata)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = plan(records, vae, t5, resolution, multi_aspect, chunk_size, max_tokens)
-    write_index(out, meta)
+    if (out / INDEX).exists():
+        write_index(out, meta)  # refuses another extraction
     mine = list(range(i_shard, meta["num_chunks"], n_shards))
-    pending = [k for k in mine if not (out / chunk_name(k)).exists()]
+    done = [k for k in mine if (out / chunk_name(k)).exists()]
+    for k in done:
+        check_chunk(out / chunk_name(k), records, chunk_records(k, chunk_size, len(records)))
+    for k in done:
+        if not (out / manifest_name(k)).exists():  # written before its manifest, or by an older version
+            write_chunk_manifest(out / chunk_name(k))
+    pending = [k for k in mine if k not in done]
     summary = {"records": sum(len(chunk_records(k, chunk_size, len(records))) for k in mine), "chunks": len(mine),
                "chunks_done_before": len(mine) - len(pending), "chunks_written": 0, "encoded": 0, "unreadable": [],
                "upscaled": 0, "empty_captions": 0, "truncated_captions": 0}
@@ -356,9 +403,10 @@ def extract(
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     from diffusers import AutoencoderKL  # diffusers is needed here only
 
-    autoencoder = AutoencoderKL.from_pretrained(_part(vae, "vae"), torch_dtype=dtype, local_files_only=True,
-                                                low_cpu_mem_usage=False).to(device).eval().requires_grad_(False)
-    text = TextEncoder.from_pretrained(t5, dtype=dtype, device=device, max_length=max_tokens)
+    autoencoder = _load("vae", vae, lambda: AutoencoderKL.from_pretrained(
+        _part(vae, "vae"), torch_dtype=dtype, local_files_only=True, low_cpu_mem_usage=False))
+    autoencoder = autoencoder.to(device).eval().requires_grad_(False)
+    text = _load("t5", t5, lambda: TextEncoder.from_pretrained(t5, dtype=dtype, device=device, max_length=max_tokens))
     buckets = {r: (h, w) for r, h, w in meta["buckets"]} if multi_aspect else None
     todo = [i for k in pending for i in chunk_records(k, chunk_size, len(records))]
     loader = DataLoader(_Images(records, root, todo, resolution, buckets), batch_size=None, num_workers=workers)
@@ -383,6 +431,9 @@ def extract(
                 samples.update(encode(autoencoder, text, waiting.pop(size), records))
         for batch in waiting.values():  # the chunk's short batches: a batch never spans two chunks
             samples.update(encode(autoencoder, text, batch, records))
+        if not summary["chunks_written"]:  # the folder and its index come with the first chunk
+            out.mkdir(parents=True, exist_ok=True)
+            write_index(out, meta)
         write_chunk(out / chunk_name(k), samples, meta, records, skipped)
         summary["chunks_written"] += 1
         summary["encoded"] += len(samples)
@@ -397,6 +448,17 @@ def extract(
         f"{summary['upscaled']} upscaled, {summary['empty_captions']} empty and {summary['truncated_captions']} "
         "truncated captions")
     return summary
+
+
+def _load(what: str, folder, load):
+    """load() of the --vae or --t5 model, a folder it cannot load from raising FeatureError naming it."""
+    try:
+        return load()
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FeatureError(f"--{what} {folder}: cannot load it ({first}); pass a local "
+                           f"{'diffusers AutoencoderKL' if what == 'vae' else 'T5 encoder'} folder with its weights, "
+                           "or a pipeline folder") from e
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -437,4 +499,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -16,16 +16,25 @@ tensors (only the caption's valid tokens are stored; the padding is zeroed in pl
 memory, and several threads may build batches at once (pixart_fast.loader.prefetch). Worker processes (fork or
 pickle) each parse the headers they read.
 
-A chunk that is not what pixart_fast.extract writes (unreadable, a key missing, a wrong dtype or shape) raises
-ValueError naming the chunk file, the key, and the expected and found dtype and shape: its small tables when
-the dataset opens, a sample's tensors when a batch holding the sample is read (checking every sample's header
-entries at start would cost minutes on millions of samples).
+Each chunk has a manifest beside it (`chunk-XXXXXX.manifest.json`: its size and CRC-32, as pixart_fast.files
+writes for checkpoints). Sizes are checked when the dataset opens; the CRC-32 when a process first reads the
+chunk, together with a scan for NaN and inf in its samples: a chunk damaged since extraction (a bit flipped on a
+disk or in a copy) is refused, and a sample that is not finite is named by chunk, record and caption, instead of
+training on wrong values or skipping steps of a NaN loss. A folder extracted before chunks had manifests is read
+unverified, with one warning; rerunning pixart_fast.extract on it writes them.
+
+Whatever a user can fix raises FeatureError (a pixart_fast.cli.UserError and a ValueError) naming the file and
+what to do: a folder that is not an extraction, a chunk damaged or not what pixart_fast.extract writes
+(unreadable, a key missing, a wrong dtype or shape: its small tables when the dataset opens, a sample's tensors
+when a batch holding the sample is read, as checking every sample's header entries at start would cost minutes
+on millions of samples), a model that does not fit the features.
 """
 import json
 import math
 import os
 import threading
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +43,8 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from pixart_fast.batch import Batch
+from pixart_fast.cli import UserError
+from pixart_fast.files import crc32
 
 # The format `python -m pixart_fast.extract` writes (it imports these): an index.json and numbered chunk files.
 FORMAT = "pixart_fast.features/1"
@@ -44,6 +55,16 @@ def chunk_name(k: int) -> str:
     """The file name of chunk k of an extraction folder."""
     return f"chunk-{k:06d}.safetensors"
 
+
+def manifest_name(k: int) -> str:
+    """The file name of chunk k's manifest (pixart_fast.files.write_manifest's format: its size and CRC-32)."""
+    return f"chunk-{k:06d}.manifest.json"
+
+
+class FeatureError(UserError, ValueError):
+    """Extraction input or features that cannot be used as they are: the message names the file and what to do."""
+
+
 # Small per-chunk tables, read once at start: key -> (dtype, shape of one row); one row per sample of the chunk.
 _TABLES = {"index": (torch.int64, ()), "hw": (torch.int32, (2,)), "size": (torch.int32, (2,)),
            "ratio": (torch.float32, ()), "tokens": (torch.int32, ())}
@@ -53,19 +74,19 @@ _REWRITE = "delete it and rerun pixart_fast.extract with the same arguments to w
 
 
 def _open(path: Path):
-    """safe_open of a chunk; a file that is not safetensors (damaged, cut short) raises ValueError naming it."""
+    """safe_open of a chunk; a file that is not safetensors (damaged, cut short) raises FeatureError naming it."""
     try:
         return safe_open(str(path), framework="pt")
     except SafetensorError as e:
-        raise ValueError(f"feature chunk {path} is not a readable safetensors file ({e}); {_REWRITE}") from None
+        raise FeatureError(f"feature chunk {path} is not a readable safetensors file ({e}); {_REWRITE}") from None
 
 
 def _tensor(f, path: Path, key: str) -> torch.Tensor:
-    """Tensor `key` of an open chunk; a missing one raises ValueError naming the chunk and the key."""
+    """Tensor `key` of an open chunk; a missing one raises FeatureError naming the chunk and the key."""
     try:
         return f.get_tensor(key)
     except SafetensorError:
-        raise ValueError(f"feature chunk {path} has no tensor {key!r}; {_REWRITE}") from None
+        raise FeatureError(f"feature chunk {path} has no tensor {key!r}; {_REWRITE}") from None
 
 
 def _dtype_name(dtype) -> str:
@@ -82,10 +103,10 @@ def _mismatch(path: Path, key: str, dtype, shape: tuple, dtypes: tuple, want: tu
 
 
 def _check(path: Path, key: str, t: torch.Tensor, dtypes: tuple, shape: tuple) -> None:
-    """Raise ValueError naming the chunk, the key, and the expected and found dtype and shape."""
+    """Raise FeatureError naming the chunk, the key, and the expected and found dtype and shape."""
     error = _mismatch(path, key, t.dtype, tuple(t.shape), dtypes, shape)
     if error:
-        raise ValueError(error)
+        raise FeatureError(error)
 
 
 _KEYS = ("mean", "std", "text")  # a sample's tensors, in the order they are checked and read
@@ -107,11 +128,11 @@ class _Layout:
     stamp: tuple  # (size, mtime_ns, inode) of the file parsed: a rewritten chunk is parsed again
     offsets: np.ndarray  # (n, 3) int64: byte offset in the file of row j's mean, std and text
     codes: np.ndarray  # (n, 3) int8: their dtypes, indices into _FEATURES
-    errors: dict  # row -> the ValueError message reading it raises (a tensor missing, or of a wrong dtype or shape)
+    errors: dict  # row -> the message reading it raises (a tensor missing, of a wrong dtype or shape, or not finite)
 
 
-def _not_safetensors(path: Path, why) -> ValueError:
-    return ValueError(f"feature chunk {path} is not a readable safetensors file ({why}); {_REWRITE}")
+def _not_safetensors(path: Path, why) -> "FeatureError":
+    return FeatureError(f"feature chunk {path} is not a readable safetensors file ({why}); {_REWRITE}")
 
 
 def _parse_layout(f, path: Path, stamp: tuple, records: list[int], shapes: list[tuple]) -> _Layout:
@@ -166,16 +187,70 @@ def _entry_error(path: Path, names: list, entries: list, c: int, want: tuple, ba
         return str(_not_safetensors(path, f"its header entry {name!r} is malformed"))
 
 
+def _manifest_entry(root: Path, k: int) -> dict | None:
+    """Chunk k's entry in its manifest, {"bytes", "crc32"}; None where it has no manifest (an older extraction)."""
+    path = root / manifest_name(k)
+    try:
+        entry = json.loads(path.read_text())["files"][chunk_name(k)]
+        return {"bytes": int(entry["bytes"]), "crc32": str(entry["crc32"])}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FeatureError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it and {chunk_name(k)}, then "
+                           "rerun pixart_fast.extract with the same arguments to write them again") from None
+
+
+def _check_size(path: Path, size: int, entry: dict | None) -> None:
+    if entry is not None and size != entry["bytes"]:
+        raise _not_safetensors(path, f"{size:,} bytes, extract wrote {entry['bytes']:,}: cut short or overwritten")
+
+
+# Per index into _FEATURES: the stored dtype as unsigned words and the bits of its exponent, all ones in NaN and inf
+_EXPONENT = ((np.uint32, 0x7F800000), (np.uint16, 0x7F80))
+
+
+def _verify(f, path: Path, layout: _Layout, records: list[int], shapes: list[tuple], entry: dict | None) -> _Layout:
+    """Check an open chunk (rows `records` of `shapes`, as _parse_layout's) against its manifest entry (None: an
+    older chunk, not checked) and scan its samples for NaN and inf: a damaged chunk raises FeatureError; a sample
+    not finite gets its message in the returned layout's errors, naming the chunk, the record, its image file and
+    caption."""
+    _check_size(path, layout.stamp[0], entry)
+    if entry is not None and (got := crc32(path)) != entry["crc32"]:
+        raise FeatureError(f"feature chunk {path} is damaged (CRC-32 {got}, extract wrote {entry['crc32']}); "
+                           f"{_REWRITE}")
+    raw, bad = np.memmap(f, np.uint8, mode="r"), {}  # the samples read in place; unmapped when raw is freed
+    for j, (latent, text) in enumerate(shapes):
+        if j in layout.errors:
+            continue
+        for c, shape in enumerate((latent, latent, text)):
+            word, ones = _EXPONENT[layout.codes[j, c]]
+            at = int(layout.offsets[j, c])
+            if ((raw[at:at + math.prod(shape) * np.dtype(word).itemsize].view(word) & ones) == ones).any():
+                bad[j] = c
+                break
+    if not bad:
+        return layout
+    with _open(path) as st:
+        info = st.metadata() or {}
+    files, captions = (json.loads(info.get(key, "[]")) for key in ("files", "captions"))
+    errors = {}
+    for j, c in bad.items():
+        r = records[j]
+        named = f"{files[j]!r}, caption {captions[j]!r}" if j < min(len(files), len(captions)) else "?"
+        errors[j] = f"feature chunk {path}: record {r} ({named}) holds NaN or inf in '{r}.{_KEYS[c]}'; {_REWRITE}"
+    return replace(layout, errors={**errors, **layout.errors})
+
+
 def _readinto(f, offset: int, dst: np.ndarray, path: Path, key: str) -> None:
     """Read len(dst) bytes at `offset` of open file f into dst (a contiguous uint8 array); the read releases the
-    GIL. A file that ends first raises ValueError naming the chunk and the tensor."""
+    GIL. A file that ends first raises FeatureError naming the chunk and the tensor."""
     view = memoryview(dst)
     f.seek(offset)
     done = 0
     while done < len(view):
         got = f.readinto(view[done:])
         if not got:
-            raise ValueError(f"feature chunk {path}: {key!r} is cut short ({done} of {len(view)} bytes); {_REWRITE}")
+            raise FeatureError(f"feature chunk {path}: {key!r} is cut short ({done} of {len(view)} bytes); {_REWRITE}")
         done += got
 
 
@@ -272,21 +347,28 @@ class FeatureDataset(Dataset):
         self.root = Path(root)
         path = self.root / INDEX
         if not path.is_file():
-            raise FileNotFoundError(f"--data {self.root}: no {INDEX}; extract features into it first "
-                                    f"(python -m pixart_fast.extract --out {self.root} ...)")
+            raise FeatureError(f"--data {self.root}: no {INDEX}; extract features into it first "
+                               f"(python -m pixart_fast.extract --out {self.root} ...)")
         self.meta = json.loads(path.read_text())
         if self.meta.get("format") != FORMAT:
-            raise ValueError(f"--data {self.root}: {INDEX} has format {self.meta.get('format')!r}, expected {FORMAT!r}")
+            raise FeatureError(f"--data {self.root}: {INDEX} has format {self.meta.get('format')!r}, expected "
+                               f"{FORMAT!r}")
         missing = [chunk_name(k) for k in range(self.meta["num_chunks"]) if not (self.root / chunk_name(k)).exists()]
         if missing:
-            raise ValueError(f"--data {self.root}: the extraction is incomplete, {len(missing)} of "
-                             f"{self.meta['num_chunks']} chunks missing ({', '.join(missing[:3])}"
-                             f"{' ...' if len(missing) > 3 else ''}); rerun pixart_fast.extract with the same "
-                             "arguments (every --shard) to finish it")
+            raise FeatureError(f"--data {self.root}: the extraction is incomplete, {len(missing)} of "
+                               f"{self.meta['num_chunks']} chunks missing ({', '.join(missing[:3])}"
+                               f"{' ...' if len(missing) > 3 else ''}); rerun pixart_fast.extract with the same "
+                               "arguments (every --shard) to finish it")
+        entries = [_manifest_entry(self.root, k) for k in range(self.meta["num_chunks"])]
+        if None in entries:
+            warnings.warn(f"--data {self.root}: {entries.count(None)} of {len(entries)} chunks have no manifest "
+                          "(written by an older pixart_fast.extract), so they are read unverified; rerun "
+                          "pixart_fast.extract with the same arguments to write them", stacklevel=2)
         specs = _TABLES | (_LABEL if self.num_classes is not None else {})
         tables, chunk = {key: [] for key in specs}, []
         for k in range(self.meta["num_chunks"]):
             path = self.root / chunk_name(k)
+            _check_size(path, path.stat().st_size, entries[k])
             with _open(path) as f:
                 found = {key: _tensor(f, path, key) for key in specs}
             n = len(found["index"]) if found["index"].dim() else 0
@@ -294,12 +376,12 @@ class FeatureDataset(Dataset):
                 _check(path, key, found[key], (dtype,), (n, *row))
                 tables[key].append(found[key])
             if n and not 1 <= found["tokens"].min() <= found["tokens"].max() <= self.meta["max_tokens"]:
-                raise ValueError(f"feature chunk {path}: 'tokens' should lie in 1..{self.meta['max_tokens']}, found "
-                                 f"{found['tokens'].min()}..{found['tokens'].max()}; {_REWRITE}")
+                raise FeatureError(f"feature chunk {path}: 'tokens' should lie in 1..{self.meta['max_tokens']}, found "
+                                   f"{found['tokens'].min()}..{found['tokens'].max()}; {_REWRITE}")
             chunk.append(torch.full((n,), k))
         t = {key: torch.cat(v) for key, v in tables.items()}
         if len(t["index"]) == 0:
-            raise ValueError(f"--data {self.root}: no sample in it (were all images unreadable?)")
+            raise FeatureError(f"--data {self.root}: no sample in it (were all images unreadable?)")
         self.records, self.chunk = t["index"].tolist(), torch.cat(chunk).tolist()  # record index and chunk of i
         self.img_hw, self.ratio, self.tokens = t["hw"].float(), t["ratio"], t["tokens"].tolist()
         self.labels = t["label"].tolist() if "label" in t else None
@@ -379,7 +461,7 @@ class FeatureDataset(Dataset):
             layouts = [opened[k][1] for k in chunks.tolist()]
             for layout, j in zip(layouts, rows.tolist()):  # a bad sample raises as when samples were read one by
                 if j in layout.errors:                      # one: the first in the batch's order
-                    raise ValueError(layout.errors[j])
+                    raise FeatureError(layout.errors[j])
             codes = np.stack([layout.codes[j] for layout, j in zip(layouts, rows.tolist())])  # (B, 3) stored dtypes
             offsets = np.stack([layout.offsets[j] for layout, j in zip(layouts, rows.tolist())])
             stored_text = np.unique(codes[:, 2])
@@ -423,29 +505,30 @@ class FeatureDataset(Dataset):
         return idx % n
 
     def _open_chunk(self, k: int):
-        """(open chunk file, its _Layout): parsed the first time this process opens the chunk, again if the
-        file changed since."""
+        """(open chunk file, its _Layout): parsed and verified (_verify) the first time this process opens the
+        chunk, again if the file changed since."""
         path = self.root / chunk_name(k)
         try:
             f = open(path, "rb", buffering=0)
         except OSError as e:
-            raise ValueError(f"feature chunk {path} is not a readable safetensors file ({e}); {_REWRITE}") from None
+            raise FeatureError(f"feature chunk {path} is not a readable safetensors file ({e}); {_REWRITE}") from None
         try:
             st = os.fstat(f.fileno())
             stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
             layout = self._layouts.get(k)
             if layout is None or layout.stamp != stamp:
-                first = self._first[k]
-                layout = _parse_layout(f, path, stamp, self.records[first:self._first[k + 1]],
-                                       self._expected_shapes(first, self._first[k + 1]))
+                records, shapes = self.records[self._first[k]:self._first[k + 1]], self._expected_shapes(k)
+                layout = _parse_layout(f, path, stamp, records, shapes)
+                layout = _verify(f, path, layout, records, shapes, _manifest_entry(self.root, k))
                 self._layouts[k] = layout  # a dict assignment: atomic, no lock (threads may parse it twice)
         except BaseException:
             f.close()
             raise
         return f, layout
 
-    def _expected_shapes(self, start: int, stop: int) -> list[tuple]:
-        """The (latent, text) shapes samples start..stop-1 must have."""
+    def _expected_shapes(self, k: int) -> list[tuple]:
+        """The (latent, text) shapes chunk k's samples must have."""
+        start, stop = self._first[k], self._first[k + 1]
         sizes, C, E = self.latent_sizes(), self.latent_channels, self.caption_channels
         return [((C, *sizes[b]), (n, E)) for b, n in zip(self._bucket_ids[start:stop].tolist(),
                                                           self._tokens[start:stop].tolist())]
@@ -455,38 +538,38 @@ class FeatureDataset(Dataset):
         return {**self.__dict__, "_layouts": {}}
 
     def check_model(self, config, name: str, class_conditional: bool) -> None:
-        """Raise ValueError, naming both sides, if model `name` (a PixArtConfig) cannot train on these features."""
+        """Raise FeatureError, naming both sides, if model `name` (a PixArtConfig) cannot train on these features."""
         where = f"--data {self.root}"
         if config.in_channels != self.latent_channels:
-            raise ValueError(f"{where} holds {self.latent_channels}-channel latents but model {name} has in_channels "
-                             f"{config.in_channels}; pick a --model with in_channels {self.latent_channels}, or "
-                             "extract with a matching --vae")
+            raise FeatureError(f"{where} holds {self.latent_channels}-channel latents but model {name} has in_channels "
+                               f"{config.in_channels}; pick a --model with in_channels {self.latent_channels}, or "
+                               "extract with a matching --vae")
         if class_conditional:
             if self.num_classes is None:
-                raise ValueError(f"{where} has no class labels; stage 1 is class-conditional: extract from metadata "
-                                 "with an integer 'label' on every record, or train stage 2 or 3")
+                raise FeatureError(f"{where} has no class labels; stage 1 is class-conditional: extract from metadata "
+                                   "with an integer 'label' on every record, or train stage 2 or 3")
             if self.num_classes > config.num_classes:
-                raise ValueError(f"{where} has labels up to {self.num_classes - 1} but model {name} has "
-                                 f"num_classes {config.num_classes}")
+                raise FeatureError(f"{where} has labels up to {self.num_classes - 1} but model {name} has "
+                                   f"num_classes {config.num_classes}")
             side = (config.input_size, config.input_size)
             if any(s != side for s in self.latent_sizes()):
-                raise ValueError(f"{where} has latents of sizes {self.latent_sizes()} but stage 1's DiT has fixed "
-                                 f"positions for {side}; pick a --model with input_size {self.latent_sizes()[0][0]}")
+                raise FeatureError(f"{where} has latents of sizes {self.latent_sizes()} but stage 1's DiT has fixed "
+                                   f"positions for {side}; pick a --model with input_size {self.latent_sizes()[0][0]}")
             return
         if config.caption_channels != self.caption_channels or config.max_tokens != self.meta["max_tokens"]:
-            raise ValueError(f"{where} holds {self.caption_channels}-dim caption features of {self.meta['max_tokens']} "
-                             f"tokens but model {name} has caption_channels {config.caption_channels} and max_tokens "
-                             f"{config.max_tokens}; pick a matching --model, or extract with a matching --t5 and "
-                             f"--max-tokens {config.max_tokens}")
+            raise FeatureError(f"{where} holds {self.caption_channels}-dim caption features of "
+                               f"{self.meta['max_tokens']} tokens but model {name} has caption_channels "
+                               f"{config.caption_channels} and max_tokens {config.max_tokens}; pick a matching "
+                               f"--model, or extract with a matching --t5 and --max-tokens {config.max_tokens}")
         # A PixArt takes any size, but its position scale (pe_interpolation) and released weights are for one:
         # far from it (a quarter or four times the tokens, e.g. 256-px data on a 1024-px model) is a wrong --model.
         native = config.input_size**2
         far = [s for s in self.latent_sizes() if not native / 4 <= s[0] * s[1] <= native * 4]
         if far:
-            raise ValueError(f"{where} has latents of {far[0][0]}x{far[0][1]} but model {name} is made for "
-                             f"{config.input_size}x{config.input_size} (position scale {config.pe_interpolation:g}); "
-                             "pick the --model of your images' resolution, or extract at its --resolution")
+            raise FeatureError(f"{where} has latents of {far[0][0]}x{far[0][1]} but model {name} is made for "
+                               f"{config.input_size}x{config.input_size} (position scale {config.pe_interpolation:g}); "
+                               "pick the --model of your images' resolution, or extract at its --resolution")
         odd = [s for s in self.latent_sizes() if s[0] % config.patch_size or s[1] % config.patch_size]
         if odd:
-            raise ValueError(f"{where} has latent sizes {odd} not divisible by model {name}'s patch size "
-                             f"{config.patch_size}")
+            raise FeatureError(f"{where} has latent sizes {odd} not divisible by model {name}'s patch size "
+                               f"{config.patch_size}")
