@@ -12,6 +12,16 @@ The kernels themselves: `from pixart_fast.kernels import modulate, cross_attenti
 `import pixart_fast` is cheap and pulls neither transformers nor Triton.
 """
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what editors and type checkers resolve; at run time each name is imported on first use
+    from .checkpoints import (CheckpointDamaged, CheckpointMismatch, from_diffusers, load_any, load_diffusers,
+                              load_official, load_safetensors, load_state_dict_strict, save_safetensors,
+                              to_diffusers)
+    from .diffusion import Diffusion
+    from .model import CONFIGS, DiT, PixArt, PixArtConfig, reparameterize
+    from .patcher import patch, unpatch
+    from .text import TextEncoder
 
 # name -> the module that defines it
 _EXPORTS = {

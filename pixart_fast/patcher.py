@@ -32,7 +32,11 @@ from pixart_fast.kernels.backend import BACKENDS
 from pixart_fast.kernels.cross_attn import MAX_HEAD_DIM, MAX_KV_LEN, cross_attention
 from pixart_fast.kernels.modulation import MAX_D, gated_residual, gated_residual_modulate, modulate
 from pixart_fast.kernels.patch_copy import patchify
-from pixart_fast.model import linear_dtype
+from pixart_fast.model import CrossAttention, PatchEmbed, PixArt, PixArtBlock, linear_dtype
+
+# pixart_fast's own modules, which call the kernels themselves by their `kernels` setting: patch() leaves them, and
+# what is inside them, alone. The stage-1 DiT is not among them: its blocks are facebookresearch/DiT's PyTorch code.
+CHOOSE_THEIR_KERNELS = (PixArt, PixArtBlock, CrossAttention, PatchEmbed)
 
 ATTR = "pixart_fast_patch"  # the one attribute patch() sets on the model: its PatchReport; unpatch() removes it
 
@@ -310,8 +314,8 @@ def patch(model: nn.Module, modulate: bool = True, cross_attention: bool = True,
 
     modulate / cross_attention / patchify: which kinds of module to look for. backend: "auto" (Triton on CUDA
     tensors, the PyTorch reference on CPU), "triton" or "torch", passed to every kernel call. Parameters, buffers
-    and their names are unchanged. pixart_fast's own modules (those with a `kernels` attribute) choose their
-    kernels themselves and are left alone. Raises ValueError when nothing can be swapped, listing what was
+    and their names are unchanged. pixart_fast's own modules (CHOOSE_THEIR_KERNELS) choose their kernels
+    themselves and are left alone. Raises ValueError when nothing can be swapped, listing what was
     looked for and what was recognised but left alone, and when the model is already patched.
     """
     if backend not in BACKENDS:
@@ -325,7 +329,7 @@ def patch(model: nn.Module, modulate: bool = True, cross_attention: bool = True,
     for path, m in model.named_modules():
         if any(_inside(path, root) for root in own):
             continue
-        if isinstance(getattr(m, "kernels", None), str) and m.kernels in BACKENDS:  # pixart_fast.model's own
+        if isinstance(m, CHOOSE_THEIR_KERNELS):
             own.append(path)
             report.skipped.append((path, f"pixart_fast's {type(m).__name__} chooses its kernels itself "
                                          f"(kernels={m.kernels!r})"))

@@ -10,8 +10,8 @@ import typing
 
 from pixart_fast.checkpoints import matching_configs, training_metadata
 from pixart_fast.cli import UserError, run
-from pixart_fast.train.loop import train
-from pixart_fast.train.recipes import RECIPES, TrainConfig
+from .loop import train
+from .recipes import RECIPES, TrainConfig
 
 
 def _parse_bool(text: str) -> bool:

@@ -18,8 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from pixart_fast.cli import run
-from pixart_fast.train.loop import train
-from pixart_fast.train.recipes import RECIPES
+from .loop import train
+from .recipes import RECIPES
 
 ARMS = ("from stage 1", "from scratch")
 METRICS = ("colour", "position", "shape", "accuracy")

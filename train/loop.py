@@ -42,11 +42,10 @@ from pixart_fast.cli import UserError
 from pixart_fast.diffusion import Diffusion
 from pixart_fast.files import atomic_path
 from pixart_fast.loader import prefetch, to_device
-from pixart_fast.train.recipes import RECIPES, TrainConfig
-from pixart_fast.train.run_folder import (claimed, latest_checkpoint, load_trainer_state, load_weights,
-                                          newest_intact_checkpoint, recover_leftovers, save_checkpoint, trim_metrics,
-                                          verified_checkpoint)
-from pixart_fast.train.stages import STAGES, Stage
+from .recipes import RECIPES, TrainConfig
+from .run_folder import (claimed, latest_checkpoint, load_trainer_state, load_weights, newest_intact_checkpoint,
+                         recover_leftovers, save_checkpoint, trim_metrics, verified_checkpoint)
+from .stages import STAGES, Stage
 
 PREFETCH_DEPTH, PREFETCH_WORKERS = 4, 2  # batches built ahead of the step, by this many threads
 PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # "auto": see autocast_dtype

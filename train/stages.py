@@ -30,8 +30,8 @@ from pixart_fast.grid import image_grid
 from pixart_fast.loader import to_device
 from pixart_fast.model import CONFIGS, DiT, PixArt
 from pixart_fast.text import TextEncoder
-from pixart_fast.train.recipes import TrainConfig
-from pixart_fast.train.run_folder import newest_intact_checkpoint
+from .recipes import TrainConfig
+from .run_folder import newest_intact_checkpoint
 
 VAL_SEED = 1234  # the held-out noise (and, for features, latent samples and timesteps): the same at every evaluation
 
