@@ -594,8 +594,8 @@ class DiT(nn.Module):
         super().__init__()
         if kernels not in BACKENDS:
             raise ValueError(f"kernels must be one of {BACKENDS}, got {kernels!r}")
-        self.config, self.recompute = config, _check_recompute(recompute)  # no `kernels` attribute: patch() finds
-        D = config.hidden_size                                              # the blocks (see its docstring)
+        self.config, self.recompute = config, _check_recompute(recompute)
+        D = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D, kernels)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
