@@ -3,7 +3,7 @@ batch, one training step (forward, loss, backward, AdamW) and the largest batch 
 
 Shapes: B batch, C latent channels, H x W latent size, L caption tokens, E caption channels.
 """
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -157,8 +157,3 @@ def largest_batch(make_step, start: int, max_probes: int = 8) -> tuple[int, int]
         else:
             bad = mid
     return good, probes
-
-
-def xl_width(depth: int, resolution: int = 256) -> PixArtConfig:
-    """PixArt-XL/2 at `resolution` px with `depth` blocks."""
-    return replace(XL[resolution], depth=depth)

@@ -8,6 +8,7 @@ checked on synthetic rows.
 The subprocesses run with TRITON_INTERPRET removed (the check must never use Triton's interpreter) and one
 OpenMP thread.
 """
+import importlib
 import importlib.util
 import json
 import os
@@ -33,10 +34,12 @@ def _load(name: str, path: Path):
 
 
 @pytest.fixture(scope="module")
-def gpu_check():
+def bench():
+    """bench/'s modules of the check (guard, parts, report), imported as gpu_check.py imports them."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        yield _load("gpu_check_under_test", ROOT / "bench" / "gpu_check.py")
+        yield SimpleNamespace(**{name: importlib.import_module(f"gpu_{name}")
+                                 for name in ("guard", "parts", "report")})
     finally:
         sys.path.remove(str(ROOT / "bench"))
 
@@ -150,9 +153,9 @@ def _args(tmp_path, **kw):
     return SimpleNamespace(**{**base, **kw})
 
 
-def test_failing_parts_and_the_time_limit_are_recorded_and_the_check_goes_on(gpu_check, tmp_path):
-    gpu_check._free()  # its first call imports torch and dynamo: before the clock starts
-    check = gpu_check.Check(_args(tmp_path, limit=5.0))
+def test_failing_parts_and_the_time_limit_are_recorded_and_the_check_goes_on(bench, tmp_path):
+    bench.guard._free()  # its first call imports torch and dynamo: before the clock starts
+    check = bench.guard.Check(_args(tmp_path, limit=5.0))
 
     def broken(check, part):
         raise ValueError("this part is broken")
@@ -202,7 +205,7 @@ def _kernel(impl, direction, seconds, kernel="modulate", pct_roofline=None):
         tflops=0.0, pct_peak_bandwidth=50.0, pct_roofline=pct_roofline)}
 
 
-def test_the_gpu_tables_and_the_json_format_on_synthetic_rows(gpu_check, tmp_path):
+def test_the_gpu_tables_and_the_json_format_on_synthetic_rows(bench, tmp_path):
     """What a GPU run writes, on made-up rows: summary.md's tables, profile categories, and the JSON read by
     bench/summary.py and by `pixart_fast.plan --mfu-from`."""
     from torch.autograd import DeviceType
@@ -214,7 +217,7 @@ def test_the_gpu_tables_and_the_json_format_on_synthetic_rows(gpu_check, tmp_pat
                                  ("triton_poi_fused_add_mul_0", 10, DeviceType.CUDA, 100.0),
                                  ("sm90_xmma_gemm_bf16bf16_bf16f32", 300, DeviceType.CUDA, 600.0),
                                  ("aten::mm", 300, DeviceType.CPU, 600.0)]]
-    table = gpu_check.profile_table(SimpleNamespace(key_averages=lambda: events), "cuda")
+    table = bench.parts.profile_table(SimpleNamespace(key_averages=lambda: events), "cuda")
     assert [r["name"] for r in table["top"]] == ["sm90_xmma_gemm_bf16bf16_bf16f32", "_modulate_fwd_kernel",
                                                  "triton_poi_fused_add_mul_0"]
     assert {k: round(v["pct"]) for k, v in table["categories"].items()} == \
@@ -234,7 +237,7 @@ def test_the_gpu_tables_and_the_json_format_on_synthetic_rows(gpu_check, tmp_pat
               "environment": {"device": "NVIDIA H200", "gpu": "H200"}, "install": {}, "notes": [],
               "parts": {"profile": {"label": "(e)", "status": "ok", "items": [], "table": table}},
               "benchmarks": rows}
-    summary = gpu_check.summarize(report)
+    summary = bench.report.summarize(report)
     assert "| ours+triton | 256 | 32 | 80.0 | 400.0 | 1.25x | 100.0 | 36.0% | 40.0 | 3.0 |" in summary
     assert "| modulate | 256 | 128 | fwd | 100.0 | 300.0 | 200.0 | 3.00x | 2.00x | 1000 | 50 |" in summary
     goals = summary.split("## Kernel goals at 256 tokens")[1].split("##")[0]
