@@ -83,7 +83,7 @@ CONFIGS = {
     # The embedded default (docs/ARCHITECTURE.md section 5): 32 px pixel space, the tiny T5's 64 channels, head dim 72 as
     # PixArt-XL/2's. Patch 4 (64 tokens), not the patch 2 of the paper's models (256 tokens): on 2 CPU cores patch 2 trains
     # at about 48 images/s and after 5 minutes samples only noise of the right colour; patch 4 runs about 4x
-    # faster and in the same time draws objects of the right colour (issue 4's note has the measurements).
+    # faster and in the same time draws objects of the right colour.
     # max_tokens 32: the embedded captions are at most 24 word tokens (EOS included); padding to 120 cost ~15 % of
     # stage 2's images/s (docs/time-to-quality-log.md). With --tokenizer byte, captions over 32 bytes are cut.
     "PixArt-pixel-32": PixArtConfig(input_size=32, patch_size=4, in_channels=3, hidden_size=144, depth=4,
@@ -295,14 +295,14 @@ class PixArtBlock(nn.Module):
         next_shift/next_scale (B, D): the modulation of the layer after this block.
         Returns the new stream and its normalised, modulated copy for the next layer."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t0)
-        low = linear_dtype(x)
-        out = gated_residual(x, gate_msa, self.attn(x_mod), backend=self.kernels, copy_dtype=low)
-        x, x_q = out if low else (out, out)  # the stream, and (under autocast) its copy for cross_attn's q_linear
+        linear_in = linear_dtype(x)
+        out = gated_residual(x, gate_msa, self.attn(x_mod), backend=self.kernels, copy_dtype=linear_in)
+        x, x_q = out if linear_in else (out, out)  # the stream, and (autocast) its copy for cross_attn's q_linear
         # x + cross_attn: no norm, no modulation, no gate; the add runs in the MLP's modulate (gate None: 1).
         x, x_mod = gated_residual_modulate(x, None, self.cross_attn(x_q, y, mask), shift_mlp, scale_mlp,
-                                           backend=self.kernels, out_dtype=low)
+                                           backend=self.kernels, out_dtype=linear_in)
         return gated_residual_modulate(x, gate_mlp, self.mlp(x_mod), next_shift, next_scale, backend=self.kernels,
-                                       out_dtype=low)
+                                       out_dtype=linear_in)
 
 
 class FinalLayer(nn.Module):
@@ -321,11 +321,6 @@ class FinalLayer(nn.Module):
 
     def forward(self, x_mod):
         return self.linear(x_mod)  # (B, T, p*p*out)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# PixArt
-# ----------------------------------------------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -674,8 +669,9 @@ def reparameterize(dit_state_dict: dict, config: PixArtConfig, t: float = 500.0,
 
     D = config.hidden_size
     t_emb = TimestepEmbedder(D).to(torch.float64)
-    t_emb.mlp[0].weight.copy_(dit["t_embedder.mlp.0.weight"]); t_emb.mlp[0].bias.copy_(dit["t_embedder.mlp.0.bias"])
-    t_emb.mlp[2].weight.copy_(dit["t_embedder.mlp.2.weight"]); t_emb.mlp[2].bias.copy_(dit["t_embedder.mlp.2.bias"])
+    for i in (0, 2):
+        t_emb.mlp[i].weight.copy_(dit[f"t_embedder.mlp.{i}.weight"])
+        t_emb.mlp[i].bias.copy_(dit[f"t_embedder.mlp.{i}.bias"])
     temb = t_emb(torch.tensor([t], dtype=torch.float64))  # (1, D)
     silu = F.silu(temb)
 

@@ -144,7 +144,7 @@ class Run:
 
     cfg: TrainConfig
     stage: Stage
-    d: distributed.Dist
+    dist: distributed.Dist
     run_dir: Path
     model: torch.nn.Module  # the unwrapped model: its parameters, state dicts and config
     net: torch.nn.Module  # what runs forward and backward: DDP, the FSDP2-sharded model, or the model itself
@@ -234,7 +234,7 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
 def step_batch(run: Run, step: int):
     """This rank's slice of step `step`'s global batch, on the CPU (page-locked when training on a GPU): a pure
     function of (seed, step), so the prefetcher may build it ahead of time."""
-    cfg, d = run.cfg, run.d
+    cfg, d = run.cfg, run.dist
     indices = batch_indices(run.data, step, cfg.batch_size, cfg.seed)[d.slice(cfg.batch_size)]
     return run.data.batch(indices, pin_memory=d.device.type == "cuda")
 
@@ -244,7 +244,7 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
     gradient norm are finite) the optimizer and EMA updates. No host sync: whether to update is decided on the
     device. Returns a device tensor [loss, mse, vb, grad norm, updated, stop] (losses averaged over ranks; stop:
     some rank asked to stop), read by `read_records` at logging steps."""
-    cfg, d, mine = run.cfg, run.d, run.d.slice(run.cfg.batch_size)
+    cfg, d, rank_part = run.cfg, run.dist, run.dist.slice(run.cfg.batch_size)
     # batch: step_batch(run, step), built ahead by the prefetcher; on the device, caption features in float32
     batch = to_device(step_batch(run, step) if batch is None else batch, d.device)
     # The global batch's randomness, drawn alike on every rank from a generator seeded by (seed, step) (on the
@@ -252,10 +252,10 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
     # of (seed, step) and the data, never of the world size or of earlier steps' outcomes.
     step_gen = torch.Generator(d.device).manual_seed(step_seed(cfg.seed, step))
     shape = (cfg.batch_size, *batch.images.shape[1:])
-    t = torch.randint(0, run.diffusion.num_timesteps, shape[:1], generator=step_gen, device=d.device)[mine]
-    noise = torch.randn(shape, generator=step_gen, device=d.device)[mine]
-    drop = (torch.rand(shape[:1], generator=step_gen, device=d.device) < cfg.caption_dropout)[mine]
-    eps = torch.randn(shape, generator=step_gen, device=d.device)[mine] if batch.is_latent else None
+    t = torch.randint(0, run.diffusion.num_timesteps, shape[:1], generator=step_gen, device=d.device)[rank_part]
+    noise = torch.randn(shape, generator=step_gen, device=d.device)[rank_part]
+    drop = (torch.rand(shape[:1], generator=step_gen, device=d.device) < cfg.caption_dropout)[rank_part]
+    eps = torch.randn(shape, generator=step_gen, device=d.device)[rank_part] if batch.is_latent else None
     x0 = batch.x0(eps)  # latents: a fresh sample of each image's latent distribution
     model_fn = run.stage.condition(run.net, batch, drop, run.model.config.micro_conditions)
     with torch.autocast(d.device.type, dtype=run.autocast) if run.autocast else nullcontext():
@@ -431,8 +431,8 @@ def _already_done(run: Run, log) -> dict:
         return json.loads(path.read_text())
     losses = [r["loss"] for r in map(json.loads, (run.run_dir / "metrics.jsonl").read_text().splitlines())
               if "loss" in r] if (run.run_dir / "metrics.jsonl").exists() else []
-    scores = run.data.evaluate(run.ema, run.stage, cfg, run.diffusion, run.d.device,
-                               run.run_dir / "samples" / f"step-{cfg.steps:07d}.png" if run.d.main else None)
+    scores = run.data.evaluate(run.ema, run.stage, cfg, run.diffusion, run.dist.device,
+                               run.run_dir / "samples" / f"step-{cfg.steps:07d}.png" if run.dist.main else None)
     return _summary(run, scores, run.seconds, {"loss": losses[-1]} if losses else {}, checkpoint, log)
 
 
@@ -441,10 +441,10 @@ def _summary(run: Run, scores: dict, train_time: float, last: dict, final: Path,
     cfg = run.cfg
     png = run.run_dir / "samples" / f"step-{cfg.steps:07d}.png"
     summary = {"stage": cfg.stage, "model": cfg.model, "steps": cfg.steps, "batch_size": cfg.batch_size,
-               "world_size": run.d.world_size, "train_seconds": round(train_time, 1), "final_loss": last.get("loss"),
+               "world_size": run.dist.world_size, "train_seconds": round(train_time, 1), "final_loss": last.get("loss"),
                "skipped_steps": run.skipped, "ema_alignment_accuracy": scores.get("accuracy"), "ema_scores": scores,
                "checkpoint": str(final), "samples": str(png) if run.data.draws_samples else None}
-    if run.d.main:
+    if run.dist.main:
         with atomic_path(run.run_dir / "summary.json") as tmp:  # JSON has no NaN: a non-finite number is null
             tmp.write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
     samples = f"; samples {png}" if run.data.draws_samples else ""
