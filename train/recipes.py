@@ -128,17 +128,14 @@ class TrainConfig:
                             "from scratch")
 
 
-# About 5 minutes each on 2 CPU cores: stage 1 180-230 images/s, stage 2 141-152 with 32-token captions (2026-12-02,
-# Intel Xeon, 2 threads; the time-to-quality bench), stage 3 about 35 (2026-11-22; four times the tokens and
-# 120-token captions then). Stage 2: lr 2e-3 (warm-up 50)
-# learned placement faster than 1e-3 and 4e-3 at the same steps, and 32-token captions (model.CONFIGS) pay for
-# 1600 steps in the same time (docs/time-to-quality-log.md).
+# Each stage is sized to about 5 minutes on 2 CPU cores (the time-to-quality bench measures the images/s). Stage 2:
+# lr 2e-3 with a 50-step warm-up, and 32-token captions (model.CONFIGS) that pay for 1600 steps in that time
+# (docs/time-to-quality-log.md has the runs behind each choice).
 # The embedded stages predict v with min-SNR-5 weighting: the eps objective gives the noisy steps, where the
-# caption decides the layout, almost no weight in image space, and the samples start from garbage (README,
-# "Time to quality"). From stage 2 on, diffusers' "+1" form (weight 1 at the noisiest steps), a word-level
-# tokenizer for the embedded T5 (bytes make the cross-attention decode spelling before meaning) and a T5 attention
-# bias that falls with distance (t5_locality 0.5: a random one leaves colour and region unbound in 2- and
-# 3-object captions; position 0.39 -> 0.50 at step 800 from scratch, docs/time-to-quality-log.md).
+# caption decides the layout, almost no weight in image space, and the samples start from garbage. From stage 2
+# on: diffusers' "+1" form (weight 1 at the noisiest steps), a word-level tokenizer for the embedded T5 (bytes make
+# the cross-attention decode spelling before meaning) and a T5 attention bias that falls with distance
+# (t5_locality 0.5: a random one leaves colour and region unbound in 2- and 3-object captions).
 _EMBEDDED = dict(prediction="v", min_snr_gamma=5.0)
 _EMBEDDED_TEXT = dict(_EMBEDDED, min_snr_plus_one=True, tokenizer="word", t5_locality=0.5)
 RECIPES = {
