@@ -15,8 +15,8 @@ software-pipelined loop (the next row's loads in flight, cp.async into shared me
 reduced). The backward recomputes the normalised rows from x and the stored (B*T,) mean / rstd, writes dx (and dy)
 and keeps fp32 partial sums of dshift / dscale / dgate over its tokens; the (B, n_blocks, D) partial rows are summed
 afterwards. The tokens per program make whole waves of the programs per SM the compiled kernel allows, read from it
-on the GPU. No (B, T, D) temporary
-is saved for backward: the fused op recomputes h = x + gate * y from its inputs.
+on the GPU. No (B, T, D) temporary is saved for backward: the fused op recomputes h = x + gate * y from its
+inputs.
 
 All arithmetic is fp32; outputs take the dtype PyTorch's own expression would give (type promotion over the
 inputs), gradients the dtype of their input. What feeds a Linear can be written in that Linear's dtype instead
