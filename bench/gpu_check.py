@@ -34,7 +34,8 @@ from gpu_report import JSON_NAME, PARTS, SUMMARY_NAME, error_trace, short_error,
 
 def ensure_importable() -> str:
     """pixart_fast.kernels importable: installed by gpu_check.sh, or (if that failed) straight from the checkout
-    (pyproject.toml maps pixart_fast.kernels and pixart_fast.train to kernels/ and train/ at the root)."""
+    (pyproject.toml maps pixart_fast.kernels and pixart_fast.train to kernels/ and train/ at the root). The imports
+    are made here, not at the top: whether and from where they succeed is what this finds out."""
     try:
         import pixart_fast
         import pixart_fast.kernels  # noqa: F401
