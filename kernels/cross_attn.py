@@ -304,7 +304,7 @@ def _dot_fp32(x) -> bool:
     return interpreting() and x.dtype == torch.bfloat16
 
 
-def cross_attn_fwd_launch(q, k, v, kv_mask):
+def _launch_cross_attention_fwd(q, k, v, kv_mask):
     """Forward. q (B, N, H, Dh); k, v (B, L, H, Dh); kv_mask (B, L) bool contiguous.
 
     Returns out (B, N, H, Dh) contiguous in q's dtype and lse (B, H, N) fp32.
@@ -346,7 +346,7 @@ def _backward_splits(n_blocks: int, block_n: int, bh: int, device) -> int:
     return max(1, min(triton.cdiv(2 * sm_count(device), bh), n_blocks * block_n // MIN_ROWS_PER_PROGRAM))
 
 
-def cross_attn_bwd_launch(do, q, k, v, lse, kv_mask, splits=None):
+def _launch_cross_attention_bwd(do, q, k, v, lse, kv_mask, splits=None):
     """Backward. do (B, N, H, Dh); q, k, v, kv_mask as in the forward; lse (B, H, N) fp32 from it.
 
     splits: programs per (batch, head) along N (None = chosen from the GPU's size). Returns dq, dk, dv, each
@@ -381,7 +381,7 @@ def cross_attn_bwd_launch(do, q, k, v, lse, kv_mask, splits=None):
 def _cross_attn_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return cross_attn_fwd_launch(q, k, v, kv_mask)
+    return _launch_cross_attention_fwd(q, k, v, kv_mask)
 
 
 @_cross_attn_fwd_op.register_fake
@@ -394,7 +394,7 @@ def _(q, k, v, kv_mask):
 def _cross_attn_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor, kv_mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return cross_attn_bwd_launch(do, q, k, v, lse, kv_mask)
+    return _launch_cross_attention_bwd(do, q, k, v, lse, kv_mask)
 
 
 @_cross_attn_bwd_op.register_fake
@@ -497,8 +497,8 @@ def aot_specs(sms: int = 132, batch: int = 8, tokens=(256, 1024, 4096), capabili
             mask = torch.empty(batch, kv_len, dtype=torch.bool, device="meta")
             with recorded_launches(globals(), (_cross_attn_fwd_kernel, _cross_attn_bwd_kernel), sms,
                                    capability) as calls:
-                out, lse = cross_attn_fwd_launch(q, k, v, mask)
-                cross_attn_bwd_launch(torch.empty_like(out), q, k, v, lse, mask)
+                out, lse = _launch_cross_attention_fwd(q, k, v, mask)
+                _launch_cross_attention_bwd(torch.empty_like(out), q, k, v, lse, mask)
             for call in calls:
                 kind = "fwd" if call["fn"] is _cross_attn_fwd_kernel else "bwd"
                 args = dict(zip(call["fn"].arg_names, call["args"]))

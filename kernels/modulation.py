@@ -532,7 +532,7 @@ def _(dh, dm, x, gate, y, scale, mean, rstd, shift_dtype):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _Modulate(torch.autograd.Function):
+class ModulateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, eps, m_dtype):
         m, mean, rstd = torch.ops.pixart_fast.modulate_fwd(x, shift, scale, eps, m_dtype)
@@ -547,7 +547,7 @@ class _Modulate(torch.autograd.Function):
         return dx, dshift, dscale, None, None
 
 
-class _GatedResidual(torch.autograd.Function):
+class GatedResidualFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, y, copy_dtype):
         ctx.save_for_backward(gate, y)
@@ -563,7 +563,7 @@ class _GatedResidual(torch.autograd.Function):
         return dx, grads[0], grads[1], None
 
 
-class _GatedResidualModulate(torch.autograd.Function):
+class GatedResidualModulateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, y, shift, scale, eps, m_dtype):
         h, m, mean, rstd = torch.ops.pixart_fast.gated_residual_modulate_fwd(x, gate, y, shift, scale, eps, m_dtype)
@@ -616,7 +616,7 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, backend
     _check_shapes(x, shift=shift, scale=scale)
     if not use_triton(backend, x):
         return modulate_ref(x, shift, scale, eps, out_dtype)
-    return _Modulate.apply(x, shift, scale, eps, out_dtype or _result_dtype(x, shift, scale))
+    return ModulateFunction.apply(x, shift, scale, eps, out_dtype or _result_dtype(x, shift, scale))
 
 
 def gated_residual(x: Tensor, gate: Tensor, y: Tensor, backend: str = "auto",
@@ -627,7 +627,7 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor, backend: str = "auto",
     _check_shapes(x, y, gate=gate)
     if not use_triton(backend, x):
         return gated_residual_ref(x, gate, y, copy_dtype)
-    return _GatedResidual.apply(x, gate, y, copy_dtype)
+    return GatedResidualFunction.apply(x, gate, y, copy_dtype)
 
 
 def gated_residual_modulate(
@@ -645,7 +645,7 @@ def gated_residual_modulate(
     if not use_triton(backend, x):
         return gated_residual_modulate_ref(x, gate, y, shift, scale, eps, out_dtype)
     m_dtype = out_dtype or _result_dtype(x, gate, y, shift, scale)
-    return _GatedResidualModulate.apply(x, gate, y, shift, scale, eps, m_dtype)
+    return GatedResidualModulateFunction.apply(x, gate, y, shift, scale, eps, m_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def _launch_config(img: torch.Tensor, tok: torch.Tensor, p: int, channels_first:
     return scalars, grid, config
 
 
-def _image_to_tokens(img: torch.Tensor, p: int, channels_first: bool) -> torch.Tensor:
+def _launch_patchify(img: torch.Tensor, p: int, channels_first: bool) -> torch.Tensor:
     """(B, C, H, W) -> (B, T, C*p*p) in (c, i, j) element order, or (i, j, c) when not channels_first."""
     B, C, H, W = img.shape
     tok = img.new_empty(B, (H // p) * (W // p), C * p * p)
@@ -102,7 +102,7 @@ def _image_to_tokens(img: torch.Tensor, p: int, channels_first: bool) -> torch.T
     return tok
 
 
-def _tokens_to_image(tok: torch.Tensor, p: int, C: int, H: int, W: int, channels_first: bool) -> torch.Tensor:
+def _launch_unpatchify(tok: torch.Tensor, p: int, C: int, H: int, W: int, channels_first: bool) -> torch.Tensor:
     """(B, T, C*p*p) in (c, i, j) element order, or (i, j, c) when not channels_first -> (B, C, H, W)."""
     img = tok.new_empty(tok.shape[0], C, H, W)
     scalars, grid, config = _launch_config(img, tok, p, channels_first, to_tokens=False)
@@ -113,7 +113,7 @@ def _tokens_to_image(tok: torch.Tensor, p: int, C: int, H: int, W: int, channels
 # torch.compile sees the two copies as opaque ops with known output shapes.
 @torch.library.custom_op("pixart_fast::image_to_tokens", mutates_args=())
 def _image_to_tokens_op(img: torch.Tensor, p: int, channels_first: bool) -> torch.Tensor:
-    return _image_to_tokens(img, p, channels_first)
+    return _launch_patchify(img, p, channels_first)
 
 
 @_image_to_tokens_op.register_fake
@@ -124,7 +124,7 @@ def _(img, p, channels_first):
 
 @torch.library.custom_op("pixart_fast::tokens_to_image", mutates_args=())
 def _tokens_to_image_op(tok: torch.Tensor, p: int, C: int, H: int, W: int, channels_first: bool) -> torch.Tensor:
-    return _tokens_to_image(tok, p, C, H, W, channels_first)
+    return _launch_unpatchify(tok, p, C, H, W, channels_first)
 
 
 @_tokens_to_image_op.register_fake
@@ -132,7 +132,7 @@ def _(tok, p, C, H, W, channels_first):
     return tok.new_empty(tok.shape[0], C, H, W)
 
 
-class _Patchify(torch.autograd.Function):
+class PatchifyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p):
         ctx.p, ctx.shape = p, x.shape
@@ -144,7 +144,7 @@ class _Patchify(torch.autograd.Function):
         return _tokens_to_image_op(grad, ctx.p, C, H, W, True), None
 
 
-class _Unpatchify(torch.autograd.Function):
+class UnpatchifyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p, C, H, W):
         ctx.p = p
@@ -174,7 +174,7 @@ def patchify(x: torch.Tensor, p: int, backend: str = "auto") -> torch.Tensor:
     _check_patch(p, x.shape[2], x.shape[3])
     if not use_triton(backend, x):
         return patchify_ref(x, p)
-    return _Patchify.apply(x, p)
+    return PatchifyFunction.apply(x, p)
 
 
 def unpatchify(x: torch.Tensor, p: int, C: int, H: int, W: int, backend: str = "auto") -> torch.Tensor:
@@ -189,7 +189,7 @@ def unpatchify(x: torch.Tensor, p: int, C: int, H: int, W: int, backend: str = "
                          f"(B, {T}, {K}), got {tuple(x.shape)}")
     if not use_triton(backend, x):
         return unpatchify_ref(x, p, C, H, W)
-    return _Unpatchify.apply(x, p, C, H, W)
+    return UnpatchifyFunction.apply(x, p, C, H, W)
 
 
 def aot_specs(sms: int = 132, batch: int = 8, sizes=(32, 64, 128), capability: int = 90) -> list[dict]:
@@ -211,9 +211,9 @@ def aot_specs(sms: int = 132, batch: int = 8, sizes=(32, 64, 128), capability: i
             latents = torch.empty(batch, c_in, size, size, dtype=torch.float32, device="meta")
             tokens = torch.empty(batch, T, p * p * c_out, dtype=dtype, device="meta")
             with recorded_launches(globals(), (_patch_copy_kernel,), sms, capability) as calls:
-                _image_to_tokens(latents, p, True)  # patchify forward
-                image = _tokens_to_image(tokens, p, c_out, size, size, False)  # unpatchify forward
-                _image_to_tokens(torch.empty_like(image), p, False)  # unpatchify backward
+                _launch_patchify(latents, p, True)  # patchify forward
+                image = _launch_unpatchify(tokens, p, c_out, size, size, False)  # unpatchify forward
+                _launch_patchify(torch.empty_like(image), p, False)  # unpatchify backward
             for call, name in zip(calls, ("patchify_fwd", "unpatchify_fwd", "unpatchify_bwd")):
                 specs.append({"name": name, "call": f"{regime} B={batch} {size}x{size}", **call})
     return specs

@@ -144,8 +144,8 @@ def test_backward_split_over_queries(splits):
     q, kv, mask, dout = make_inputs(2, 77, 7, 2, 72, seed=6)
     k, v = kv.unbind(2)
     out, lse = torch.ops.pixart_fast.cross_attn_fwd(q, k, v, mask)
-    one = cross_attn.cross_attn_bwd_launch(dout, q, k, v, lse, mask, splits=1)
-    many = cross_attn.cross_attn_bwd_launch(dout, q, k, v, lse, mask, splits=splits)
+    one = cross_attn._launch_cross_attention_bwd(dout, q, k, v, lse, mask, splits=1)
+    many = cross_attn._launch_cross_attention_bwd(dout, q, k, v, lse, mask, splits=splits)
     for name, a, b in zip(("dq", "dk", "dv"), many, one):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
@@ -243,7 +243,7 @@ def test_forward_split_over_queries(dtype, monkeypatch):
     results = {}
     for splits in (1, 2, 3):
         monkeypatch.setattr(cross_attn, "_forward_splits", lambda n_blocks, bh, device, s=splits: s)
-        results[splits] = cross_attn.cross_attn_fwd_launch(q, k, v, mask)
+        results[splits] = cross_attn._launch_cross_attention_fwd(q, k, v, mask)
     for splits in (2, 3):
         for a, b in zip(results[splits], results[1]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
