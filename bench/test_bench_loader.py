@@ -72,7 +72,7 @@ def write_synthetic(out: Path, resolution: int, samples: int, chunk_size: int, r
 
 
 def synchronous_before(data: FeatureDataset, indices) -> Batch:
-    """The path before pixart_fast.loader (issue 15): each sample's chunk opened (its header parsed) per sample,
+    """The path without pixart_fast.loader: each sample's chunk opened (its header parsed) per sample,
     its tensors upcast to float32 and the caption padded per sample, then Batch.collate stacking them."""
     samples, L = [], data.meta["max_tokens"]
     for i in indices:

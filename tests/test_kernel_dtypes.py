@@ -1,4 +1,4 @@
-"""The dtype contract of the fused kernels in the model (issue 16, deliverable 2): under bf16 / fp16 autocast the
+"""The dtype contract of the fused kernels in the model: under bf16 / fp16 autocast the
 residual stream stays fp32 and what feeds a Linear is written in the autocast dtype by the kernel that makes it,
 so no separate cast pass is left around a fused kernel, forward or backward. Counted with the dispatcher."""
 import pytest
@@ -58,8 +58,8 @@ def _block_inputs(model: PixArt, dtype: torch.dtype) -> tuple:
 @pytest.mark.parametrize("dtype", LOW)
 def test_no_cast_pass_around_the_fused_kernels_in_a_block(dtype):
     """One PixArtBlock forward + backward under autocast with the Triton kernels (interpreter): no image-token
-    activation is cast by a separate op (before issue 16: 8 per block, 3 Linear inputs cast forward and their
-    gradients back, and the cross-attention output's gradient). The residual stream comes out fp32, the modulated
+    activation is cast by a separate op (unfused, there would be 8 per block: 3 Linear inputs cast forward and
+    their gradients back, and the cross-attention output's gradient). The residual stream comes out fp32, the modulated
     copy (the next Linear's input) in the autocast dtype."""
     model = _model("triton")
     block = model.blocks[0]

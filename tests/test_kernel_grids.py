@@ -1,4 +1,4 @@
-"""Grids of the modulation kernels sized from measured occupancy (issue 16, deliverable 3): the programs
+"""Grids of the modulation kernels sized from measured occupancy: the programs
 per SM read from the compiled kernel, the tokens per program chosen for whole waves."""
 import math
 from types import SimpleNamespace
