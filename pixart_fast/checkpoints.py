@@ -82,7 +82,7 @@ def diffusers_config(config: PixArtConfig) -> dict:
     }
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError):
     """A state dict does not fit a model: lists missing, unexpected and shape-mismatched keys."""
 
 
@@ -201,7 +201,7 @@ def nonfinite_keys(sd: dict) -> list[str]:
     return [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
-class CheckpointDamaged(ValueError):
+class CheckpointDamaged(UserError):
     """A weight file exists but cannot be read: cut short, or its bytes damaged. The message names the file."""
 
 

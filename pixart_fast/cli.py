@@ -1,8 +1,7 @@
 """How every `python -m pixart_fast.*` command ends: a mistake the user can fix is one clear message and exit 2.
 
-A command's `main` raises `UserError` (or an exception that already names the file and the fix:
-`CheckpointDamaged`, `CheckpointMismatch`, `FileNotFoundError`) and `run(main)` prints it as `error: ...` with
-no traceback. `PIXART_DEBUG=1` in the environment, or `--debug` on the command line, shows the traceback.
+A command's `main` raises `UserError` (or a subclass: `CheckpointDamaged`, `CheckpointMismatch`, `FeatureError`;
+or `FileNotFoundError`, which names the path) and `run(main)` prints it as `error: ...` with no traceback. `PIXART_DEBUG=1` in the environment, or `--debug` on the command line, shows the traceback.
 """
 import os
 import sys
@@ -13,15 +12,13 @@ class UserError(ValueError):
     """A mistake the user can fix: the message names the offending value and what to do instead."""
 
 
+# What is the user's to fix: UserError (the checkpoint errors among its subclasses) and a path that is not there
+# or not readable.
+USER_ERRORS = (UserError, FileNotFoundError, IsADirectoryError, PermissionError)
+
+
 def debugging(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("PIXART_DEBUG", "") not in ("", "0")
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """The exceptions that are the user's to fix. The checkpoint errors are imported here, not at the top, so a
-    command's `--help` does not pay for torch."""
-    from pixart_fast.checkpoints import CheckpointDamaged, CheckpointMismatch
-    return UserError, CheckpointDamaged, CheckpointMismatch, FileNotFoundError, IsADirectoryError, PermissionError
 
 
 def run(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
@@ -44,7 +41,7 @@ def run(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
             print(f"error: no space left on the device ({_first_line(e)}); free some space or pass another "
                   "--out, then run the same command again", file=sys.stderr)
             return 2
-        if isinstance(e, user_error_types()):
+        if isinstance(e, USER_ERRORS):
             print(f"error: {_first_line(e) if not isinstance(e, UserError) else e}", file=sys.stderr)
             return 2
         raise

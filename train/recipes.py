@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 
 from pixart_fast.cli import UserError
 from pixart_fast.lora import DEFAULT_ALPHA, DEFAULT_TARGETS
+from pixart_fast.memory import OPTIMIZERS
 from pixart_fast.model import CONFIGS
 
 INF = math.inf
@@ -82,7 +83,7 @@ class TrainConfig:
                                      "(binds a colour to its region)", low=0)
     optimizer: str = _field("adamw", "adamw (torch's, fused) or came (PixArt-Sigma's CAME: factored second moments, "
                                      "about half AdamW's optimizer-state memory; its betas and eps as Sigma's configs)",
-                             choices=("adamw", "came"))
+                             choices=OPTIMIZERS)
     lora_rank: int = _field(0, "LoRA rank: PEFT adapters on the frozen base weights, and only the adapters are "
                                "trained, averaged and saved; 0: train every weight (official PixArt LoRA guide: 16)",
                            low=0)
