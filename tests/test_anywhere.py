@@ -70,7 +70,8 @@ def test_pip_builds_and_installs_it_without_build_isolation(tmp_path):
     """`pip install --no-deps --no-build-isolation -e .` from the root, into a new virtual environment that sees
     this one's packages (setuptools and Hugging Face's kernels among them, as on the GPU machine)."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    # without pip or setuptools of its own: the ones it runs are this environment's, seen through outer.pth
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
     site = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path)
     (Path(site.stdout.strip()) / "outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
