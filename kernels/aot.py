@@ -29,6 +29,7 @@ import importlib
 import json
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
+from pixart_fast.cli import UserError, run
 from pixart_fast.tables import text_table
 
 from .backend import interpreting
@@ -279,10 +281,11 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pixart_fast.kernels.aot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list to FILE")
+    parser.add_argument("--json", metavar="FILE", help="also write the report to FILE as JSON: "
+                        "{\"compiles\": [...], \"roofline\": [...]}")
     args = parser.parse_args(argv)
     if interpreting():
-        raise SystemExit(_INTERPRET_ERROR)
+        raise UserError(_INTERPRET_ERROR)
     rows = compile_report()
     print(format_table(rows))
     spilling = [row for row in rows if row["spill_bytes"]]
@@ -293,7 +296,8 @@ def main(argv=None):
     print(f"\n{format_roofline(roofline)}")
     if args.json:
         Path(args.json).write_text(json.dumps({"compiles": rows, "roofline": roofline}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

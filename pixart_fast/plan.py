@@ -15,11 +15,13 @@ image counted at the 256-px cost ("256-px equivalent"): the cheaper convention, 
 """
 import argparse
 import json
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from pixart_fast.cli import run
 from pixart_fast.flops import flops_per_image
 from pixart_fast.gpus import GPU, GPUS, gpu_names, resolve_gpu
 from pixart_fast.lora import DEFAULT_TARGETS
@@ -367,7 +369,7 @@ def main(argv=None):
         except ValueError as e:  # a model of another width, a resolution off the patch grid, unknown LoRA targets
             parser.error(str(e))
         print(json.dumps(result, indent=1) if args.json else format_memory(result))
-        return
+        return 0
 
     try:
         schedule = PAPER_SCHEDULE if args.schedule is None else load_schedule(args.schedule)
@@ -384,7 +386,8 @@ def main(argv=None):
     print(json.dumps(result, indent=1) if args.json else format_plan(result))
     if args.png:
         draw_png(result, args.png)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))
