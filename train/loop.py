@@ -346,9 +346,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
         png = run.run_dir / "samples" / f"step-{step:07d}.png"
         return run.data.evaluate(run.ema, run.stage, cfg, run.diffusion, d.device, png if d.main else None)
 
-    def save(step: int) -> Path:
+    def save(step: int, seconds: float) -> Path:  # seconds: the run's training time so far, every process's
         return save_checkpoint(run.run_dir, step, run.model, run.ema, run.opt, run.sched, run.skipped, cfg, d,
-                               run.base, run.seconds + time.time() - t_start)
+                               run.base, seconds)
 
     bar = tqdm(total=cfg.steps, initial=run.start, disable=not progress, desc=f"stage {cfg.stage}", unit="step")
     t_start = t_log = time.time()
@@ -391,7 +391,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.1e}",
                                 img_s=f"{last['img_per_s']:.1f}" if last["img_per_s"] else "-")
             if saving:
-                save(done)
+                save(done, run.seconds + time.time() - t_start)
                 saved_at = done
             if stopping:  # a stop signal reached some rank: every rank stops after this same step
                 break
@@ -403,7 +403,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
                                                      if isinstance(v, float)))
         bar.close()
         train_time = run.seconds + time.time() - t_start  # over every process that trained this run
-        final = run.run_dir / "checkpoints" / f"step-{done:07d}" if saved_at == done else save(done)
+        final = run.run_dir / "checkpoints" / f"step-{done:07d}" if saved_at == done else save(done, train_time)
         if done < cfg.steps:  # stopped by a signal
             command = resume_command(cfg)
             log(f"{stop.received or 'a stop signal (to another process)'}: stopped after step {done} of "
