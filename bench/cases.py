@@ -14,6 +14,7 @@ its inputs and outputs. Backward: the output gradients, the inputs it reads (`bw
 for every differentiable input. Kernel-private statistics (LayerNorm mean
 and rstd, the attention logsumexp) are left out: they are under 1 % of the traffic.
 """
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -70,13 +71,28 @@ class KernelCase:
         return sum(size(t) for t in outs) + sum(size(t) for t in reads) + sum(size(t) for t in grads)
 
 
+def roofline_target(gpu_key: str | None) -> str | None:
+    """The compile target (kernels/targets.py) whose grids stand for a GPUS key: kernels/roofline.py's own table,
+    else by family (every H100 and H200 board sm_90, A100s sm_80); None for any other GPU."""
+    if gpu_key in ROOFLINE_GPUS:
+        return ROOFLINE_GPUS[gpu_key]
+    return "sm_90" if str(gpu_key).startswith(("H100", "H200")) else "sm_80" if str(gpu_key).startswith("A100") \
+        else None
+
+
+@functools.lru_cache(maxsize=None)
+def _roofline_us(tokens: int, gpu_key: str) -> dict:
+    rows = roofline_rows(tokens=(tokens,), gpus={gpu_key: roofline_target(gpu_key)})
+    return {r["kernel"]: r["roofline_us"] for r in rows}
+
+
 def roofline_seconds(case: KernelCase, backward: bool, gpu_key: str | None) -> float | None:
     """kernels/roofline.py's roofline time of the case's launches (forward, or forward and backward) on a GPU of
-    its table; None for another GPU."""
-    if gpu_key not in ROOFLINE_GPUS or len(case.launches) < (2 if backward else 1):
+    pixart_fast.gpus.GPUS, at PixArt-XL/2 shapes; None for a GPU without a compile target."""
+    if roofline_target(gpu_key) is None or len(case.launches) < (2 if backward else 1):
         return None  # another GPU, or a backward the model never launches (patchify's: latents need no gradient)
-    rows = {r["kernel"]: r for r in roofline_rows(tokens=(case.tokens,), gpus={gpu_key: ROOFLINE_GPUS[gpu_key]})}
-    return sum(rows[name]["roofline_us"] for name in case.launches[:2 if backward else 1]) / 1e6
+    us = _roofline_us(case.tokens, gpu_key)
+    return sum(us[name] for name in case.launches[:2 if backward else 1]) / 1e6
 
 
 def _rand(device, *shape, dtype, grad=True):

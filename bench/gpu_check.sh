@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# The one-shot GPU check (bench/gpu_check.py says what it measures): install the project, then run every GPU
-# measurement into one folder, in at most 7 minutes, without network.
+# The one-shot GPU check (bench/gpu_check.py says what it measures; docs/gpu-day.md is the procedure): install the
+# project, then run every GPU measurement into one folder, in at most 7 minutes, without network.
 #
-#   bash bench/gpu_check.sh [--dry-run] [--wheels DIR] [--out DIR] [gpu_check.py options: --parts, --compile-mode]
+#   bash bench/gpu_check.sh [--dry-run] [--wheels DIR] [--out DIR] [gpu_check.py options: --parts, --compile-mode,
+#                            --part-limit]
 #
 #   OUT=DIR or --out DIR    where everything goes (default /tmp/pixart_gpu_check-DATE)
 #   WHEELS=DIR or --wheels DIR
 #                           a folder of wheels for what the machine lacks (diffusers and what it needs,
 #                           nvidia-ml-py): pip install --no-index --find-links DIR. Without it, a machine without
 #                           diffusers skips the diffusers comparisons, saying so.
-#   --dry-run               the same script on the CPU with tiny shapes and no install step (seconds): every CUDA
-#                           part is marked "skipped: no CUDA" and its code runs at tiny shapes instead.
+#   --dry-run               the same code on the CPU at tiny shapes, no install step (well under a minute): proves
+#                           every code path before GPU time is spent.
 #   PYTHON=...              the interpreter (default python3); PIP=... the pip command (default "$PYTHON -m pip")
 #   GPU_CHECK_BUDGET_S      no item starts after this many seconds (default 390)
 #   GPU_CHECK_LIMIT_S       the whole run, install included, ends by this many seconds (default 420)
 #
-# Writes to the folder: gpu_check.json (everything), summary.md, gpu_check.log (the run's output),
-# install.log (pip's output). Exit status 0 when the check ran to its end or was stopped at the limit (parts
-# may have failed: the JSON says which), 1 when no gpu_check.json was written, else gpu_check.py's status.
+# Writes to the folder: gpu_check.json (everything), summary.md (its first line: whether the GPU ran),
+# gpu_check.log (the run's output), install.log (pip's output). Exit status: 0 when the check ran, to its end or
+# to the limit (parts may have failed: the JSON says which); 3 when no usable CUDA was found (the JSON and
+# summary.md say why); 4 when CUDA worked but nothing was measured; 1 when no gpu_check.json was written; else
+# gpu_check.py's status. Killed at the limit, the JSON still names the part that was running and for how long.
 set -u
 T0=$(date +%s)
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -118,6 +121,7 @@ if [ "$RC" = 124 ] || [ "$RC" = 137 ]; then
   "$PY" bench/gpu_check.py --out "$OUT_DIR" --finalize "killed by gpu_check.sh at the hard limit of $LIMIT s" \
     >>"$LOG" 2>&1 && RC=0
 fi
+[ -f "$OUT_DIR/summary.md" ] && say "$(head -n 1 "$OUT_DIR/summary.md")"
 if [ ! -f "$OUT_DIR/gpu_check.json" ]; then
   say "FAILED: no gpu_check.json (python exit status $RC); see $LOG"
   exit 1

@@ -100,8 +100,10 @@ def model_fn(model, batch: Batch):
     return lambda x, t: model(x, t, batch.y, batch.mask, batch.img_hw, batch.aspect_ratio)
 
 
-def train_step(model, batch: Batch, optimizer, autocast_dtype: torch.dtype | None = None, sync=None):
-    """One training step as a callable: the diffusion loss (MSE + VLB) under autocast, backward, AdamW step.
+def train_step(model, batch: Batch, optimizer, autocast_dtype: torch.dtype | None = None, sync=None, ema=None):
+    """One training step as a callable: the diffusion loss (MSE + VLB) under autocast, backward, AdamW step, and
+    ema() after it where given. The optimizer step and the EMA update run inside record_function ranges
+    ("pixart::optimizer", "pixart::ema") so that a profile can tell their kernels apart.
 
     sync: called at the end of the step (torch.cuda.synchronize on a GPU) so that a timer sees finished work.
     """
@@ -114,7 +116,11 @@ def train_step(model, batch: Batch, optimizer, autocast_dtype: torch.dtype | Non
         with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             loss = diffusion.training_losses(fn, batch.x0, batch.t)["loss"].mean()
         loss.backward()
-        optimizer.step()
+        with torch.profiler.record_function("pixart::optimizer"):
+            optimizer.step()
+        if ema is not None:
+            with torch.profiler.record_function("pixart::ema"):
+                ema()
         if sync is not None:
             sync()
     return step

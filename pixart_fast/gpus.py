@@ -26,6 +26,12 @@ GPUS = {
     # NVIDIA H200 Tensor Core GPU datasheet: H200 SXM BF16 1,979 TFLOP/s with sparsity = 989.5 dense;
     # 4.8 TB/s HBM3e; max TDP up to 700 W; 141 GB.
     "H200": GPU("H200 SXM 141GB", 989.5, 4800.0, 700.0, 141.0),
+    # The same datasheets' other boards. H100 PCIe: BF16 1,513 TFLOP/s with sparsity = 756.5 dense; 2,000 GB/s
+    # HBM2e; 114 SMs; 300-350 W; 80 GB. H100 NVL and H200 NVL: BF16 1,671 with sparsity = 835.5 dense; 3.9 and
+    # 4.8 TB/s; up to 400 and 600 W; 94 and 141 GB (the NVL figures from memory of the datasheets, not re-read).
+    "H100-PCIe": GPU("H100 PCIe 80GB", 756.5, 2000.0, 350.0, 80.0),
+    "H100-NVL": GPU("H100 NVL 94GB", 835.5, 3900.0, 400.0, 94.0),
+    "H200-NVL": GPU("H200 NVL 141GB", 835.5, 4800.0, 600.0, 141.0),
     # NVIDIA Tesla V100 datasheet: V100 SXM2 125 TFLOP/s fp16 tensor (no bf16); 900 GB/s HBM2; 300 W; 32 GB.
     "V100": GPU("V100 SXM2 32GB", 125.0, 900.0, 300.0, 32.0),
     # NVIDIA L40S datasheet: BF16 tensor 362.05 TFLOP/s dense (733 with sparsity); 864 GB/s GDDR6; 350 W; 48 GB.
@@ -67,18 +73,44 @@ def resolve_gpu(name: str) -> str:
 
 
 def gpu_key(name: str, memory_bytes: int) -> str | None:
-    """The GPUS key for a CUDA device name, e.g. "NVIDIA A100-SXM4-80GB" -> "A100-80GB", or None.
+    """The GPUS key for a CUDA device name, e.g. "NVIDIA A100-SXM4-80GB" -> "A100-80GB", or None: `identify` with
+    the name and memory alone."""
+    return identify(name, memory_bytes)[0]
 
-    PCIe A100s share the SXM card's tensor peak (bandwidth and power are slightly lower); H100 PCIe and NVL
-    have other peaks and are not in the table."""
+
+# Hopper boards apart from the SXM ones: fewer SMs (H100 PCIe: 114, the others 132) and a lower board power limit
+# (PCIe 350 W, H100 NVL 400 W, H200 NVL 600 W; SXM 700 W).
+_HOPPER_SMS, _SXM_POWER_W = 132, 700.0
+
+
+def identify(name: str, memory_bytes: int, sm_count: int | None = None,
+             power_limit_w: float | None = None) -> tuple[str | None, str]:
+    """(the GPUS key, the evidence) for a CUDA device: its name, memory, and where known its SM count and board
+    power limit (NVML's largest settable limit, W). H100 and H200 come as SXM, NVL and (H100) PCIe boards with
+    other peaks: the name says "NVL" or "PCIe" on most, and the SM count and power limit tell them apart where it
+    does not. PCIe A100s share the SXM card's tensor peak (bandwidth and power are slightly lower)."""
     n = name.upper()
-    if "H200" in n:
-        return "H200"
-    if "H100" in n and "PCIE" not in n and "NVL" not in n:
-        return "H100"
+    facts = [f"name {name!r}"] + ([f"{sm_count} SMs"] if sm_count else []) + \
+        ([f"power limit {power_limit_w:.0f} W"] if power_limit_w else [])
+    why = lambda board: f"{board}: " + ", ".join(facts)  # noqa: E731
+    for family in ("H200", "H100"):
+        if family not in n:
+            continue
+        if "NVL" in n:
+            return f"{family}-NVL", why("NVL (by name)")
+        if "PCIE" in n:  # the H200's PCIe board is the NVL
+            return ("H100-PCIe", why("PCIe (by name)")) if family == "H100" else ("H200-NVL", why("NVL (PCIe board)"))
+        if family == "H100" and sm_count and sm_count < _HOPPER_SMS:
+            return "H100-PCIe", why(f"PCIe (fewer than {_HOPPER_SMS} SMs)")
+        if power_limit_w and power_limit_w < 0.9 * _SXM_POWER_W:
+            return f"{family}-NVL", why(f"NVL (power limit under the SXM board's {_SXM_POWER_W:.0f} W)")
+        if family == "H100" and not power_limit_w and memory_bytes > 90e9:
+            return "H100-NVL", why("NVL (94 GB)")
+        return family, why("SXM" if power_limit_w else "SXM (no power limit known; NVL and PCIe boards say so "
+                                                        "in their names)")
     if "A100" in n:
-        return "A100-80GB" if memory_bytes > 60e9 else "A100-40GB"
+        return ("A100-80GB" if memory_bytes > 60e9 else "A100-40GB"), why("A100")
     for key, marker in (("V100", "V100"), ("L40S", "L40S"), ("RTX4090", "RTX 4090")):
         if marker in n:
-            return key
-    return None
+            return key, why(key)
+    return None, why("not in the GPU table")
