@@ -1,4 +1,5 @@
-"""Gaussian diffusion for PixArt-alpha: the linear 1000-step schedule, the training loss, and two samplers.
+"""Gaussian diffusion for PixArt-alpha: the linear 1000-step schedule, the training loss, and two samplers; and
+rectified flow (prediction="flow": SD3's objective, as Sana and Flux train) with its Euler sampler.
 
 Shapes: B batch, C data channels, H x W spatial. Timesteps are integer training steps t in [0, T), T = 1000;
 t = 0 is the least noisy. `abar[t]` is the cumulative product of (1 - beta) up to and including step t, so
@@ -12,6 +13,12 @@ C channels are the predicted noise. PixArt's `forward_with_cfg` plugs in directl
     images = Diffusion().dpm_solver(eps_fn, torch.randn(B, C, H, W, generator=g), steps=20)
 
 `guided` builds the same guided eps_fn from any model that takes a doubled [conditional; unconditional] batch.
+
+Rectified flow (prediction="flow"): x_s = (1 - s) x_0 + s eps for s in [0, 1] (s = 1 pure noise), and the model
+predicts the velocity v = eps - x_0. The model's timestep input is s * T (a float in [0, T], T = 1000: PixArt's
+timestep embedder's scale, and what diffusers' flow pipelines pass). `Diffusion.flow_euler` integrates
+dx/ds = v from s = 1 to 0 over FlowMatchEulerDiscreteScheduler's sigmas; `Diffusion.sample` picks the sampler
+that fits the prediction.
 """
 import math
 from typing import Callable
@@ -19,6 +26,15 @@ from typing import Callable
 import torch
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, C, H, W), t (B,) int64) -> (B, C or 2C, H, W)
+PREDICTIONS = ("eps", "v", "flow")
+TIMESTEP_SAMPLINGS = ("uniform", "logit-normal")
+SAMPLERS = {"eps": ("dpm", "ddim"), "v": ("dpm", "ddim"), "flow": ("euler",)}  # the first: the default
+
+
+def flow_shift(s, shift: float):
+    """SD3's timestep shift of flow noise levels s in [0, 1]: shift * s / (1 + (shift - 1) * s); shift > 1 spends
+    more of the steps at high noise (SD3 at 1024 px: 3; shift 1: no change). Works on floats and tensors."""
+    return shift * s / (1 + (shift - 1) * s)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -75,16 +91,31 @@ class Diffusion:
     def __init__(
         self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, learn_sigma: bool = True,
         prediction: str = "eps", min_snr_gamma: float = 0.0, min_snr_plus_one: bool = False,
+        timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
     ):
         """prediction: what the model's first C channels are, "eps" (PixArt) or "v" (v = sqrt(abar) eps -
         sqrt(1 - abar) x0, Salimans & Ho 2022; converted to eps for the VLB term and the samplers).
         min_snr_gamma > 0: weight the MSE by min(SNR, gamma) / SNR (eps) or min(SNR, gamma) / (SNR + 1) (v),
         Hang et al. 2023; 0: unweighted. min_snr_plus_one (v only): min(SNR + 1, gamma) / (SNR + 1) instead, as
         diffusers' training scripts do for v: weight 1 (plain v loss, x0 error weight >= 1) at high noise, where
-        the other form's x0 weight min(SNR, gamma) goes to 0."""
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        the other form's x0 weight min(SNR, gamma) goes to 0.
+        prediction "flow": rectified flow, the model's first C channels are the velocity eps - x0 (module
+        docstring); the loss is the MSE on it, unweighted (min_snr_* must be off), and a learn_sigma model's
+        variance channels are ignored (no VLB term: flow has no discrete posterior to fit them to).
+        timestep_sampling (flow only): the density of the training noise level s, "uniform" on [0, 1) or
+        "logit-normal": s = sigmoid(n), n ~ N(logit_mean, logit_std^2) (SD3, Esser et al. 2024: 0 and 1)."""
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling!r}")
+        if timestep_sampling != "uniform" and prediction != "flow":
+            raise ValueError(f"timestep_sampling {timestep_sampling!r} is for prediction 'flow'")
+        if prediction == "flow" and min_snr_gamma > 0:
+            raise ValueError("min-SNR weighting is for prediction 'eps' or 'v'; flow's loss is unweighted")
+        if not logit_std > 0:
+            raise ValueError(f"logit_std must be > 0, got {logit_std}")
         self.prediction, self.min_snr_gamma, self.min_snr_plus_one = prediction, min_snr_gamma, min_snr_plus_one
+        self.timestep_sampling, self.logit_mean, self.logit_std = timestep_sampling, logit_mean, logit_std
         if not 0 < beta_start <= beta_end < 1:
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
         if num_timesteps < 2:
@@ -106,6 +137,19 @@ class Diffusion:
         """table[t] as a (B, 1, ..., 1) tensor of like's dtype and rank, t (B,) int64 on like's device."""
         return table.to(t.device)[t].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
+    def draw_timesteps(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        """n training timesteps on the model's scale, drawn from `generator` alone (one call: a pure function of
+        its seed). eps / v: int64 uniform on [0, T). flow: float32 s * T, s from `timestep_sampling`; logit-normal
+        draws as diffusers' compute_density_for_timestep_sampling("logit_normal") does, so the same generator
+        state gives the same s."""
+        if self.prediction != "flow":
+            return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
+        if self.timestep_sampling == "logit-normal":
+            s = torch.sigmoid(torch.normal(self.logit_mean, self.logit_std, (n,), generator=generator, device=device))
+        else:
+            s = torch.rand((n,), generator=generator, device=device)
+        return s * self.num_timesteps
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) noise. x0, noise (B, C, H, W); t (B,) int64."""
         abar = self.alphas_cumprod
@@ -126,6 +170,8 @@ class Diffusion:
         """
         if t.shape != x0.shape[:1]:
             raise ValueError(f"t must have shape (B,) = {tuple(x0.shape[:1])}, got {tuple(t.shape)}")
+        if self.prediction == "flow":
+            return self._flow_losses(model_fn, x0, t, noise)
         # The KL and the log-likelihood lose their precision in half precision: compute the loss in fp32 or wider.
         x0 = x0.to(torch.promote_types(x0.dtype, torch.float32))
         noise = torch.randn_like(x0) if noise is None else noise.to(x0.dtype)
@@ -156,6 +202,22 @@ class Diffusion:
             return dict(loss=weighted, mse=mse, vb=torch.zeros_like(mse))
         vb = self._vb_bits(eps.detach(), out[:, C:], x0, x_t, t)
         return dict(loss=weighted + vb, mse=mse, vb=vb)
+
+    def _flow_losses(self, model_fn, x0, t, noise):
+        """Rectified flow's loss: t (B,) the model's timesteps s * T (float, or int64 as `draw_timesteps` of eps /
+        v gives: s = t / T); mse = mean over C, H, W of (v - (noise - x0))^2 = loss; vb zeros. A learn_sigma
+        model's last C channels are ignored (they get no gradient)."""
+        x0 = x0.to(torch.promote_types(x0.dtype, torch.float32))
+        noise = torch.randn_like(x0) if noise is None else noise.to(x0.dtype)
+        s = (t.to(x0.dtype) / self.num_timesteps).view(-1, *([1] * (x0.ndim - 1)))
+        out = model_fn((1 - s) * x0 + s * noise, t).to(x0.dtype)
+        C = x0.shape[1]
+        want = (x0.shape[0], 2 * C if self.learn_sigma else C, *x0.shape[2:])
+        if out.shape != want:
+            raise ValueError(f"model output has shape {tuple(out.shape)}, expected {want} for "
+                             f"learn_sigma={self.learn_sigma}; set Diffusion(learn_sigma=...) to match the model")
+        mse = _mean_flat((noise - x0 - out[:, :C]) ** 2)
+        return dict(loss=mse, mse=mse, vb=torch.zeros_like(mse))
 
     def _vb_bits(self, eps, v, x0, x_t, t):
         """The VLB term in bits per dimension, (B,): the KL for t > 0, the decoder NLL for t = 0."""
@@ -192,6 +254,8 @@ class Diffusion:
 
     def _eps(self, eps_fn, x, t):
         """Call the model at integer timestep t for the whole batch; keep its first C (eps) channels."""
+        if self.prediction == "flow":
+            raise ValueError("ddim and dpm_solver sample eps / v models; a flow model samples with flow_euler")
         out = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))[:, : x.shape[1]].to(x.dtype)
         if self.prediction == "v":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
             abar = self.alphas_cumprod[t].item()
@@ -241,3 +305,52 @@ class Diffusion:
             d = x0 if x0_prev is None else x0 + (0.5 * h / h_prev) * (x0 - x0_prev)
             x = (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * d
             x0_prev, h_prev = x0, h
+
+    # ------------------------------------------------------------------------------------------------------
+    # Rectified flow sampling
+    # ------------------------------------------------------------------------------------------------------
+
+    def flow_sigmas(self, steps: int, shift: float = 1.0) -> list[float]:
+        """The noise levels a `steps`-step flow sampler visits, descending, then 0 (steps + 1 values): those of
+        diffusers' FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=shift).set_timesteps(steps),
+        flow_shift(linspace(1, flow_shift(1 / T), steps)). The model's timesteps are these times T."""
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        lo = flow_shift(1 / self.num_timesteps, shift)
+        return [flow_shift(1 + (lo - 1) * i / max(steps - 1, 1), shift) for i in range(steps)] + [0.0]
+
+    @torch.no_grad()
+    def flow_euler(self, v_fn: ModelFn, noise: torch.Tensor, steps: int = 20, shift: float = 1.0,
+                   clip_x0: bool = False) -> torch.Tensor:
+        """Euler steps x <- x + (s' - s) v(x, s T) of a flow model (prediction "flow") from noise = x at s = 1
+        (B, C, H, W) over `flow_sigmas(steps, shift)`, down to s = 0. v_fn: as eps_fn for the other samplers
+        (`guided` gives classifier-free guidance on v), its first C channels the velocity. Returns x_0.
+        clip_x0: clamp each x0 prediction x - s v to [-1, 1] and step to (1 - s') x0 + s' eps with eps re-derived
+        from it (the same step unclipped), for pixel-space data as in `ddim`."""
+        sigmas, x = self.flow_sigmas(steps, shift), noise
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            t = torch.full((x.shape[0],), s * self.num_timesteps, dtype=torch.float32, device=x.device)
+            v = v_fn(x, t)[:, : x.shape[1]].to(x.dtype)
+            if clip_x0:
+                x0 = (x - s * v).clamp(-1, 1)
+                eps = (x - (1 - s) * x0) / s  # s > 0 before the last step
+                x = (1 - s_next) * x0 + s_next * eps
+            else:
+                x = x + (s_next - s) * v
+        return x
+
+    def sample(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int = 20, sampler: str | None = None,
+               shift: float = 1.0, clip_x0: bool = False) -> torch.Tensor:
+        """x_0 from noise with the sampler `sampler` of this prediction (SAMPLERS; None: its first, "dpm" for eps
+        and v, "euler" for flow). shift: flow only (`flow_sigmas`)."""
+        sampler = sampler or SAMPLERS[self.prediction][0]
+        if sampler not in SAMPLERS[self.prediction]:
+            raise ValueError(f"sampler {sampler!r} does not sample prediction {self.prediction!r}; it takes "
+                             f"{', '.join(SAMPLERS[self.prediction])}")
+        if sampler == "euler":
+            return self.flow_euler(eps_fn, noise, steps=steps, shift=shift, clip_x0=clip_x0)
+        if shift != 1.0:
+            raise ValueError("shift is for the flow sampler")
+        return {"dpm": self.dpm_solver, "ddim": self.ddim}[sampler](eps_fn, noise, steps=steps, clip_x0=clip_x0)

@@ -90,6 +90,10 @@ def main(argv=None) -> int:
     p.add_argument("--base", default=None, help="a LoRA checkpoint's base weights (default: the path it records)")
     a = p.parse_args(argv)
     print(f"wrote {export(a.ckpt, a.out, a.format, a.model, a.weights, a.lora, a.merge, a.base)}")
+    if training_metadata(_checkpoint_file(Path(a.ckpt), a.weights)).get("prediction") == "flow":
+        print("note: this model was trained with rectified flow (it predicts the velocity noise - x0 at timestep "
+              "sigma * 1000); diffusers' PixArt pipelines run eps / v schedulers, so sample it with "
+              "FlowMatchEulerDiscreteScheduler in a loop of your own, or with python -m pixart_fast.sample")
     return 0
 
 

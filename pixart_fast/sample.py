@@ -12,7 +12,7 @@ import torch
 from pixart_fast.checkpoints import load_pixart, training_metadata
 from pixart_fast.cli import UserError, run
 from pixart_fast.lora import load_lora
-from pixart_fast.diffusion import Diffusion
+from pixart_fast.diffusion import PREDICTIONS, SAMPLERS, Diffusion
 from pixart_fast.grid import image_grid
 from pixart_fast.model import CONFIGS, PixArt
 from pixart_fast.text import TextEncoder
@@ -20,13 +20,30 @@ from pixart_fast.text import TextEncoder
 VAE_FACTOR = 8  # pixels per latent pixel
 
 
+def sampler_for(prediction: str, sampler: str | None, shift: float | None = None) -> str:
+    """The sampler to run for a model of `prediction`: `sampler`, or None for its default (dpm for eps and v,
+    euler for flow). UserError for a sampler or a shift that does not fit the prediction."""
+    sampler = sampler or SAMPLERS[prediction][0]
+    if sampler not in SAMPLERS[prediction]:
+        raise UserError(f"--sampler {sampler} does not sample a {prediction}-prediction model: pass "
+                        f"{' or '.join(SAMPLERS[prediction])} (or leave --sampler out)")
+    if shift is not None and prediction != "flow":
+        raise UserError(f"--shift is for a flow model; this one predicts {prediction}")
+    if shift is not None and not shift > 0:
+        raise UserError(f"--shift {shift}: must be > 0")
+    return sampler
+
+
 @torch.no_grad()
 def generate(model: PixArt, text: TextEncoder, prompts: list[str], height: int, width: int, steps: int = 20,
-             cfg_scale: float = 4.5, sampler: str = "dpm", seed: int = 0, vae=None,
-             prediction: str = "eps") -> torch.Tensor:
+             cfg_scale: float = 4.5, sampler: str | None = None, seed: int = 0, vae=None,
+             prediction: str = "eps", shift: float | None = None) -> torch.Tensor:
     """Images (N, 3, height, width) in [-1, 1] for N prompts. height/width in pixels (with a VAE, 8 per latent
     pixel). The noise comes from a CPU generator seeded with `seed`, so results do not depend on the device.
-    prediction: what the model predicts, "eps" or "v" (what it was trained with)."""
+    prediction: what the model predicts, "eps", "v" or "flow" (what it was trained with). sampler: "dpm" or
+    "ddim" for eps and v, "euler" for flow; None: the prediction's default (`sampler_for`). shift: flow only,
+    SD3's timestep shift of the Euler steps' noise levels (None: 1, none)."""
+    sampler = sampler_for(prediction, sampler, shift)
     cfg = model.config
     factor = VAE_FACTOR if vae is not None else 1
     p = cfg.patch_size * factor
@@ -43,8 +60,8 @@ def generate(model: PixArt, text: TextEncoder, prompts: list[str], height: int, 
                         generator=torch.Generator().manual_seed(seed)).to(device)
     eps_fn = lambda x, t: model.forward_with_cfg(x, t, y, mask, cfg_scale, **extra)  # noqa: E731
     diffusion = Diffusion(learn_sigma=cfg.learn_sigma, prediction=prediction)
-    run = {"dpm": diffusion.dpm_solver, "ddim": diffusion.ddim}[sampler]
-    x = run(eps_fn, noise, steps=steps, clip_x0=vae is None)  # pixel space: clip x0 to the data range
+    # pixel space: clip x0 to the data range
+    x = diffusion.sample(eps_fn, noise, steps=steps, sampler=sampler, shift=shift or 1.0, clip_x0=vae is None)
     if vae is not None:
         x = vae.decode(x / vae.config.scaling_factor).sample  # the VAE's own factor, as extraction uses
     return x.float().clamp(-1, 1).cpu()
@@ -58,7 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="sample.png", help="PNG to write: the images in a grid, each above its prompt")
     p.add_argument("--model", default=None, help=f"model config, one of {sorted(CONFIGS)} (default: from the checkpoint)")
     p.add_argument("--t5", default=None, help="local T5 encoder folder (default: the embedded tiny T5)")
-    p.add_argument("--prediction", choices=["eps", "v"], default=None,
+    p.add_argument("--prediction", choices=PREDICTIONS, default=None,
                    help="what the model predicts (default: what the checkpoint records, else eps)")
     p.add_argument("--tokenizer", choices=["byte", "word"], default=None,
                    help="the embedded T5's tokenizer (default: what the checkpoint records, else byte)")
@@ -68,7 +85,12 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's size)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--cfg-scale", type=float, default=4.5, help="classifier-free guidance scale")
-    p.add_argument("--sampler", choices=("dpm", "ddim"), default="dpm", help="DPM-Solver++ 2M or DDIM")
+    p.add_argument("--sampler", choices=("dpm", "ddim", "euler"), default=None,
+                   help="DPM-Solver++ 2M or DDIM for an eps or v model, Euler for a flow model (default: dpm, "
+                        "flow: euler)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="flow models: SD3's timestep shift of the Euler steps' noise levels, s -> shift s / (1 + "
+                        "(shift - 1) s), dimensionless, > 1 spends more steps at high noise (default: 1, none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--scale", type=int, default=4, help="upscale the written PNG by this factor (nearest)")
     args = p.parse_args(argv)
@@ -85,6 +107,7 @@ def main(argv=None) -> int:
     model = (load_lora(Path(args.ckpt)) if "lora_rank" in recorded else load_pixart(Path(args.ckpt), args.model))
     model = model.to(device).eval()
     prediction = args.prediction or recorded.get("prediction", "eps")
+    sampler_for(prediction, args.sampler, args.shift)  # a sampler that fits, before the text encoder loads
     tokenizer = args.tokenizer or recorded.get("tokenizer", "byte")
     locality = recorded.get("t5_locality", 0.0)  # the embedded T5 the checkpoint was trained with
     length = model.config.max_tokens  # the caption length the model's null caption has (Σ: 300)
@@ -102,7 +125,7 @@ def main(argv=None) -> int:
     factor = VAE_FACTOR if vae is not None else 1
     side = model.config.input_size * factor
     images = generate(model, text, args.prompt, args.height or side, args.width or side, args.steps,
-                      args.cfg_scale, args.sampler, args.seed, vae, prediction)
+                      args.cfg_scale, args.sampler, args.seed, vae, prediction, args.shift)
     image_grid(list(images), captions=args.prompt, cols=4, scale=args.scale).save(args.out)  # each under its prompt
     print(f"wrote {args.out}: {len(args.prompt)} image(s) of {images.shape[2]}x{images.shape[3]} px")
     return 0

@@ -52,7 +52,8 @@ PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.
 # Settings that shape the run's trajectory: resuming with other values is allowed, but warned about.
 TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup", "grad_clip", "ema_decay",
               "caption_dropout", "precision", "seed", "data", "t5", "prediction", "min_snr_gamma", "min_snr_plus_one",
-              "tokenizer", "t5_locality", "optimizer", "lora_rank", "lora_alpha", "lora_targets")
+              "timestep_sampling", "logit_mean", "logit_std", "tokenizer", "t5_locality", "optimizer", "lora_rank",
+              "lora_alpha", "lora_targets")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -221,7 +222,8 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
     if cfg.compile:
         net = torch.compile(net)  # the model is one graph, the Triton kernels included (custom ops with fakes)
     diffusion = Diffusion(learn_sigma=model.config.learn_sigma, prediction=cfg.prediction,
-                          min_snr_gamma=cfg.min_snr_gamma, min_snr_plus_one=cfg.min_snr_plus_one)
+                          min_snr_gamma=cfg.min_snr_gamma, min_snr_plus_one=cfg.min_snr_plus_one,
+                          timestep_sampling=cfg.timestep_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std)
     return Run(cfg, stage, d, run_dir, model, net, ema, base if cfg.lora_rank else None, params, ema_params, data,
                diffusion, opt, sched, scaler, start, skipped, seconds, autocast_dtype(cfg.precision, d.device))
 
@@ -252,7 +254,7 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
     # of (seed, step) and the data, never of the world size or of earlier steps' outcomes.
     step_gen = torch.Generator(d.device).manual_seed(step_seed(cfg.seed, step))
     shape = (cfg.batch_size, *batch.images.shape[1:])
-    t = torch.randint(0, run.diffusion.num_timesteps, shape[:1], generator=step_gen, device=d.device)[rank_part]
+    t = run.diffusion.draw_timesteps(cfg.batch_size, step_gen, d.device)[rank_part]  # flow: float s * T
     noise = torch.randn(shape, generator=step_gen, device=d.device)[rank_part]
     drop = (torch.rand(shape[:1], generator=step_gen, device=d.device) < cfg.caption_dropout)[rank_part]
     eps = torch.randn(shape, generator=step_gen, device=d.device)[rank_part] if batch.is_latent else None

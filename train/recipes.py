@@ -66,12 +66,22 @@ class TrainConfig:
     max_bad_steps: int = _field(10, "consecutive steps with a non-finite loss or gradient norm (each skipped: no "
                                     "optimizer or EMA update) after which the run stops; 0: never stop", low=0)
     sample_every: int = _field(0, "steps between validation sample grids (0: only at the end)", low=0)
-    sample_steps: int = _field(20, "DPM-Solver++ steps for validation samples", low=1)
+    sample_steps: int = _field(20, "sampler steps for validation samples (DPM-Solver++; --prediction flow: Euler)",
+                               low=1)
     cfg_scale: float = _field(4.5, "classifier-free guidance scale for validation samples", low=0)
     num_val: int = _field(56, "held-out captions (stage 1: class samples) to sample and score; 56 captions hold "
                               "about 110 objects, so one object is under 1 % of a score", low=1)
-    prediction: str = _field("eps", "what the model predicts: eps (PixArt) or v (v-prediction; the samplers convert)",
-                             choices=("eps", "v"))
+    prediction: str = _field("eps", "what the model predicts: eps (PixArt), v (v-prediction; the samplers convert) "
+                                    "or flow (rectified flow, SD3's objective: x_s = (1 - s) x0 + s noise for s in "
+                                    "[0, 1], the model predicts the velocity noise - x0 at timestep s * 1000; MSE "
+                                    "loss, a learned variance is ignored; sampled with Euler)",
+                             choices=("eps", "v", "flow"))
+    timestep_sampling: str = _field("uniform", "with --prediction flow: the density of the training noise level s, "
+                                               "uniform on [0, 1) or logit-normal (s = sigmoid(n), n ~ N(--logit-mean, "
+                                               "--logit-std^2); SD3's)", choices=("uniform", "logit-normal"))
+    logit_mean: float = _field(0.0, "mean of the logit-normal timestep density, in logit units (SD3: 0)", low=-INF)
+    logit_std: float = _field(1.0, "standard deviation of the logit-normal timestep density, in logit units (SD3: 1)",
+                              low=0, open_low=True)
     min_snr_gamma: float = _field(0.0, "min-SNR-gamma loss weighting (Hang et al. 2023; 5 is theirs); 0: unweighted",
                                   low=0)
     min_snr_plus_one: bool = _field(False, "with --prediction v: weight min(SNR + 1, gamma) / (SNR + 1) (diffusers' "
@@ -124,6 +134,12 @@ class TrainConfig:
         if self.fsdp and (self.lora_rank or self.optimizer == "came"):
             raise UserError("--fsdp true shards full training with AdamW; LoRA and CAME state are small or factored "
                             "per whole weight: run them without --fsdp (DDP)")
+        if self.prediction == "flow" and self.min_snr_gamma > 0:
+            raise UserError(f"--min-snr-gamma {self.min_snr_gamma} with --prediction flow: min-SNR weighting is for "
+                            "eps and v; flow's loss is unweighted: pass --min-snr-gamma 0")
+        if self.timestep_sampling != "uniform" and self.prediction != "flow":
+            raise UserError(f"--timestep-sampling {self.timestep_sampling} is for --prediction flow; eps and v draw "
+                            "integer timesteps uniformly")
         if self.lora_rank and self.stage == 1:
             raise UserError("--lora-rank adapts a text-conditioned PixArt (stages 2 and 3); stage 1 trains a DiT "
                             "from scratch")

@@ -237,7 +237,7 @@ class EmbeddedData:
             noise = torch.randn(batch.images.shape, generator=g).to(device)
             eps_fn = stage.guided(ema, batch.to(device), cfg.cfg_scale, ema.config.micro_conditions)
             # Pixel space: the data range [-1, 1] is known, so x0 predictions are clipped to it.
-            images += list(diffusion.dpm_solver(eps_fn, noise, steps=cfg.sample_steps, clip_x0=True).float().cpu())
+            images += list(diffusion.sample(eps_fn, noise, steps=cfg.sample_steps, clip_x0=True).float().cpu())
             truths += batch.truths
             clean += list(batch.images)
             captions += stage.tile_captions(batch)
