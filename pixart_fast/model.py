@@ -7,6 +7,10 @@ load unchanged. Shapes: B batch, C channels, H x W input, T = (H/p)(W/p) image t
 L caption tokens (at most max_tokens: 120 for PixArt-alpha, 300 for PixArt-Sigma), E caption channels (4096 for
 T5-XXL). The PixArt-Sigma models (arXiv 2403.04692) are this network with 300 caption tokens, no micro-conditions
 and larger position-interpolation scales (CONFIGS "PixArt-Sigma-*").
+
+Two training-only levers cut the tokens PixArt's blocks see (section "Token levers"): masking (MaskDiT, MicroDiT)
+runs only a kept subset of each image's tokens through the whole network and the loss reads only their patches;
+routing (TREAD) sends a subset of the tokens through a run of middle blocks while the others skip it unchanged.
 """
 import functools
 import math
@@ -384,6 +388,39 @@ def xavier_init(model: nn.Module) -> None:
     nn.init.zeros_(proj.bias)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Token levers: masking and routing (training only; sampling always runs every token through every block)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def kept_count(n_tokens: int, ratio: float) -> int:
+    """Tokens of n_tokens left when a fraction `ratio` is dropped: round((1 - ratio) n_tokens), at least one."""
+    return max(1, round((1 - ratio) * n_tokens))
+
+
+def draw_tokens(n_images: int, n_tokens: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """(n_images, kept_count(n_tokens, ratio)) int64: for each image a uniformly drawn subset of its token indices,
+    in ascending order, drawn from `generator` (on its device, no host sync)."""
+    scores = torch.rand(n_images, n_tokens, generator=generator, device=generator.device)
+    return scores.argsort(dim=1)[:, :kept_count(n_tokens, ratio)].sort(dim=1).values
+
+
+def take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D), index (B, K) -> (B, K, D): each image's tokens at its indices."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def keep_patches(x: torch.Tensor, keep: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """x (B, C, H, W), keep (B, K) indices into the row-major (H/p) x (W/p) patch grid -> (B, C, p, K p): the kept
+    patches side by side, in `keep`'s order. A masked PixArt forward takes its input and gives its output in this
+    layout, so the diffusion loss, computed pixel by pixel on it, covers exactly the kept patches."""
+    B, C, H, W = x.shape
+    p = patch_size
+    patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C, p, p)  # (B, T, C, p, p)
+    kept = patches.gather(1, keep[:, :, None, None, None].expand(-1, -1, C, p, p))  # (B, K, C, p, p)
+    return kept.permute(0, 2, 3, 1, 4).reshape(B, C, p, -1)
+
+
 def _as_bool_mask(mask, y):
     """mask (B, L) of 0/1 or bool, or None (all valid) -> bool (B, L)."""
     if mask is None:
@@ -453,7 +490,8 @@ class PixArt(nn.Module):
                              f"to be swapped for the null caption, got {tuple(y.shape)}")
         return self.y_embedder.y_embedding.to(y.dtype).expand(B, L, E)
 
-    def forward(self, x, t, y, mask=None, img_hw=None, aspect_ratio=None, force_drop_ids=None):
+    def forward(self, x, t, y, mask=None, img_hw=None, aspect_ratio=None, force_drop_ids=None, *, keep=None,
+                grid=None, route=None, route_blocks=None):
         """Predict eps (and the variance interpolation) for noisy input x at timesteps t given captions y.
 
         x: (B, C, H, W); H and W divisible by the patch size (non-square works).
@@ -463,7 +501,14 @@ class PixArt(nn.Module):
             Both required when config.micro_conditions, ignored otherwise.
         force_drop_ids: (B,) bool, captions to replace by the null caption. None: in training mode each caption
             is replaced with probability config.class_dropout_prob; in eval mode none is.
-        Returns (B, out_channels, H, W).
+        Token levers (training; `draw_tokens` draws the indices):
+        keep: (B, K) token indices, ascending, into the (grid_h, grid_w) = grid patch grid of the full image: token
+            masking. x is then only those patches, `keep_patches(x_full, keep, p)` (B, C, p, K p), and so is the
+            output; only the K tokens run through the network, each with its own position embedding.
+        route: (B, R) indices, ascending, into the tokens that enter the blocks (the kept ones when masking): token
+            routing. Blocks route_blocks = (start, end), start inclusive, end exclusive, run on those R tokens
+            only; the others skip them unchanged and are re-inserted after block end - 1.
+        Returns (B, out_channels, H, W) (with keep: (B, out_channels, p, K p)).
         """
         c = self.config
         B, C, H, W = x.shape
@@ -478,7 +523,17 @@ class PixArt(nn.Module):
         if force_drop_ids is not None:
             y, mask = self.drop_captions(y, mask, force_drop_ids.bool())
 
-        x = self.x_embedder(x) + self.pos_embed_for(H // p, W // p, x.device)  # (B, T, D)
+        if keep is None:
+            pos = self.pos_embed_for(H // p, W // p, x.device)  # (1, T, D)
+        else:  # x: the kept patches side by side
+            if grid is None or keep.shape != (B, W // p) or H != p:
+                raise ValueError(f"with keep (B, K) = {tuple(keep.shape)}, x must be its patches (B, C, {p}, K * {p}) "
+                                 f"(keep_patches) and grid the full patch grid, got x {tuple(x.shape)}, grid {grid}")
+            pos = take_tokens(self.pos_embed_for(*grid, x.device).expand(B, -1, -1), keep)  # (B, K, D)
+        start, end = (-1, -1) if route is None else route_blocks
+        if route is not None and not 0 <= start < end <= c.depth:
+            raise ValueError(f"route_blocks must be (start, end) with 0 <= start < end <= depth {c.depth}, got {route_blocks}")
+        x = self.x_embedder(x) + pos  # (B, T, D)
         t = self.t_embedder(t)  # (B, D)
         if c.micro_conditions:
             if img_hw is None or aspect_ratio is None:
@@ -489,11 +544,16 @@ class PixArt(nn.Module):
         shift, scale = self.blocks[0].modulation(t0)[:2] if c.depth else self.final_layer.modulation(t)
         x_mod = modulate(x, shift, scale, backend=self.kernels, out_dtype=linear_dtype(x))  # (B, T, D)
         for i, block in enumerate(self.blocks):
+            if i == start:  # routing: only the routed tokens go on; the stream keeps the others as they are
+                stream, x, x_mod = x, take_tokens(x, route), take_tokens(x_mod, route)  # (B, R, D)
             nxt = self.blocks[i + 1].modulation(t0)[:2] if i + 1 < c.depth else self.final_layer.modulation(t)
             if self.recompute != "none" and torch.is_grad_enabled():
                 x, x_mod = checkpoint(block, x, x_mod, y, t0, mask, *nxt, **_checkpoint_options(self.recompute))
             else:
                 x, x_mod = block(x, x_mod, y, t0, mask, *nxt)  # (B, T, D) each
+            if i == end - 1:  # re-insert; the skipping tokens need the next layer's modulated copy too: all anew
+                x = stream.scatter(1, route[..., None].expand(-1, -1, x.shape[-1]), x)  # (B, T, D)
+                x_mod = modulate(x, *nxt, backend=self.kernels, out_dtype=linear_dtype(x))
         x = self.final_layer(x_mod)  # (B, T, p*p*out)
         return unpatchify(x, p, c.out_channels, H, W, backend=self.kernels)  # (B, out, H, W)
 

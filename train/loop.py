@@ -22,6 +22,7 @@ When things go wrong (docs/faults.md):
   skipped steps, keeps the data order). `skipped_steps` in metrics.jsonl counts them; --max-bad-steps in a row
   stop the run with an error naming the step and the last good checkpoint. Non-finite weights are never saved.
 """
+import functools
 import json
 import math
 import shlex
@@ -42,6 +43,7 @@ from pixart_fast.cli import UserError
 from pixart_fast.diffusion import Diffusion
 from pixart_fast.files import atomic_path
 from pixart_fast.loader import prefetch, to_device
+from pixart_fast.model import draw_tokens, keep_patches
 from .recipes import RECIPES, TrainConfig
 from .run_folder import (claimed, latest_checkpoint, load_trainer_state, load_weights, newest_intact_checkpoint,
                          recover_leftovers, save_checkpoint, trim_metrics, verified_checkpoint)
@@ -66,6 +68,36 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def step_seed(seed: int, step: int) -> int:
     """The seed of step `step`'s noise, timesteps and caption drops: a pure function of (seed, step)."""
     return int(np.random.default_rng([seed, 11, step]).integers(2**62))
+
+
+def route_blocks(cfg: TrainConfig, depth: int) -> tuple[int, int]:
+    """The blocks --route-ratio routes past, (start, end): --route-start and --route-end (0: depth - 1)."""
+    end = cfg.route_end or depth - 1
+    if cfg.route_ratio and not 0 <= cfg.route_start < end <= depth:
+        raise UserError(f"--route-start {cfg.route_start} --route-end {cfg.route_end}: the routed blocks must be "
+                        f"0 <= start < end <= {depth} (the model's depth; --route-end 0 means {depth - 1})")
+    return cfg.route_start, end
+
+
+def token_levers(cfg: TrainConfig, step: int, shape: tuple, patch_size: int, depth: int, device,
+                 rank_part: slice) -> dict:
+    """Step `step`'s token masking and routing as the model's forward arguments ({} when both are off): which
+    tokens of each image enter the network, and which of those run the routed blocks. Drawn for the global batch
+    from a generator seeded by (seed, step) and sliced like the other draws: a pure function of (seed, step).
+    The last --unmasked-steps steps draw no mask."""
+    masking = cfg.mask_ratio > 0 and step < cfg.steps - cfg.unmasked_steps
+    if not (masking or cfg.route_ratio > 0):
+        return {}
+    gen = torch.Generator(device).manual_seed(int(np.random.default_rng([cfg.seed, 13, step]).integers(2**62)))
+    B, grid = shape[0], (shape[2] // patch_size, shape[3] // patch_size)
+    levers, tokens = {}, grid[0] * grid[1]
+    if masking:
+        keep = draw_tokens(B, tokens, cfg.mask_ratio, gen)
+        levers, tokens = {"keep": keep[rank_part], "grid": grid}, keep.shape[1]
+    if cfg.route_ratio > 0:
+        levers.update(route=draw_tokens(B, tokens, cfg.route_ratio, gen)[rank_part],
+                      route_blocks=route_blocks(cfg, depth))
+    return levers
 
 
 def batch_indices(data, step: int, batch_size: int, seed: int) -> list[int]:
@@ -171,6 +203,9 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
     with torch.random.fork_rng(devices=[]):  # every rank builds the same initial weights; the global RNG is untouched
         torch.manual_seed(cfg.seed)
         model = stage.build_model(cfg)
+    if (cfg.mask_ratio or cfg.route_ratio) and stage.class_conditional:
+        raise UserError("--mask-ratio and --route-ratio act on PixArt's tokens (stages 2 and 3), not stage 1's DiT")
+    route_blocks(cfg, model.config.depth)  # a bad range fails here, before anything is written
     data = stage.data(cfg, model)
     if d.main:
         recover_leftovers(run_dir, log)
@@ -259,7 +294,12 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
     drop = (torch.rand(shape[:1], generator=step_gen, device=d.device) < cfg.caption_dropout)[rank_part]
     eps = torch.randn(shape, generator=step_gen, device=d.device)[rank_part] if batch.is_latent else None
     x0 = batch.x0(eps)  # latents: a fresh sample of each image's latent distribution
-    model_fn = run.stage.condition(run.net, batch, drop, run.model.config.micro_conditions)
+    mc = run.model.config
+    levers = token_levers(cfg, step, shape, mc.patch_size, mc.depth, d.device, rank_part)
+    if "keep" in levers:  # masking: the loss sees only the kept patches (the layout the masked model takes)
+        x0, noise = keep_patches(x0, levers["keep"], mc.patch_size), keep_patches(noise, levers["keep"], mc.patch_size)
+    net = functools.partial(run.net, **levers) if levers else run.net
+    model_fn = run.stage.condition(net, batch, drop, mc.micro_conditions)
     with torch.autocast(d.device.type, dtype=run.autocast) if run.autocast else nullcontext():
         terms = run.diffusion.training_losses(model_fn, x0, t, noise)
     loss = terms["loss"].mean()

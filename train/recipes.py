@@ -103,6 +103,19 @@ class TrainConfig:
                                                 "(cross-attention), mlp, embed (timestep, caption and size embedders, "
                                                 "t_block, final layer), or module-name suffixes such as attn.qkv, "
                                                 "comma-separated")
+    mask_ratio: float = _field(0.0, "token masking (MaskDiT, MicroDiT; stages 2 and 3): this fraction of each image's "
+                                    "patch tokens, drawn anew every step, is dropped after the patch embedding; the "
+                                    "network runs on the rest and the loss reads only their patches; 0: off",
+                               low=0, high=0.95)
+    unmasked_steps: int = _field(0, "with --mask-ratio: the run's last this many steps train unmasked, so the model "
+                                    "ends on what sampling runs (all tokens)", low=0)
+    route_ratio: float = _field(0.0, "token routing (TREAD; stages 2 and 3): this fraction of the tokens, drawn anew "
+                                     "every step, skips blocks --route-start to --route-end - 1 and rejoins unchanged "
+                                     "after them; sampling runs every token through every block; 0: off",
+                                low=0, high=0.95)
+    route_start: int = _field(1, "with --route-ratio: the first block the skipping tokens skip (0-based)", low=0)
+    route_end: int = _field(0, "with --route-ratio: the block after the last one skipped (0-based); 0: depth - 1, "
+                               "so the last block sees every token (and, with --route-start 1, the first)", low=0)
 
     def __post_init__(self):
         """Every rule a config must keep, checked here once, before a run writes anything: each field's choices
