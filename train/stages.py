@@ -229,7 +229,8 @@ class EmbeddedData:
     @torch.no_grad()
     def evaluate(self, ema, stage: Stage, cfg: TrainConfig, diffusion: Diffusion, device, png: Path | None) -> dict:
         """Sample the held-out set with the EMA model (DPM-Solver++, CFG), save the grid to png (None: do not save;
-        other ranks) and return the alignment scores (accuracy, colour, position, shape; see pixart_fast.eval).
+        other ranks) and return the alignment scores (accuracy, colour, position, shape, size, each with its chance
+        level, and background; see pixart_fast.eval).
         The grid shows each sample beside its ground-truth render above its caption (stage 1: the class name)."""
         g = torch.Generator().manual_seed(VAL_SEED)
         images, truths, clean, captions = [], [], [], []
@@ -250,7 +251,9 @@ class EmbeddedData:
         return alignment_scores(images, truths)
 
     def describe(self, scores: dict, cfg: TrainConfig, stage: Stage) -> str:
-        return f"EMA alignment accuracy {scores['accuracy']:.3f} on {cfg.num_val} held-out {stage.held_out}"
+        chance = scores.get("accuracy_chance")
+        versus = f" (chance {chance:.3f})" if chance is not None else ""
+        return f"EMA alignment accuracy {scores['accuracy']:.3f}{versus} on {cfg.num_val} held-out {stage.held_out}"
 
 
 class FeatureData:
