@@ -5,7 +5,7 @@
 First it finds out whether CUDA works: if not (and this is no dry run) it records torch.cuda.init()'s error with
 the driver and CUDA versions, writes the report and exits with status 3. Then the parts, in this order (the most
 telling first; bench/gpu_parts.py says what each measures, PART_LIMITS how long each may take): warmup, kernels,
-train_steps_256, profile, fp8_gemm, energy, largest_batch, train_steps_512, token_routing. Each runs guarded
+train_steps_256, profile, token_levers, fp8_gemm, energy, largest_batch, train_steps_512. Each runs guarded
 (bench/gpu_guard.py): a part or item that fails records its error and traceback and the check goes on; a part past
 its own limit is interrupted; past the time budget the remaining items are skipped, and whatever runs at the hard
 limit is interrupted.
@@ -40,8 +40,8 @@ from gpu_guard import BudgetExceeded, Check, finalize, now  # noqa: E402 - impor
 from gpu_report import JSON_NAME, PARTS, SUMMARY_NAME, error_trace, short_error, write_report  # noqa: E402
 
 # The most seconds each part may take (--part-limit NAME=S changes one); the budget and the hard limit apply too.
-PART_LIMITS = {"warmup": 60, "kernels": 100, "train_steps_256": 120, "profile": 40, "fp8_gemm": 50, "energy": 30,
-               "largest_batch": 50, "train_steps_512": 90, "token_routing": 5}
+PART_LIMITS = {"warmup": 60, "kernels": 100, "train_steps_256": 120, "profile": 40, "token_levers": 60,
+               "fp8_gemm": 50, "energy": 30, "largest_batch": 50, "train_steps_512": 90}
 NO_CUDA_EXIT, NOTHING_MEASURED_EXIT = 3, 4
 
 

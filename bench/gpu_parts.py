@@ -24,7 +24,8 @@ compilation and autotuning, torch.compile, allocation) are timed apart as the co
   each layer's GEMMs in FP8 would give the 256-px step.
 - energy: board energy per 256-px training image (NVML).
 - largest_batch: the largest 256-px batch whose training step fits (bench/workloads.largest_batch).
-- token_routing: no code for token masking or routing exists yet: always skipped, costs nothing.
+- token_levers: the 256-px XL step with token masking and routing (pixart_fast.model) at MaskDiT's and TREAD's
+  ratios, images/s against the full step.
 
 "compile" is regional by default (`--compile-mode regional`): each transformer block is compiled in place
 (`block.compile()`; the identical blocks share their compiled code), the embedders and the loss stay eager;
@@ -48,7 +49,7 @@ from pixart_fast.flops import flops_per_image
 from pixart_fast.gpus import GPUS
 from pixart_fast.model import PixArtConfig
 from workloads import (TRAIN_VARIANTS, XL, PixArtTransformer2DModel, adamw, build_diffusers, build_ours,
-                       largest_batch, make_batch, train_step)
+                       largest_batch, make_batch, token_levers, train_step)
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_CUDA = "skipped: no CUDA"
@@ -676,11 +677,43 @@ def part_largest_batch(check: Check, part: dict):
         record(check, part, f"largest_batch {variant} 256px", row)
 
 
-def part_token_routing(check: Check, part: dict):
-    part["status"] = "skipped: no token masking or routing code exists yet"
+TOKEN_LEVERS = {"full": {}, "mask 0.5": {"mask_ratio": 0.5}, "route 0.5": {"route_ratio": 0.5},
+                "mask 0.5 + route 0.5": {"mask_ratio": 0.5, "route_ratio": 0.5}}  # MaskDiT's and TREAD's ratios
+
+
+def measure_levers(check: Check, name: str, ratios: dict, resolution: int = 256) -> dict:
+    """The XL training step (ours, Triton kernels, not compiled) with token masking and / or routing at the given
+    ratios: images/s against the full step, and MFU from the FLOPs the step really runs."""
+    sc = scale(check)
+    cfg, batch = sc.train[resolution]
+    model = build(check, "ours+triton", cfg)
+    levers = token_levers(cfg, batch, sc.device, **ratios)
+    step = train_step(model, make_batch(cfg, batch, sc.device), adamw(model), torch.bfloat16, levers=levers)
+    cold_s = wall(step, sc.device)
+    for _ in range(sc.warmup_steps - 1):
+        wall(step, sc.device)
+    times = stream_times(step, sc.step_rounds, sc.device)
+    blocks = {"route_blocks": levers["route_blocks"]} if "route_blocks" in levers else {}
+    flops = batch * flops_per_image(cfg, cfg.input_size * 8, **ratios, **blocks)
+    row = train_row(check, "token_levers", "ours+triton", resolution, batch, times, levers=name,
+                    cold_start_s=round(cold_s, 3), **ratios)
+    gpu = GPUS.get(check.gpu_key)
+    row.update(tflops=flops / row["seconds_per_step"] / 1e12,
+               mfu=None if gpu is None else flops / row["seconds_per_step"] / (gpu.tflops * 1e12))
+    return row
+
+
+def part_token_levers(check: Check, part: dict):
+    full = None
+    for name, ratios in TOKEN_LEVERS.items():
+        row = check.item(part, f"{name} 256px", lambda r=ratios, n=name: measure_levers(check, n, r))
+        if row is not None:
+            full = row["images_per_s"] if name == "full" else full
+            row["speedup_vs_full"] = None if full is None else row["images_per_s"] / full
+        record(check, part, f"token_levers {name} 256px", row)
 
 
 PART_FUNCTIONS = {"warmup": part_warmup, "kernels": part_kernels, "train_steps_256": part_train_steps(256),
                   "profile": part_profile, "fp8_gemm": part_fp8_gemm, "energy": part_energy,
                   "largest_batch": part_largest_batch, "train_steps_512": part_train_steps(512),
-                  "token_routing": part_token_routing}
+                  "token_levers": part_token_levers}

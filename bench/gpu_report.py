@@ -13,18 +13,18 @@ SCHEMA = "pixart_fast.gpu_check/2"
 JSON_NAME, SUMMARY_NAME = "gpu_check.json", "summary.md"
 
 # In the order they run: what the project most needs to know first (bench/gpu_parts.py says what each measures).
-PARTS = ("warmup", "kernels", "train_steps_256", "profile", "fp8_gemm", "energy", "largest_batch",
-         "train_steps_512", "token_routing")
+PARTS = ("warmup", "kernels", "train_steps_256", "profile", "token_levers", "fp8_gemm", "energy", "largest_batch",
+         "train_steps_512")
 LABELS = {
     "warmup": "(a) cold start: every Triton kernel's first calls (compilation)",
     "kernels": "(b) kernels against eager PyTorch and torch.compile, % of roofline, 256 and 1024 tokens",
     "train_steps_256": "(c) PixArt-XL/2 training step, 256 px",
     "profile": "(d) step breakdown: matmul, attention, modulation, optimizer, EMA, other (torch.profiler)",
-    "fp8_gemm": "(e) the block's GEMMs in bf16 and FP8 (torch._scaled_mm), and the step speed-up",
-    "energy": "(f) energy per 256-px training image (NVML)",
-    "largest_batch": "(g) largest batch at 256 px",
-    "train_steps_512": "(h) PixArt-XL/2 training step, 512 px",
-    "token_routing": "(i) token masking / routing (no code yet)",
+    "token_levers": "(e) the 256-px step with token masking and routing (0.5 each), images/s against the full step",
+    "fp8_gemm": "(f) the block's GEMMs in bf16 and FP8 (torch._scaled_mm), and the step speed-up",
+    "energy": "(g) energy per 256-px training image (NVML)",
+    "largest_batch": "(h) largest batch at 256 px",
+    "train_steps_512": "(i) PixArt-XL/2 training step, 512 px",
 }
 MODULATE_FAMILY = ("modulate", "gated_residual", "gated_residual_modulate")
 GOAL_TOKENS = 256  # PixArt-XL/2 at 256 px
@@ -270,6 +270,13 @@ def summarize(report: dict) -> str:
                 "Each GEMM pays both its operands' casts (a real recipe shares some). Rel. error: FP8 against bf16.",
                 ""]
         out += _fp8_lines(gemms, report["parts"].get("fp8_gemm", {}))
+    levers = rows_of(report, "token_levers")
+    if levers:
+        out += [f"## Token masking and routing, 256 px ({where}; ours, Triton kernels, not compiled)", "",
+                "Masking drops a fraction of each image's tokens after the patch embedding (the loss reads the kept "
+                "patches); routing sends a fraction of the rest past blocks 1 to depth - 2. TFLOP/s and MFU count "
+                "the FLOPs the step really runs (pixart_fast.flops with the same ratios).", ""]
+        out += _train_table(levers, [("levers", "levers", None), ("vs full", "speedup_vs_full", ".2f")])
     largest = rows_of(report, "largest_batch")
     if largest:
         out += [f"## Largest batch at 256 px ({where})", ""]

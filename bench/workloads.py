@@ -16,7 +16,7 @@ else:
 
 from pixart_fast.checkpoints import to_diffusers
 from pixart_fast.diffusion import Diffusion
-from pixart_fast.model import CONFIGS, PixArt, PixArtConfig
+from pixart_fast.model import CONFIGS, PixArt, PixArtConfig, draw_tokens, keep_patches
 
 # PixArt-XL/2 at each training resolution (px).
 XL = {256: CONFIGS["PixArt-XL/2-256"], 512: CONFIGS["PixArt-XL/2-512"], 1024: CONFIGS["PixArtMS-XL/2-1024"]}
@@ -89,32 +89,54 @@ def build_diffusers(ours: PixArt) -> PixArtTransformer2DModel:
     return ref.to(device).train()
 
 
-def model_fn(model, batch: Batch):
-    """(x_t, t) -> model output (B, 2C, H, W), captions and micro-conditions bound from batch."""
+def model_fn(model, batch: Batch, levers: dict | None = None):
+    """(x_t, t) -> model output (B, 2C, H, W), captions and micro-conditions bound from batch; levers: our PixArt's
+    token masking / routing arguments (keep, grid, route, route_blocks; pixart_fast.model)."""
     if PixArtTransformer2DModel is not None and (
             isinstance(model, PixArtTransformer2DModel)
             or isinstance(getattr(model, "_orig_mod", None), PixArtTransformer2DModel)):
         added = None if batch.img_hw is None else {"resolution": batch.img_hw, "aspect_ratio": batch.aspect_ratio}
         return lambda x, t: model(x, encoder_hidden_states=batch.y, timestep=t, encoder_attention_mask=batch.mask,
                                   added_cond_kwargs=added, return_dict=False)[0]
-    return lambda x, t: model(x, t, batch.y, batch.mask, batch.img_hw, batch.aspect_ratio)
+    return lambda x, t: model(x, t, batch.y, batch.mask, batch.img_hw, batch.aspect_ratio, **(levers or {}))
 
 
-def train_step(model, batch: Batch, optimizer, autocast_dtype: torch.dtype | None = None, sync=None, ema=None):
+def token_levers(cfg: PixArtConfig, batch_size: int, device, mask_ratio: float = 0.0, route_ratio: float = 0.0,
+                 seed: int = 0) -> dict:
+    """Our PixArt's forward arguments for masking a fraction mask_ratio of each image's tokens and routing a
+    fraction route_ratio of the rest past blocks 1 to depth - 2 (the trainer's defaults; a 2-block model: block 0),
+    drawn once: a step's cost does not depend on which tokens are drawn."""
+    g = torch.Generator(device).manual_seed(seed)
+    grid, levers = (cfg.input_size // cfg.patch_size,) * 2, {}
+    tokens = grid[0] * grid[1]
+    if mask_ratio:
+        keep = draw_tokens(batch_size, tokens, mask_ratio, g)
+        levers, tokens = {"keep": keep, "grid": grid}, keep.shape[1]
+    if route_ratio:
+        levers.update(route=draw_tokens(batch_size, tokens, route_ratio, g), route_blocks=(1 if cfg.depth > 2 else 0, cfg.depth - 1))
+    return levers
+
+
+def train_step(model, batch: Batch, optimizer, autocast_dtype: torch.dtype | None = None, sync=None, ema=None,
+               levers: dict | None = None):
     """One training step as a callable: the diffusion loss (MSE + VLB) under autocast, backward, AdamW step, and
     ema() after it where given. The optimizer step and the EMA update run inside record_function ranges
     ("pixart::optimizer", "pixart::ema") so that a profile can tell their kernels apart.
 
     sync: called at the end of the step (torch.cuda.synchronize on a GPU) so that a timer sees finished work.
+    levers: token_levers(...) for our PixArt; with masking the loss reads only the kept patches, as in training.
     """
-    diffusion, fn = Diffusion(), model_fn(model, batch)
+    diffusion, fn = Diffusion(), model_fn(model, batch, levers)
+    x0 = batch.x0
+    if levers and "keep" in levers:
+        x0 = keep_patches(x0, levers["keep"], getattr(model, "_orig_mod", model).config.patch_size)
     device_type = batch.x0.device.type
 
     def step():
         # Gradients are dropped first, not last: a step that ran out of memory halfway leaves none behind.
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            loss = diffusion.training_losses(fn, batch.x0, batch.t)["loss"].mean()
+            loss = diffusion.training_losses(fn, x0, batch.t)["loss"].mean()
         loss.backward()
         with torch.profiler.record_function("pixart::optimizer"):
             optimizer.step()
