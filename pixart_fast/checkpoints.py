@@ -348,7 +348,7 @@ def load_into(model, path, seed: int = 0, source: str | None = None, from_dit: b
 
 def training_metadata(path) -> dict:
     """What our trainer records in a checkpoint's safetensors metadata ({} for other files): "model" (the config
-    name), "step", "stage", "prediction" ("eps" or "v"), "tokenizer" and "t5_locality" (the embedded T5's); a LoRA
+    name), "step", "stage", "prediction" ("eps", "v" or "flow"), "tokenizer" and "t5_locality" (the embedded T5's); a LoRA
     run's "lora_rank", "lora_alpha", "lora_targets" and "base"."""
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():

@@ -228,9 +228,9 @@ class EmbeddedData:
 
     @torch.no_grad()
     def evaluate(self, ema, stage: Stage, cfg: TrainConfig, diffusion: Diffusion, device, png: Path | None) -> dict:
-        """Sample the held-out set with the EMA model (DPM-Solver++, CFG), save the grid to png (None: do not save;
-        other ranks) and return the alignment scores (accuracy, colour, position, shape, size, each with its chance
-        level, and background; see pixart_fast.eval).
+        """Sample the held-out set with the EMA model (DPM-Solver++, or Euler for a flow model; CFG), save the
+        grid to png (None: do not save; other ranks) and return the alignment scores (accuracy, colour, position,
+        shape, size, each with its chance level, and background; see pixart_fast.eval).
         The grid shows each sample beside its ground-truth render above its caption (stage 1: the class name)."""
         g = torch.Generator().manual_seed(VAL_SEED)
         images, truths, clean, captions = [], [], [], []
