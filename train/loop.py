@@ -55,7 +55,7 @@ PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.
 TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup", "grad_clip", "ema_decay",
               "caption_dropout", "precision", "seed", "data", "t5", "prediction", "min_snr_gamma", "min_snr_plus_one",
               "timestep_sampling", "logit_mean", "logit_std", "tokenizer", "t5_locality", "optimizer", "lora_rank",
-              "lora_alpha", "lora_targets")
+              "lora_alpha", "lora_targets", "mask_ratio", "unmasked_steps", "route_ratio", "route_start", "route_end")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
