@@ -246,8 +246,9 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
     if resume is not None:
         start, skipped, seconds, saved = load_trainer_state(resume, model, opt, sched)
         log(f"resumed from {resume} at step {start}")
-        changed = [f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in TRAJECTORY
-                   if saved.get(k) != getattr(cfg, k)]
+        # a setting the checkpoint does not record (it predates the setting) was at its default then
+        saved = {f.name: f.default for f in fields(TrainConfig)} | saved
+        changed = [f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in TRAJECTORY if saved[k] != getattr(cfg, k)]
         if changed:
             log(f"warning: resuming with settings that differ from the checkpoint's ({', '.join(changed)}); the run "
                 "goes on, but not as the run that was started")
