@@ -16,6 +16,7 @@ from pixart_fast.diffusion import Diffusion, guided
 from pixart_fast.sample import main as sample_main, sampler_for
 from pixart_fast.train.loop import train
 from pixart_fast.train.recipes import RECIPES
+from test_train import assert_resume_is_bit_identical
 
 FAST = dict(model="PixArt-pixel-tiny", batch_size=2, num_val=2, sample_steps=2, sample_every=0, kernels="torch",
             log_every=1, save_every=2)
@@ -221,15 +222,7 @@ def test_flow_trains_checkpoints_and_samples_with_the_flow_sampler(tmp_path, mon
 
 
 def test_flow_resume_is_bit_identical(tmp_path):
-    train(tiny(tmp_path / "a", steps=4), progress=False)
-    first = tiny(tmp_path / "b", steps=2)
-    train(first, progress=False)
-    train(replace(first, steps=4, resume="latest"), progress=False)
-    for name in ("model.safetensors", "ema.safetensors"):
-        a = load_safetensors(tmp_path / "a/stage2/checkpoints/step-0000004" / name)
-        b = load_safetensors(tmp_path / "b/stage2/checkpoints/step-0000004" / name)
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert_resume_is_bit_identical(tiny(tmp_path), tmp_path)
 
 
 def test_flow_lora_run_trains_and_samples_as_flow(tmp_path):
