@@ -468,10 +468,11 @@ def _already_done(run: Run, log) -> dict:
     if run.start > cfg.steps:
         raise UserError(f"--steps {cfg.steps}, but the run is already at step {run.start} ({checkpoint}): pass "
                         f"--steps {run.start} or more to go on, or another --out for a new run")
-    if path.exists() and json.loads(path.read_text()).get("steps") == cfg.steps:
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    if summary.get("steps") == cfg.steps:
         log(f"stage {cfg.stage}: the run is complete ({cfg.steps} steps, {checkpoint}); nothing to do. Its summary: "
             f"{path}")
-        return json.loads(path.read_text())
+        return summary
     losses = [r["loss"] for r in map(json.loads, (run.run_dir / "metrics.jsonl").read_text().splitlines())
               if "loss" in r] if (run.run_dir / "metrics.jsonl").exists() else []
     scores = run.data.evaluate(run.ema, run.stage, cfg, run.diffusion, run.dist.device,
