@@ -12,7 +12,7 @@ split "val" draws from a stream disjoint from every training seed. Nothing is do
 Images are float32 (3, H, W) in [-1, 1], pixel space (the model sees them directly, no VAE). Each sample keeps
 its ground truth, a `Scene`, under "truth".
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -168,25 +168,38 @@ class _Procedural(Dataset):
 
 
 class ShapeClasses(_Procedural):
-    """Stage 1: class-conditional images of one object anywhere in a size x size image (radius 15-30 % of
-    the side). Sample: {"image": (3, size, size), "label": int in [0, 24), "caption": "a red circle",
-    "truth": Scene}. Label = SHAPES.index(shape) * len(COLOURS) + colour index; names in `class_names`."""
+    """Stage 1: class-conditional images. Sample: {"image": (3, size, size), "label": int in [0, 24), "caption":
+    "a red circle", "truth": Scene of the named object alone}. Label = SHAPES.index(shape) * len(COLOURS) + colour
+    index; names in `class_names`.
+
+    scenes False: one object anywhere in the image (radius 15-30 % of the side), the paper's ImageNet stage in
+    miniature. scenes True: stage 2's scenes (see `random_scene`: 1-3 objects of stage-2 sizes, each in a cell of
+    the 3x3 grid), the class naming the first object and the others distractors, so stage 1 learns the statistics
+    stage 2's images have."""
 
     num_classes = NUM_CLASSES
     class_names = CLASS_NAMES
 
-    def __init__(self, length: int = 100_000, seed: int = 0, split: str = "train", size: int = 32):
+    def __init__(self, length: int = 100_000, seed: int = 0, split: str = "train", size: int = 32,
+                 scenes: bool = False):
         super().__init__(length, seed, split)
-        self.size = size
+        self.size, self.scenes = size, scenes
 
     def __getitem__(self, index: int) -> dict:
         rng = self._rng(index)
-        label = int(rng.integers(NUM_CLASSES))
-        shape, colour = SHAPES[label // len(COLOURS)], list(COLOURS)[label % len(COLOURS)]
-        radius = rng.uniform(0.15, 0.30) * self.size
-        cy, cx = rng.uniform(radius, self.size - radius, size=2)
-        scene = Scene(self.size, self.size, (ShapeObject(colour, shape, cy, cx, radius),))
-        return {"image": render(scene), "label": label, "caption": scene.caption, "truth": scene}
+        if self.scenes:
+            scene = random_scene(rng, self.size, self.size)
+            named = replace(scene.objects[0], region=None, size=None)  # the class states colour and shape only
+            label = SHAPES.index(named.shape) * len(COLOURS) + list(COLOURS).index(named.colour)
+        else:
+            label = int(rng.integers(NUM_CLASSES))
+            shape, colour = SHAPES[label // len(COLOURS)], list(COLOURS)[label % len(COLOURS)]
+            radius = rng.uniform(0.15, 0.30) * self.size
+            cy, cx = rng.uniform(radius, self.size - radius, size=2)
+            named = ShapeObject(colour, shape, cy, cx, radius)
+            scene = Scene(self.size, self.size, (named,))
+        truth = Scene(self.size, self.size, (named,))
+        return {"image": render(scene), "label": label, "caption": truth.caption, "truth": truth}
 
 
 class ShapeScenes(_Procedural):

@@ -73,6 +73,22 @@ def test_stage1_labels_name_the_drawn_object():
     assert len(labels) == 24
 
 
+def test_stage1_scenes_have_stage2_objects_and_the_class_names_the_first():
+    scenes, classes = ShapeClasses(length=300, scenes=True), ShapeScenes(length=300)
+    counts, radii = set(), []
+    for i in range(300):
+        s, reference = scenes[i], classes[i]  # the same (seed, split, index) draws the same scene
+        (named,) = s["truth"].objects
+        first = reference["truth"].objects[0]
+        assert CLASS_NAMES[s["label"]] == f"{first.colour} {first.shape}" == f"{named.colour} {named.shape}"
+        assert named.region is None and named.size is None and s["caption"] == f"a {named.colour} {named.shape}"
+        assert torch.equal(s["image"], reference["image"])  # distractors drawn, stage-2 sizes and cells
+        counts.add(len(reference["truth"].objects))
+        radii.append(named.radius / (32 / 3))
+    assert counts == {1, 2, 3}
+    assert min(radii) >= 0.95 * min(SIZES.values()) and max(radii) <= 1.05 * max(SIZES.values())
+
+
 def test_stage2_scenes_match_their_captions():
     ds = ShapeScenes(length=150)
     counts = set()

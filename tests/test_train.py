@@ -120,16 +120,35 @@ def test_stage1_refuses_a_pixart_init(tmp_path):
 
 
 def test_the_ablation_command_writes_its_table_and_plot(tmp_path):
+    from pixart_fast.flops import flops_per_image
     from pixart_fast.train.ablate import ablate
 
-    table = ablate(tmp_path, seeds=2, stage1_steps=2, stage2_steps=4, eval_every=2, num_val=2, progress=False,
-                   model="PixArt-pixel-tiny", batch_size=2, kernels="torch", sample_steps=2)
-    assert set(table) == {"from stage 1", "from scratch"}
-    for arm in table.values():
-        assert arm["steps"] == [2, 4] and set(arm["steps_to_target"]) == {0, 1}
-        m = arm["metrics"]["position"]
-        assert all(lo <= mean <= hi for lo, mean, hi in zip(m["min"], m["mean"], m["max"]))
+    tiny = dict(model="PixArt-pixel-tiny", batch_size=2, kernels="torch", sample_steps=2)
+    table = ablate(tmp_path, arms=("paper", "default", "mask"), seeds=2, steps=4, stage1_steps=2, eval_every=2,
+                   num_val=2, fixed=(("colour", 0.0),), progress=False, **tiny)
+    assert set(table) == {"paper", "default", "mask"}
     saved = json.loads((tmp_path / "ablation.json").read_text())
-    assert set(saved["runs"]) == {"0", "1"}
-    assert "| from scratch | 4 |" in (tmp_path / "ablation.md").read_text()
+    full = flops_per_image(CONFIGS["PixArt-pixel-tiny"], vae_downsample=1)
+    masked = flops_per_image(CONFIGS["PixArt-pixel-tiny"], vae_downsample=1, mask_ratio=0.5)
+    for seed in ("0", "1"):
+        default, mask, paper = (saved["runs"][arm][seed] for arm in ("default", "mask", "paper"))
+        assert [e["step"] for e in default["evaluated"]] == [2, 4]
+        assert [e["flops"] for e in default["evaluated"]] == [2 * 2 * full, 4 * 2 * full]
+        # the mask arm: an eighth of 4 steps rounds to 0 unmasked steps, so every step runs masked, for less
+        assert mask["evaluated"][-1]["flops"] == 4 * 2 * masked < 4 * 2 * full
+        assert paper["stage1"]["flops"] == 2 * 2 * flops_per_image(CONFIGS["PixArt-pixel-tiny"], vae_downsample=1,
+                                                                   class_conditional=True)
+        assert default["stage1"]["flops"] == 0 and all(e["seconds"] > 0 for e in default["evaluated"])
+    # colour >= 0 is reached at the first evaluation by every seed: its cost is that step's
+    bar = table["default"]["bars"][0]
+    assert bar["stage2"]["reached"] == 2 and bar["stage2"]["flops"]["mean"] == 2 * 2 * full
+    paper_bar = table["paper"]["bars"][0]
+    assert paper_bar["with_stage1"]["flops"]["mean"] == 2 * 2 * full + saved["runs"]["paper"]["0"]["stage1"]["flops"]
+    assert paper_bar["stage2"]["flops"]["mean"] == 2 * 2 * full
+    md = (tmp_path / "ablation.md").read_text()
+    assert "| paper (stage 1 counted) | colour >= 0 |" in md and "| default | position >=" in md
     assert (tmp_path / "ablation.png").stat().st_size > 1000
+    # a second call trains nothing again: the finished runs are read back
+    again = ablate(tmp_path, arms=("default",), seeds=2, steps=4, eval_every=2, num_val=2, fixed=(("colour", 0.0),),
+                   progress=False, **tiny)
+    assert again["default"]["bars"][0] == bar

@@ -1,145 +1,316 @@
-"""`python -m pixart_fast.train.ablate`: the paper's first claim in miniature -- does stage 1 (pixel dependency) make
-stage 2 (text-image alignment) learn faster?
+"""`python -m pixart_fast.train.ablate`: recipes compared by the compute they take to reach a quality.
 
-For each seed it trains stage 1, then stage 2 twice with the same stage-2 budget: from stage 1's EMA weights
-(re-parameterized, as `--stage 2` does after `--stage 1`) and from scratch. The EMA model is scored on the held-out
-captions every --eval-every steps (the trainer's own validation: samples scored by pixart_fast.eval). Writes, under
---out: ablation.json (every score), ablation.md (mean and spread per arm and step, and the steps each arm took to
-reach position >= --target) and ablation.png (score against step, mean and min-max band per arm).
+Each arm is a named recipe (ARMS): stage-2 settings over the default recipe, and optionally the stage-1 run it
+starts from. Every arm x seed trains stage 2 (after its stage 1, when it has one) on the embedded data with the same
+text encoder and held-out captions; the EMA model is scored every --eval-every steps (`pixart_fast.eval`, each check
+beside its chance level). Each evaluated step gets its cost: training FLOPs (`pixart_fast.flops`, counted as the
+model runs: masked or routed tokens, the unmasked finish, stage 1 when the arm has one) and the seconds of the
+training steps (from the images/s of metrics.jsonl; validation excluded).
 
-    python -m pixart_fast.train.ablate                       # the default recipes, 3 seeds
-    python -m pixart_fast.train.ablate --seeds 2 --stage2-steps 600 --eval-every 200 --out runs/ablate-short
+Writes, under --out: ablation.json (every score and cost), ablation.md (per arm and threshold: the FLOPs and
+seconds to reach it, mean and spread over seeds, and the ratio to the baseline arms `paper` and `default`; then
+each arm's final scores beside their chance levels) and ablation.png (score against training FLOPs, mean and
+min-max band over seeds). Runs resume: a finished arm x seed is not trained again, an interrupted one continues
+from its newest checkpoint (one every --eval-every steps), so rerunning the command adds arms or seeds.
+
+    python -m pixart_fast.train.ablate                                    # every arm, 3 seeds
+    python -m pixart_fast.train.ablate --arms paper,default,mask --seeds 3 --steps 800 --eval-every 200
 """
 import argparse
 import json
+import math
 import statistics
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pixart_fast.cli import run
+from pixart_fast.cli import UserError, run
+from pixart_fast.flops import flops_per_image
+from pixart_fast.model import CONFIGS
 from .loop import train
-from .recipes import RECIPES
+from .recipes import RECIPES, TrainConfig
 
-ARMS = ("from stage 1", "from scratch")
-METRICS = ("colour", "position", "shape", "accuracy")
+METRICS = ("colour", "position", "shape", "size", "accuracy")
+BASELINES = ("paper", "default")
 
 
-def scores_by_step(run_dir: Path) -> dict[int, dict]:
-    """{step: the EMA model's scores} from a stage's metrics.jsonl validation lines."""
-    out = {}
+@dataclass(frozen=True)
+class Arm:
+    """A recipe of the ablation: `stage2` overrides the stage-2 recipe; `stage1` (None: from scratch) overrides
+    the stage-1 recipe of the run it starts from; `unmasked_fraction`: with a mask ratio, the share of the stage-2
+    steps trained unmasked at the end."""
+
+    name: str
+    about: str
+    stage2: dict = field(default_factory=dict)
+    stage1: dict | None = None
+    unmasked_fraction: float = 0.0
+
+
+# The paper's recipe in miniature (PixArt-alpha section 2.4 and its configs): eps prediction with the learned
+# variance and the VLB term, uniform timesteps, unweighted loss, AdamW with weight decay 0.03, eps 1e-10 and a
+# gradient-norm clip of 0.01, starting from a class-conditional stage 1 of one large object per image. Its lr is
+# the miniature's (1e-3, 20-step warm-up), not the paper's 2e-5: that is set for a 611 M-parameter model at batch
+# 256, and the toy at 2e-5 barely moves in its budget. The text encoder is every arm's (word tokens, locality 0.5).
+_PAPER = dict(prediction="eps", min_snr_gamma=0.0, min_snr_plus_one=False, lr=1e-3, warmup=20, grad_clip=0.01)
+ARMS = (
+    Arm("paper", "the paper's recipe: eps + learned sigma + VLB, uniform t, clip 0.01, from a one-object stage 1",
+        stage2=_PAPER, stage1=dict(prediction="eps", min_snr_gamma=0.0, grad_clip=0.01)),
+    Arm("default", "today's stage-2 recipe from scratch (v, min-SNR 5, lr 2e-3)"),
+    Arm("stage1", "today's stage 2 from a stage 1 on stage-2 scenes (sizes, counts, distractors)",
+        stage1=dict(stage1_scenes=True)),
+    Arm("flow", "rectified flow, logit-normal timesteps (SD3)",
+        stage2=dict(prediction="flow", timestep_sampling="logit-normal", min_snr_gamma=0.0)),
+    Arm("mask", "token masking 0.5, the last 1/8 of the steps unmasked", stage2=dict(mask_ratio=0.5),
+        unmasked_fraction=0.125),
+    Arm("route", "token routing 0.5 past blocks 1-2", stage2=dict(route_ratio=0.5)),
+)
+ARM_NAMES = tuple(a.name for a in ARMS)
+
+
+def stage2_config(arm: Arm, seed: int, steps: int, eval_every: int, num_val: int, settings: dict) -> TrainConfig:
+    extra = dict(arm.stage2)
+    if arm.unmasked_fraction:
+        extra["unmasked_steps"] = round(arm.unmasked_fraction * steps)
+    return replace(RECIPES[2], seed=seed, steps=steps, sample_every=eval_every, num_val=num_val, save_every=eval_every,
+                   log_every=math.gcd(RECIPES[2].log_every, eval_every, steps), **{**extra, **settings})
+
+
+def stage1_config(arm: Arm, seed: int, steps: int, settings: dict) -> TrainConfig:
+    return replace(RECIPES[1], seed=seed, steps=steps, save_every=10**9, sample_every=10**9, num_val=8,
+                   log_every=math.gcd(RECIPES[1].log_every, steps), **{**arm.stage1, **settings})
+
+
+def image_flops(cfg: TrainConfig, masked: bool = True) -> int:
+    """Training FLOPs of one image of a run of `cfg` (pixel space, its caption length); masked False: a step of
+    the unmasked finish."""
+    model = CONFIGS[cfg.model]
+    levers = {}
+    if cfg.mask_ratio and masked:
+        levers["mask_ratio"] = cfg.mask_ratio
+    if cfg.route_ratio:
+        levers.update(route_ratio=cfg.route_ratio, route_blocks=(cfg.route_start, cfg.route_end or model.depth - 1))
+    return flops_per_image(model, vae_downsample=1, class_conditional=cfg.stage == 1, **levers)
+
+
+def step_flops(cfg: TrainConfig, step: int) -> int:
+    """Training FLOPs of steps 1..step of a run of `cfg`."""
+    start_unmasked = cfg.steps - cfg.unmasked_steps if cfg.mask_ratio else cfg.steps
+    unmasked = max(0, step - start_unmasked)
+    return cfg.batch_size * ((step - unmasked) * image_flops(cfg) + unmasked * image_flops(cfg, masked=False))
+
+
+def read_run(run_dir: Path, batch_size: int) -> tuple[dict[int, dict], dict[int, float]]:
+    """({step: the EMA model's scores}, {logged step: seconds of training up to it}) from metrics.jsonl. Seconds
+    add up each logged interval's images over its images/s, so validation time is left out."""
+    scores, seconds, elapsed, last = {}, {}, 0.0, 0
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if "val" in record:
-            out[record["step"]] = record["val"]
-    return out
+            scores[record["step"]] = record["val"]
+        elif record.get("img_per_s"):
+            elapsed += (record["step"] - last) * batch_size / record["img_per_s"]
+            last = record["step"]
+            seconds[last] = elapsed
+    return scores, seconds
 
 
-def run_seed(seed: int, out: Path, stage1_steps: int | None, stage2_steps: int | None, eval_every: int,
-             num_val: int, progress: bool = True, **settings) -> dict:
-    """Stage 1, then stage 2 from it and from scratch, for one seed; returns {arm: {step: scores}}. settings:
-    other TrainConfig fields for both stages (a smaller model for a quick look, say)."""
-    chain, scratch = out / f"seed{seed}" / "chain", out / f"seed{seed}" / "scratch"
-    train(replace(RECIPES[1], seed=seed, out=str(chain), steps=stage1_steps or RECIPES[1].steps, **settings),
-          progress=progress)
-    stage2 = replace(RECIPES[2], seed=seed, sample_every=eval_every, num_val=num_val,
-                     steps=stage2_steps or RECIPES[2].steps, save_every=10**9, **settings)
-    train(replace(stage2, out=str(chain)), progress=progress)
-    train(replace(stage2, out=str(scratch)), progress=progress)
-    return {ARMS[0]: scores_by_step(chain / "stage2"), ARMS[1]: scores_by_step(scratch / "stage2")}
+def seconds_at(seconds: dict[int, float], step: int) -> float:
+    """Training seconds up to `step`: the nearest logged step at or after it."""
+    return seconds[min((s for s in seconds if s >= step), default=max(seconds))]
 
 
-def steps_to_reach(scores: dict[int, dict], metric: str, target: float) -> int | None:
-    """The first evaluated step whose `metric` is at least `target` (None: never)."""
-    return next((step for step in sorted(scores) if scores[step].get(metric, 0) >= target), None)
+def run_arm(arm: Arm, seed: int, out: Path, steps: int, stage1_steps: int, eval_every: int, num_val: int,
+            progress: bool, settings: dict) -> dict:
+    """Train one arm x seed (stage 1 first when the arm has one) and return its evaluated steps with their
+    scores, stage-2 FLOPs and seconds, and the stage-1 cost."""
+    folder = out / arm.name / f"seed{seed}"
+    stage1 = {"flops": 0, "seconds": 0.0}
+    if arm.stage1 is not None:
+        cfg1 = stage1_config(arm, seed, stage1_steps, settings)
+        train(replace(cfg1, out=str(folder), resume="latest"), progress=progress)
+        _, sec1 = read_run(folder / "stage1", cfg1.batch_size)
+        stage1 = {"flops": step_flops(cfg1, cfg1.steps), "seconds": seconds_at(sec1, cfg1.steps)}
+    cfg2 = stage2_config(arm, seed, steps, eval_every, num_val, settings)
+    train(replace(cfg2, out=str(folder), resume="latest"), progress=progress)
+    scores, seconds = read_run(folder / "stage2", cfg2.batch_size)
+    evaluated = [{"step": s, "flops": step_flops(cfg2, s), "seconds": seconds_at(seconds, s), "scores": scores[s]}
+                 for s in sorted(scores)]
+    return {"stage1": stage1, "evaluated": evaluated}
 
 
-def summarise(runs: dict[int, dict], target: float) -> dict:
-    """Per arm and step: mean, min and max of each metric over seeds; per arm: steps to reach position >= target."""
+def first_reaching(run: dict, metric: str, value: float, with_stage1: bool) -> dict | None:
+    """The cost ({"flops", "seconds", "step"}) of the first evaluated step scoring `metric` >= value; None: never."""
+    for e in run["evaluated"]:
+        if e["scores"].get(metric, 0.0) >= value:
+            extra = run["stage1"] if with_stage1 else {"flops": 0, "seconds": 0.0}
+            return {"step": e["step"], "flops": e["flops"] + extra["flops"], "seconds": e["seconds"] + extra["seconds"]}
+    return None
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+
+
+def thresholds(runs: dict, fixed: list[tuple[str, float]], metric: str) -> list[dict]:
+    """The quality bars: the fixed ones, and each baseline arm's final mean `metric` (when it ran)."""
+    bars = [{"metric": m, "value": v, "label": f"{m} >= {v:g}"} for m, v in fixed]
+    for name in BASELINES:
+        if name in runs:
+            final = statistics.fmean(r["evaluated"][-1]["scores"][metric] for r in runs[name].values())
+            bars.append({"metric": metric, "value": final, "label": f"{metric} >= {final:.2f} ({name}'s final)"})
+    return bars
+
+
+def summarise(runs: dict, bars: list[dict]) -> dict:
+    """Per arm: each bar's cost to reach it over seeds (stage 1 counted and not), and the final scores' spread."""
     table = {}
-    for arm in ARMS:
-        steps = sorted(set.intersection(*(set(r[arm]) for r in runs.values())))
-        table[arm] = {"steps": steps, "metrics": {}, "steps_to_target": {}}
-        for metric in METRICS:
-            values = [[r[arm][s][metric] for r in runs.values()] for s in steps]
-            table[arm]["metrics"][metric] = {"mean": [statistics.fmean(v) for v in values],
-                                             "min": [min(v) for v in values], "max": [max(v) for v in values]}
-        table[arm]["steps_to_target"] = {seed: steps_to_reach(r[arm], "position", target) for seed, r in runs.items()}
+    for name, seeds in runs.items():
+        has_stage1 = any(r["stage1"]["flops"] for r in seeds.values())
+        arm = {"seeds": len(seeds), "bars": [], "final": {}}
+        for bar in bars:
+            entry = {"label": bar["label"]}
+            for counted in (True, False) if has_stage1 else (True,):
+                reached = [first_reaching(r, bar["metric"], bar["value"], counted) for r in seeds.values()]
+                got = [c for c in reached if c is not None]
+                key = "with_stage1" if counted and has_stage1 else "stage2"
+                entry[key] = {"reached": len(got), "flops": _spread([c["flops"] for c in got]) if got else None,
+                              "seconds": _spread([c["seconds"] for c in got]) if got else None}
+            arm["bars"].append(entry)
+        last = [r["evaluated"][-1] for r in seeds.values()]
+        arm["final"] = {k: _spread([e["scores"][k] for e in last]) for k in last[0]["scores"] if k != "objects"}
+        arm["final"]["flops"] = _spread([e["flops"] + r["stage1"]["flops"] for e, r in zip(last, seeds.values())])
+        table[name] = arm
     return table
 
 
-def markdown(table: dict, target: float) -> str:
-    lines = ["| arm | step | " + " | ".join(METRICS) + " |", "| --- | --- | " + " | ".join("---" for _ in METRICS) + " |"]
-    for arm, t in table.items():
-        for i, step in enumerate(t["steps"]):
-            cells = [f"{t['metrics'][m]['mean'][i]:.2f} ({t['metrics'][m]['min'][i]:.2f}-{t['metrics'][m]['max'][i]:.2f})"
-                     for m in METRICS]
-            lines.append(f"| {arm} | {step} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(f"Steps to reach position >= {target} (per seed; '-' = not reached):")
-    lines.append("")
-    for arm, t in table.items():
-        reached = ", ".join(f"seed {s}: {n if n is not None else '-'}" for s, n in t["steps_to_target"].items())
-        lines.append(f"- {arm}: {reached}")
+def _cost(entry: dict | None, seeds: int, what: str, fmt: str) -> str:
+    if entry is None or entry[what] is None:
+        return f"not reached (0/{seeds})"
+    s = entry[what]
+    tail = "" if entry["reached"] == seeds else f", {entry['reached']}/{seeds} seeds"
+    return f"{s['mean']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}}{tail})"
+
+
+def _ratio(table: dict, base: str, label: str, entry: dict | None) -> str:
+    """How many times less compute than `base` to the same bar (means; only when both reached it in every seed)."""
+    if base not in table or entry is None or entry["flops"] is None:
+        return "-"
+    ref = next(b for b in table[base]["bars"] if b["label"] == label)
+    ref = ref.get("with_stage1", ref.get("stage2"))
+    if ref["flops"] is None:
+        return "base never reached it"
+    return f"{ref['flops']['mean'] / entry['flops']['mean']:.2f}x"
+
+
+def markdown(table: dict, arms: dict[str, Arm]) -> str:
+    lines = ["| arm | bar | FLOPs to reach (mean, min-max) | seconds to reach | vs paper | vs default |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, arm in table.items():
+        for bar in arm["bars"]:
+            for key in ("with_stage1", "stage2"):
+                if key not in bar:
+                    continue
+                e, n = bar[key], arm["seeds"]
+                tag = name + (" (stage 1 counted)" if key == "with_stage1" else
+                              " (stage 1 not counted)" if "with_stage1" in bar else "")
+                lines.append(f"| {tag} | {bar['label']} | {_cost(e, n, 'flops', '.2e')} | {_cost(e, n, 'seconds', '.0f')} "
+                             f"| {_ratio(table, 'paper', bar['label'], e)} | {_ratio(table, 'default', bar['label'], e)} |")
+    lines += ["", "Final scores (mean and min-max over seeds; chance level beside each):", "",
+              "| arm | recipe | training FLOPs | " + " | ".join(METRICS) + " | background |",
+              "| --- | --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |"]
+    for name, arm in table.items():
+        f = arm["final"]
+        cells = [f"{f[m]['mean']:.2f} ({f[m]['min']:.2f}-{f[m]['max']:.2f}) / {f[m + '_chance']['mean']:.2f}"
+                 for m in METRICS]
+        lines.append(f"| {name} | {arms[name].about} | {f['flops']['mean']:.2e} | " + " | ".join(cells)
+                     + f" | {f['background']['mean']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(table: dict, path: Path) -> None:
-    """Score against step, one panel per metric: each arm's mean line and its min-max band."""
+def plot(runs: dict, path: Path, metrics=("colour", "position", "shape", "accuracy")) -> None:
+    """Score against training FLOPs (stage 1 counted), one panel per metric: each arm's mean and min-max band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2), sharey=True)
-    for ax, metric in zip(axes, METRICS):
-        for arm, t in table.items():
-            m = t["metrics"][metric]
-            ax.plot(t["steps"], m["mean"], marker="o", label=arm)
-            ax.fill_between(t["steps"], m["min"], m["max"], alpha=0.2)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), sharey=True)
+    for ax, metric in zip(axes, metrics):
+        for name, seeds in runs.items():
+            rows = [[(e["flops"] + r["stage1"]["flops"], e["scores"][metric]) for e in r["evaluated"]]
+                    for r in seeds.values()]
+            n = min(map(len, rows))
+            x = [statistics.fmean(row[i][0] for row in rows) for i in range(n)]
+            y = [[row[i][1] for row in rows] for i in range(n)]
+            ax.plot(x, [statistics.fmean(v) for v in y], marker="o", label=name)
+            ax.fill_between(x, [min(v) for v in y], [max(v) for v in y], alpha=0.15)
         ax.set_title(metric)
-        ax.set_xlabel("stage-2 step")
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs")
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("EMA score, held-out captions")
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def ablate(out, seeds: int = 3, stage1_steps: int | None = None, stage2_steps: int | None = None,
-           eval_every: int = 200, num_val: int = RECIPES[2].num_val, target: float = 0.5, progress: bool = True,
-           **settings) -> dict:
-    """Run the ablation (see the module docstring) and write its three files under `out`; returns the summary."""
-    out = Path(out)
-    runs = {seed: run_seed(seed, out, stage1_steps, stage2_steps, eval_every, num_val, progress, **settings)
-            for seed in range(seeds)}
-    table = summarise(runs, target)
-    (out / "ablation.json").write_text(json.dumps({"runs": runs, "summary": table}, indent=1) + "\n")
-    (out / "ablation.md").write_text(markdown(table, target))
-    plot(table, out / "ablation.png")
+def ablate(out, arms: tuple[str, ...] = ARM_NAMES, seeds: int = 3, steps: int | None = None,
+           stage1_steps: int | None = None, eval_every: int = 200, num_val: int = RECIPES[2].num_val,
+           fixed: tuple[tuple[str, float], ...] = (("position", 0.5), ("position", 0.8)), metric: str = "position",
+           progress: bool = True, **settings) -> dict:
+    """Run the ablation (see the module docstring), write its three files under `out`, return the summary.
+    settings: other TrainConfig fields for every run (a smaller model for a quick look, say)."""
+    unknown = [a for a in arms if a not in ARM_NAMES]
+    if unknown:
+        raise UserError(f"--arms {','.join(unknown)}: unknown arm; choose from {','.join(ARM_NAMES)}")
+    out, chosen = Path(out), {a.name: a for a in ARMS if a.name in arms}
+    steps, stage1_steps = steps or RECIPES[2].steps, stage1_steps or RECIPES[1].steps
+    runs = {name: {} for name in chosen}
+    for seed in range(seeds):
+        for name, arm in chosen.items():
+            runs[name][seed] = run_arm(arm, seed, out, steps, stage1_steps, eval_every, num_val, progress, settings)
+            (out / "ablation.json").write_text(json.dumps({"runs": runs}, indent=1) + "\n")  # results as they land
+    bars = thresholds(runs, list(fixed), metric)
+    table = summarise(runs, bars)
+    (out / "ablation.json").write_text(json.dumps({"runs": runs, "bars": bars, "summary": table}, indent=1) + "\n")
+    (out / "ablation.md").write_text(markdown(table, chosen))
+    plot(runs, out / "ablation.png")
     return table
+
+
+def _bar(text: str) -> tuple[str, float]:
+    metric, _, value = text.partition("=")
+    if metric not in METRICS or not value:
+        raise UserError(f"--bars {text}: expected METRIC=VALUE with METRIC one of {', '.join(METRICS)}")
+    return metric, float(value)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pixart_fast.train.ablate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each a stage-1 run and two stage-2 runs "
-                                                        "(default: 3)")
-    p.add_argument("--stage1-steps", type=int, default=None, help="stage-1 steps (default: the recipe's)")
-    p.add_argument("--stage2-steps", type=int, default=None, help="stage-2 budget of both arms (default: the recipe's)")
+    p.add_argument("--arms", default=",".join(ARM_NAMES),
+                   help="comma-separated arms: " + "; ".join(f"{a.name}: {a.about}" for a in ARMS))
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every arm (default: 3)")
+    p.add_argument("--steps", type=int, default=None, help="stage-2 steps of every arm (default: the recipe's)")
+    p.add_argument("--stage1-steps", type=int, default=None, help="stage-1 steps of arms that start from one "
+                                                                  "(default: the recipe's)")
     p.add_argument("--eval-every", type=int, default=200, help="steps between scorings of the EMA model (default: 200)")
     p.add_argument("--num-val", type=int, default=RECIPES[2].num_val,
                    help=f"held-out captions scored each time (default: {RECIPES[2].num_val})")
-    p.add_argument("--target", type=float, default=0.5, help="the position score whose first step is reported "
-                                                             "(default: 0.5)")
+    p.add_argument("--bars", default="position=0.5,position=0.8",
+                   help="fixed quality bars METRIC=VALUE, comma-separated; the baselines' final position scores are "
+                        "added (default: position=0.5,position=0.8)")
     p.add_argument("--out", default="runs/ablate", help="output folder (default: runs/ablate)")
     a = p.parse_args(argv)
-    if a.seeds < 1 or a.eval_every < 1:
-        p.error(f"--seeds and --eval-every must be >= 1, got {a.seeds} and {a.eval_every}")
-    table = ablate(a.out, a.seeds, a.stage1_steps, a.stage2_steps, a.eval_every, a.num_val, a.target)
-    print(markdown(table, a.target))
+    for flag, value in (("--seeds", a.seeds), ("--eval-every", a.eval_every)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be >= 1")
+    table = ablate(a.out, tuple(a.arms.split(",")), a.seeds, a.steps, a.stage1_steps, a.eval_every, a.num_val,
+                   tuple(_bar(b) for b in a.bars.split(",")))
     out = Path(a.out)
+    print((out / "ablation.md").read_text())
     print(f"wrote {out / 'ablation.json'}, {out / 'ablation.md'}, {out / 'ablation.png'}")
     return 0
 

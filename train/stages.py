@@ -54,7 +54,7 @@ class Stage:
             raise UserError(f"unknown model {cfg.model!r}; choose one of {sorted(CONFIGS)}")
         return replace(CONFIGS[cfg.model], class_dropout_prob=cfg.caption_dropout)
 
-    def embedded_set(self, size: int, seed: int, split: str, length: int = 100_000):
+    def embedded_set(self, cfg: TrainConfig, size: int, seed: int, split: str, length: int = 100_000):
         """The stage's procedural dataset (pixart_fast.data); split "val" is the held-out stream."""
         raise NotImplementedError
 
@@ -66,8 +66,8 @@ class Stage:
         """The training data: the embedded sets, or the extracted features of --data after checking they fit."""
         if cfg.data is None:
             size = model.config.input_size
-            return EmbeddedData(self.embedded_set(size, cfg.seed, "train"),
-                                self.embedded_set(size, 0, "val", cfg.num_val), self.text_encoder(cfg, model))
+            return EmbeddedData(self.embedded_set(cfg, size, cfg.seed, "train"),
+                                self.embedded_set(cfg, size, 0, "val", cfg.num_val), self.text_encoder(cfg, model))
         if cfg.t5 is not None:
             raise UserError(f"--t5 {cfg.t5} encodes the embedded captions; the features in --data {cfg.data} hold "
                              "their captions' T5 features already: drop --t5")
@@ -116,8 +116,8 @@ class ClassConditional(Stage):
 
     number, previous, held_out, class_conditional = 1, None, "classes", True
 
-    def embedded_set(self, size, seed, split, length=100_000):
-        return embedded.ShapeClasses(length, seed, split, size=size)
+    def embedded_set(self, cfg, size, seed, split, length=100_000):
+        return embedded.ShapeClasses(length, seed, split, size=size, scenes=cfg.stage1_scenes)
 
     def build_model(self, cfg):
         mcfg = self.model_config(cfg)
@@ -143,7 +143,7 @@ class TextConditional(Stage):
     def __init__(self, number: int, embedded_kind):
         self.number, self.previous, self._embedded_kind = number, number - 1, embedded_kind
 
-    def embedded_set(self, size, seed, split, length=100_000):
+    def embedded_set(self, cfg, size, seed, split, length=100_000):
         if self._embedded_kind is embedded.AspectScenes:  # multi-aspect: its buckets set the sizes
             return embedded.AspectScenes(length, seed, split)
         return self._embedded_kind(length, seed, split, size=size)
