@@ -55,7 +55,8 @@ PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.
 TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup", "grad_clip", "ema_decay",
               "caption_dropout", "precision", "seed", "data", "t5", "prediction", "min_snr_gamma", "min_snr_plus_one",
               "timestep_sampling", "logit_mean", "logit_std", "tokenizer", "t5_locality", "optimizer", "lora_rank",
-              "lora_alpha", "lora_targets", "mask_ratio", "unmasked_steps", "route_ratio", "route_start", "route_end")
+              "lora_alpha", "lora_targets", "mask_ratio", "unmasked_steps", "route_ratio", "route_start", "route_end",
+              "repa_depth", "repa_target_depth", "repa_encoder", "repa_weight", "repa_projector_dim")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -444,6 +445,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
                     metrics.write(json.dumps({"step": done, "val": scores}) + "\n")
                 log(f"step {done}: EMA " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()
                                                      if isinstance(v, float)))
+            if saving or sampling:
+                t_log = time.time()  # images/s counts training steps, not checkpoints or validation
         bar.close()
         train_time = run.seconds + time.time() - t_start  # over every process that trained this run
         final = run.run_dir / "checkpoints" / f"step-{done:07d}" if saved_at == done else save(done, train_time)

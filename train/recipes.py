@@ -53,6 +53,10 @@ class TrainConfig:
     fsdp: bool = _field(False, "under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP")
     kernels: str = _field("auto", "auto (Triton on CUDA, PyTorch on CPU), triton or torch; stage 1's DiT runs its patchify "
                                   "/ unpatchify on them, its blocks stay PyTorch", choices=("auto", "triton", "torch"))
+    stage1_scenes: bool = _field(False, "stage 1 on the embedded data: stage 2's scenes (1-3 objects of stage-2 sizes, "
+                                        "each in a cell of a 3x3 grid), the class naming the first and the others "
+                                        "distractors; off: one large object anywhere (the paper's ImageNet stage in "
+                                        "miniature)")
     seed: int = _field(0, "seed of the initial weights, the data order, noise, timesteps and caption dropout", low=0)
     out: str = _field("runs", "output root; this stage writes <out>/stage<N>/")
     resume: str | None = _field(None, "'latest' or a checkpoint folder of this run to continue from")
@@ -116,6 +120,20 @@ class TrainConfig:
     route_start: int = _field(1, "with --route-ratio: the first block the skipping tokens skip (0-based)", low=0)
     route_end: int = _field(0, "with --route-ratio: the block after the last one skipped (0-based); 0: depth - 1, "
                                "so the last block sees every token (and, with --route-start 1, the first)", low=0)
+    repa_depth: int = _field(0, "representation alignment (stages 2 and 3): the hidden states after this many blocks "
+                                "(REPA's encoder depth: 8 of SiT-XL's 28) pass through a projector (REPA's MLP) and "
+                                "are pulled toward --repa-target-depth's or --repa-encoder's by negative cosine "
+                                "similarity, token by token; 0: off", low=0)
+    repa_target_depth: int = _field(0, "with --repa-depth, self-alignment (SRA; no encoder): the target is the EMA "
+                                       "model's hidden states after this many blocks (deeper than --repa-depth), on "
+                                       "the same noisy input, without gradients", low=0)
+    repa_encoder: str | None = _field(None, "with --repa-depth, REPA: a local DINOv2 folder (transformers) whose "
+                                            "patch features of the clean image are the target (embedded data only: "
+                                            "feature shards hold no images)")
+    repa_weight: float = _field(0.5, "with --repa-depth: the alignment loss's weight in the training loss (REPA: "
+                                     "0.5)", low=0)
+    repa_projector_dim: int = _field(0, "with --repa-depth: the projector's hidden width; 0: 4 x the model's hidden "
+                                        "size (REPA: 2048 at SiT-XL's 1152)", low=0)
 
     def __post_init__(self):
         """Every rule a config must keep, checked here once, before a run writes anything: each field's choices
@@ -156,6 +174,33 @@ class TrainConfig:
         if self.lora_rank and self.stage == 1:
             raise UserError("--lora-rank adapts a text-conditioned PixArt (stages 2 and 3); stage 1 trains a DiT "
                             "from scratch")
+        self._check_alignment()
+
+    def _check_alignment(self):
+        """--repa-*: one target, blocks the model has, and the settings it works with."""
+        targets = bool(self.repa_target_depth) + (self.repa_encoder is not None)
+        if not self.repa_depth:
+            if targets:
+                raise UserError("--repa-target-depth and --repa-encoder choose representation alignment's target: "
+                                "pass --repa-depth too (the blocks whose hidden states are aligned)")
+            return
+        if targets != 1:
+            raise UserError(f"--repa-depth {self.repa_depth}: pass exactly one target, --repa-target-depth N "
+                            "(self-alignment) or --repa-encoder DINOV2_FOLDER (REPA)")
+        depth = CONFIGS[self.model].depth
+        if self.repa_target_depth and not self.repa_depth < self.repa_target_depth <= depth:
+            raise UserError(f"--repa-depth {self.repa_depth} --repa-target-depth {self.repa_target_depth}: the target "
+                            f"must be deeper, 1 <= depth < target depth <= {depth} ({self.model}'s blocks)")
+        if self.repa_depth > depth:
+            raise UserError(f"--repa-depth {self.repa_depth}: {self.model} has {depth} blocks")
+        if self.stage == 1:
+            raise UserError("--repa-depth aligns PixArt's hidden states (stages 2 and 3), not stage 1's DiT")
+        if self.lora_rank or self.fsdp:
+            raise UserError("--repa-depth trains a projector beside the model: not supported with --lora-rank or "
+                            "--fsdp true")
+        if self.repa_encoder is not None and self.data is not None:
+            raise UserError(f"--repa-encoder with --data {self.data}: the encoder needs the clean images, and feature "
+                            "shards hold VAE latents; use --repa-target-depth (self-alignment) on --data")
 
 
 # Each stage is sized to about 5 minutes on 2 CPU cores (the time-to-quality bench measures the images/s). Stage 2:
