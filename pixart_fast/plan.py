@@ -132,16 +132,48 @@ def mfu_from_bench(path) -> tuple[str, dict[int, float]]:
     return gpus.pop(), best
 
 
+def ratio_from_ablation(path, arm: str, baseline: str = "paper") -> dict:
+    """The compute ratio an ablation measured (`python -m pixart_fast.train.ablate`'s ablation.json): how many
+    times less training compute `arm` took than `baseline` to reach the baseline's own final quality (the bar
+    "... (<baseline>'s final)"), stage 1 counted where an arm has one. Returns {"ratio": the ratio of the means
+    over seeds, "low": the lower end of the spread (the baseline's cheapest seed over the arm's dearest), "source":
+    a line saying where it came from}. Every seed of both arms must have reached the bar."""
+    data = json.loads(Path(path).read_text())
+    summary = data.get("summary")
+    if not summary:
+        raise ValueError(f"{path}: no summary (an ablation still running, or not an ablation.json)")
+    for name in (arm, baseline):
+        if name not in summary:
+            raise ValueError(f"{path}: no arm {name!r}; it has {sorted(summary)}")
+
+    def cost(name):
+        bar = next((b for b in summary[name]["bars"] if b["label"].endswith(f"({baseline}'s final)")), None)
+        if bar is None:
+            raise ValueError(f"{path}: no bar at {baseline}'s final quality")
+        entry = bar.get("with_stage1", bar.get("stage2"))
+        if entry["reached"] != summary[name]["seeds"]:
+            raise ValueError(f"{path}: arm {name!r} reached {bar['label']} in {entry['reached']} of "
+                             f"{summary[name]['seeds']} seeds; no ratio to scale by")
+        return bar["label"], entry["flops"]
+
+    label, base = cost(baseline)
+    _, ours = cost(arm)
+    return {"ratio": base["mean"] / ours["mean"], "low": base["min"] / ours["max"],
+            "source": f"{path}: arm {arm!r} against {baseline!r} to {label}, {summary[arm]['seeds']} seeds"}
+
+
 def plan(schedule=PAPER_SCHEDULE, gpu: str = "A100-80GB", mfu: float | dict | None = None,
          usd_per_gpu_hour: float | None = None, kg_co2_per_kwh: float = KG_CO2_PER_KWH, pue: float = PUE,
-         watts: float | None = None) -> dict:
+         watts: float | None = None, ratio: dict | None = None) -> dict:
     """Cost of a schedule on one kind of GPU.
 
     gpu: a GPUS key or another name `resolve_gpu` accepts ("a100", "h100", a key in any case). mfu: model-FLOP
     utilisation in (0, 1], one number or {resolution px: mfu} for every stage's resolution; None gives only the
     100 %-MFU floor. Energy: GPU-hours x watts (default the GPU's TDP, an upper bound for the GPU board; host,
     network and storage are not counted) x PUE; CO2 = energy x kg_co2_per_kwh. Returns a JSON-serialisable dict:
-    "stages" (one row each), "total", "paper", "settings".
+    "stages" (one row each), "total", "paper", "settings", and with `ratio` (`ratio_from_ablation`'s) "scaled":
+    the schedule's FLOPs and days divided by the measured ratio and by its low end, an estimate that assumes the
+    miniature's ratio carries over to the schedule's model.
     """
     gpu = resolve_gpu(gpu)
     g = GPUS[gpu]
@@ -187,7 +219,12 @@ def plan(schedule=PAPER_SCHEDULE, gpu: str = "A100-80GB", mfu: float | dict | No
                  "implied_a100_mfu_later": a100_floor / PAPER_A100_DAYS_LATER}
     settings = {"gpu": gpu, **asdict(g), "watts": watts, "mfu": mfu, "usd_per_gpu_hour": usd_per_gpu_hour,
                 "kg_co2_per_kwh": kg_co2_per_kwh, "pue": pue}
-    return {"stages": rows, "total": totals, "paper": paper, "settings": settings}
+    scaled = None
+    if ratio is not None:
+        scaled = {**ratio, **{f"{k}{tail}": None if totals[k] is None else totals[k] / r
+                              for k in ("flop", "floor_gpu_days", "gpu_days")
+                              for tail, r in (("", ratio["ratio"]), ("_low", ratio["low"]))}}
+    return {"stages": rows, "total": totals, "paper": paper, "settings": settings, "scaled": scaled}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,6 +245,11 @@ def bars(result: dict) -> list[tuple[str, float]]:
         mfu = result["settings"]["mfu"]
         which = f"{mfu:.0%} MFU" if isinstance(mfu, float) else "the measured MFU"
         out.append((f"plan at {which} ({gpu}-days)", result["total"]["gpu_days"]))
+    scaled = result.get("scaled")
+    if scaled:
+        days, what = ((scaled["gpu_days"], "plan") if scaled["gpu_days"] is not None else
+                      (scaled["floor_gpu_days"], "floor"))
+        out.append((f"estimate: {what} / {scaled['ratio']:.1f} measured ({gpu}-days)", days))
     return out
 
 
@@ -240,6 +282,15 @@ def format_plan(result: dict) -> str:
                    f"A100-days) and {p['implied_a100_mfu_later']:.1%} ({p['a100_days_later']} A100-days).")
     if tot["gpu_days"] is None:
         out.append("Pass --mfu (or --mfu-from a bench JSON) for the plan's GPU-days, energy, CO2 and cost.")
+    scaled = result.get("scaled")
+    if scaled:
+        days = "gpu_days" if scaled["gpu_days"] is not None else "floor_gpu_days"
+        out.append(f"\nESTIMATE, scaled by a ratio measured in miniature ({scaled['source']}): "
+                   f"{scaled['ratio']:.2f}x less compute (lower end of the seeds' spread {scaled['low']:.2f}x) gives "
+                   f"{scaled['flop'] / 1e18:.1f} EFLOP and {scaled[days]:.1f} {gpu}-days "
+                   f"({'at the MFU above' if days == 'gpu_days' else 'floor, 100% MFU'}; "
+                   f"{scaled[days + '_low']:.1f} at the lower end). It assumes the ratio carries over from the "
+                   "embedded 32-px task to this schedule's model and data; nothing at that scale has measured it.")
     out.append(
         "\nTFLOP/img: training FLOPs of one image (3 x forward; matrix products only, 2mkn each) at the stage's "
         "resolution.\n@256px: the same images counted at the 256-px cost (the '256-px equivalent'). The exact "
@@ -341,6 +392,13 @@ def main(argv=None):
     parser.add_argument("--pue", type=float, default=PUE, metavar="RATIO",
                         help=f"data-centre power usage effectiveness, facility energy / IT energy (default {PUE})")
     parser.add_argument("--watts", type=float, metavar="W", help="average power per GPU, W (default: the GPU's TDP)")
+    parser.add_argument("--ratio-from", metavar="ABLATION_JSON", help="also print the schedule scaled by the compute "
+                        "ratio an ablation measured (python -m pixart_fast.train.ablate's ablation.json): --arm "
+                        "against --baseline to the baseline's final quality; labelled an estimate")
+    parser.add_argument("--arm", default="default", help="with --ratio-from: the arm whose ratio scales the schedule "
+                        "(default: default)")
+    parser.add_argument("--baseline", default="paper", help="with --ratio-from: the arm standing for the paper's "
+                        "recipe (default: paper)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     parser.add_argument("--png", metavar="FILE", help="also draw the comparison as a bar chart PNG")
     memory = parser.add_argument_group("--memory: what a training step holds, and the largest batch that fits --gpu")
@@ -379,8 +437,9 @@ def main(argv=None):
             if gpu is not None and gpu != bench_gpu:
                 parser.error(f"--gpu {gpu} but {args.mfu_from} was measured on {bench_gpu}")
             gpu = bench_gpu
+        ratio = None if args.ratio_from is None else ratio_from_ablation(args.ratio_from, args.arm, args.baseline)
         result = plan(schedule, gpu or "A100-80GB", mfu_value, args.usd_per_gpu_hour, args.kg_co2_per_kwh,
-                      args.pue, args.watts)
+                      args.pue, args.watts, ratio)
     except (OSError, ValueError) as e:  # a missing file, a bad schedule or bench JSON, a value out of range
         parser.error(str(e))
     print(json.dumps(result, indent=1) if args.json else format_plan(result))

@@ -324,3 +324,27 @@ def test_memory_command_line(capsys):
         with pytest.raises(SystemExit):
             main(["--memory", *bad])
         assert message in capsys.readouterr().err
+
+
+def test_the_schedule_scaled_by_a_ratio_an_ablation_measured(tmp_path, capsys):
+    from pixart_fast.flops import flops_per_image
+    from pixart_fast.plan import ratio_from_ablation
+    from pixart_fast.train.ablate import ablate
+
+    tiny = CONFIGS["PixArt-pixel-tiny"]
+    ablate(tmp_path, arms=("paper", "default"), seeds=1, steps=2, stage1_steps=2, eval_every=2, num_val=2,
+           progress=False, model="PixArt-pixel-tiny", batch_size=2, kernels="torch", sample_steps=2)
+    # untrained, both arms sit at the paper arm's final position score from their first evaluation: the paper arm
+    # paid its stage 1 on top of the same stage-2 steps
+    stage2 = 2 * 2 * flops_per_image(tiny, vae_downsample=1)
+    stage1 = 2 * 2 * flops_per_image(tiny, vae_downsample=1, class_conditional=True)
+    ratio = ratio_from_ablation(tmp_path / "ablation.json", "default")
+    assert ratio["ratio"] == pytest.approx((stage1 + stage2) / stage2) == ratio["low"]
+    result = plan(PAPER_SCHEDULE, "A100-80GB", mfu=0.4, ratio=ratio)
+    assert result["scaled"]["flop"] == pytest.approx(result["total"]["flop"] / ratio["ratio"])
+    assert result["scaled"]["gpu_days"] == pytest.approx(result["total"]["gpu_days"] / ratio["ratio"])
+    assert main(["--mfu", "0.4", "--ratio-from", str(tmp_path / "ablation.json")]) == 0
+    out = capsys.readouterr().out
+    assert "ESTIMATE, scaled by a ratio measured in miniature" in out and f"{ratio['ratio']:.2f}x less" in out
+    with pytest.raises(ValueError, match="no arm 'mask'"):
+        ratio_from_ablation(tmp_path / "ablation.json", "mask")
