@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pixart_fast import distributed, lora
+from pixart_fast import distributed, lora, tracking
 from pixart_fast.checkpoints import training_metadata
 from pixart_fast.cli import UserError
 from pixart_fast.diffusion import Diffusion
@@ -362,6 +362,7 @@ def train(cfg: TrainConfig, device: str | None = None, progress: bool = True) ->
     SIGINT / SIGTERM, {"interrupted": True, "steps" done, "checkpoint", "resume": the command that continues}.
     Under torchrun (WORLD_SIZE > 1 in the environment) this process trains its slice of every batch; device None
     picks cuda:LOCAL_RANK when there is CUDA."""
+    tracking.require(cfg.report_to)  # a missing package fails here, before anything is written
     d = distributed.setup(device)
     matmul_precision = torch.get_float32_matmul_precision()
     if d.device.type == "cuda":  # what stays fp32 (all of it with --precision fp32) runs its matmuls on TF32
@@ -394,6 +395,15 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
         return save_checkpoint(run.run_dir, step, run.model, run.ema, run.opt, run.sched, run.skipped, cfg, d,
                                run.base, seconds)
 
+    # rank 0: --report-to's tracker, resumed at run.start, and on a GPU of the table the MFU counter
+    tracker = tracking.open_tracker(cfg.report_to, run.run_dir, cfg, run.start, log) if d.main else tracking.Tracker()
+    mfu = tracking.MFU.on(d.device, d.world_size, cfg, run.model.config, run.stage.class_conditional,
+                          route_blocks(cfg, run.model.config.depth), log) if d.main else None
+
+    def track_scores(step: int, scores: dict) -> None:  # rank 0: validation scores and grid to the tracker
+        png = run.run_dir / "samples" / f"step-{step:07d}.png"
+        tracker.log(step, {f"val/{k}": v for k, v in scores.items()}, {"val/samples": png} if png.exists() else None)
+
     bar = tqdm(total=cfg.steps, initial=run.start, disable=not progress, desc=f"stage {cfg.stage}", unit="step")
     t_start = t_log = time.time()
     done, saved_at, bad_run, last, records = run.start, None, 0, {}, []  # bad_run: skipped steps in a row
@@ -406,9 +416,12 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
                            pin_memory=True)
     else:
         batches = nullcontext((s, step_batch(run, s)) for s in steps)
-    with open(run.run_dir / "metrics.jsonl", "a") if d.main else nullcontext() as metrics, batches as batches:
+    with open(run.run_dir / "metrics.jsonl", "a") if d.main else nullcontext() as metrics, batches as batches, \
+            tracker:
         for step, batch in batches:
             records.append((step + 1, train_step(run, step, stop.received is not None, batch)))
+            if mfu is not None:
+                mfu.add(step, batch)
             done = step + 1
             bar.update(1)
             logging = done % cfg.log_every == 0 or done == cfg.steps
@@ -430,7 +443,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
                 full = done % cfg.log_every == 0  # images/s over a whole logging interval only
                 last["img_per_s"] = cfg.log_every * cfg.batch_size / max(now - t_log, 1e-9) if full else None
                 t_log = now
+                if mfu is not None:
+                    last["mfu"] = mfu.take(last["img_per_s"])
                 metrics.write(json.dumps(last) + "\n")
+                tracker.log(done, {f"train/{k}": v for k, v in last.items() if k != "step"})
                 metrics.flush()
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.1e}",
                                 img_s=f"{last['img_per_s']:.1f}" if last["img_per_s"] else "-")
@@ -443,6 +459,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
                 scores = evaluate(done)
                 if d.main:
                     metrics.write(json.dumps({"step": done, "val": scores}) + "\n")
+                    track_scores(done, scores)
                 log(f"step {done}: EMA " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()
                                                      if isinstance(v, float)))
             if saving or sampling:
@@ -459,6 +476,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
         scores = evaluate(cfg.steps)
         if d.main:
             metrics.write(json.dumps({"step": cfg.steps, "val": scores}) + "\n")
+            track_scores(cfg.steps, scores)
     return _summary(run, scores, train_time, last, final, log)
 
 

@@ -65,6 +65,12 @@ class TrainConfig:
     data: str | None = _field(None, "a folder of extracted features; default: the embedded procedural dataset")
     t5: str | None = _field(None, "a local T5 encoder folder; default: the embedded tiny T5")
     log_every: int = _field(10, "steps between metrics.jsonl lines", low=1)
+    report_to: str = _field("none", "where else the metrics, validation scores and sample grids go (rank 0): "
+                                    "tensorboard (<out>/stage<N>/tensorboard/) or wandb (Weights & Biases: online "
+                                    "when WANDB_MODE says so or wandb finds a login and its server answers, else "
+                                    "offline in <out>/stage<N>/wandb/, for `wandb sync`); a resumed run continues "
+                                    "the same curves. Needs pip install 'pixart_fast[track]'",
+                            choices=("none", "tensorboard", "wandb"))
     save_every: int = _field(100, "steps between checkpoints (one is always written at the end)", low=1)
     keep: int = _field(0, "checkpoints to keep, the newest; older ones are deleted (0: keep all)", low=0)
     max_bad_steps: int = _field(10, "consecutive steps with a non-finite loss or gradient norm (each skipped: no "
