@@ -1,7 +1,9 @@
 """Training under torchrun on the CPU (gloo, 127.0.0.1 only): 2 processes take the same steps as 1 process at the
-same global batch, rank 0 alone writes, a 2-process checkpoint resumes in 1 process, and FSDP2 agrees too."""
+same global batch, rank 0 alone writes, a 2-process checkpoint resumes in 1 process, FSDP2 agrees too, and so do
+2 nodes of 1 process each (two torchrun launchers meeting at a rendezvous), resumed on 2 nodes."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,18 +23,48 @@ FLAGS = dict(model="PixArt-pixel-tiny", steps=STEPS, batch_size=4, save_every=2,
 ATOL = 1e-6  # fp32 reduction-order noise after 3 steps is ~1e-7; one step moves weights by ~1e-4
 
 
-def torchrun(nproc: int, out, *flags: str) -> None:
-    """`python -m pixart_fast.train --stage 2 ...` under torchrun with nproc CPU processes on a free local port."""
+ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def train_command(launcher: list[str], out, *flags: str) -> list[str]:
+    """torchrun with the launcher's flags, running `python -m pixart_fast.train --stage 2` with FLAGS."""
     args = [f"--{k.replace('_', '-')}={v}" for k, v in FLAGS.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
-           "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "pixart_fast.train", "--stage=2", *args,
-           f"--out={out}", *flags]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "pixart_fast.train", "--stage=2", *args,
+            f"--out={out}", *flags]
+
+
+def torchrun(nproc: int, out, *flags: str) -> None:
+    """`python -m pixart_fast.train --stage 2 ...` under torchrun with nproc CPU processes on a free local port."""
+    cmd = train_command(["--nnodes=1", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+                         f"--master-port={free_port()}"], out, *flags)
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+def two_nodes(out, *flags: str) -> None:
+    """The same on 2 "nodes" of 1 process: two torchrun launchers, --node-rank 0 and 1, meeting at the static
+    rendezvous on 127.0.0.1 (on real machines: the first node's address), --out shared by both."""
+    port, nodes = free_port(), []
+    try:
+        for rank in (0, 1):
+            log = open(out.parent / f"{out.name}-node{rank}.log", "w")
+            nodes.append((subprocess.Popen(train_command(
+                ["--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}", "--master-addr=127.0.0.1",
+                 f"--master-port={port}"], out, *flags), env=ENV, stdout=log, stderr=subprocess.STDOUT), log))
+        for node, log in nodes:
+            node.wait(timeout=300)
+    finally:
+        for node, log in nodes:
+            node.kill()
+            log.close()
+    for rank, (node, log) in enumerate(nodes):
+        assert node.returncode == 0, f"node {rank}: " + open(log.name).read()[-5000:]
 
 
 def weights(out, step, name="model"):
@@ -80,6 +112,23 @@ def test_fsdp_equals_one_process_and_its_checkpoint_resumes_in_one(one_process, 
                       resume=str(tmp_path / "fsdp/stage2/checkpoints/step-0000002"))
     train(resumed, progress=False)
     assert max_diff(weights(tmp_path / "resumed", STEPS), weights(one_process, STEPS)) <= ATOL
+
+
+def test_two_nodes_equal_one_process_and_resume_on_two_nodes(one_process, tmp_path):
+    out = tmp_path / "nodes"
+    two_nodes(out, "--report-to=tensorboard")
+    for name in ("model", "ema"):
+        assert max_diff(weights(out, STEPS, name), weights(one_process, STEPS, name)) <= ATOL, name
+    ended = {name: weights(out, STEPS, name) for name in ("model", "ema")}
+    # killed after logging step 3, before its checkpoint: both nodes resume from step 2 and end bit-identically
+    shutil.rmtree(out / "stage2/checkpoints/step-0000003")
+    two_nodes(out, "--report-to=tensorboard", "--resume=latest")
+    for name in ("model", "ema"):
+        again = weights(out, STEPS, name)
+        assert all(torch.equal(again[k], ended[name][k]) for k in again), name
+    lines = [json.loads(line) for line in (out / "stage2/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3]
+    assert len(list((out / "stage2/tensorboard").glob("events.out.tfevents.*"))) == 2  # rank 0's, one a launch
 
 
 def test_each_rank_takes_its_slice_of_the_global_batch():
