@@ -7,8 +7,12 @@ costs 3 x its forward pass: the backward computes one product for the input grad
 gradient of every forward product. Text (T5) and VAE encoding are not counted: PixArt trains on features
 extracted once beforehand. Token masking and routing (pixart_fast.model's token levers) are counted as the model
 runs them: masked, every part that works per image token sees only the kept ones; routed, the routed blocks see
-only the routed ones.
+only the routed ones. Representation alignment (pixart_fast.align) adds its projector (trained: 3 x), and its
+target's forward pass (no gradient: 1 x): the EMA model's blocks up to the target depth on the same tokens, or
+the DINOv2 encoder on the whole image (REPA; not precomputed, so counted).
 """
+from dataclasses import replace
+
 from pixart_fast.model import PixArtConfig, kept_count
 
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (input and weight gradients)
@@ -18,6 +22,17 @@ VAE_DOWNSAMPLE = 8  # SD-VAE: one latent pixel per 8 x 8 image pixels
 def _mm(m: int, k: int, n: int) -> int:
     """FLOPs of an (m x k) @ (k x n) product."""
     return 2 * m * k * n
+
+
+def _token_grid(c: PixArtConfig, height_px: int | None, width_px: int | None, vae_downsample: int) -> tuple[int, int]:
+    """The model's token grid (rows, columns) for an image of height_px x width_px (default: the config's size)."""
+    unit = vae_downsample * c.patch_size
+    size_h = c.input_size * vae_downsample if height_px is None else height_px
+    size_w = size_h if width_px is None else width_px
+    if size_h <= 0 or size_w <= 0 or size_h % unit or size_w % unit:
+        raise ValueError(f"image size {size_h} x {size_w} px must be positive multiples of vae_downsample * "
+                         f"patch_size = {vae_downsample} * {c.patch_size} = {unit} px")
+    return size_h // unit, size_w // unit
 
 
 def forward_flops(config: PixArtConfig, height_px: int | None = None, width_px: int | None = None, *,
@@ -38,13 +53,8 @@ def forward_flops(config: PixArtConfig, height_px: int | None = None, width_px: 
     Returns {part: FLOPs}; the values sum to the forward FLOPs of one image.
     """
     c = config
-    unit = vae_downsample * c.patch_size
-    size_h = c.input_size * vae_downsample if height_px is None else height_px
-    size_w = size_h if width_px is None else width_px
-    if size_h <= 0 or size_w <= 0 or size_h % unit or size_w % unit:
-        raise ValueError(f"image size {size_h} x {size_w} px must be positive multiples of vae_downsample * "
-                         f"patch_size = {vae_downsample} * {c.patch_size} = {unit} px")
-    T = kept_count((size_h // unit) * (size_w // unit), mask_ratio)  # image tokens (masked: the kept ones)
+    grid_h, grid_w = _token_grid(c, height_px, width_px, vae_downsample)
+    T = kept_count(grid_h * grid_w, mask_ratio)  # image tokens (masked: the kept ones)
     start, end = route_blocks if route_ratio else (0, 0)
     routed = kept_count(T, route_ratio)
     tokens = [routed if start <= i < end else T for i in range(c.depth)]  # each block's image tokens
@@ -72,12 +82,61 @@ def forward_flops(config: PixArtConfig, height_px: int | None = None, width_px: 
     return f
 
 
-def flops_per_image(config: PixArtConfig, height_px: int | None = None, width_px: int | None = None,
+def encoder_forward_flops(encoder, grid_h: int, grid_w: int) -> dict[str, int]:
+    """FLOPs of one image's forward pass through a DINOv2 (`encoder`: its transformers Dinov2Config) whose input
+    is resized to grid_h x grid_w of its patches: the patch embedding, then every layer's attention (q, k, v and
+    output projections; scores and values over the patch tokens and CLS) and MLP (SwiGLU for the giant model)."""
+    E, N, n_layers = encoder.hidden_size, grid_h * grid_w + 1, encoder.num_hidden_layers  # N: patches + CLS
+    hidden = int(E * encoder.mlp_ratio)
+    if encoder.use_swiglu_ffn:  # gate and up projections to two thirds of the width (rounded up to 8), then down
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        mlp = _mm(N, E, 2 * hidden) + _mm(N, hidden, E)
+    else:
+        mlp = _mm(N, E, hidden) + _mm(N, hidden, E)
+    return {"encoder_patch_embed": _mm(N - 1, encoder.num_channels * encoder.patch_size ** 2, E),
+            "encoder_attn_linears": n_layers * _mm(N, E, 4 * E),
+            "encoder_attn_scores_values": n_layers * (_mm(N, E, N) + _mm(N, N, E)),
+            "encoder_mlp": n_layers * mlp}
+
+
+def alignment_flops(config: PixArtConfig, height_px: int | None = None, width_px: int | None = None, *,
+                    repa_target_depth: int = 0, repa_projector_dim: int = 0, repa_encoder=None,
+                    vae_downsample: int = VAE_DOWNSAMPLE, caption_tokens: int | None = None,
+                    mask_ratio: float = 0.0) -> dict[str, int]:
+    """Training FLOPs representation alignment adds to one image, per part (pixart_fast.align): the projector
+    (width repa_projector_dim, 0: 4 x hidden size) on the tokens that run, forward and backward; and forward only,
+    self-alignment's teacher (the model's first repa_target_depth blocks and what comes before them, on the same
+    tokens, never routed) or REPA's encoder (`repa_encoder`: a transformers Dinov2Config) on the whole image.
+    Where the projector reads the hidden states does not change the count. Other arguments as `forward_flops`."""
+    c = config
+    grid_h, grid_w = _token_grid(c, height_px, width_px, vae_downsample)
+    T = kept_count(grid_h * grid_w, mask_ratio)  # the tokens the projector reads (masked: the kept ones)
+    D, P = c.hidden_size, repa_projector_dim or 4 * c.hidden_size
+    Z = repa_encoder.hidden_size if repa_encoder is not None else D
+    f = {"projector": TRAIN_FLOPS_PER_FORWARD * (_mm(T, D, P) + _mm(T, P, P) + _mm(T, P, Z))}
+    if repa_encoder is not None:
+        f.update(encoder_forward_flops(repa_encoder, grid_h, grid_w))
+    else:
+        teacher = forward_flops(replace(c, depth=repa_target_depth), height_px, width_px,
+                                vae_downsample=vae_downsample, caption_tokens=caption_tokens, mask_ratio=mask_ratio)
+        f["teacher"] = sum(teacher.values()) - teacher["final_layer"]
+    return f
+
+
+def flops_per_image(config: PixArtConfig, height_px: int | None = None, width_px: int | None = None, *,
+                    repa_depth: int = 0, repa_target_depth: int = 0, repa_projector_dim: int = 0, repa_encoder=None,
                     **kwargs) -> int:
-    """Training FLOPs of one image, forward + backward = 3 x forward (see `forward_flops` for the arguments).
+    """Training FLOPs of one image, forward + backward = 3 x forward (see `forward_flops` for the arguments),
+    plus, with repa_depth > 0, what representation alignment adds (`alignment_flops`: the other repa_ arguments).
 
     FlopCounterMode run on the real module reports about 0.1 % less at 256 px: autograd skips the input
     gradient of a product whose input needs none (patch embedding, the first layers of the timestep and
     caption MLPs). The 3 x convention counts it, as MFU is conventionally defined.
     """
-    return TRAIN_FLOPS_PER_FORWARD * sum(forward_flops(config, height_px, width_px, **kwargs).values())
+    train = TRAIN_FLOPS_PER_FORWARD * sum(forward_flops(config, height_px, width_px, **kwargs).values())
+    if repa_depth:
+        kwargs = {k: v for k, v in kwargs.items() if k in ("vae_downsample", "caption_tokens", "mask_ratio")}
+        train += sum(alignment_flops(config, height_px, width_px, repa_target_depth=repa_target_depth,
+                                     repa_projector_dim=repa_projector_dim, repa_encoder=repa_encoder,
+                                     **kwargs).values())
+    return train

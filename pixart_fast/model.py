@@ -491,7 +491,7 @@ class PixArt(nn.Module):
         return self.y_embedder.y_embedding.to(y.dtype).expand(B, L, E)
 
     def forward(self, x, t, y, mask=None, img_hw=None, aspect_ratio=None, force_drop_ids=None, *, keep=None,
-                grid=None, route=None, route_blocks=None):
+                grid=None, route=None, route_blocks=None, hidden_depth=0, hidden_only=False):
         """Predict eps (and the variance interpolation) for noisy input x at timesteps t given captions y.
 
         x: (B, C, H, W); H and W divisible by the patch size (non-square works).
@@ -509,6 +509,10 @@ class PixArt(nn.Module):
             routing. Blocks route_blocks = (start, end), start inclusive, end exclusive, run on those R tokens
             only; the others skip them unchanged and are re-inserted after block end - 1.
         Returns (B, out_channels, H, W) (with keep: (B, out_channels, p, K p)).
+        Hidden states (representation alignment, pixart_fast.align): hidden_depth n > 0 also returns the residual
+        stream after the first n blocks, (B, T, D) over the tokens that entered the blocks (routed: the skipping
+        tokens as they entered the routed run), as (output, hidden); hidden_only returns it alone, after running
+        only those n blocks.
         """
         c = self.config
         B, C, H, W = x.shape
@@ -533,6 +537,9 @@ class PixArt(nn.Module):
         start, end = (-1, -1) if route is None else route_blocks
         if route is not None and not 0 <= start < end <= c.depth:
             raise ValueError(f"route_blocks must be (start, end) with 0 <= start < end <= depth {c.depth}, got {route_blocks}")
+        if not 0 <= hidden_depth <= c.depth or (hidden_only and not hidden_depth):
+            raise ValueError(f"hidden_depth must be in 1..depth {c.depth} (0: none, not with hidden_only), got "
+                             f"{hidden_depth}")
         x = self.x_embedder(x) + pos  # (B, T, D)
         t = self.t_embedder(t)  # (B, D)
         if c.micro_conditions:
@@ -554,8 +561,14 @@ class PixArt(nn.Module):
             if i == end - 1:  # re-insert; the skipping tokens need the next layer's modulated copy too: all anew
                 x = stream.scatter(1, route[..., None].expand(-1, -1, x.shape[-1]), x)  # (B, T, D)
                 x_mod = modulate(x, *nxt, backend=self.kernels, out_dtype=linear_dtype(x))
+            if i == hidden_depth - 1:
+                routed_run = start <= i < end - 1  # inside it, x is the routed tokens only
+                hidden = stream.scatter(1, route[..., None].expand(-1, -1, x.shape[-1]), x) if routed_run else x
+                if hidden_only:
+                    return hidden
         x = self.final_layer(x_mod)  # (B, T, p*p*out)
-        return unpatchify(x, p, c.out_channels, H, W, backend=self.kernels)  # (B, out, H, W)
+        out = unpatchify(x, p, c.out_channels, H, W, backend=self.kernels)  # (B, out, H, W)
+        return (out, hidden) if hidden_depth else out
 
     def pos_embed_for(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
         """(1, grid_h * grid_w, D): the stored table for the configured square grid, else built for this grid."""

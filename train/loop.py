@@ -9,7 +9,8 @@ Who owns what:
     train/stages.py      what each stage builds, trains on, conditions with, and how it is judged
     train/run_folder.py  <out>/stage<N>/: checkpoints (save, verify, choose, prune), metrics trimming
     train/loop.py        this file: set-up (`setup`), one optimizer step (`train_step`), the loop (`train`)
-Rank 0 writes metrics.jsonl (one JSON object per logged step: loss, mse, vb, lr, grad norm, images/s),
+Rank 0 writes metrics.jsonl (one JSON object per logged step: loss, mse, vb, lr, grad norm, images/s; with
+--repa-depth also align, the alignment loss before its weight; loss is the diffusion loss alone),
 samples/*.png (validation grids from the EMA model, embedded data) and summary.json (wall time, final loss, the
 EMA model's alignment scores, or its validation loss on --data).
 
@@ -38,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from pixart_fast import distributed, lora, tracking
+from pixart_fast.align import PROJECTOR, Alignment, FrozenEncoder, projector
 from pixart_fast.checkpoints import training_metadata
 from pixart_fast.cli import UserError
 from pixart_fast.diffusion import Diffusion
@@ -195,6 +197,7 @@ class Run:
     skipped: int  # non-finite steps skipped so far (up to the last `read_records`)
     seconds: float  # training time before this process started (a resumed run)
     autocast: torch.dtype | None  # the forward's autocast dtype; None: fp32
+    align: Alignment | None  # --repa-depth: representation alignment (its projector is the model's PROJECTOR)
 
 
 def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
@@ -233,6 +236,7 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
             torch.manual_seed(cfg.seed)
             lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         log(f"{lora.adapter_summary(model)}; base weights {base}")
+    align = attach_alignment(cfg, model, d.device)  # before the EMA copy: the projector is averaged as any weight
     ema = lora.ema_copy(model)
     if resume is not None:
         load_weights(resume, model, ema)
@@ -262,7 +266,21 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
                           min_snr_gamma=cfg.min_snr_gamma, min_snr_plus_one=cfg.min_snr_plus_one,
                           timestep_sampling=cfg.timestep_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std)
     return Run(cfg, stage, d, run_dir, model, net, ema, base if cfg.lora_rank else None, params, ema_params, data,
-               diffusion, opt, sched, scaler, start, skipped, seconds, autocast_dtype(cfg.precision, d.device))
+               diffusion, opt, sched, scaler, start, skipped, seconds, autocast_dtype(cfg.precision, d.device), align)
+
+
+def attach_alignment(cfg: TrainConfig, model: torch.nn.Module, device) -> Alignment | None:
+    """--repa-depth: the projector, attached to `model` as PROJECTOR (drawn from --seed), and the target's source
+    (the frozen --repa-encoder, or the EMA model's deeper blocks); None when off."""
+    if not cfg.repa_depth:
+        return None
+    encoder = FrozenEncoder(cfg.repa_encoder).to(device) if cfg.repa_encoder else None
+    D = model.config.hidden_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        head = projector(D, cfg.repa_projector_dim or 4 * D, encoder.config.hidden_size if encoder else D)
+    model.add_module(PROJECTOR, head.to(device))
+    return Alignment(cfg.repa_depth, cfg.repa_target_depth, encoder, model.config.patch_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,7 +299,7 @@ def step_batch(run: Run, step: int):
 def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.Tensor:
     """Step `step` of the run: this rank's slice of the global batch, forward, backward, and (when the loss and
     gradient norm are finite) the optimizer and EMA updates. No host sync: whether to update is decided on the
-    device. Returns a device tensor [loss, mse, vb, grad norm, updated, stop] (losses averaged over ranks; stop:
+    device. Returns a device tensor [loss, mse, vb, grad norm, updated, stop, align] (losses averaged over ranks; stop:
     some rank asked to stop), read by `read_records` at logging steps."""
     cfg, d, rank_part = run.cfg, run.dist, run.dist.slice(run.cfg.batch_size)
     # batch: step_batch(run, step), built ahead by the prefetcher; on the device, caption features in float32
@@ -301,16 +319,20 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
     if "keep" in levers:  # masking: the loss sees only the kept patches (the layout the masked model takes)
         x0, noise = keep_patches(x0, levers["keep"], mc.patch_size), keep_patches(noise, levers["keep"], mc.patch_size)
     net = functools.partial(run.net, **levers) if levers else run.net
+    if run.align is not None:  # the same call, and each call also computes the alignment loss into aligned["align"]
+        net, aligned = run.align.wrap(net, run.ema, getattr(run.model, PROJECTOR), levers, batch.images)
     model_fn = run.stage.condition(net, batch, drop, mc.micro_conditions)
     with torch.autocast(d.device.type, dtype=run.autocast) if run.autocast else nullcontext():
         terms = run.diffusion.training_losses(model_fn, x0, t, noise)
     loss = terms["loss"].mean()
+    align = aligned["align"].mean() if run.align is not None else torch.zeros((), device=d.device)
+    objective = loss + cfg.repa_weight * align if run.align is not None else loss
     run.opt.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()  # DDP / FSDP average the gradients over ranks: the global batch's mean
+    run.scaler.scale(objective).backward()  # DDP / FSDP average the gradients over ranks: the global batch's mean
     run.scaler.unscale_(run.opt)
     grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip))
     # One all-reduce: the global batch's losses, and whether any rank got SIGINT / SIGTERM (all stop together).
-    stats = torch.stack([loss, terms["mse"].mean(), terms["vb"].mean()]).detach().float()
+    stats = torch.stack([loss, terms["mse"].mean(), terms["vb"].mean(), align]).detach().float()
     stats = d.mean(torch.cat([stats, stats.new_tensor([stop_requested])]))
     # A NaN or inf in any gradient makes the norm clip_grad_norm_ computed non-finite: no update this step. The
     # fused AdamW reads `found_inf` on the device and leaves weights, moments and its step count as they are
@@ -325,18 +347,18 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
     update_ema(run.ema_params, run.params, cfg.ema_decay, step, updated)
     run.scaler.update()  # fp16: a skipped step lowers the loss scale
     run.sched.step()  # the learning rate stays a function of the step
-    return torch.stack([stats[0], stats[1], stats[2], grad_norm.float(), updated.float(), stats[3]]).detach()
+    return torch.stack([stats[0], stats[1], stats[2], grad_norm.float(), updated.float(), stats[4], stats[3]]).detach()
 
 
 def read_records(run: Run, records: list[tuple[int, torch.Tensor]], bad_run: int, log) -> tuple[list, int]:
     """Read the steps' device records at once (note: .tolist() is the host sync of the loop, once per logging
     step) and account for them in step order: skipped steps counted and reported, --max-bad-steps enforced.
-    Returns ([(step, {loss, mse, vb, grad_norm, stop}) ...], the skipped steps in a row now)."""
+    Returns ([(step, {loss, mse, vb, (--repa-depth) align, grad_norm, stop}) ...], the skipped steps in a row now)."""
     if not records:
         return [], bad_run
     values = torch.stack([r for _, r in records]).tolist()
     cfg, out = run.cfg, []
-    for (done, _), (loss, mse, vb, grad_norm, updated, stop) in zip(records, values):
+    for (done, _), (loss, mse, vb, grad_norm, updated, stop, align) in zip(records, values):
         if updated:
             bad_run = 0
         else:
@@ -348,7 +370,8 @@ def read_records(run: Run, records: list[tuple[int, torch.Tensor]], bad_run: int
                     f"gradient norm (--max-bad-steps {cfg.max_bad_steps}). The last good checkpoint is "
                     f"{latest_checkpoint(run.run_dir) or 'none yet'}; resume from it with a lower --lr or "
                     "--grad-clip, or check the data")
-        out.append((done, {"loss": loss, "mse": mse, "vb": vb, "grad_norm": grad_norm, "stop": stop > 0}))
+        out.append((done, {"loss": loss, "mse": mse, "vb": vb, **({"align": align} if run.align else {}),
+                           "grad_norm": grad_norm, "stop": stop > 0}))
     return out, bad_run
 
 

@@ -2,7 +2,8 @@
 saves, and metrics.jsonl trimming.
 
     checkpoints/step-XXXXXXX/  model.safetensors, ema.safetensors, trainer.pt (optimizer by parameter name and
-                               unsharded, scheduler, step, config) and manifest.json (each file's
+                               unsharded, scheduler, step, config; with --repa-depth the model's and the EMA's
+                               alignment projector, kept out of the weights files) and manifest.json (each file's
                                size and CRC-32, written last). A LoRA run's weights files hold its adapters
                                only, and record the frozen base weights' path ("base" in their metadata)
 
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from pixart_fast import distributed, lora
+from pixart_fast.align import PROJECTOR
 from pixart_fast.cli import UserError
 from pixart_fast.checkpoints import load_safetensors, load_state_dict_strict, nonfinite_keys, save_safetensors
 from pixart_fast.files import atomic_path, fsync_dir, verify_manifest, write_manifest
@@ -214,6 +216,7 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, skipped: i
             raise FloatingPointError(f"refusing to write checkpoint {final}: the {name} weights hold NaN or inf in "
                                      f"{len(bad)} tensors ({', '.join(bad[:3])}); the last good checkpoint is "
                                      f"{latest_checkpoint(run_dir) or 'none yet'}")
+    projector = {name: _split_off_projector(sd) for name, sd in (("model", model_sd), ("ema", ema_sd))}
     tmp = final.with_name(final.name + WRITING)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -226,8 +229,9 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, skipped: i
     save_safetensors(model_sd, tmp / "model.safetensors", meta)  # each file fsync'd, and the folder
     save_safetensors(ema_sd, tmp / "ema.safetensors", meta)
     with atomic_path(tmp / "trainer.pt") as path:
-        torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(), "skipped_steps": skipped,
-                    "train_seconds": seconds, "config": asdict(cfg)}, path)
+        state = {"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(), "skipped_steps": skipped,
+                 "train_seconds": seconds, "config": asdict(cfg)}
+        torch.save(state | ({"projector": projector} if projector["model"] else {}), path)
     write_manifest(tmp)  # last: a folder with a manifest holds every file it lists
     # This step saved before (a run resumed from an older checkpoint): its folder is moved aside, not deleted,
     # until the new one has its name, so a kill in between leaves two complete copies (recover_leftovers).
@@ -251,8 +255,16 @@ def load_weights(path: Path, model, ema) -> None:
         lora.load_adapter(model, load_safetensors(path / "model.safetensors"), source=f"--resume {path}/model")
         lora.load_adapter(ema, load_safetensors(path / "ema.safetensors"), source=f"--resume {path}/ema")
         return
-    for module, name in ((model, "model.safetensors"), (ema, "ema.safetensors")):
-        load_state_dict_strict(module, load_safetensors(path / name), source=f"--resume {path / name}")
+    projector = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True).get("projector", {})
+    for module, name, key in ((model, "model.safetensors", "model"), (ema, "ema.safetensors", "ema")):
+        load_state_dict_strict(module, load_safetensors(path / name) | projector.get(key, {}),
+                               source=f"--resume {path / name}")
+
+
+def _split_off_projector(sd: dict) -> dict:
+    """Take the alignment projector's entries (a training-only head, pixart_fast.align) out of a state dict:
+    the weights files hold the model alone."""
+    return {k: sd.pop(k) for k in [k for k in sd if k.startswith(PROJECTOR + ".")]}
 
 
 def load_trainer_state(path: Path, model, opt, sched) -> tuple[int, int, float, dict]:

@@ -1,0 +1,111 @@
+"""Representation alignment: a training loss that pulls the hidden states after one of PixArt's blocks toward a
+target representation of the same image, through a small trained projector. Two targets:
+
+- self-alignment (SRA, arXiv 2505.02831; no pretrained encoder, so the embedded pixel data can use it): the EMA
+  model's hidden states after a deeper block, computed without gradients on exactly the student's input (the same
+  noisy image, timestep, caption and caption drop, the same kept tokens when masking; never routed). SRA gives
+  the teacher a slightly less noisy input; here it sees the same one.
+- REPA (arXiv 2410.06940): a frozen DINOv2's patch features of the clean image. The image (pixels in [-1, 1])
+  is mapped to [0, 1], resized (bicubic) so that the encoder's patch grid is the model's token grid (REPA's
+  224 px for a 16 x 16 grid of patch-14 tokens), ImageNet-normalised, and the encoder's last hidden state
+  (after its final LayerNorm) is read with the CLS token dropped: one target per model token, in the same
+  row-major order. With masking the targets are taken at the kept tokens.
+
+The projector is REPA's MLP: Linear(D, P), SiLU, Linear(P, P), SiLU, Linear(P, Z), with D the model's hidden size,
+Z the target's width (D for self-alignment, the encoder's hidden size for REPA) and P its width (REPA: 2048 at
+SiT-XL's D = 1152). The loss of an image is REPA's: the mean over its tokens of -cos(projector(h), target), in
+[-1, 1]. The trainer attaches the projector to the model it trains (`PROJECTOR`), so the optimizer, gradient
+clipping and the EMA treat it as any weight; checkpoints keep it in trainer.pt, not in the weights files, so
+sampling and export never see it.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pixart_fast.cli import UserError
+from pixart_fast.model import take_tokens
+
+PROJECTOR = "align_projector"  # the trained model's attribute holding the projector (training only)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def projector(hidden_size: int, width: int, out: int) -> nn.Sequential:
+    """REPA's projector: (..., hidden_size) -> (..., out) through two SiLU layers of `width`."""
+    return nn.Sequential(nn.Linear(hidden_size, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                         nn.Linear(width, out))
+
+
+def alignment_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """pred, target (B, T, Z) -> (B,) float32: per image, the mean over its T tokens of -cos(pred, target)."""
+    pred, target = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)
+    return -(pred * target).sum(-1).mean(1)
+
+
+def encoder_config(path: str):
+    """The transformers config of the DINOv2 folder at `path`; UserError if it is not one."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--repa-encoder {path}: not a transformers model folder ({str(e).splitlines()[0]})") from None
+    if config.model_type != "dinov2":
+        raise UserError(f"--repa-encoder {path}: a {config.model_type} model; REPA here takes a DINOv2 (dinov2)")
+    return config
+
+
+class FrozenEncoder(nn.Module):
+    """A DINOv2 from a local folder, frozen: forward(images (B, 3, H, W) in [-1, 1], grid (gh, gw)) ->
+    (B, gh * gw, Z) patch features, the image resized to gh x gw of the encoder's patches (module docstring)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.config = encoder_config(path)
+        self.encoder = AutoModel.from_pretrained(path, local_files_only=True).requires_grad_(False).eval()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        p = self.config.patch_size
+        x = F.interpolate((images.float() + 1) / 2, size=(grid[0] * p, grid[1] * p), mode="bicubic",
+                          align_corners=False)
+        hidden = self.encoder(pixel_values=(x - self.mean) / self.std).last_hidden_state  # (B, 1 + gh gw, Z)
+        return hidden[:, 1:]
+
+
+@dataclass
+class Alignment:
+    """A run's representation alignment: the hidden states after `depth` blocks, projected, against the EMA
+    model's after `target_depth` blocks (self-alignment) or the `encoder`'s features (REPA)."""
+
+    depth: int
+    target_depth: int  # 0 with an encoder
+    encoder: FrozenEncoder | None
+    patch_size: int
+
+    def wrap(self, net, ema: nn.Module, project: nn.Module, levers: dict, images: torch.Tensor):
+        """(model_fn, losses): model_fn is called as `net` (the model with this step's token levers) and returns
+        its output; each call also puts the batch's alignment loss (B,) in losses["align"]. images: the clean
+        batch (pixels in [-1, 1]), the encoder's input."""
+        losses = {}
+        masking = {k: levers[k] for k in ("keep", "grid") if k in levers}
+
+        def model_fn(x_t, t, *args, **kwargs):
+            out, hidden = net(x_t, t, *args, **kwargs, hidden_depth=self.depth)
+            with torch.no_grad():
+                if self.encoder is None:
+                    target = ema(x_t, t, *args, **kwargs, **masking, hidden_depth=self.target_depth, hidden_only=True)
+                else:  # the model's token grid: the full image's (x_t holds only the kept patches when masking)
+                    grid = masking.get("grid") or (x_t.shape[-2] // self.patch_size, x_t.shape[-1] // self.patch_size)
+                    target = self.encoder(images, grid)
+                    if "keep" in masking:
+                        target = take_tokens(target, masking["keep"])
+            losses["align"] = alignment_loss(project(hidden), target)
+            return out
+
+        return model_fn, losses

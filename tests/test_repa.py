@@ -1,0 +1,241 @@
+"""Representation alignment (pixart_fast.align): the projector and loss, the hidden states the model returns (masked,
+routed, compiled), the gradients the loss sends, the targets (the EMA's deeper blocks; a tiny DINOv2 from a local
+folder) at the kept tokens, the trainer with it (weight 0 changes nothing, resume is exact, checkpoints' weights
+files stay the model's), the FLOP count against FlopCounterMode, and the flags' errors."""
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from pixart_fast import align
+from pixart_fast.align import PROJECTOR, Alignment, FrozenEncoder, alignment_loss, projector
+from pixart_fast.checkpoints import load_pixart, load_safetensors
+from pixart_fast.cli import UserError
+from pixart_fast.flops import alignment_flops, flops_per_image
+from pixart_fast.model import draw_tokens, keep_patches, kept_count, take_tokens
+from pixart_fast.train.loop import train
+from pixart_fast.train.recipes import RECIPES
+
+from test_token_levers import TINY3, model_and_inputs
+from test_train import assert_resume_is_bit_identical
+
+FAST = dict(model="PixArt-pixel-tiny", batch_size=2, num_val=2, sample_steps=2, sample_every=0, kernels="torch",
+            steps=3, log_every=1, save_every=2)
+SELF = dict(repa_depth=1, repa_target_depth=2)
+
+
+@pytest.fixture(scope="module")
+def dinov2(tmp_path_factory):
+    """A tiny random DINOv2 saved as a transformers folder: patch 2, 24 wide, 2 layers."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dinov2")
+    config = Dinov2Config(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, patch_size=2, image_size=16)
+    Dinov2Model(config).save_pretrained(path)
+    return str(path)
+
+
+def test_projector_and_loss_shapes():
+    head = projector(48, 192, 24)
+    assert [type(m) for m in head] == [torch.nn.Linear, torch.nn.SiLU, torch.nn.Linear, torch.nn.SiLU, torch.nn.Linear]
+    z = head(torch.randn(2, 16, 48))
+    assert z.shape == (2, 16, 24)
+    loss = alignment_loss(z, torch.randn(2, 16, 24))
+    assert loss.shape == (2,) and loss.dtype == torch.float32 and bool((loss.abs() <= 1).all())
+
+
+def test_the_loss_is_the_mean_negative_cosine_over_tokens():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 5, 7, generator=g, dtype=torch.float64), torch.randn(2, 5, 7, generator=g)
+    hand = [-sum(float(pred[b, i] @ target[b, i].double()) / float(pred[b, i].norm() * target[b, i].double().norm())
+                 for i in range(5)) / 5 for b in range(2)]
+    torch.testing.assert_close(alignment_loss(pred, target), torch.tensor(hand, dtype=torch.float32))
+    assert torch.allclose(alignment_loss(target, 3 * target), torch.tensor(-1.0))  # aligned: -1, whatever the scale
+
+
+def test_hidden_states_are_the_stream_after_n_blocks_masked_or_not():
+    model, a = model_and_inputs()
+    out, hidden = model(**a, hidden_depth=2)
+    assert torch.equal(out, model(**a))
+    assert torch.equal(model(**a, hidden_depth=2, hidden_only=True), hidden) and hidden.shape == (2, 16, 48)
+    keep = torch.arange(16).expand(2, 16)  # masking that keeps every token: the same states
+    masked = model(**{**a, "x": keep_patches(a["x"], keep, 2)}, keep=keep, grid=(4, 4), hidden_depth=2)[1]
+    assert torch.equal(masked, hidden)
+    with pytest.raises(ValueError, match="hidden_depth"):
+        model(**a, hidden_depth=4)
+
+
+def test_routed_hidden_states_are_taken_after_re_insertion():
+    """Inside the routed run the skipping tokens are as they entered it; after it, the stream is whole again."""
+    model, a = model_and_inputs()
+    route = torch.tensor([[0, 3, 5, 9, 10, 12, 14, 15]] * 2)
+    skip = torch.tensor([[i for i in range(16) if i not in route[0]]] * 2)
+    entered = model(**a, hidden_depth=1)[1]  # the routed run is blocks 1 and 2
+    inside = model(**a, route=route, route_blocks=(1, 3), hidden_depth=2)[1]
+    assert inside.shape == (2, 16, 48)
+    assert torch.equal(take_tokens(inside, skip), take_tokens(entered, skip))
+    assert not torch.equal(take_tokens(inside, route), take_tokens(entered, route))
+    everyone = torch.arange(16).expand(2, 16)
+    routing_everyone = model(**a, route=everyone, route_blocks=(1, 3), hidden_depth=2)[1]
+    assert torch.equal(routing_everyone, model(**a, hidden_depth=2)[1])
+
+
+def test_the_hidden_state_forward_compiles_to_one_graph():
+    torch._dynamo.reset()
+    model, a = model_and_inputs()
+    g = torch.Generator().manual_seed(0)
+    keep, route = draw_tokens(2, 16, 0.5, g), draw_tokens(2, 8, 0.5, g)
+    args = dict(**{**a, "x": keep_patches(a["x"], keep, 2)}, keep=keep, grid=(4, 4), route=route, route_blocks=(1, 3))
+    for extra in (dict(hidden_depth=2), dict(hidden_depth=3, hidden_only=True)):
+        explained = torch._dynamo.explain(model)(**args, **extra)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def aligned_step(encoder=None, levers=None, depth=1, target_depth=3, device="cpu"):
+    """A tiny model, its EMA copy, a projector and one step's model_fn run; returns them, the inputs and
+    (out, losses). device "meta": shapes only (FlopCounterMode counts CPU attention only there)."""
+    model, a = model_and_inputs()
+    torch.manual_seed(1)
+    head = projector(48, 96, 48 if encoder is None else encoder.config.hidden_size)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    model, head, images = model.to(device), head.to(device), images.to(device)
+    a = {k: v.to(device) for k, v in a.items()}
+    levers = {k: v.to(device) if torch.is_tensor(v) else v for k, v in (levers or {}).items()}
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    alignment = Alignment(depth, 0 if encoder else target_depth, encoder and encoder.to(device), TINY3.patch_size)
+    x = keep_patches(a["x"], levers["keep"], 2) if "keep" in levers else a["x"]
+    net = lambda *args, **kw: model(*args, **kw, **levers)  # noqa: E731
+    model_fn, losses = alignment.wrap(net, ema, head, levers, images)
+    out = model_fn(x, a["t"], a["y"], a["mask"], force_drop_ids=a["force_drop_ids"])
+    return model, ema, head, images, a, x, out, losses
+
+
+def test_the_alignment_loss_trains_the_projector_and_the_blocks_up_to_its_depth_only():
+    model, ema, head, *_, out, losses = aligned_step(depth=2)
+    losses["align"].mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    for i, block in enumerate(model.blocks):
+        grads = [p.grad for p in block.parameters()]
+        if i < 2:
+            assert all(g is not None and g.abs().sum() > 0 for g in grads), i
+        else:
+            assert all(g is None for g in grads), i
+    assert all(p.grad is None for p in model.final_layer.parameters())
+    assert all(p.grad is None for p in ema.parameters())
+
+
+def test_self_alignment_targets_are_the_emas_deeper_states_on_the_same_masked_input(monkeypatch):
+    seen = []
+    monkeypatch.setattr(align, "alignment_loss", lambda pred, target: seen.append((pred, target)) or pred.sum((1, 2)))
+    keep = draw_tokens(2, 16, 0.5, torch.Generator().manual_seed(3))
+    model, ema, head, _, a, x, _, _ = aligned_step(levers=dict(keep=keep, grid=(4, 4)))
+    pred, target = seen[0]
+    kw = dict(force_drop_ids=a["force_drop_ids"], keep=keep, grid=(4, 4))
+    assert pred.shape == target.shape == (2, 8, 48)
+    assert torch.equal(target, ema(x, a["t"], a["y"], a["mask"], **kw, hidden_depth=3, hidden_only=True))
+    assert torch.equal(pred, head(model(x, a["t"], a["y"], a["mask"], **kw, hidden_depth=1)[1]))
+
+
+def test_repa_targets_are_the_encoders_patch_features_gathered_at_the_kept_tokens(dinov2, monkeypatch):
+    encoder = FrozenEncoder(dinov2)
+    seen = []
+    monkeypatch.setattr(align, "alignment_loss", lambda pred, target: seen.append((pred, target)) or pred.sum((1, 2)))
+    keep = draw_tokens(2, 16, 0.5, torch.Generator().manual_seed(3))
+    *_, images, _, _, _, _ = aligned_step(encoder, levers=dict(keep=keep, grid=(4, 4)))
+    full = encoder(images, (4, 4))  # 4 x 4 tokens of the model: the image at 8 x 8 px, the encoder's 4 x 4 patches
+    x = (F.interpolate((images + 1) / 2, size=(8, 8), mode="bicubic") - encoder.mean) / encoder.std
+    assert torch.equal(full, encoder.encoder(pixel_values=x).last_hidden_state[:, 1:])
+    assert seen[0][1].shape == (2, 8, 24)
+    assert torch.equal(seen[0][1], take_tokens(full, keep))
+
+
+def test_weight_zero_trains_bit_identically_to_no_alignment(tmp_path):
+    base = replace(RECIPES[2], **FAST, mask_ratio=0.5)
+    train(replace(base, out=str(tmp_path / "off")), progress=False)
+    train(replace(base, **SELF, repa_weight=0.0, out=str(tmp_path / "zero")), progress=False)
+    for name in ("model.safetensors", "ema.safetensors"):
+        off = load_safetensors(tmp_path / "off/stage2/checkpoints/step-0000003" / name)
+        zero = load_safetensors(tmp_path / "zero/stage2/checkpoints/step-0000003" / name)
+        assert off.keys() == zero.keys() and all(torch.equal(off[k], zero[k]) for k in off), name
+
+
+def test_resume_with_self_alignment_is_bit_identical(tmp_path):
+    cfg = replace(RECIPES[2], **FAST, **SELF, mask_ratio=0.5, route_ratio=0.5, route_start=0)
+    assert_resume_is_bit_identical(cfg, tmp_path)
+    trainer = torch.load(tmp_path / "b/stage2/checkpoints/step-0000004/trainer.pt", weights_only=True)
+    assert set(trainer["projector"]) == {"model", "ema"}
+
+
+def test_a_tiny_dinov2_from_a_local_folder_trains_and_sampling_never_sees_the_projector(dinov2, tmp_path):
+    import json
+
+    summary = train(replace(RECIPES[2], **FAST, repa_depth=1, repa_encoder=dinov2, out=str(tmp_path)), progress=False)
+    assert summary["skipped_steps"] == 0
+    lines = [json.loads(line) for line in (tmp_path / "stage2/metrics.jsonl").read_text().splitlines()]
+    assert all(-1 <= m["align"] <= 1 for m in lines if "loss" in m)
+    folder = tmp_path / "stage2/checkpoints/step-0000003"
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert not any(k.startswith(PROJECTOR) for k in load_safetensors(folder / name))
+    trainer = torch.load(folder / "trainer.pt", weights_only=True)
+    assert trainer["projector"]["model"][f"{PROJECTOR}.4.weight"].shape == (24, 4 * 48)
+    assert not hasattr(load_pixart(folder / "ema.safetensors"), PROJECTOR)
+
+
+def counted(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("mask_ratio", [0.0, 0.5])
+@pytest.mark.parametrize("form", ["self", "encoder"])
+def test_the_flop_count_matches_flop_counter_mode(form, mask_ratio, dinov2):
+    encoder = FrozenEncoder(dinov2) if form == "encoder" else None
+    T, B, c = kept_count(16, mask_ratio), 2, TINY3
+    keep = draw_tokens(B, 16, mask_ratio, torch.Generator().manual_seed(0))
+    levers = dict(keep=keep, grid=(4, 4)) if mask_ratio else {}
+    box = {}
+    fwd = counted(lambda: box.update(step=aligned_step(encoder, levers, depth=2, target_depth=2, device="meta")))
+    *_, out, losses = box["step"]
+    bwd = counted(lambda: (out.square().mean() + losses["align"].mean()).backward())
+    repa = dict(repa_depth=2, repa_target_depth=0 if encoder else 2, repa_projector_dim=96,
+                repa_encoder=encoder.config if encoder else None)
+    expected = flops_per_image(c, mask_ratio=mask_ratio, **repa)
+    # autograd skips the input gradients of the patch embedding and the timestep and caption MLPs' first layers
+    skipped = 2 * T * c.in_channels * c.patch_size ** 2 * c.hidden_size + 2 * 256 * c.hidden_size \
+        + 2 * c.max_tokens * c.caption_channels * c.hidden_size
+    assert fwd + bwd == B * (expected - skipped)
+    assert expected > flops_per_image(c, mask_ratio=mask_ratio)
+
+
+def test_the_flop_count_of_dinov2_giants_swiglu_mlp():
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, patch_size=2, image_size=8,
+                          use_swiglu_ffn=True)
+    with torch.device("meta"):
+        encoder = Dinov2Model(config)
+        n = counted(lambda: encoder(pixel_values=torch.randn(1, 3, 8, 8)))
+    parts = alignment_flops(TINY3, repa_encoder=config)  # TINY3's 4 x 4 tokens: the encoder at 8 x 8 px
+    assert n == sum(v for k, v in parts.items() if k.startswith("encoder_"))
+
+
+@pytest.mark.parametrize("settings, expected", [
+    (dict(repa_target_depth=2), "pass --repa-depth too"),
+    (dict(repa_depth=1), "exactly one target"),
+    (dict(repa_depth=1, repa_target_depth=2, repa_encoder="x"), "exactly one target"),
+    (dict(repa_depth=2, repa_target_depth=2), "must be deeper"),
+    (dict(repa_depth=3, repa_encoder="x"), "has 2 blocks"),
+    (dict(stage=1, **SELF), "not stage 1's DiT"),
+    (dict(lora_rank=4, **SELF), "--lora-rank"),
+    (dict(repa_depth=1, repa_encoder="x", data="features"), "feature shards hold VAE latents"),
+    (dict(repa_depth=1, repa_encoder="no/such/folder"), "not a transformers model folder"),
+])
+def test_bad_alignment_flags_fail_with_one_line(settings, expected, tmp_path):
+    with pytest.raises(UserError, match=expected) as error:
+        train(replace(RECIPES[settings.get("stage", 2)], **{**FAST, **settings}, out=str(tmp_path)), progress=False)
+    assert "\n" not in str(error.value)
