@@ -146,18 +146,19 @@ def open_tracker(report_to: str, run_dir: Path, cfg, start: int, log=print) -> T
 
 class MFU:
     """Model-FLOP utilisation: images/s times the training FLOPs of an image (pixart_fast.flops, counted from
-    each step's batch shape, token masking and routing as they ran, averaged over the steps since the last
-    reading), over the dense bf16 peak of every process's GPU. Only on a GPU of pixart_fast.gpus' table."""
+    each step's batch shape, token masking and routing as they ran, and representation alignment's share,
+    averaged over the steps since the last reading), over the dense bf16 peak of every process's GPU. Only on a
+    GPU of pixart_fast.gpus' table. repa_encoder: --repa-encoder's transformers config (None without one)."""
 
     def __init__(self, cfg, model_config, class_conditional: bool, route_blocks: tuple[int, int],
-                 peak_flops: float):
+                 peak_flops: float, repa_encoder=None):
         self.cfg, self.config, self.class_conditional = cfg, model_config, class_conditional
-        self.route_blocks, self.peak = route_blocks, peak_flops
+        self.route_blocks, self.peak, self.repa_encoder = route_blocks, peak_flops, repa_encoder
         self.flops, self.images, self._per_image = 0, 0, {}
 
     @classmethod
     def on(cls, device, world_size: int, cfg, model_config, class_conditional: bool, route_blocks: tuple[int, int],
-           log=print) -> "MFU | None":
+           repa_encoder=None, log=print) -> "MFU | None":
         """An MFU counter for a run on `device` with world_size processes, each on a GPU like it; None off CUDA
         or on a GPU the table does not have (logged)."""
         if device.type != "cuda":
@@ -169,7 +170,8 @@ class MFU:
         if key is None:
             log(f"{props.name} is not in pixart_fast.gpus' table: no MFU is logged")
             return None
-        return cls(cfg, model_config, class_conditional, route_blocks, GPUS[key].tflops * 1e12 * world_size)
+        return cls(cfg, model_config, class_conditional, route_blocks, GPUS[key].tflops * 1e12 * world_size,
+                   repa_encoder)
 
     def add(self, step: int, batch) -> None:
         """Count step `step`: its global batch, --batch-size images shaped like this rank's `batch`."""
@@ -181,7 +183,9 @@ class MFU:
             self._per_image[shape] = flops_per_image(
                 self.config, shape[0], shape[1], vae_downsample=1, caption_tokens=tokens,
                 class_conditional=self.class_conditional, mask_ratio=cfg.mask_ratio if masked else 0.0,
-                route_ratio=cfg.route_ratio, route_blocks=self.route_blocks)
+                route_ratio=cfg.route_ratio, route_blocks=self.route_blocks, repa_depth=cfg.repa_depth,
+                repa_target_depth=cfg.repa_target_depth, repa_projector_dim=cfg.repa_projector_dim,
+                repa_encoder=self.repa_encoder)
         self.flops += cfg.batch_size * self._per_image[shape]
         self.images += cfg.batch_size
 

@@ -113,4 +113,23 @@ def test_mfu_counts_each_steps_batch_over_the_peak():
     per_image = flops_per_image(config, 16, 16, vae_downsample=1, caption_tokens=7)
     assert mfu.take(10.0) == pytest.approx(10.0 * per_image / 1e9)  # 10 images/s at this many FLOPs each
     assert mfu.take(None) is None
+    # self-alignment's teacher and projector count too
+    aligned = tracking.MFU(replace(cfg, repa_depth=1, repa_target_depth=2), config, False, (1, 1), peak_flops=1e9)
+    aligned.add(0, batch)
+    repa = flops_per_image(config, 16, 16, vae_downsample=1, caption_tokens=7, repa_depth=1, repa_target_depth=2)
+    assert repa > per_image and aligned.take(10.0) == pytest.approx(10.0 * repa / 1e9)
     assert tracking.MFU.on(torch.device("cpu"), 1, cfg, config, False, (1, 1)) is None
+
+
+def test_the_loop_logs_mfu_beside_images_per_s(tmp_path, monkeypatch):
+    """On a GPU of the table (here: its peak stood in for on the CPU) every full logging interval has an MFU."""
+    from pixart_fast.flops import flops_per_image
+    from pixart_fast.model import CONFIGS
+
+    monkeypatch.setattr(tracking.MFU, "on", lambda device, world_size, cfg, config, cc, route, encoder, log:
+                        tracking.MFU(cfg, config, cc, route, 1e9, encoder))
+    train(replace(RECIPES[2], **FLAGS, out=str(tmp_path)), progress=False)
+    lines = [r for r in map(json.loads, (tmp_path / "stage2/metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    config = CONFIGS[FLAGS["model"]]
+    per_image = flops_per_image(config, config.input_size, config.input_size, vae_downsample=1)
+    assert [r["mfu"] for r in lines] == pytest.approx([r["img_per_s"] * per_image / 1e9 for r in lines])

@@ -278,7 +278,7 @@ def attach_alignment(cfg: TrainConfig, model: torch.nn.Module, device) -> Alignm
     D = model.config.hidden_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        head = projector(D, cfg.repa_projector_dim or 4 * D, encoder.config.hidden_size if encoder else D)
+        head = projector(D, cfg.repa_projector_dim or 2 * D, encoder.config.hidden_size if encoder else D)
     model.add_module(PROJECTOR, head.to(device))
     return Alignment(cfg.repa_depth, cfg.repa_target_depth, encoder, model.config.patch_size)
 
@@ -420,8 +420,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
 
     # rank 0: --report-to's tracker, resumed at run.start, and on a GPU of the table the MFU counter
     tracker = tracking.open_tracker(cfg.report_to, run.run_dir, cfg, run.start, log) if d.main else tracking.Tracker()
+    encoder = run.align.encoder.config if run.align is not None and run.align.encoder is not None else None
     mfu = tracking.MFU.on(d.device, d.world_size, cfg, run.model.config, run.stage.class_conditional,
-                          route_blocks(cfg, run.model.config.depth), log) if d.main else None
+                          route_blocks(cfg, run.model.config.depth), encoder, log) if d.main else None
 
     def track_scores(step: int, scores: dict) -> None:  # rank 0: validation scores and grid to the tracker
         png = run.run_dir / "samples" / f"step-{step:07d}.png"
