@@ -104,14 +104,14 @@ def alignment_flops(config: PixArtConfig, height_px: int | None = None, width_px
                     vae_downsample: int = VAE_DOWNSAMPLE, caption_tokens: int | None = None,
                     mask_ratio: float = 0.0) -> dict[str, int]:
     """Training FLOPs representation alignment adds to one image, per part (pixart_fast.align): the projector
-    (width repa_projector_dim, 0: 4 x hidden size) on the tokens that run, forward and backward; and forward only,
+    (width repa_projector_dim, 0: 2 x hidden size) on the tokens that run, forward and backward; and forward only,
     self-alignment's teacher (the model's first repa_target_depth blocks and what comes before them, on the same
     tokens, never routed) or REPA's encoder (`repa_encoder`: a transformers Dinov2Config) on the whole image.
     Where the projector reads the hidden states does not change the count. Other arguments as `forward_flops`."""
     c = config
     grid_h, grid_w = _token_grid(c, height_px, width_px, vae_downsample)
     T = kept_count(grid_h * grid_w, mask_ratio)  # the tokens the projector reads (masked: the kept ones)
-    D, P = c.hidden_size, repa_projector_dim or 4 * c.hidden_size
+    D, P = c.hidden_size, repa_projector_dim or 2 * c.hidden_size
     Z = repa_encoder.hidden_size if repa_encoder is not None else D
     f = {"projector": TRAIN_FLOPS_PER_FORWARD * (_mm(T, D, P) + _mm(T, P, P) + _mm(T, P, Z))}
     if repa_encoder is not None:

@@ -181,7 +181,7 @@ def test_a_tiny_dinov2_from_a_local_folder_trains_and_sampling_never_sees_the_pr
     for name in ("model.safetensors", "ema.safetensors"):
         assert not any(k.startswith(PROJECTOR) for k in load_safetensors(folder / name))
     trainer = torch.load(folder / "trainer.pt", weights_only=True)
-    assert trainer["projector"]["model"][f"{PROJECTOR}.4.weight"].shape == (24, 4 * 48)
+    assert trainer["projector"]["model"][f"{PROJECTOR}.4.weight"].shape == (24, 2 * 48)
     assert not hasattr(load_pixart(folder / "ema.safetensors"), PROJECTOR)
 
 

@@ -12,7 +12,8 @@ Who owns what:
 Rank 0 writes metrics.jsonl (one JSON object per logged step: loss, mse, vb, lr, grad norm, images/s; with
 --repa-depth also align, the alignment loss before its weight; loss is the diffusion loss alone),
 samples/*.png (validation grids from the EMA model, embedded data) and summary.json (wall time, final loss, the
-EMA model's alignment scores, or its validation loss on --data).
+EMA model's alignment scores, or its validation loss on --data); on a GPU of pixart_fast.gpus' table, mfu too.
+--report-to sends the same to TensorBoard or W&B (pixart_fast/tracking.py).
 
 When things go wrong (docs/faults.md):
 - Checkpoints are written crash-safely and verified before a resume trusts them (train/run_folder.py).

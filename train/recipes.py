@@ -138,8 +138,8 @@ class TrainConfig:
                                             "feature shards hold no images)")
     repa_weight: float = _field(0.5, "with --repa-depth: the alignment loss's weight in the training loss (REPA: "
                                      "0.5)", low=0)
-    repa_projector_dim: int = _field(0, "with --repa-depth: the projector's hidden width; 0: 4 x the model's hidden "
-                                        "size (REPA: 2048 at SiT-XL's 1152)", low=0)
+    repa_projector_dim: int = _field(0, "with --repa-depth: the projector's hidden width; 0: 2 x the model's hidden "
+                                        "size (REPA's proportion: 2048 at SiT-XL's 1152)", low=0)
 
     def __post_init__(self):
         """Every rule a config must keep, checked here once, before a run writes anything: each field's choices
