@@ -135,19 +135,23 @@ def _not_safetensors(path: Path, why) -> "FeatureError":
     return FeatureError(f"feature chunk {path} is not a readable safetensors file ({why}); {_REWRITE}")
 
 
-def _parse_layout(f, path: Path, stamp: tuple, records: list[int], shapes: list[tuple]) -> _Layout:
+def _parse_layout(f, path: Path, stamp: tuple, records: list[int], shapes: list[tuple], prefixed: bool = True,
+                  start: int = 0, size: int | None = None) -> _Layout:
     """The _Layout of an open chunk file whose rows are `records` with (latent, text) `shapes`. The safetensors
     format: an 8-byte little-endian header size, a JSON header {name: {"dtype", "shape", "data_offsets": [begin,
-    end] after the header}}, the data."""
-    size = stamp[0]
+    end] after the header}}, the data. A chunk names its tensors "{record}.mean" (prefixed); a safetensors file
+    of one sample inside a tar shard (pixart_fast.shards) names them "mean", and lies at byte `start` of the
+    file, `size` bytes long (offsets are from the start of the file either way)."""
+    size = stamp[0] if size is None else start + size
+    f.seek(start)
     try:
         head = f.read(8)
         if len(head) < 8:
             raise ValueError("shorter than the 8 bytes that give its header's size")
         n = int.from_bytes(head, "little")
-        if n > size - 8:
+        if n > size - start - 8:
             raise ValueError(f"its header of {n} bytes is longer than the file")
-        header, base = json.loads(f.read(n)), 8 + n
+        header, base = json.loads(f.read(n)), start + 8 + n
         if not isinstance(header, dict):
             raise ValueError("its header is not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:
@@ -155,7 +159,7 @@ def _parse_layout(f, path: Path, stamp: tuple, records: list[int], shapes: list[
     offsets, codes = np.zeros((len(records), 3), np.int64), np.zeros((len(records), 3), np.int8)
     errors = {}
     for j, (r, (latent, text)) in enumerate(zip(records, shapes)):
-        names = [f"{r}.{key}" for key in _KEYS]
+        names = [f"{r}.{key}" if prefixed else key for key in _KEYS]
         entries = [header.get(name) for name in names]
         for c, (e, want) in enumerate(zip(entries, (latent, latent, text))):
             try:  # the common case first, cheaply: a chunk of a million samples has three million entries
@@ -209,11 +213,19 @@ def _check_size(path: Path, size: int, entry: dict | None) -> None:
 _EXPONENT = ((np.uint32, 0x7F800000), (np.uint16, 0x7F80))
 
 
-def _verify(f, path: Path, layout: _Layout, records: list[int], shapes: list[tuple], entry: dict | None) -> _Layout:
+def _chunk_captions(path: Path) -> tuple[list, list]:
+    """The image files and captions of a chunk's samples, from its metadata."""
+    with _open(path) as st:
+        info = st.metadata() or {}
+    return tuple(json.loads(info.get(key, "[]")) for key in ("files", "captions"))
+
+
+def _verify(f, path: Path, layout: _Layout, records: list[int], shapes: list[tuple], entry: dict | None,
+            captions=_chunk_captions) -> _Layout:
     """Check an open chunk (rows `records` of `shapes`, as _parse_layout's) against its manifest entry (None: an
     older chunk, not checked) and scan its samples for NaN and inf: a damaged chunk raises FeatureError; a sample
     not finite gets its message in the returned layout's errors, naming the chunk, the record, its image file and
-    caption."""
+    caption (captions(path): the files and captions of the chunk's rows)."""
     _check_size(path, layout.stamp[0], entry)
     if entry is not None and (got := crc32(path)) != entry["crc32"]:
         raise FeatureError(f"feature chunk {path} is damaged (CRC-32 {got}, extract wrote {entry['crc32']}); "
@@ -230,9 +242,7 @@ def _verify(f, path: Path, layout: _Layout, records: list[int], shapes: list[tup
                 break
     if not bad:
         return layout
-    with _open(path) as st:
-        info = st.metadata() or {}
-    files, captions = (json.loads(info.get(key, "[]")) for key in ("files", "captions"))
+    files, captions = captions(path)
     errors = {}
     for j, c in bad.items():
         r = records[j]
@@ -379,17 +389,21 @@ class FeatureDataset(Dataset):
                 raise FeatureError(f"feature chunk {path}: 'tokens' should lie in 1..{self.meta['max_tokens']}, found "
                                    f"{found['tokens'].min()}..{found['tokens'].max()}; {_REWRITE}")
             chunk.append(torch.full((n,), k))
-        t = {key: torch.cat(v) for key, v in tables.items()}
+        self._index({key: torch.cat(v) for key, v in tables.items()}, torch.cat(chunk))
+
+    def _index(self, t: dict, chunk: torch.Tensor) -> None:
+        """Set the dataset's tables from the chunks' small tables concatenated (t: key -> tensor, one row per
+        sample) and each sample's chunk."""
         if len(t["index"]) == 0:
             raise FeatureError(f"--data {self.root}: no sample in it (were all images unreadable?)")
-        self.records, self.chunk = t["index"].tolist(), torch.cat(chunk).tolist()  # record index and chunk of i
+        self.records, self.chunk = t["index"].tolist(), chunk.tolist()  # record index and chunk of i
         self.img_hw, self.ratio, self.tokens = t["hw"].float(), t["ratio"], t["tokens"].tolist()
         self.labels = t["label"].tolist() if "label" in t else None
         sizes, ids = torch.unique(t["size"], dim=0, return_inverse=True)
         self.buckets = [tuple(s) for s in sizes.tolist()]  # (height, width) in pixels
         self._bucket_ids = ids.numpy()
         # The batch path's tables: each sample's chunk, row in it and caption length; each chunk's first sample.
-        self._chunk_ids = torch.cat(chunk).numpy()
+        self._chunk_ids = chunk.numpy()
         self._first = np.searchsorted(self._chunk_ids, np.arange(self.meta["num_chunks"] + 1))
         self._rows = np.arange(len(self._chunk_ids)) - self._first[self._chunk_ids]
         self._tokens = t["tokens"].numpy().astype(np.int64)

@@ -62,7 +62,11 @@ class TrainConfig:
     resume: str | None = _field(None, "'latest' or a checkpoint folder of this run to continue from")
     init: str | None = _field(None, "weights to start from: a DiT or PixArt checkpoint (official .pth, diffusers "
                                     "folder, ours); default: the previous stage's newest EMA weights under --out")
-    data: str | None = _field(None, "a folder of extracted features; default: the embedded procedural dataset")
+    data: str | None = _field(None, "extracted features: a folder (feature chunks or WebDataset shards) or the URL of "
+                                    "shards (http(s)://, gs://, or pipe:COMMAND with {name}; docs/shards.md); "
+                                    "default: the embedded procedural dataset")
+    data_cache: str | None = _field(None, "where shards of a remote --data are downloaded; default: "
+                                          "~/.cache/pixart_fast/shards/<hash of --data>")
     t5: str | None = _field(None, "a local T5 encoder folder; default: the embedded tiny T5")
     log_every: int = _field(10, "steps between metrics.jsonl lines", low=1)
     report_to: str = _field("none", "where else the metrics, validation scores and sample grids go (rank 0): "

@@ -26,6 +26,7 @@ from pixart_fast.cli import UserError
 from pixart_fast.diffusion import Diffusion
 from pixart_fast.eval import alignment_scores
 from pixart_fast.features import FeatureDataset
+from pixart_fast.shards import open_features
 from pixart_fast.grid import image_grid
 from pixart_fast.loader import to_device
 from pixart_fast.model import CONFIGS, DiT, PixArt
@@ -71,7 +72,7 @@ class Stage:
         if cfg.t5 is not None:
             raise UserError(f"--t5 {cfg.t5} encodes the embedded captions; the features in --data {cfg.data} hold "
                              "their captions' T5 features already: drop --t5")
-        features = FeatureDataset(cfg.data)
+        features = open_features(cfg.data, cfg.data_cache)
         features.check_model(model.config, cfg.model, class_conditional=self.class_conditional)
         return FeatureData(features)
 
