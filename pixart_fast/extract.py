@@ -2,12 +2,17 @@
 
     python -m pixart_fast.extract --images DIR --vae PATH --t5 PATH --out DIR --resolution 256|512|1024
                                   [--multi-aspect] [--shard i/n] [--batch-size N] [--max-tokens 120|300]
+                                  [--format chunks|shards]
+    torchrun --nproc-per-node N [--nnodes M ...] -m pixart_fast.extract ...   one process per GPU
 
 Input (`read_records`): a Hugging Face imagefolder (`metadata.jsonl`, one {"file_name", "text"} per line) or the
 official PixArt `data_info.json` (a JSON list of {"path", "prompt", "height", "width", "ratio", ...}), either
 named directly or found in the --images folder (also under `partition/`, the official layout). Image paths are
 relative to --image-root, by default the folder holding the metadata file. An optional integer "label" on
-every record is kept, for the class-conditional stage 1.
+every record is kept, for the class-conditional stage 1. Or WebDataset tar shards as img2dataset writes them
+(`tar_input`: a folder of *.tar, a .tar path or URL, a brace pattern): each sample's `{key}.jpg` (or .jpeg,
+.png, .webp) captioned by its `{key}.txt`, or the "caption" of its `{key}.json`; chunk k is then tar k, and a
+remote tar is downloaded into --cache when its chunk is extracted.
 
 Each image is resized (bicubic) so it covers the target and center-cropped to it: resolution x resolution, or
 with --multi-aspect the nearest of PixArt's aspect-ratio buckets (aspect_ratio_buckets; nearest in height / width).
@@ -22,9 +27,13 @@ beside each (`chunk-XXXXXX.manifest.json`: its size and CRC-32, which training c
 describes the whole extraction (`FeatureDataset` in pixart_fast.features reads it). A chunk file exists only
 when complete (written to a temporary name, then renamed), so a rerun skips finished chunks, and
 `--shard i/n` handles chunks i, i + n, i + 2n, ...: n processes or machines writing into one folder produce
-the files of one unsharded run. A rerun checks each finished chunk against the metadata as it reads now (image
-files, captions, labels): a caption fixed in a chunk not yet written does not disturb the others, one fixed in a
-finished chunk names that chunk to delete. Nothing is written into --out before the first chunk is done.
+the files of one unsharded run. Under torchrun each process takes RANK of WORLD_SIZE as its share and
+cuda:LOCAL_RANK as its device; no process waits for another. A rerun checks each finished chunk against the
+metadata as it reads now (image files, captions, labels): a caption fixed in a chunk not yet written does not
+disturb the others, one fixed in a finished chunk names that chunk to delete. Nothing is written into --out
+before the first chunk is done. `--format shards` writes WebDataset tar shards instead (`shard-XXXXXX.tar` and
+its table `shard-XXXXXX.json`, written after it: pixart_fast.shards), which training reads in place or from
+object storage (docs/shards.md); a shard is finished when both are there.
 
 Bad input (README "When things go wrong"): a metadata line that is not a JSON record, or whose file name or
 caption is not valid Unicode, stops the run before any work, naming the file and line. A missing or unreadable
@@ -34,9 +43,11 @@ PixArtMS's micro-condition), an empty caption is kept (T5 sees only its end-of-s
 longer than --max-tokens tokens is truncated: each warned about once and counted in the summary.
 """
 import argparse
+import io
 import json
 import os
 import sys
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,10 +58,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
+from webdataset.cache import FileCache
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext
 
 from pixart_fast.cli import run
 from pixart_fast.files import atomic_path, write_manifest
 from pixart_fast.features import FORMAT, INDEX, FeatureError, chunk_name, manifest_name
+from pixart_fast.shards import SHARDS, default_cache, read_table, shard_name, table_name, write_shard
 from pixart_fast.text import MAX_TOKENS, TextEncoder
 
 
@@ -96,6 +111,10 @@ class Record:
     caption: str
     label: int | None = None  # class label for stage 1, where the metadata has one
     where: str = field(default="", compare=False)  # the metadata file and line (or record) it was read from
+    at: tuple | None = field(default=None, compare=False)  # in a tar input: (local tar file, byte offset, size)
+
+
+METADATA_NAMES = ("metadata.jsonl", "data_info.json", "partition/data_info.json")  # looked for in --images
 
 
 def find_metadata(images) -> Path:
@@ -103,7 +122,7 @@ def find_metadata(images) -> Path:
     images = Path(images)
     if images.is_file():
         return images
-    for name in ("metadata.jsonl", "data_info.json", "partition/data_info.json"):
+    for name in METADATA_NAMES:
         if (images / name).is_file():
             return images / name
     raise FileNotFoundError(f"--images {images}: no metadata.jsonl (Hugging Face imagefolder), data_info.json or "
@@ -160,6 +179,88 @@ def read_records(metadata) -> list[Record]:
     return records
 
 
+TAR_STRIDE = 1_000_000  # record index of a tar input's sample: k * TAR_STRIDE + its position in tar k
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # a tar sample's image member, the first of these it has
+
+
+@dataclass
+class Input:
+    """What to extract: records from a metadata file (chunk k: records k * chunk_size ...), or WebDataset tar
+    shards as img2dataset writes them (chunk k: the samples of tar k, listed when the chunk is extracted).
+    `chunk(k)`: record index -> Record."""
+
+    records: list[Record] | None = None  # a metadata file's
+    chunk_size: int = 0
+    tars: list[str] | None = None  # the tars' paths or URLs
+    cache: Path | None = None  # where remote tars are downloaded
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.tars) if self.tars is not None else -(-len(self.records) // self.chunk_size)
+
+    def chunk(self, k: int) -> dict[int, Record]:
+        if self.tars is None:
+            return {i: self.records[i] for i in chunk_records(k, self.chunk_size, len(self.records))}
+        return tar_records(self.tars[k], k, self.cache)
+
+
+def tar_input(images: str, cache) -> list[str] | None:
+    """The tar shards `--images` names (a .tar path or URL, brace patterns such as data/{00000..00099}.tar
+    expanded, or a folder holding *.tar and no metadata file), or None where it names a metadata input."""
+    if "://" in images or images.startswith("pipe:") or images.endswith(".tar") or "{" in images:
+        return expand_urls(images)
+    folder = Path(images)
+    if folder.is_dir() and not any((folder / n).is_file() for n in METADATA_NAMES):
+        tars = sorted(str(t) for t in folder.glob("*.tar"))
+        return tars or None
+    return None
+
+
+def tar_records(url: str, k: int, cache) -> dict[int, Record]:
+    """The samples of tar shard `url` (chunk k) as records: WebDataset's grouping by key ({key}.jpg with its
+    {key}.txt caption, or {key}.json's "caption", as img2dataset writes them). A remote tar is downloaded into
+    `cache` first (webdataset's FileCache). A key with no image member is not a sample; an image with no
+    caption raises FeatureError naming the tar and the key."""
+    remote = "://" in url or url.startswith("pipe:")
+    if remote:
+        cache.mkdir(parents=True, exist_ok=True)
+        try:
+            local = FileCache(str(cache), url_to_name=lambda _: f"input-{k:06d}.tar").get_file(url)
+        except Exception as e:  # noqa: BLE001 - what the download's handler (curl, a pipe) raised
+            raise FeatureError(f"--images {url}: cannot download it into {cache} ({type(e).__name__}: {e})") from None
+    else:
+        local = url
+    groups: dict[str, dict] = {}
+    try:
+        with tarfile.open(local, "r:") as tar:
+            for m in tar:
+                parts = base_plus_ext(m.name) if m.isfile() else None
+                if not parts or parts[0] is None:
+                    continue
+                key, ext = parts
+                group = groups.setdefault(key, {})
+                if ext in ("txt", "json"):
+                    group[ext] = tar.extractfile(m).read().decode("utf-8")
+                elif ext.lower() in IMAGE_EXTS and "image" not in group:
+                    group["image"] = (m.name, m.offset_data, m.size)
+    except (OSError, tarfile.TarError, UnicodeDecodeError) as e:
+        raise FeatureError(f"--images {url}: not a readable WebDataset tar ({type(e).__name__}: {e})") from None
+    records = {}
+    for j, (key, group) in enumerate((key, g) for key, g in groups.items() if "image" in g):
+        caption = group.get("txt")
+        if caption is None and "json" in group:
+            caption = _parse(group["json"], f"{url}, {key}.json").get("caption")
+        if not isinstance(caption, str):
+            raise FeatureError(f"--images {url}: sample {key!r} has no caption ({key}.txt, or a \"caption\" in "
+                               f"{key}.json); add one or remove the sample")
+        if j >= TAR_STRIDE:
+            raise FeatureError(f"--images {url} holds more than {TAR_STRIDE:,} samples; split it into smaller tars")
+        name, offset, size = group["image"]
+        records[k * TAR_STRIDE + j] = Record(f"{url}#{name}", caption, None, f"{url}, sample {key!r}",
+                                             (local, offset, size))
+    return records
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Images: load, resize, crop
 # ----------------------------------------------------------------------------------------------------------
@@ -185,19 +286,34 @@ def load_image(path, resolution: int, buckets: dict | None) -> tuple[torch.Tenso
     return pixels.float() / 127.5 - 1, (h, w), ratio
 
 
-class _Images(Dataset):
-    """Item k of `todo` (record indices): (record index, image or None, (h, w), ratio, error message)."""
+def image_source(record: Record, root: Path):
+    """What load_image opens for a record: its file under the image root, or its bytes inside a tar."""
+    if record.at is None:
+        return root / record.file
+    path, offset, size = record.at
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return io.BytesIO(f.read(size))
 
-    def __init__(self, records, root: Path, todo: list[int], resolution: int, buckets):
-        self.records, self.root, self.todo, self.resolution, self.buckets = records, root, todo, resolution, buckets
+
+def image_name(record: Record, root: Path) -> str:
+    """A record's image as reported: its path, or its tar and member."""
+    return record.file if record.at is not None else str(root / record.file)
+
+
+class _Images(Dataset):
+    """Item k of `todo` ((record index, Record) pairs): (record index, image or None, (h, w), ratio, error)."""
+
+    def __init__(self, todo: list, root: Path, resolution: int, buckets):
+        self.todo, self.root, self.resolution, self.buckets = todo, root, resolution, buckets
 
     def __len__(self):
         return len(self.todo)
 
     def __getitem__(self, k):
-        i = self.todo[k]
+        i, record = self.todo[k]
         try:
-            image, hw, ratio = load_image(self.root / self.records[i].file, self.resolution, self.buckets)
+            image, hw, ratio = load_image(image_source(record, self.root), self.resolution, self.buckets)
         except UNREADABLE as e:
             return i, None, (0, 0), 0.0, f"{type(e).__name__}: {e}"
         return i, image, hw, ratio, ""
@@ -237,7 +353,7 @@ def plan(records: list[Record], vae, t5, resolution: int, multi_aspect: bool, ch
     if odd:
         raise FeatureError(f"the VAE downsamples by {downsample} but --resolution {resolution} gives image sizes "
                            f"{odd[:3]} not divisible by it; pick a resolution that is a multiple of {downsample}")
-    labels = [r.label for r in records]
+    labels = [r.label for r in records] or [None]
     if any(lab is not None for lab in labels) and any(lab is None for lab in labels):
         raise FeatureError("some records have a 'label' and some do not; label all of them (stage 1) or none")
     return {
@@ -274,22 +390,28 @@ def chunk_records(k: int, chunk_size: int, num_records: int) -> range:
     return range(k * chunk_size, min((k + 1) * chunk_size, num_records))
 
 
-def check_chunk(path: Path, records: list[Record], chunk: range) -> None:
-    """Raise FeatureError if the finished chunk at `path` (records `chunk`) holds other image files, captions or
-    labels than `records` give now: the metadata changed there since it was written."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            info, index = f.metadata() or {}, f.get_tensor("index").tolist()
-            labels = f.get_tensor("label").tolist() if "label" in f.keys() else [None] * len(index)
-        files, captions = json.loads(info["files"]), json.loads(info["captions"])
-    except (SafetensorError, KeyError, ValueError) as e:
-        raise FeatureError(f"feature chunk {path} is not a readable chunk ({type(e).__name__}: {e}); delete it and "
-                           "run this command again to write it again") from None
+def check_chunk(path: Path, chunk: dict) -> None:
+    """Raise FeatureError if the finished chunk at `path` (a chunk file, or a shard's table) holds other image
+    files, captions or labels than its records (`chunk`: record index -> Record) give now: the input changed
+    there since it was written."""
+    if path.suffix == ".json":
+        samples = read_table(path)["samples"]
+        index, files, captions = samples["index"], samples["file"], samples["caption"]
+        labels = samples.get("label", [None] * len(index))
+    else:
+        try:
+            with safe_open(str(path), "pt") as f:
+                info, index = f.metadata() or {}, f.get_tensor("index").tolist()
+                labels = f.get_tensor("label").tolist() if "label" in f.keys() else [None] * len(index)
+            files, captions = json.loads(info["files"]), json.loads(info["captions"])
+        except (SafetensorError, KeyError, ValueError) as e:
+            raise FeatureError(f"feature chunk {path} is not a readable chunk ({type(e).__name__}: {e}); delete it "
+                               "and run this command again to write it again") from None
     for i, file, caption, label in zip(index, files, captions, labels):
         if i not in chunk:
-            raise FeatureError(f"feature chunk {path} holds record {i}, not one of its {chunk.start}..{chunk.stop - 1};"
+            raise FeatureError(f"feature chunk {path} holds record {i}, not one of its {min(chunk)}..{max(chunk)};"
                                " delete it and run this command again to write it again")
-        r = records[i]
+        r = chunk[i]
         change = (f"names {r.file!r}" if r.file != file else f"captions it {r.caption!r}" if r.caption != caption
                   else f"labels it {r.label!r}, not {label!r}" if r.label != label else None)
         if change:
@@ -304,7 +426,7 @@ def write_chunk_manifest(path: Path) -> None:
 
 
 @torch.no_grad()
-def encode(vae, text: TextEncoder, items: list, records: list[Record]) -> dict[int, dict]:
+def encode(vae, text: TextEncoder, items: list, records: dict) -> dict[int, dict]:
     """One batch of loaded images of one size (items of `_Images`) -> record index -> {"mean", "std": (C, h, w),
     "text": (L, E) the caption's valid tokens, in the encoders' dtype on the CPU; "hw", "size", "ratio"}."""
     x = torch.stack([image for _, image, *_ in items]).to(vae.device, vae.dtype)  # (B, 3, H, W)
@@ -319,7 +441,7 @@ def encode(vae, text: TextEncoder, items: list, records: list[Record]) -> dict[i
             for b, (i, _, hw, ratio, _) in enumerate(items)}
 
 
-def write_chunk(path: Path, samples: dict, meta: dict, records: list[Record], skipped: list) -> None:
+def write_chunk(path: Path, samples: dict, meta: dict, records, skipped: list) -> None:
     """samples: record index -> {"mean", "std", "text", "hw", "size", "ratio"}. Per-sample tensors are keyed by
     the global record index; small (n,) tables list what the chunk holds. Written atomically, then its manifest
     (a rerun writes the manifest of a chunk that has none)."""
@@ -358,39 +480,71 @@ def count_oddities(summary: dict, path: Path, hw: tuple[int, int], size: tuple[i
         summary["empty_captions"] += 1
 
 
+FORMATS = ("chunks", "shards")  # --format: safetensors chunks (FeatureDataset), WebDataset tar shards (ShardDataset)
+
+
+def launch_share(shard: tuple[int, int] | None) -> tuple[int, int]:
+    """This process's share (i, n): --shard, else torchrun's RANK / WORLD_SIZE, else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if shard is not None:
+        if world > 1:
+            raise FeatureError(f"--shard {shard[0]}/{shard[1]} under torchrun (WORLD_SIZE {world}): drop --shard, "
+                               "torchrun gives each process its share (RANK of WORLD_SIZE)")
+        return shard
+    return int(os.environ.get("RANK", "0")), world
+
+
 def extract(
-    images, vae, t5, out, resolution: int = 256, multi_aspect: bool = False, shard: tuple[int, int] = (0, 1),
+    images, vae, t5, out, resolution: int = 256, multi_aspect: bool = False, shard: tuple[int, int] | None = None,
     batch_size: int = 32, chunk_size: int = 1024, image_root=None, device=None, dtype: torch.dtype | None = None,
-    workers: int = 0, progress: bool = True, max_tokens: int = MAX_TOKENS,
+    workers: int = 0, progress: bool = True, max_tokens: int = MAX_TOKENS, format: str = "chunks", cache=None,
 ) -> dict:
     """Extract (or finish extracting) features into `out`; returns a summary of this process's work:
     {"records", "chunks", "chunks_done_before", "chunks_written", "encoded", "unreadable": [[path, error], ...],
     "upscaled", "empty_captions", "truncated_captions": counts of the images and captions encoded}.
 
-    shard (i, n): handle chunks k with k % n == i. device: default CUDA if present; dtype: default bf16 on a
-    GPU that has it, else float32. workers: image-decoding processes (DataLoader workers). max_tokens: the caption
-    length T5 pads (or truncates) to, recorded in index.json: 120 for PixArt-alpha, 300 for PixArt-Sigma."""
-    i_shard, n_shards = shard
+    shard (i, n): handle chunks k with k % n == i; None: torchrun's RANK of WORLD_SIZE (launch_share).
+    device: default CUDA if present (cuda:LOCAL_RANK under torchrun); dtype: default bf16 on a GPU that has it,
+    else float32. workers: image-decoding processes (DataLoader workers). max_tokens: the caption length T5 pads
+    (or truncates) to, recorded in index.json: 120 for PixArt-alpha, 300 for PixArt-Sigma. format: "chunks"
+    (safetensors chunk files) or "shards" (WebDataset tar shards, pixart_fast.shards). cache: where remote input
+    tars are downloaded (default: under ~/.cache/pixart_fast)."""
+    i_shard, n_shards = launch_share(shard)
     if not 0 <= i_shard < n_shards:
         raise FeatureError(f"--shard {i_shard}/{n_shards}: need 0 <= i < n")
     if batch_size < 1 or chunk_size < 1:
         raise FeatureError(f"--batch-size and --chunk-size must be >= 1, got {batch_size} and {chunk_size}")
-    metadata = find_metadata(images)
-    root = Path(image_root) if image_root else metadata.parent
-    records = read_records(metadata)
+    if format not in FORMATS:
+        raise FeatureError(f"--format {format!r}: pick one of {', '.join(FORMATS)}")
+    tars = tar_input(str(images), cache)
+    if tars is not None:
+        source = Input(tars=tars, cache=Path(cache) if cache else default_cache(str(images)))
+        root, records = Path(image_root or "."), []
+    else:
+        metadata = find_metadata(images)
+        root = Path(image_root) if image_root else metadata.parent
+        records = read_records(metadata)
+        source = Input(records=records, chunk_size=chunk_size)
     out = Path(out)
     meta = plan(records, vae, t5, resolution, multi_aspect, chunk_size, max_tokens)
+    if tars is not None:  # chunk k is tar k
+        meta |= {"num_records": None, "chunk_size": None, "num_chunks": len(tars)}
+    if format == "shards":
+        meta["format"] = SHARDS
+    finished, write = (table_name, write_shard) if format == "shards" else (chunk_name, write_chunk)
     if (out / INDEX).exists():
         write_index(out, meta)  # refuses another extraction
     mine = list(range(i_shard, meta["num_chunks"], n_shards))
-    done = [k for k in mine if (out / chunk_name(k)).exists()]
+    chunks = {k: source.chunk(k) for k in mine}  # record index -> Record, per chunk
+    # finished: a chunk file, or a shard's table (written after its tar) with its tar
+    done = [k for k in mine if (out / finished(k)).exists() and (format == "chunks" or (out / shard_name(k)).exists())]
     for k in done:
-        check_chunk(out / chunk_name(k), records, chunk_records(k, chunk_size, len(records)))
+        check_chunk(out / finished(k), chunks[k])
     for k in done:
-        if not (out / manifest_name(k)).exists():  # written before its manifest, or by an older version
+        if format == "chunks" and not (out / manifest_name(k)).exists():  # written before its manifest
             write_chunk_manifest(out / chunk_name(k))
     pending = [k for k in mine if k not in done]
-    summary = {"records": sum(len(chunk_records(k, chunk_size, len(records))) for k in mine), "chunks": len(mine),
+    summary = {"records": sum(len(chunks[k]) for k in mine), "chunks": len(mine),
                "chunks_done_before": len(mine) - len(pending), "chunks_written": 0, "encoded": 0, "unreadable": [],
                "upscaled": 0, "empty_captions": 0, "truncated_captions": 0}
     log = tqdm.write if progress else print
@@ -398,7 +552,8 @@ def extract(
         log(f"{out}: all {len(mine)} chunks of shard {i_shard}/{n_shards} are done already")
         return summary
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     from diffusers import AutoencoderKL  # diffusers is needed here only
@@ -408,24 +563,25 @@ def extract(
     autoencoder = autoencoder.to(device).eval().requires_grad_(False)
     text = _load("t5", t5, lambda: TextEncoder.from_pretrained(t5, dtype=dtype, device=device, max_length=max_tokens))
     buckets = {r: (h, w) for r, h, w in meta["buckets"]} if multi_aspect else None
-    todo = [i for k in pending for i in chunk_records(k, chunk_size, len(records))]
-    loader = DataLoader(_Images(records, root, todo, resolution, buckets), batch_size=None, num_workers=workers)
+    todo = [item for k in pending for item in chunks[k].items()]
+    loader = DataLoader(_Images(todo, root, resolution, buckets), batch_size=None, num_workers=workers)
     items = iter(loader)  # loaded in todo's order
     bar = tqdm(total=len(todo), disable=not progress, desc=f"extract {i_shard}/{n_shards}", unit="img")
     for k in pending:
+        records = chunks[k]
         samples, skipped, waiting = {}, [], {}  # waiting: (H, W) -> loaded images short of a full batch
-        for _ in chunk_records(k, chunk_size, len(records)):
+        for _ in records:
             item = next(items)
             i, image, hw, _, error = item
             bar.update(1)
             if image is None:
-                path = str(root / records[i].file)
+                path = image_name(records[i], root)
                 skipped.append([i, path, error])
                 summary["unreadable"].append([path, error])
                 log(f"skipped unreadable image {path} ({error})")
                 continue
             size = tuple(image.shape[1:])
-            count_oddities(summary, root / records[i].file, hw, size, records[i].caption, log)
+            count_oddities(summary, image_name(records[i], root), hw, size, records[i].caption, log)
             waiting.setdefault(size, []).append(item)
             if len(waiting[size]) == batch_size:
                 samples.update(encode(autoencoder, text, waiting.pop(size), records))
@@ -434,7 +590,7 @@ def extract(
         if not summary["chunks_written"]:  # the folder and its index come with the first chunk
             out.mkdir(parents=True, exist_ok=True)
             write_index(out, meta)
-        write_chunk(out / chunk_name(k), samples, meta, records, skipped)
+        write(out / (shard_name(k) if format == "shards" else chunk_name(k)), samples, meta, records, skipped)
         summary["chunks_written"] += 1
         summary["encoded"] += len(samples)
     bar.close()
@@ -472,7 +628,10 @@ def _shard(text: str) -> tuple[int, int]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pixart_fast.extract", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", required=True, help="folder with metadata.jsonl or data_info.json, or that file")
+    p.add_argument("--images", required=True,
+                   help="folder with metadata.jsonl or data_info.json, or that file; or WebDataset tar shards as "
+                        "img2dataset writes them: a folder of *.tar, a .tar path or URL, or a pattern such as "
+                        "'data/{00000..00099}.tar'")
     p.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the metadata's)")
     p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (config.json + weights), or a "
                    "pipeline folder with vae/ inside")
@@ -481,19 +640,27 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output folder for index.json and the chunk files")
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels: 256, 512 or 1024")
     p.add_argument("--multi-aspect", action="store_true", help="crop to PixArt's nearest aspect-ratio bucket")
-    p.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: this process's share (chunks k with k %% n == i)")
+    p.add_argument("--shard", type=_shard, default=None,
+                   help="i/n: this process's share (chunks k with k %% n == i), for processes started by hand; under "
+                        "torchrun each process takes RANK/WORLD_SIZE")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
     p.add_argument("--chunk-size", type=int, default=1024, help="records per output file")
     p.add_argument("--workers", type=int, default=4, help="image-decoding worker processes (0: decode inline)")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
                    help=f"caption length in T5 tokens: {MAX_TOKENS} for PixArt-alpha (default), 300 for PixArt-Sigma")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--format", choices=FORMATS, default="chunks",
+                   help="chunks: safetensors chunk files (default); shards: WebDataset tar shards, which training "
+                        "also reads from a URL (docs/shards.md)")
+    p.add_argument("--cache", default=None, help="where remote input tars are downloaded (default: under "
+                   "~/.cache/pixart_fast/shards)")
+    p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, "
+                   "else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="encoder dtype, also the stored one (default: bfloat16 on a GPU that has it, else float32)")
     a = p.parse_args(argv)
     summary = extract(a.images, a.vae, a.t5, a.out, a.resolution, a.multi_aspect, a.shard, a.batch_size,
                       a.chunk_size, a.image_root, a.device, a.dtype and getattr(torch, a.dtype), a.workers,
-                      max_tokens=a.max_tokens)
+                      max_tokens=a.max_tokens, format=a.format, cache=a.cache)
     print(json.dumps({k: v if k != "unreadable" else len(v) for k, v in summary.items()}))
     return 0
 
