@@ -10,13 +10,20 @@ cache (warm), as a training run reads a set that fits its machine's memory.
 
 An H200 at 60 % MFU consumes about 660 PixArt-XL/2 training images/s at 256 px (docs/ARCHITECTURE.md section 6).
 
+The same 256-px samples as WebDataset tar shards (pixart_fast.shards, docs/shards.md), read by the same batch
+path: in place ("local"), and from an S3-compatible server on localhost (moto, a private bucket read with curl's
+signed GETs through webdataset's `pipe:`) into a local cache ("s3"): its first batch, which downloads every
+shard, is timed apart (first_batch_s); the rounds then read the cache.
+
 One intra-op thread, as bench/test_bench_cpu.py and for the same reason: on a shared machine with more runnable
 processes than cores, OpenMP's barriers time the scheduler (the old path measured 16-21 samples/s with two
 threads on a loaded 2-core machine, 140-160 with one). The new path fans nothing out per sample, so this is fair
 to the old one rather than the new.
 """
 import json
+import os
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -27,6 +34,7 @@ from pixart_fast.batch import Batch
 from pixart_fast.extract import Record, aspect_ratio_buckets, plan, write_chunk, write_index
 from pixart_fast.features import FeatureDataset, chunk_name
 from pixart_fast.loader import prefetch
+from pixart_fast.shards import SHARDS, ShardDataset, shard_name, write_shard
 from pixart_fast.train.loop import batch_indices
 
 BATCH, SEED = 128, 0
@@ -39,8 +47,10 @@ BEFORE_STEPS = 2  # batches timed on the synchronous path (about a second each a
 WORKERS, DEPTH = 2, 4
 
 
-def write_synthetic(out: Path, resolution: int, samples: int, chunk_size: int, ratios=None, seed: int = 0) -> Path:
-    """An extraction folder of `samples` synthetic XL-shaped samples, written by pixart_fast.extract's writer."""
+def write_synthetic(out: Path, resolution: int, samples: int, chunk_size: int, ratios=None, seed: int = 0,
+                    shards: bool = False) -> Path:
+    """An extraction folder of `samples` synthetic XL-shaped samples, written by pixart_fast.extract's writer
+    (shards: as WebDataset tar shards, the same samples)."""
     encoders = out / "encoders"
     for name, config in (("vae", {"block_out_channels": [128, 256, 512, 512], "latent_channels": 4,
                                   "scaling_factor": 0.18215}),
@@ -49,8 +59,10 @@ def write_synthetic(out: Path, resolution: int, samples: int, chunk_size: int, r
         (encoders / name / "config.json").write_text(json.dumps(config))
     records = [Record(f"image{i:06d}.jpg", f"synthetic caption {i}") for i in range(samples)]
     meta = plan(records, encoders / "vae", encoders / "t5", resolution, ratios is not None, chunk_size)
-    folder = out / "features"
+    folder = out / ("shards" if shards else "features")
     folder.mkdir(parents=True, exist_ok=True)
+    if shards:
+        meta["format"] = SHARDS
     write_index(folder, meta)
     table = aspect_ratio_buckets(resolution) if ratios else {1.0: (resolution, resolution)}
     ratios = ratios or (1.0,)
@@ -67,7 +79,10 @@ def write_synthetic(out: Path, resolution: int, samples: int, chunk_size: int, r
             mean, std = torch.randn(2, meta["latent_channels"], H // f, W // f, generator=g).to(torch.bfloat16)
             chunk[i] = {"mean": mean, "std": std.abs(), "text": words[start:start + n].clone(), "hw": (H, W),
                         "size": (H, W), "ratio": ratio}
-        write_chunk(folder / chunk_name(k), chunk, meta, records, [])
+        if shards:
+            write_shard(folder / shard_name(k), chunk, meta, records, [])
+        else:
+            write_chunk(folder / chunk_name(k), chunk, meta, records, [])
     return folder
 
 
@@ -97,21 +112,23 @@ def feature_set(request, tmp_path_factory):
     return resolution, data
 
 
+def make_batch(data, step: int) -> Batch:  # the trainer's: a pure function of (seed, step)
+    return data.batch(batch_indices(data, step, BATCH, SEED), text_dtype=None)
+
+
+def epoch(data):
+    for _, batch in prefetch(lambda step: make_batch(data, step), range(STEPS), depth=DEPTH, workers=WORKERS):
+        assert len(batch) == BATCH
+
+
 def test_data_loader_xl(benchmark, feature_set):
     resolution, data = feature_set
-
-    def make_batch(step: int) -> Batch:  # the trainer's: a pure function of (seed, step)
-        return data.batch(batch_indices(data, step, BATCH, SEED), text_dtype=None)
-
-    def epoch():
-        for _, batch in prefetch(make_batch, range(STEPS), depth=DEPTH, workers=WORKERS):
-            assert len(batch) == BATCH
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         # the same batches as the old path, text aside from its dtype
-        new, old = make_batch(0), synchronous_before(data, batch_indices(data, 0, BATCH, SEED))
+        new, old = make_batch(data, 0), synchronous_before(data, batch_indices(data, 0, BATCH, SEED))
         assert new.text.dtype == torch.bfloat16 and torch.equal(new.text.float(), old.text)
         assert torch.equal(new.images, old.images) and torch.equal(new.mask, old.mask)
         del new, old
@@ -119,7 +136,7 @@ def test_data_loader_xl(benchmark, feature_set):
         for step in range(1, BEFORE_STEPS + 1):
             synchronous_before(data, batch_indices(data, step, BATCH, SEED))
         before = BEFORE_STEPS * BATCH / (time.perf_counter() - start)
-        benchmark.pedantic(epoch, rounds=3, warmup_rounds=1)
+        benchmark.pedantic(epoch, args=(data,), rounds=3, warmup_rounds=1)
     finally:
         torch.set_num_threads(threads)
     after = STEPS * BATCH / benchmark.stats.stats.median
@@ -134,3 +151,57 @@ def test_data_loader_xl(benchmark, feature_set):
           f"before (synchronous) {before:,.0f} samples/s; {after / before:.1f}x")
     if resolution == 256:
         assert after >= 660, "slower than one H200 consumes at 256 px"
+
+
+@contextmanager
+def s3_source(folder: Path):
+    """folder's files in a private bucket of an S3-compatible server (moto) on localhost; yields the webdataset
+    source that reads them with signed GETs (curl's AWS Signature Version 4)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1")
+        s3.create_bucket(Bucket="data")
+        for path in sorted(folder.iterdir()):
+            s3.upload_file(str(path), "data", f"shards/{path.name}")
+        yield (f'pipe:curl -sfL --aws-sigv4 aws:amz:us-east-1:s3 --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" '
+               f"http://{host}:{port}/data/shards/{{name}}")
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_data_loader_xl_shards(benchmark, where, tmp_path):
+    samples, chunk_size, _ = SETS[256]
+    folder = write_synthetic(tmp_path, 256, samples, chunk_size, shards=True)
+    reference = FeatureDataset(write_synthetic(tmp_path, 256, samples, chunk_size))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with s3_source(folder) if where == "s3" else nullcontext(str(folder)) as source:
+            data = ShardDataset(source, tmp_path / "cache")
+            start = time.perf_counter()
+            first = make_batch(data, 0)  # remote: downloads the shards
+            first_batch = time.perf_counter() - start
+            for name in ("images", "latent_std", "text", "mask", "img_hw"):  # the folder's batch
+                assert torch.equal(getattr(first, name), getattr(make_batch(reference, 0), name)), name
+            del first
+            if where == "local":
+                for k in range(data.meta["num_chunks"]):  # warm page cache, as for the folder
+                    (folder / shard_name(k)).read_bytes()
+            benchmark.pedantic(epoch, args=(data,), rounds=3, warmup_rounds=1)
+    finally:
+        torch.set_num_threads(threads)
+    after = STEPS * BATCH / benchmark.stats.stats.median
+    benchmark.extra_info.update(kind="data_loader", device="cpu", threads=1, resolution=256, batch=BATCH,
+                                samples=len(data), format="shards", where=where, text_dtype="bfloat16",
+                                workers=WORKERS, depth=DEPTH, samples_per_s=after, first_batch_s=first_batch)
+    print(f"\n256 px shards ({where}), batch {BATCH}, {len(data)} samples: prefetched {after:,.0f} samples/s; "
+          f"first batch {first_batch:.2f} s{' (downloads every shard)' if where == 's3' else ''}")
+    assert after >= 2000, "shards read slower than 2,000 samples/s at 256 px"
