@@ -2,7 +2,11 @@
 (unsharded) state dicts for checkpoints, so a checkpoint resumes under any world size.
 
     torchrun --nproc-per-node 8 -m pixart_fast.train --stage 2 ...              one machine, 8 GPUs
-    torchrun --nnodes 4 --node-rank R --master-addr HOST --nproc-per-node 8 ... four machines
+    torchrun --nnodes 4 --node-rank R --master-addr HOST --nproc-per-node 8 ... four machines (R = 0 .. 3)
+
+Rank 0 alone writes (checkpoints, metrics, samples); every rank reads the checkpoint it resumes from and the
+weights it starts from, so on several machines --out is a folder on a file system they all share, at the same
+path (the trainer refuses to resume when the ranks see different checkpoints).
 
 Every rank builds the same model from the same seed, draws the same global batch (indices, noise, timesteps,
 caption drops) and takes its own slice `Dist.slice(batch_size)`; DDP averages the gradients, so N processes
@@ -52,6 +56,14 @@ class Dist:
             dist.all_reduce(values)
             values /= self.world_size
         return values
+
+    def agree(self, value: int) -> bool:
+        """Whether every rank holds the same integer `value` (always, in a single process). A collective."""
+        if self.world_size == 1:
+            return True
+        values = torch.tensor([value, -value], device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return values[0].item() == -values[1].item()
 
     def close(self) -> None:
         if self.owns_group:

@@ -221,6 +221,11 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
             log(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'}, starting a new run")
     elif cfg.resume:
         resume = verified_checkpoint(Path(cfg.resume))
+    # every rank reads the checkpoint it resumes from: on several nodes, --out must be a folder they all see
+    if not d.agree(int(training_metadata(resume / "model.safetensors").get("step", 0)) if resume else 0):
+        raise UserError(f"the processes do not resume from the same checkpoint (this one: {resume or 'none'}, in "
+                        f"{run_dir} as its node sees it): put --out on a file system every node shares, at the same "
+                        "path")
     model.to(d.device)
     base = None  # LoRA: the frozen base weights, loaded again on a resume (checkpoints hold the adapters only)
     if resume is None or cfg.lora_rank:
