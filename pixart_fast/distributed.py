@@ -6,7 +6,7 @@
 
 Rank 0 alone writes (checkpoints, metrics, samples); every rank reads the checkpoint it resumes from and the
 weights it starts from, so on several machines --out is a folder on a file system they all share, at the same
-path (the trainer refuses to resume when the ranks see different checkpoints).
+path (the trainer refuses to start when the ranks see different checkpoints or weights).
 
 Every rank builds the same model from the same seed, draws the same global batch (indices, noise, timesteps,
 caption drops) and takes its own slice `Dist.slice(batch_size)`; DDP averages the gradients, so N processes
@@ -57,13 +57,13 @@ class Dist:
             values /= self.world_size
         return values
 
-    def agree(self, value: int) -> bool:
-        """Whether every rank holds the same integer `value` (always, in a single process). A collective."""
+    def agree(self, *values: int) -> bool:
+        """Whether every rank holds the same integers `values` (always, in a single process). A collective."""
         if self.world_size == 1:
             return True
-        values = torch.tensor([value, -value], device=self.device)
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        return values[0].item() == -values[1].item()
+        both = torch.tensor([*values, *(-v for v in values)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)  # the largest value, and minus the smallest
+        return bool((both[:len(values)] == -both[len(values):]).all())
 
     def close(self) -> None:
         if self.owns_group:

@@ -135,7 +135,7 @@ def test_two_nodes_equal_one_process_and_resume_on_two_nodes(one_process, tmp_pa
     # --out not shared: node 1 sees no checkpoint to resume from; both nodes stop with one line, nothing trained
     outputs = two_nodes(out, "--resume=latest", node1_out=tmp_path / "node1-disk")
     for text in outputs:
-        assert "error: the processes do not resume from the same checkpoint" in text, text[-3000:]
+        assert "error: the processes do not start from the same checkpoint or weights" in text, text[-3000:]
     assert "put --out on a file system every node shares" in outputs[1]
 
 

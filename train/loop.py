@@ -221,11 +221,6 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
             log(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'}, starting a new run")
     elif cfg.resume:
         resume = verified_checkpoint(Path(cfg.resume))
-    # every rank reads the checkpoint it resumes from: on several nodes, --out must be a folder they all see
-    if not d.agree(int(training_metadata(resume / "model.safetensors").get("step", 0)) if resume else 0):
-        raise UserError(f"the processes do not resume from the same checkpoint (this one: {resume or 'none'}, in "
-                        f"{run_dir} as its node sees it): put --out on a file system every node shares, at the same "
-                        "path")
     model.to(d.device)
     base = None  # LoRA: the frozen base weights, loaded again on a resume (checkpoints hold the adapters only)
     if resume is None or cfg.lora_rank:
@@ -246,6 +241,13 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
     ema = lora.ema_copy(model)
     if resume is not None:
         load_weights(resume, model, ema)
+    # Every rank reads the checkpoint it resumes from, or the previous stage's weights, under --out: on several
+    # nodes, a folder they all see. Where they differ, no rank trains (FSDP would mix shards of both).
+    step = int(training_metadata(resume / "model.safetensors").get("step", 0)) if resume else 0
+    if not d.agree(step, base is not None):
+        raise UserError(f"the processes do not start from the same checkpoint or weights (this one: "
+                        f"{resume or base or 'new weights'}; {run_dir} as its node sees it): put --out on a file "
+                        "system every node shares, at the same path")
     net = distributed.wrap(model, d, cfg.fsdp)  # DDP, FSDP2 (model sharded in place) or the model itself
     distributed.shard_like(ema, cfg.fsdp)
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
