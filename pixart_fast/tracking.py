@@ -91,14 +91,11 @@ def wandb_mode(log=print) -> str | None:
 
     if os.environ.get("WANDB_MODE"):
         return None
-    if not wandb.login(prompt=False, verify=False):
-        return "offline"
-    try:
-        wandb.login(prompt=False, verify=True)
+    try:  # False: no login; a login is checked with its server (WANDB_HTTP_TIMEOUT seconds, default 10)
+        return "online" if wandb.login(prompt=False, verify=True) else "offline"
     except wandb.errors.CommError as e:  # no network, or the key is refused
         log(f"W&B: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; logging offline")
         return "offline"
-    return "online"
 
 
 class WandB(Tracker):

@@ -3,6 +3,7 @@ files (`wandb leet inspect`), across a resume from a checkpoint older than the l
 after it logged past its checkpoint): every step once, the resumed run's values from the resume step on."""
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -68,8 +69,22 @@ def no_wandb_login(tmp_path, monkeypatch):
         monkeypatch.setenv(name, str(tmp_path / name.lower()))
 
 
+def test_wandb_is_online_only_with_a_login_its_server_accepts(no_wandb_login, monkeypatch):
+    said = []
+    assert tracking.wandb_mode(said.append) == "offline" and said == []  # no login
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert tracking.wandb_mode() is None  # wandb's own setting decides
+    monkeypatch.delenv("WANDB_MODE")
+    with socket.socket() as s:  # a login, but its server does not answer (a port nothing listens on)
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{s.getsockname()[1]}")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_HTTP_TIMEOUT", "1")
+    assert tracking.wandb_mode(said.append) == "offline"
+    assert len(said) == 1 and said[0].startswith("W&B: ") and said[0].endswith("; logging offline")
+
+
 def test_wandb_offline_run_continues_across_a_resume(tmp_path, no_wandb_login):
-    assert tracking.wandb_mode() == "offline"
     out = tmp_path / "out"
     lines = killed_and_resumed(out, "wandb")
     state = json.loads((out / "stage2" / tracking.WANDB_STATE).read_text())
