@@ -31,16 +31,14 @@ from pixart_fast.files import atomic_path
 from pixart_fast.flops import flops_per_image
 from pixart_fast.gpus import GPUS, gpu_key
 
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to value -> the package it needs
 WANDB_STATE = "wandb-run.json"
 
 
 def require(report_to: str) -> None:
-    """UserError naming the pip command when --report-to needs a package that is not installed."""
-    package = PACKAGES.get(report_to)
-    if package and importlib.util.find_spec(package) is None:
-        raise UserError(f"--report-to {report_to} needs the {package} package: pip install 'pixart_fast[track]' "
-                        f"(or pip install {package})")
+    """UserError naming the pip command when --report-to's package (tensorboard, wandb) is not installed."""
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:
+        raise UserError(f"--report-to {report_to} needs the {report_to} package: pip install 'pixart_fast[track]' "
+                        f"(or pip install {report_to})")
 
 
 def _numbers(values: dict) -> dict:
