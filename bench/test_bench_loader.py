@@ -21,7 +21,6 @@ threads on a loaded 2-core machine, 140-160 with one). The new path fans nothing
 to the old one rather than the new.
 """
 import json
-import os
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -160,17 +159,16 @@ def s3_source(folder: Path):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
         host, port = server.get_host_and_port()
-        s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1")
+        s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
         s3.create_bucket(Bucket="data")
         for path in sorted(folder.iterdir()):
             s3.upload_file(str(path), "data", f"shards/{path.name}")
-        yield (f'pipe:curl -sfL --aws-sigv4 aws:amz:us-east-1:s3 --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" '
+        yield ("pipe:curl -sfL --aws-sigv4 aws:amz:us-east-1:s3 --user testing:testing "
                f"http://{host}:{port}/data/shards/{{name}}")
     finally:
         server.stop()

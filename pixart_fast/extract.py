@@ -11,8 +11,8 @@ named directly or found in the --images folder (also under `partition/`, the off
 relative to --image-root, by default the folder holding the metadata file. An optional integer "label" on
 every record is kept, for the class-conditional stage 1. Or WebDataset tar shards as img2dataset writes them
 (`tar_input`: a folder of *.tar, a .tar path or URL, a brace pattern): each sample's `{key}.jpg` (or .jpeg,
-.png, .webp) captioned by its `{key}.txt`, or the "caption" of its `{key}.json`; chunk k is then tar k, and a
-remote tar is downloaded into --cache when its chunk is extracted.
+.png, .webp) captioned by its `{key}.txt`, or the "caption" of its `{key}.json`; chunk k is then tar k, and each
+process downloads the remote tars of its share into --cache before it starts encoding.
 
 Each image is resized (bicubic) so it covers the target and center-cropped to it: resolution x resolution, or
 with --multi-aspect the nearest of PixArt's aspect-ratio buckets (aspect_ratio_buckets; nearest in height / width).

@@ -23,6 +23,9 @@ disk or in a copy) is refused, and a sample that is not finite is named by chunk
 training on wrong values or skipping steps of a NaN loss. A folder extracted before chunks had manifests is read
 unverified, with one warning; rerunning pixart_fast.extract on it writes them.
 
+pixart_fast.shards reads the same features from WebDataset tar shards (`extract --format shards`), local or
+remote, through this class's batch path.
+
 Whatever a user can fix raises FeatureError (a pixart_fast.cli.UserError and a ValueError) naming the file and
 what to do: a folder that is not an extraction, a chunk damaged or not what pixart_fast.extract writes
 (unreadable, a key missing, a wrong dtype or shape: its small tables when the dataset opens, a sample's tensors

@@ -50,10 +50,13 @@ def extracted(images, encoders, tmp_path_factory):
     return root / "chunks", root / "shards"
 
 
+KEYS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}  # the local server's credentials
+
+
 def signed(url: str) -> str:
     """A webdataset `pipe:` source reading `url` (a private S3 object, path style) with a signed GET (curl's AWS
-    Signature Version 4, the credentials from the environment)."""
-    return f'pipe:curl -sfL --aws-sigv4 aws:amz:us-east-1:s3 --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" {url}'
+    Signature Version 4)."""
+    return f"pipe:curl -sfL --aws-sigv4 aws:amz:us-east-1:s3 --user testing:testing {url}"
 
 
 @contextmanager
@@ -62,14 +65,12 @@ def s3_bucket(folder: Path, bucket: str = "data"):
     private bucket); yields (the folder's HTTP URL, path style, and a boto3 client)."""
     boto3 = pytest.importorskip("boto3")
     server_mod = pytest.importorskip("moto.server")
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **KEYS)
         s3.create_bucket(Bucket=bucket)
         for path in sorted(folder.iterdir()):
             s3.upload_file(str(path), bucket, f"{folder.name}/{path.name}")
