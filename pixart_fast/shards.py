@@ -124,7 +124,8 @@ def _fetch(url: str) -> bytes:
         with gopen(url) as f:
             return f.read()
     except Exception as e:  # noqa: BLE001 - gopen raises what its handler (curl, a pipe) reports
-        raise FeatureError(f"{url}: cannot read it ({type(e).__name__}: {e})") from None
+        raise FeatureError(f"{url}: cannot read it ({type(e).__name__}: {e}); check the URL, that the file is "
+                           "there, and the credentials") from None
 
 
 class ShardDataset(FeatureDataset):
@@ -177,6 +178,8 @@ class ShardDataset(FeatureDataset):
             return json.loads(Path(where).read_text() if not self.remote else _fetch(where))
         except FileNotFoundError:
             raise FeatureError(f"--data {self.source}: no {name}; extract the shards first or fix the path") from None
+        except FeatureError:
+            raise
         except (OSError, ValueError) as e:
             raise FeatureError(f"{where} is unreadable ({type(e).__name__}: {e}); {_REWRITE}") from None
 

@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,11 +26,13 @@ from safetensors.torch import load
 
 from pixart_fast.checkpoints import load_safetensors
 from pixart_fast.cli import UserError
+from pixart_fast.distributed import Dist
 from pixart_fast.extract import TAR_STRIDE, extract, launch_share
 from pixart_fast.features import FeatureDataset, FeatureError
 from pixart_fast.shards import ShardDataset, open_features, shard_name, table_name
-from pixart_fast.train.loop import batch_indices, train
+from pixart_fast.train.loop import batch_indices, step_batch, train
 from pixart_fast.train.recipes import RECIPES
+from pixart_fast.train.stages import FeatureData
 from test_extract import PICTURES, encoders, images, kept_records  # noqa: F401 (fixtures)
 from test_loader import assert_same_batch
 
@@ -148,6 +151,27 @@ def test_shards_train_from_localhost_s3_through_a_local_cache(extracted, tmp_pat
         assert np.isfinite(summary["final_loss"]) and all(torch.equal(x[k], y[k]) for k in x)
         with pytest.raises(FeatureError, match="missing/index.json: cannot read it"):
             ShardDataset(signed(f"{http}/missing/{{name}}"), tmp_path / "cache")
+
+
+def test_each_rank_downloads_and_reads_only_its_slice(images, encoders, tmp_path):
+    shards = tmp_path / "square"  # one bucket: a batch draws from every shard
+    run(images, encoders, shards, format="shards", resolution=32, multi_aspect=False)
+    whole = FeatureData(ShardDataset(shards))
+    cfg = replace(RECIPES[3], batch_size=4)
+    narrower = 0  # steps where a rank's slice lies in fewer shards than the global batch
+    with s3_bucket(shards) as (http, _):
+        for step in range(6):
+            batch = batch_indices(whole, step, cfg.batch_size, cfg.seed)
+            for rank in (0, 1):
+                cache = tmp_path / f"cache-{step}-{rank}"
+                data = FeatureData(ShardDataset(signed(f"{http}/{{name}}"), cache))
+                part = batch[rank * 2:(rank + 1) * 2]
+                assert_same_batch(step_batch(SimpleNamespace(cfg=cfg, dist=Dist(rank, 2), data=data), step),
+                                  whole.batch(part))
+                downloaded = {p.name for p in cache.iterdir()}
+                assert downloaded == {shard_name(whole.features.chunk[i]) for i in part}
+                narrower += len(downloaded) < len({whole.features.chunk[i] for i in batch})
+    assert narrower, "no step tells a rank's slice from the global batch"
 
 
 def img2dataset_tars(images, out: Path, per_tar: int = 3) -> Path:
