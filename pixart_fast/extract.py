@@ -65,7 +65,8 @@ from webdataset.tariterators import base_plus_ext
 from pixart_fast.cli import run
 from pixart_fast.files import atomic_path, write_manifest
 from pixart_fast.features import FORMAT, INDEX, FeatureError, chunk_name, manifest_name
-from pixart_fast.shards import SHARDS, default_cache, read_table, shard_name, table_name, write_shard
+from pixart_fast.shards import (SHARDS, default_cache, no_s3_scheme, read_table, shard_name, table_name,
+                                write_shard)
 from pixart_fast.text import MAX_TOKENS, TextEncoder
 
 
@@ -204,9 +205,10 @@ class Input:
         return tar_records(self.tars[k], k, self.cache)
 
 
-def tar_input(images: str, cache) -> list[str] | None:
+def tar_input(images: str) -> list[str] | None:
     """The tar shards `--images` names (a .tar path or URL, brace patterns such as data/{00000..00099}.tar
     expanded, or a folder holding *.tar and no metadata file), or None where it names a metadata input."""
+    no_s3_scheme("--images", images, images)
     if "://" in images or images.startswith("pipe:") or images.endswith(".tar") or "{" in images:
         return expand_urls(images)
     folder = Path(images)
@@ -516,7 +518,7 @@ def extract(
         raise FeatureError(f"--batch-size and --chunk-size must be >= 1, got {batch_size} and {chunk_size}")
     if format not in FORMATS:
         raise FeatureError(f"--format {format!r}: pick one of {', '.join(FORMATS)}")
-    tars = tar_input(str(images), cache)
+    tars = tar_input(str(images))
     if tars is not None:
         source = Input(tars=tars, cache=Path(cache) if cache else default_cache(str(images)))
         root, records = Path(image_root or "."), []

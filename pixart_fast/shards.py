@@ -61,6 +61,13 @@ def is_remote(source: str) -> bool:
     return "://" in source or source.startswith("pipe:")
 
 
+def no_s3_scheme(flag: str, source: str, example: str) -> None:
+    """Refuse an s3:// URL (webdataset opens none) with the pipe: source that reads it."""
+    if source.startswith("s3://"):
+        raise FeatureError(f"{flag} {source}: S3 is read through a command, e.g. {flag} 'pipe:aws s3 cp "
+                           f"{example} -' (docs/shards.md)")
+
+
 def default_cache(source: str) -> Path:
     """Where the shards of remote `source` are kept: ~/.cache/pixart_fast/shards/<hash of source>."""
     home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -135,6 +142,7 @@ class ShardDataset(FeatureDataset):
 
     def __init__(self, source, cache=None):
         self.source = str(source)
+        no_s3_scheme("--data", self.source, f"{self.source.rstrip('/')}/{{name}}")
         self.root = self.source  # named in messages, as a feature folder
         self.remote = is_remote(self.source)
         self.cache = Path(cache) if cache else default_cache(self.source) if self.remote else None

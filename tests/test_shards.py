@@ -264,3 +264,7 @@ def test_user_mistakes_are_named(monkeypatch, tmp_path):
     (tmp_path / "index.json").write_text(json.dumps({"format": "pixart_fast.features/1"}))
     with pytest.raises(UserError, match="expected 'pixart_fast.shards/1'"):
         ShardDataset(tmp_path)
+    with pytest.raises(UserError, match=r"--data s3://b/feats: .* --data 'pipe:aws s3 cp s3://b/feats/\{name\} -'"):
+        open_features("s3://b/feats")
+    with pytest.raises(UserError, match=r"--images 'pipe:aws s3 cp s3://b/\{0..9\}.tar -'"):
+        extract("s3://b/{0..9}.tar", tmp_path, tmp_path, tmp_path / "out")
