@@ -64,6 +64,12 @@ ARMS = (
     Arm("mask", "token masking 0.5, the last 1/8 of the steps unmasked", stage2=dict(mask_ratio=0.5),
         unmasked_fraction=0.125),
     Arm("route", "token routing 0.5 past blocks 1-2", stage2=dict(route_ratio=0.5)),
+    Arm("self-align", "self-representation alignment: block 2's states toward the EMA model's block 4, weight 0.5",
+        stage2=dict(repa_depth=2, repa_target_depth=4)),
+    Arm("v-unweighted", "v-prediction without min-SNR weighting (more weight on the low-noise steps)",
+        stage2=dict(min_snr_gamma=0.0, min_snr_plus_one=False)),
+    Arm("p2-mask", "patch 2 (256 tokens) with token masking 0.75, the last 1/8 of the steps unmasked",
+        stage2=dict(model="PixArt-pixel-32-p2", mask_ratio=0.75), unmasked_fraction=0.125),
 )
 ARM_NAMES = tuple(a.name for a in ARMS)
 
@@ -90,6 +96,14 @@ def image_flops(cfg: TrainConfig, masked: bool = True) -> int:
         levers["mask_ratio"] = cfg.mask_ratio
     if cfg.route_ratio:
         levers.update(route_ratio=cfg.route_ratio, route_blocks=(cfg.route_start, cfg.route_end or model.depth - 1))
+    if cfg.repa_depth:
+        encoder = None
+        if cfg.repa_encoder:
+            from transformers import AutoConfig
+
+            encoder = AutoConfig.from_pretrained(cfg.repa_encoder, local_files_only=True)
+        levers.update(repa_depth=cfg.repa_depth, repa_target_depth=cfg.repa_target_depth,
+                      repa_projector_dim=cfg.repa_projector_dim, repa_encoder=encoder)
     return flops_per_image(model, vae_downsample=1, class_conditional=cfg.stage == 1, **levers)
 
 
