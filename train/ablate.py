@@ -279,7 +279,7 @@ def ablate(out, arms: tuple[str, ...] = ARM_NAMES, seeds: int = 3, steps: int | 
     unknown = [a for a in arms if a not in ARM_NAMES]
     if unknown:
         raise UserError(f"--arms {','.join(unknown)}: unknown arm; choose from {','.join(ARM_NAMES)}")
-    out, chosen = Path(out), {a.name: a for a in ARMS if a.name in arms}
+    out, chosen = Path(out), {name: next(a for a in ARMS if a.name == name) for name in dict.fromkeys(arms)}
     steps, stage1_steps = steps or RECIPES[2].steps, stage1_steps or RECIPES[1].steps
     runs = {name: {} for name in chosen}
     for seed in range(seeds):
