@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pixart_fast.checkpoints import load_safetensors
+from pixart_fast.cli import UserError
 from pixart_fast.diffusion import Diffusion
 from pixart_fast.model import CONFIGS, PixArt, reparameterize
 from pixart_fast.train.__main__ import config_from_args
@@ -152,3 +153,5 @@ def test_the_ablation_command_writes_its_table_and_plot(tmp_path):
     again = ablate(tmp_path, arms=("default",), seeds=2, steps=4, eval_every=2, num_val=2, fixed=(("colour", 0.0),),
                    progress=False, **tiny)
     assert again["default"]["bars"][0] == bar
+    with pytest.raises(UserError, match="holds a run of 4 steps, not 6"):  # never trains a finished run on
+        ablate(tmp_path, arms=("default",), seeds=1, steps=6, eval_every=2, num_val=2, progress=False, **tiny)

@@ -134,6 +134,15 @@ def seconds_at(seconds: dict[int, float], step: int) -> float:
     return seconds[min((s for s in seconds if s >= step), default=max(seconds))]
 
 
+def _same_budget(run_dir: Path, steps: int) -> None:
+    """A run already under `run_dir` must have the budget asked for: resuming a finished run with more steps would
+    train it on, and with fewer would refuse."""
+    summary = run_dir / "summary.json"
+    if summary.exists() and (done := json.loads(summary.read_text()).get("steps")) != steps:
+        raise UserError(f"{run_dir} holds a run of {done} steps, not {steps}: pass the same step counts as the "
+                        "ablation in that folder, or another --out")
+
+
 def run_arm(arm: Arm, seed: int, out: Path, steps: int, stage1_steps: int, eval_every: int, num_val: int,
             progress: bool, settings: dict) -> dict:
     """Train one arm x seed (stage 1 first when the arm has one) and return its evaluated steps with their
@@ -142,10 +151,12 @@ def run_arm(arm: Arm, seed: int, out: Path, steps: int, stage1_steps: int, eval_
     stage1 = {"flops": 0, "seconds": 0.0}
     if arm.stage1 is not None:
         cfg1 = stage1_config(arm, seed, stage1_steps, settings)
+        _same_budget(folder / "stage1", cfg1.steps)
         train(replace(cfg1, out=str(folder), resume="latest"), progress=progress)
         _, sec1 = read_run(folder / "stage1", cfg1.batch_size)
         stage1 = {"flops": step_flops(cfg1, cfg1.steps), "seconds": seconds_at(sec1, cfg1.steps)}
     cfg2 = stage2_config(arm, seed, steps, eval_every, num_val, settings)
+    _same_budget(folder / "stage2", cfg2.steps)
     train(replace(cfg2, out=str(folder), resume="latest"), progress=progress)
     scores, seconds = read_run(folder / "stage2", cfg2.batch_size)
     evaluated = [{"step": s, "flops": step_flops(cfg2, s), "seconds": seconds_at(seconds, s), "scores": scores[s]}
