@@ -12,7 +12,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from pixart_fast import distributed
 from pixart_fast.checkpoints import load_safetensors
+from pixart_fast.cli import UserError
 from pixart_fast.distributed import Dist
 from pixart_fast.train.loop import train
 from pixart_fast.train.recipes import RECIPES
@@ -47,27 +49,24 @@ def torchrun(nproc: int, out, *flags: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
 
-def two_nodes(out, *flags: str, node1_out=None) -> list[str]:
+def two_nodes(out, *flags: str) -> None:
     """The same on 2 "nodes" of 1 process: two torchrun launchers, --node-rank 0 and 1, meeting at the static
-    rendezvous on 127.0.0.1 (on real machines: the first node's address), --out shared by both (node1_out: node 1's
-    own). Asserts that both succeeded, unless node1_out is given; returns their output."""
+    rendezvous on 127.0.0.1 (on real machines: the first node's address), --out shared by both."""
     port, nodes = free_port(), []
     try:
-        for rank, folder in enumerate((out, node1_out or out)):
+        for rank in (0, 1):
             log = open(out.parent / f"{out.name}-node{rank}.log", "w")
             nodes.append((subprocess.Popen(train_command(
                 ["--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}", "--master-addr=127.0.0.1",
-                 f"--master-port={port}"], folder, *flags), env=ENV, stdout=log, stderr=subprocess.STDOUT), log))
+                 f"--master-port={port}"], out, *flags), env=ENV, stdout=log, stderr=subprocess.STDOUT), log))
         for node, log in nodes:
             node.wait(timeout=300)
     finally:
         for node, log in nodes:
             node.kill()
             log.close()
-    outputs = [open(log.name).read() for _, log in nodes]
-    for rank, (node, _) in enumerate(nodes):
-        assert node1_out or node.returncode == 0, f"node {rank}: " + outputs[rank][-5000:]
-    return outputs
+    for rank, (node, log) in enumerate(nodes):
+        assert node.returncode == 0, f"node {rank}: " + open(log.name).read()[-5000:]
 
 
 def weights(out, step, name="model"):
@@ -132,11 +131,21 @@ def test_two_nodes_equal_one_process_and_resume_on_two_nodes(one_process, tmp_pa
     lines = [json.loads(line) for line in (out / "stage2/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3]
     assert len(list((out / "stage2/tensorboard").glob("events.out.tfevents.*"))) == 2  # rank 0's, one a launch
-    # --out not shared: node 1 sees no checkpoint to resume from; both nodes stop with one line, nothing trained
-    outputs = two_nodes(out, "--resume=latest", node1_out=tmp_path / "node1-disk")
-    for text in outputs:
-        assert "error: the processes do not start from the same checkpoint or weights" in text, text[-3000:]
-    assert "put --out on a file system every node shares" in outputs[1]
+
+
+def test_ranks_that_start_from_different_weights_stop_with_one_line(tmp_path, monkeypatch):
+    """Nodes that do not share --out: one resumes from a checkpoint, another sees none."""
+    def all_reduce_with(other):  # gloo's MAX over this rank and another holding `other`
+        return lambda values, op: values.copy_(torch.maximum(values, torch.tensor([*other, *(-v for v in other)])))
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce_with((3, 1)))
+    assert Dist(rank=0, world_size=2).agree(3, 1)
+    assert not Dist(rank=0, world_size=2).agree(0, 1) and not Dist(rank=0, world_size=2).agree(3, 0)
+    monkeypatch.setattr(Dist, "agree", lambda self, *values: False)
+    with pytest.raises(UserError, match="the processes do not start from the same checkpoint or weights .*: put --out "
+                                        "on a file system every node shares, at the same path"):
+        train(replace(RECIPES[2], **FLAGS, out=str(tmp_path)), progress=False)
+    assert not (tmp_path / "stage2/checkpoints").exists()  # nothing trained
 
 
 def test_each_rank_takes_its_slice_of_the_global_batch():
