@@ -84,7 +84,7 @@ def test_routed_hidden_states_are_taken_after_re_insertion():
     assert torch.equal(routing_everyone, model(**a, hidden_depth=2)[1])
 
 
-def test_the_hidden_state_forward_compiles_to_one_graph():
+def test_the_hidden_state_forward_compiles_to_one_graph_with_the_same_gradients():
     torch._dynamo.reset()
     model, a = model_and_inputs()
     g = torch.Generator().manual_seed(0)
@@ -93,6 +93,15 @@ def test_the_hidden_state_forward_compiles_to_one_graph():
     for extra in (dict(hidden_depth=2), dict(hidden_depth=3, hidden_only=True)):
         explained = torch._dynamo.explain(model)(**args, **extra)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    out, hidden = model(**args, hidden_depth=2)
+    (out.square().mean() + hidden.square().mean()).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled_out, compiled_hidden = torch.compile(model, backend="aot_eager", fullgraph=True)(**args, hidden_depth=2)
+    (compiled_out.square().mean() + compiled_hidden.square().mean()).backward()
+    torch.testing.assert_close(compiled_hidden, hidden)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], msg=n)
 
 
 def aligned_step(encoder=None, levers=None, depth=1, target_depth=3, device="cpu"):
