@@ -161,13 +161,15 @@ class ShardDataset(FeatureDataset):
                                    f"unfinished ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); rerun "
                                    "pixart_fast.extract with the same arguments (every process) to finish it")
         with ThreadPoolExecutor(8) as pool:  # remote: one request each, in parallel
-            self._tables = list(pool.map(self._json, [table_name(k) for k in range(n)]))
+            tables = list(pool.map(self._json, [table_name(k) for k in range(n)]))
         columns = _TABLE + (("label",) if self.num_classes is not None else ())
         dtypes = {"index": torch.int64, "hw": torch.int32, "size": torch.int32, "ratio": torch.float32,
                   "tokens": torch.int32, "label": torch.int64}
         try:
-            t = {c: torch.tensor([v for table in self._tables for v in table["samples"][c]], dtype=dtypes[c])
+            t = {c: torch.tensor([v for table in tables for v in table["samples"][c]], dtype=dtypes[c])
                  for c in columns}
+            # what a process checks a shard against (the files and captions, for messages, are read again then)
+            self._entries = [{"bytes": int(table["bytes"]), "crc32": str(table["crc32"])} for table in tables]
         except (KeyError, TypeError, ValueError) as e:
             raise FeatureError(f"--data {self.source}: a shard table lacks or garbles {e}; {_REWRITE}") from None
         tokens, max_tokens = t["tokens"], self.meta["max_tokens"]
@@ -176,7 +178,7 @@ class ShardDataset(FeatureDataset):
                                f"{tokens.min()}..{tokens.max()}; {_REWRITE}")
         for c in ("hw", "size"):
             t[c] = t[c].reshape(-1, 2)
-        chunk = torch.cat([torch.full((len(table["samples"]["index"]),), k) for k, table in enumerate(self._tables)])
+        chunk = torch.cat([torch.full((len(table["samples"]["index"]),), k) for k, table in enumerate(tables)])
         self._index(t, chunk)
         self._locks = {k: threading.Lock() for k in range(n)}  # one download of a shard at a time
 
@@ -190,6 +192,11 @@ class ShardDataset(FeatureDataset):
             raise
         except (OSError, ValueError) as e:
             raise FeatureError(f"{where} is unreadable ({type(e).__name__}: {e}); {_REWRITE}") from None
+
+    def _captions(self, k: int) -> tuple[list, list]:
+        """The image files and captions of shard k's samples, from its table."""
+        samples = self._json(table_name(k))["samples"]
+        return samples["file"], samples["caption"]
 
     def _local(self, k: int) -> Path:
         """Shard k as a local file: in place, or downloaded into the cache (once)."""
@@ -216,12 +223,10 @@ class ShardDataset(FeatureDataset):
                 stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
                 layout = self._layouts.get(k)
                 if layout is None or layout.stamp != stamp:
-                    table = self._tables[k]
                     records, shapes = self.records[self._first[k]:self._first[k + 1]], self._expected_shapes(k)
-                    entry = {"bytes": table["bytes"], "crc32": table["crc32"]}
-                    _check_size(path, stamp[0], entry)
-                    layout = _verify(f, path, _tar_layout(f, path, stamp, records, shapes), records, shapes, entry,
-                                     lambda _, t=table: (t["samples"]["file"], t["samples"]["caption"]))
+                    _check_size(path, stamp[0], self._entries[k])
+                    layout = _verify(f, path, _tar_layout(f, path, stamp, records, shapes), records, shapes,
+                                     self._entries[k], lambda _, k=k: self._captions(k))
                     self._layouts[k] = layout
                 return f, layout
             except FeatureError as e:

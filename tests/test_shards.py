@@ -8,6 +8,7 @@ The encoders and images are test_extract's: a tiny VAE and T5 from configs, phot
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,9 +28,9 @@ from safetensors.torch import load
 from pixart_fast.checkpoints import load_safetensors
 from pixart_fast.cli import UserError
 from pixart_fast.distributed import Dist
-from pixart_fast.extract import TAR_STRIDE, extract, launch_share
+from pixart_fast.extract import TAR_STRIDE, Record, extract, launch_share
 from pixart_fast.features import FeatureDataset, FeatureError
-from pixart_fast.shards import ShardDataset, open_features, shard_name, table_name
+from pixart_fast.shards import ShardDataset, open_features, shard_name, table_name, write_shard
 from pixart_fast.train.loop import batch_indices, step_batch, train
 from pixart_fast.train.recipes import RECIPES
 from pixart_fast.train.stages import FeatureData
@@ -253,6 +254,22 @@ def test_torchrun_processes_split_the_work_and_a_killed_run_resumes(images, enco
     assert summary["chunks_done_before"] == written and summary["chunks_written"] == 8 - written
     same_shard_sets(whole, killed)
     assert sorted(ShardDataset(killed).records) == sorted(ShardDataset(whole).records)
+
+
+def test_a_shard_holding_nan_names_the_record_and_caption(extracted, tmp_path):
+    folder = shutil.copytree(extracted[1], tmp_path / "shards")
+    meta, table = (json.loads((folder / name).read_text()) for name in ("index.json", table_name(0)))
+    samples, records = {}, {}
+    for sample in wds.WebDataset(str(folder / shard_name(0)), shardshuffle=False):
+        i, info, tensors = int(sample["__key__"]), json.loads(sample["json"]), load(sample["safetensors"])
+        samples[i] = {**tensors, "hw": info["hw"], "size": info["size"], "ratio": info["ratio"]}
+        records[i] = Record(info["file"], info["caption"], info.get("label"))
+    samples[1]["text"][0, 0] = float("nan")
+    write_shard(folder / shard_name(0), samples, meta, records, table["skipped"])
+    data = ShardDataset(folder)
+    data.batch([0])  # another sample of the shard reads
+    with pytest.raises(FeatureError, match=rf"record 1 \('pic1.jpg', caption '{PICTURES[1][2]}'\) holds NaN"):
+        data.batch([1])
 
 
 def test_user_mistakes_are_named(monkeypatch, tmp_path):
