@@ -6,8 +6,8 @@ the sample's key (its record index, 9 digits): `{key}.safetensors` (tensors "mea
 distribution (C, h, w); "text": the caption's valid T5 tokens (n, E)) and `{key}.json` (image file, caption,
 original and cropped size, bucket ratio, token count, label). Any WebDataset reader reads them; the table lists
 the same small columns for every sample of the shard, with the tar's size and CRC-32, so training knows every
-sample's bucket without opening a shard. The table is written after its tar: a shard is finished when its
-table exists.
+sample's bucket without opening a shard. The table is written after its tar: a shard is finished when both
+are there.
 
 `ShardDataset(source, cache)` is a FeatureDataset over such shards; `source` is a local folder or a URL prefix
 that webdataset's gopen opens (http(s)://, gs://, hf://, or `pipe:` with a command holding `{name}`, e.g.

@@ -28,7 +28,7 @@ from safetensors.torch import load
 from pixart_fast.checkpoints import load_safetensors
 from pixart_fast.cli import UserError
 from pixart_fast.distributed import Dist
-from pixart_fast.extract import TAR_STRIDE, Record, extract, launch_share
+from pixart_fast.extract import TAR_STRIDE, Record, extract, launch_share, tar_records
 from pixart_fast.features import FeatureDataset, FeatureError
 from pixart_fast.shards import ShardDataset, open_features, shard_name, table_name, write_shard
 from pixart_fast.train.loop import batch_indices, step_batch, train
@@ -285,3 +285,8 @@ def test_user_mistakes_are_named(monkeypatch, tmp_path):
         open_features("s3://b/feats")
     with pytest.raises(UserError, match=r"--images 'pipe:aws s3 cp s3://b/\{0..9\}.tar -'"):
         extract("s3://b/{0..9}.tar", tmp_path, tmp_path, tmp_path / "out")
+    (tmp_path / "k.jpg").write_bytes(b"an image")
+    with tarfile.open(tmp_path / "no-caption.tar", "w") as tar:
+        tar.add(tmp_path / "k.jpg", "k.jpg")
+    with pytest.raises(UserError, match="sample 'k' has no caption"):
+        tar_records(str(tmp_path / "no-caption.tar"), 0, None)
