@@ -256,6 +256,7 @@ def markdown(table: dict, arms: dict[str, Arm]) -> str:
 def plot(runs: dict, path: Path, metrics=("colour", "position", "shape", "accuracy")) -> None:
     """Score against training FLOPs (stage 1 counted), one panel per metric: each arm's mean and min-max band."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -272,6 +273,7 @@ def plot(runs: dict, path: Path, metrics=("colour", "position", "shape", "accura
             ax.fill_between(x, [min(v) for v in y], [max(v) for v in y], alpha=0.15)
         ax.set_title(metric)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decade labels only: they do not overlap
         ax.set_xlabel("training FLOPs")
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("EMA score, held-out captions")
