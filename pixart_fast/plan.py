@@ -132,12 +132,13 @@ def mfu_from_bench(path) -> tuple[str, dict[int, float]]:
     return gpus.pop(), best
 
 
-def ratio_from_ablation(path, arm: str, baseline: str = "paper") -> dict:
+def ratio_from_ablation(path, arm: str, baseline: str = "paper", bar: str | None = None) -> dict:
     """The compute ratio an ablation measured (`python -m pixart_fast.train.ablate`'s ablation.json): how many
     times less training compute `arm` took than `baseline` to reach the baseline's own final quality (the bar
-    "... (<baseline>'s final)"), stage 1 counted where an arm has one. Returns {"ratio": the ratio of the means
-    over seeds, "low": the lower end of the spread (the baseline's cheapest seed over the arm's dearest), "source":
-    a line saying where it came from}. Every seed of both arms must have reached the bar."""
+    "... (<baseline>'s final)"; `bar`: another bar's label, as ablation.md writes it), stage 1 counted where an arm
+    has one. Returns {"ratio": the ratio of the means over seeds, "low": the lower end of the spread (the baseline's
+    cheapest seed over the arm's dearest), "source": a line saying where it came from}. Every seed of both arms must
+    have reached the bar."""
     data = json.loads(Path(path).read_text())
     summary = data.get("summary")
     if not summary:
@@ -146,18 +147,20 @@ def ratio_from_ablation(path, arm: str, baseline: str = "paper") -> dict:
         if name not in summary:
             raise ValueError(f"{path}: no arm {name!r}; it has {sorted(summary)}")
 
-    def cost(name):
-        bar = next((b for b in summary[name]["bars"] if b["label"].endswith(f"({baseline}'s final)")), None)
-        if bar is None:
-            raise ValueError(f"{path}: no bar at {baseline}'s final quality")
-        entry = bar.get("with_stage1", bar.get("stage2"))
+    def flops(name):
+        found = next((b for b in summary[name]["bars"]
+                      if (b["label"] == bar if bar else b["label"].endswith(f"({baseline}'s final)"))), None)
+        if found is None:
+            labels = [b["label"] for b in summary[name]["bars"]]
+            raise ValueError(f"{path}: arm {name!r} has no bar {bar or baseline + ' final'}; its bars: {labels}")
+        entry = found.get("with_stage1", found.get("stage2"))
         if entry["reached"] != summary[name]["seeds"]:
-            raise ValueError(f"{path}: arm {name!r} reached {bar['label']} in {entry['reached']} of "
+            raise ValueError(f"{path}: arm {name!r} reached {found['label']} in {entry['reached']} of "
                              f"{summary[name]['seeds']} seeds; no ratio to scale by")
-        return bar["label"], entry["flops"]
+        return found["label"], entry["flops"]
 
-    label, base = cost(baseline)
-    _, ours = cost(arm)
+    label, base = flops(baseline)
+    _, ours = flops(arm)
     return {"ratio": base["mean"] / ours["mean"], "low": base["min"] / ours["max"],
             "source": f"{path}: arm {arm!r} against {baseline!r} to {label}, {summary[arm]['seeds']} seeds"}
 
@@ -399,6 +402,8 @@ def main(argv=None):
                         "(default: default)")
     parser.add_argument("--baseline", default="paper", help="with --ratio-from: the arm standing for the paper's "
                         "recipe (default: paper)")
+    parser.add_argument("--bar", help="with --ratio-from: the quality bar, as ablation.md labels it (default: the "
+                        "baseline's final score)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     parser.add_argument("--png", metavar="FILE", help="also draw the comparison as a bar chart PNG")
     memory = parser.add_argument_group("--memory: what a training step holds, and the largest batch that fits --gpu")
@@ -437,7 +442,7 @@ def main(argv=None):
             if gpu is not None and gpu != bench_gpu:
                 parser.error(f"--gpu {gpu} but {args.mfu_from} was measured on {bench_gpu}")
             gpu = bench_gpu
-        ratio = None if args.ratio_from is None else ratio_from_ablation(args.ratio_from, args.arm, args.baseline)
+        ratio = None if args.ratio_from is None else ratio_from_ablation(args.ratio_from, args.arm, args.baseline, args.bar)
         result = plan(schedule, gpu or "A100-80GB", mfu_value, args.usd_per_gpu_hour, args.kg_co2_per_kwh,
                       args.pue, args.watts, ratio)
     except (OSError, ValueError) as e:  # a missing file, a bad schedule or bench JSON, a value out of range

@@ -348,3 +348,7 @@ def test_the_schedule_scaled_by_a_ratio_an_ablation_measured(tmp_path, capsys):
     assert "ESTIMATE, scaled by a ratio measured in miniature" in out and f"{ratio['ratio']:.2f}x less" in out
     with pytest.raises(ValueError, match="no arm 'mask'"):
         ratio_from_ablation(tmp_path / "ablation.json", "mask")
+    with pytest.raises(ValueError, match="reached position >= 0.5 in 0 of 1 seeds; no ratio"):  # a bar by its label
+        ratio_from_ablation(tmp_path / "ablation.json", "default", bar="position >= 0.5")
+    with pytest.raises(ValueError, match="has no bar position >= 0.9"):
+        ratio_from_ablation(tmp_path / "ablation.json", "default", bar="position >= 0.9")
