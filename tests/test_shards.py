@@ -226,7 +226,17 @@ def command(images, encoders, out) -> list[str]:
             "--multi-aspect", "--batch-size", "1", "--chunk-size", "1", "--workers", "0", "--format", "shards"]
 
 
-def test_torchrun_processes_split_the_work_and_a_killed_run_resumes(images, encoders, tmp_path):
+@pytest.fixture
+def one_thread():
+    """The test's own extractions at the one thread its subprocesses run (OMP_NUM_THREADS=1), whatever the caller's
+    environment says: a convolution's float sums depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_torchrun_processes_split_the_work_and_a_killed_run_resumes(images, encoders, tmp_path, one_thread):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     whole = tmp_path / "whole"
     run(images, encoders, whole, format="shards", batch_size=1, chunk_size=1)
