@@ -530,18 +530,23 @@ class FeatureDataset(Dataset):
         except OSError as e:
             raise FeatureError(f"feature chunk {path} is not a readable safetensors file ({e}); {_REWRITE}") from None
         try:
-            st = os.fstat(f.fileno())
-            stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
-            layout = self._layouts.get(k)
-            if layout is None or layout.stamp != stamp:
-                records, shapes = self.records[self._first[k]:self._first[k + 1]], self._expected_shapes(k)
-                layout = _parse_layout(f, path, stamp, records, shapes)
-                layout = _verify(f, path, layout, records, shapes, _manifest_entry(self.root, k))
-                self._layouts[k] = layout  # a dict assignment: atomic, no lock (threads may parse it twice)
+            layout = self._layout(k, f, lambda stamp, records, shapes: _verify(
+                f, path, _parse_layout(f, path, stamp, records, shapes), records, shapes, _manifest_entry(self.root, k)))
         except BaseException:
             f.close()
             raise
         return f, layout
+
+    def _layout(self, k: int, f, parse) -> _Layout:
+        """Chunk k's _Layout, open as f: `parse(stamp, records, shapes)` (parsed and verified) the first time this
+        process opens the chunk, and again if the file changed since (another size, mtime or inode)."""
+        st = os.fstat(f.fileno())
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        layout = self._layouts.get(k)
+        if layout is None or layout.stamp != stamp:
+            layout = parse(stamp, self.records[self._first[k]:self._first[k + 1]], self._expected_shapes(k))
+            self._layouts[k] = layout  # a dict assignment: atomic, no lock (threads may parse it twice)
+        return layout
 
     def _expected_shapes(self, k: int) -> list[tuple]:
         """The (latent, text) shapes chunk k's samples must have."""

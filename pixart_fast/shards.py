@@ -219,16 +219,12 @@ class ShardDataset(FeatureDataset):
             path = self._local(k)
             f = open(path, "rb", buffering=0)
             try:
-                st = os.fstat(f.fileno())
-                stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
-                layout = self._layouts.get(k)
-                if layout is None or layout.stamp != stamp:
-                    records, shapes = self.records[self._first[k]:self._first[k + 1]], self._expected_shapes(k)
+                def parse(stamp, records, shapes):
                     _check_size(path, stamp[0], self._entries[k])
-                    layout = _verify(f, path, _tar_layout(f, path, stamp, records, shapes), records, shapes,
-                                     self._entries[k], lambda _, k=k: self._captions(k))
-                    self._layouts[k] = layout
-                return f, layout
+                    return _verify(f, path, _tar_layout(f, path, stamp, records, shapes), records, shapes,
+                                   self._entries[k], lambda _: self._captions(k))
+
+                return f, self._layout(k, f, parse)
             except FeatureError as e:
                 f.close()
                 if not self.remote:

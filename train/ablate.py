@@ -27,7 +27,7 @@ from pathlib import Path
 from pixart_fast.cli import UserError, run
 from pixart_fast.flops import flops_per_image
 from pixart_fast.model import CONFIGS
-from .loop import train
+from .loop import route_blocks, train
 from .recipes import RECIPES, TrainConfig
 
 METRICS = ("colour", "position", "shape", "size", "accuracy")
@@ -95,7 +95,7 @@ def image_flops(cfg: TrainConfig, masked: bool = True) -> int:
     if cfg.mask_ratio and masked:
         levers["mask_ratio"] = cfg.mask_ratio
     if cfg.route_ratio:
-        levers.update(route_ratio=cfg.route_ratio, route_blocks=(cfg.route_start, cfg.route_end or model.depth - 1))
+        levers.update(route_ratio=cfg.route_ratio, route_blocks=route_blocks(cfg, model.depth))
     if cfg.repa_depth:
         encoder = None
         if cfg.repa_encoder:
