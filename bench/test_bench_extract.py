@@ -25,8 +25,8 @@ RUNS = {"1 process, 1 thread": (1, 1), "1 process, 2 threads": (1, 2), "2 proces
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    diffusers = pytest.importorskip("diffusers")
-    photos = pytest.importorskip("skimage.data")
+    diffusers = pytest.importorskip("diffusers", reason="diffusers not installed")
+    photos = pytest.importorskip("skimage.data", reason="scikit-image not installed")
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     root = tmp_path_factory.mktemp("extract")

@@ -67,8 +67,8 @@ def signed(url: str) -> str:
 def s3_bucket(folder: Path, bucket: str = "data"):
     """An S3-compatible server (moto) on localhost holding folder's files under s3://bucket/<folder name>/ (a
     private bucket); yields (the folder's HTTP URL, path style, and a boto3 client)."""
-    boto3 = pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3", reason="boto3 not installed (the test extra has it)")
+    server_mod = pytest.importorskip("moto.server", reason="moto[server] not installed (the test extra has it)")
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
