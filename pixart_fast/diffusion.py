@@ -155,6 +155,30 @@ class Diffusion:
         abar = self.alphas_cumprod
         return self._at(abar.sqrt(), t, x0) * x0 + self._at((1.0 - abar).sqrt(), t, x0) * noise
 
+    def noised(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(x_t, the signal-to-noise ratio of t[0]) for clean x0 (B, C, H, W) at training timesteps t (B,) int64:
+        `q_sample` for eps and v (SNR abar / (1 - abar)); for flow x_s = (1 - s) x0 + s noise with s = t / T (SNR
+        (1 - s)^2 / s^2)."""
+        if self.prediction == "flow":
+            s = (t.to(x0.dtype) / self.num_timesteps).view(-1, *([1] * (x0.ndim - 1)))
+            s0 = float(t[0]) / self.num_timesteps
+            return (1 - s) * x0 + s * noise, (1 - s0) ** 2 / s0**2 if s0 > 0 else math.inf
+        abar = self.alphas_cumprod[int(t[0])].item()
+        return self.q_sample(x0, t, noise), abar / (1 - abar)
+
+    @torch.no_grad()
+    def predict_x0(self, model_fn: ModelFn, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's one-step estimate of the clean sample from x_t (B, C, H, W) at training timesteps t (B,)
+        int64 (as `noised` makes it): x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) for eps and v (v converted to
+        eps), x0 = x_t - s v for flow (s = t / T)."""
+        C = x_t.shape[1]
+        out = model_fn(x_t, t)[:, :C].to(x_t.dtype)
+        if self.prediction == "flow":
+            return x_t - (t.to(x_t.dtype) / self.num_timesteps).view(-1, 1, 1, 1) * out
+        abar = self._at(self.alphas_cumprod, t, x_t)
+        eps = abar.sqrt() * out + (1 - abar).sqrt() * x_t if self.prediction == "v" else out
+        return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
     def training_losses(
         self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:

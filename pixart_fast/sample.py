@@ -67,6 +67,30 @@ def generate(model: PixArt, text: TextEncoder, prompts: list[str], height: int, 
     return x.float().clamp(-1, 1).cpu()
 
 
+def load_for_sampling(ckpt: Path, model_name: str | None = None, t5: str | None = None, tokenizer: str | None = None,
+                      prediction: str | None = None, device="cpu", check=None) -> tuple[PixArt, TextEncoder, str]:
+    """A checkpoint ready to sample: (model in eval mode on `device`, its text encoder, its prediction). Each None
+    takes what our trainer's checkpoint records (model config, prediction, the embedded T5's tokenizer and
+    locality), else eps and byte; t5: a local T5 folder instead of the embedded one. check(prediction), when given,
+    runs before the text encoder loads (to refuse a sampler that does not fit)."""
+    recorded = training_metadata(ckpt)  # our trainer's checkpoints say how they were trained
+    # a LoRA run's weights file: the base it records with the adapters on it
+    model = load_lora(ckpt) if "lora_rank" in recorded else load_pixart(ckpt, model_name)
+    model = model.to(device).eval()
+    prediction = prediction or recorded.get("prediction", "eps")
+    if check is not None:
+        check(prediction)
+    tokenizer = tokenizer or recorded.get("tokenizer", "byte")
+    locality = recorded.get("t5_locality", 0.0)  # the embedded T5 the checkpoint was trained with
+    length = model.config.max_tokens  # the caption length the model's null caption has (Σ: 300)
+    text = (TextEncoder.from_pretrained(t5, max_length=length) if t5 else
+            TextEncoder.embedded(tokenizer=tokenizer, max_length=length, locality=locality))
+    if text.caption_channels != model.config.caption_channels:
+        raise UserError(f"the text encoder gives {text.caption_channels}-dim features but the model expects "
+                        f"{model.config.caption_channels}: pass the T5 the model was trained with (--t5)")
+    return model, text, prediction
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pixart_fast.sample", description=__doc__)
     p.add_argument("--ckpt", required=True, help="PixArt weights: ours (.safetensors; a LoRA run's "
@@ -102,20 +126,9 @@ def main(argv=None) -> int:
                         "another path")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    recorded = training_metadata(Path(args.ckpt))  # our trainer's checkpoints say how they were trained
-    # a LoRA run's weights file: the base it records with the adapters on it
-    model = (load_lora(Path(args.ckpt)) if "lora_rank" in recorded else load_pixart(Path(args.ckpt), args.model))
-    model = model.to(device).eval()
-    prediction = args.prediction or recorded.get("prediction", "eps")
-    sampler_for(prediction, args.sampler, args.shift)  # a sampler that fits, before the text encoder loads
-    tokenizer = args.tokenizer or recorded.get("tokenizer", "byte")
-    locality = recorded.get("t5_locality", 0.0)  # the embedded T5 the checkpoint was trained with
-    length = model.config.max_tokens  # the caption length the model's null caption has (Σ: 300)
-    text = (TextEncoder.from_pretrained(args.t5, max_length=length) if args.t5 else
-            TextEncoder.embedded(tokenizer=tokenizer, max_length=length, locality=locality))
-    if text.caption_channels != model.config.caption_channels:
-        raise UserError(f"the text encoder gives {text.caption_channels}-dim features but the model expects "
-                        f"{model.config.caption_channels}: pass the T5 the model was trained with (--t5)")
+    model, text, prediction = load_for_sampling(Path(args.ckpt), args.model, args.t5, args.tokenizer,
+                                                args.prediction, device,
+                                                check=lambda p: sampler_for(p, args.sampler, args.shift))
     vae = None
     if args.vae:
         from diffusers import AutoencoderKL

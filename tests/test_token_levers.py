@@ -265,6 +265,19 @@ def test_the_trainer_trains_with_each_lever(levers, tmp_path):
     assert summary["steps"] == 4 and summary["skipped_steps"] == 0 and summary["final_loss"] > 0
 
 
+def test_the_stage2_recipe_routes_where_the_model_has_a_middle_block(tmp_path, capsys):
+    from pixart_fast.train.loop import route_blocks
+
+    assert RECIPES[2].route_ratio == 0.5 and RECIPES[1].route_ratio == RECIPES[3].route_ratio == 0.0
+    assert route_blocks(RECIPES[2], CONFIGS["PixArt-pixel-32"].depth) == (1, 3)  # the embedded default: blocks 1-2
+    assert route_blocks(RECIPES[2], 28) == (1, 27)  # PixArt-XL/2: the first and last block see every token
+    assert route_blocks(RECIPES[2], 2) is None and route_blocks(replace(RECIPES[2], route_ratio=0.0), 4) is None
+    # a two-block model has no middle block: the recipe's routing routes nothing, and the run says so
+    summary = train(replace(RECIPES[2], **{**FAST, "steps": 1}, log_every=1, out=str(tmp_path)), progress=False)
+    assert "PixArt-pixel-tiny has 2 blocks" in capsys.readouterr().out and summary["skipped_steps"] == 0
+    assert token_levers(RECIPES[2], 0, (2, 3, 16, 16), 2, 2, "cpu", slice(None)) == {}
+
+
 @pytest.mark.parametrize("cfg, expected", [
     (dict(stage=1, mask_ratio=0.5), "stages 2 and 3"),
     (dict(route_ratio=0.5, route_start=1, route_end=1), "--route-start 1 --route-end 1"),

@@ -8,13 +8,13 @@ model runs: masked or routed tokens, the unmasked finish, stage 1 when the arm h
 training steps (from the images/s of metrics.jsonl; validation excluded).
 
 Writes, under --out: ablation.json (every score and cost), ablation.md (per arm and threshold: the FLOPs and
-seconds to reach it, mean and spread over seeds, and the ratio to the baseline arms `paper` and `default`; then
+seconds to reach it, mean and spread over seeds, and the ratio to the baseline arms `paper` and `no-route`; then
 each arm's final scores beside their chance levels) and ablation.png (score against training FLOPs, mean and
 min-max band over seeds). Runs resume: a finished arm x seed is not trained again, an interrupted one continues
 from its newest checkpoint (one every --eval-every steps), so rerunning the command adds arms or seeds.
 
     python -m pixart_fast.train.ablate                                    # every arm, 3 seeds
-    python -m pixart_fast.train.ablate --arms paper,default,mask --seeds 3 --steps 800 --eval-every 200
+    python -m pixart_fast.train.ablate --arms paper,no-route,default,mask --seeds 3 --steps 800 --eval-every 200
 """
 import argparse
 import json
@@ -31,7 +31,7 @@ from .loop import route_blocks, train
 from .recipes import RECIPES, TrainConfig
 
 METRICS = ("colour", "position", "shape", "size", "accuracy")
-BASELINES = ("paper", "default")
+BASELINES = ("paper", "no-route")
 
 
 @dataclass(frozen=True)
@@ -52,24 +52,28 @@ class Arm:
 # gradient-norm clip of 0.01, starting from a class-conditional stage 1 of one large object per image. Its lr is
 # the miniature's (1e-3, 20-step warm-up), not the paper's 2e-5: that is set for a 611 M-parameter model at batch
 # 256, and the toy at 2e-5 barely moves in its budget. The text encoder is every arm's (word tokens, locality 0.5).
-_PAPER = dict(prediction="eps", min_snr_gamma=0.0, min_snr_plus_one=False, lr=1e-3, warmup=20, grad_clip=0.01)
+# No token routing: the paper has none.
+_PAPER = dict(prediction="eps", min_snr_gamma=0.0, min_snr_plus_one=False, lr=1e-3, warmup=20, grad_clip=0.01,
+              route_ratio=0.0)
+# The other levers are measured over the stage-2 recipe without routing, each alone.
+_ALONE = dict(route_ratio=0.0)
 ARMS = (
     Arm("paper", "the paper's recipe: eps + learned sigma + VLB, uniform t, clip 0.01, from a one-object stage 1",
         stage2=_PAPER, stage1=dict(prediction="eps", min_snr_gamma=0.0, grad_clip=0.01)),
-    Arm("default", "today's stage-2 recipe from scratch (v, min-SNR 5, lr 2e-3)"),
-    Arm("stage1", "today's stage 2 from a stage 1 on stage-2 scenes (sizes, counts, distractors)",
-        stage1=dict(stage1_scenes=True)),
+    Arm("no-route", "the stage-2 recipe from scratch without token routing (v, min-SNR 5, lr 2e-3)", stage2=_ALONE),
+    Arm("default", "the stage-2 recipe from scratch: no-route's, with token routing 0.5 past blocks 1-2 (TREAD)"),
+    Arm("stage1", "no-route's stage 2 from a stage 1 on stage-2 scenes (sizes, counts, distractors)",
+        stage2=_ALONE, stage1=dict(stage1_scenes=True)),
     Arm("flow", "rectified flow, logit-normal timesteps (SD3)",
-        stage2=dict(prediction="flow", timestep_sampling="logit-normal", min_snr_gamma=0.0)),
-    Arm("mask", "token masking 0.5, the last 1/8 of the steps unmasked", stage2=dict(mask_ratio=0.5),
+        stage2=dict(_ALONE, prediction="flow", timestep_sampling="logit-normal", min_snr_gamma=0.0)),
+    Arm("mask", "token masking 0.5, the last 1/8 of the steps unmasked", stage2=dict(_ALONE, mask_ratio=0.5),
         unmasked_fraction=0.125),
-    Arm("route", "token routing 0.5 past blocks 1-2", stage2=dict(route_ratio=0.5)),
     Arm("self-align", "self-representation alignment: block 2's states toward the EMA model's block 4, weight 0.5",
-        stage2=dict(repa_depth=2, repa_target_depth=4)),
+        stage2=dict(_ALONE, repa_depth=2, repa_target_depth=4)),
     Arm("v-unweighted", "v-prediction without min-SNR weighting (more weight on the low-noise steps)",
-        stage2=dict(min_snr_gamma=0.0, min_snr_plus_one=False)),
+        stage2=dict(_ALONE, min_snr_gamma=0.0, min_snr_plus_one=False)),
     Arm("p2-mask", "patch 2 (256 tokens) with token masking 0.75, the last 1/8 of the steps unmasked",
-        stage2=dict(model="PixArt-pixel-32-p2", mask_ratio=0.75), unmasked_fraction=0.125),
+        stage2=dict(_ALONE, model="PixArt-pixel-32-p2", mask_ratio=0.75), unmasked_fraction=0.125),
 )
 ARM_NAMES = tuple(a.name for a in ARMS)
 
@@ -94,8 +98,9 @@ def image_flops(cfg: TrainConfig, masked: bool = True) -> int:
     levers = {}
     if cfg.mask_ratio and masked:
         levers["mask_ratio"] = cfg.mask_ratio
-    if cfg.route_ratio:
-        levers.update(route_ratio=cfg.route_ratio, route_blocks=route_blocks(cfg, model.depth))
+    blocks = route_blocks(cfg, model.depth)
+    if blocks:
+        levers.update(route_ratio=cfg.route_ratio, route_blocks=blocks)
     if cfg.repa_depth:
         encoder = None
         if cfg.repa_encoder:
@@ -229,7 +234,8 @@ def _ratio(table: dict, base: str, label: str, entry: dict | None) -> str:
 
 
 def markdown(table: dict, arms: dict[str, Arm]) -> str:
-    lines = ["| arm | bar | FLOPs to reach (mean, min-max) | seconds to reach | vs paper | vs default |",
+    lines = ["| arm | bar | FLOPs to reach (mean, min-max) | seconds to reach | "
+             + " | ".join(f"vs {b}" for b in BASELINES) + " |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, arm in table.items():
         for bar in arm["bars"]:
@@ -240,7 +246,7 @@ def markdown(table: dict, arms: dict[str, Arm]) -> str:
                 tag = name + (" (stage 1 counted)" if key == "with_stage1" else
                               " (stage 1 not counted)" if "with_stage1" in bar else "")
                 lines.append(f"| {tag} | {bar['label']} | {_cost(e, n, 'flops', '.2e')} | {_cost(e, n, 'seconds', '.0f')} "
-                             f"| {_ratio(table, 'paper', bar['label'], e)} | {_ratio(table, 'default', bar['label'], e)} |")
+                             + "".join(f"| {_ratio(table, b, bar['label'], e)} " for b in BASELINES) + "|")
     lines += ["", "Final scores (mean and min-max over seeds; chance level beside each):", "",
               "| arm | recipe | training FLOPs | " + " | ".join(METRICS) + " | background |",
               "| --- | --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |"]

@@ -74,10 +74,16 @@ def step_seed(seed: int, step: int) -> int:
     return int(np.random.default_rng([seed, 11, step]).integers(2**62))
 
 
-def route_blocks(cfg: TrainConfig, depth: int) -> tuple[int, int]:
-    """The blocks --route-ratio routes past, (start, end): --route-start and --route-end (0: depth - 1)."""
+def route_blocks(cfg: TrainConfig, depth: int) -> tuple[int, int] | None:
+    """The blocks --route-ratio routes past, (start, end): --route-start and --route-end (0: depth - 1). None when
+    no token is routed: --route-ratio 0, or a model too shallow for the default range (--route-end 0 with fewer
+    than --route-start + 2 blocks: the stage-2 recipe's routing on a two-block model has no middle block)."""
+    if not cfg.route_ratio:
+        return None
     end = cfg.route_end or depth - 1
-    if cfg.route_ratio and not 0 <= cfg.route_start < end <= depth:
+    if not cfg.route_end and end <= cfg.route_start:
+        return None
+    if not 0 <= cfg.route_start < end <= depth:
         raise UserError(f"--route-start {cfg.route_start} --route-end {cfg.route_end}: the routed blocks must be "
                         f"0 <= start < end <= {depth} (the model's depth; --route-end 0 means {depth - 1})")
     return cfg.route_start, end
@@ -90,7 +96,8 @@ def token_levers(cfg: TrainConfig, step: int, shape: tuple, patch_size: int, dep
     from a generator seeded by (seed, step) and sliced like the other draws: a pure function of (seed, step).
     The last --unmasked-steps steps draw no mask."""
     masking = cfg.mask_ratio > 0 and step < cfg.steps - cfg.unmasked_steps
-    if not (masking or cfg.route_ratio > 0):
+    blocks = route_blocks(cfg, depth)
+    if not (masking or blocks):
         return {}
     gen = torch.Generator(device).manual_seed(int(np.random.default_rng([cfg.seed, 13, step]).integers(2**62)))
     B, grid = shape[0], (shape[2] // patch_size, shape[3] // patch_size)
@@ -98,9 +105,8 @@ def token_levers(cfg: TrainConfig, step: int, shape: tuple, patch_size: int, dep
     if masking:
         keep = draw_tokens(B, tokens, cfg.mask_ratio, gen)
         levers, tokens = {"keep": keep[rank_part], "grid": grid}, keep.shape[1]
-    if cfg.route_ratio > 0:
-        levers.update(route=draw_tokens(B, tokens, cfg.route_ratio, gen)[rank_part],
-                      route_blocks=route_blocks(cfg, depth))
+    if blocks:
+        levers.update(route=draw_tokens(B, tokens, cfg.route_ratio, gen)[rank_part], route_blocks=blocks)
     return levers
 
 
@@ -210,7 +216,9 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
         model = stage.build_model(cfg)
     if (cfg.mask_ratio or cfg.route_ratio) and stage.class_conditional:
         raise UserError("--mask-ratio and --route-ratio act on PixArt's tokens (stages 2 and 3), not stage 1's DiT")
-    route_blocks(cfg, model.config.depth)  # a bad range fails here, before anything is written
+    if cfg.route_ratio and route_blocks(cfg, model.config.depth) is None:  # a bad range fails here, before writing
+        log(f"--route-ratio {cfg.route_ratio}: {cfg.model} has {model.config.depth} blocks, none between the first "
+            f"routed one ({cfg.route_start}) and the last block, so no token is routed")
     data = stage.data(cfg, model)
     if d.main:
         recover_leftovers(run_dir, log)
