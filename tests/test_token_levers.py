@@ -268,7 +268,7 @@ def test_the_trainer_trains_with_each_lever(levers, tmp_path):
 def test_the_stage2_recipe_routes_where_the_model_has_a_middle_block(tmp_path, capsys):
     from pixart_fast.train.loop import route_blocks
 
-    assert RECIPES[2].route_ratio == 0.5 and RECIPES[1].route_ratio == RECIPES[3].route_ratio == 0.0
+    assert RECIPES[2].route_ratio == 0.75 and RECIPES[1].route_ratio == RECIPES[3].route_ratio == 0.0
     assert route_blocks(RECIPES[2], CONFIGS["PixArt-pixel-32"].depth) == (1, 3)  # the embedded default: blocks 1-2
     assert route_blocks(RECIPES[2], 28) == (1, 27)  # PixArt-XL/2: the first and last block see every token
     assert route_blocks(RECIPES[2], 2) is None and route_blocks(replace(RECIPES[2], route_ratio=0.0), 4) is None
