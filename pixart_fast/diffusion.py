@@ -155,16 +155,22 @@ class Diffusion:
         abar = self.alphas_cumprod
         return self._at(abar.sqrt(), t, x0) * x0 + self._at((1.0 - abar).sqrt(), t, x0) * noise
 
-    def noised(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(x_t, the signal-to-noise ratio of t[0]) for clean x0 (B, C, H, W) at training timesteps t (B,) int64:
-        `q_sample` for eps and v (SNR abar / (1 - abar)); for flow x_s = (1 - s) x0 + s noise with s = t / T (SNR
-        (1 - s)^2 / s^2)."""
+    def noised(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t for clean x0 (B, C, H, W) at the model's timesteps t (B,): `q_sample` for eps and v; for flow
+        x_s = (1 - s) x0 + s noise with s = t / T."""
         if self.prediction == "flow":
             s = (t.to(x0.dtype) / self.num_timesteps).view(-1, *([1] * (x0.ndim - 1)))
-            s0 = float(t[0]) / self.num_timesteps
-            return (1 - s) * x0 + s * noise, (1 - s0) ** 2 / s0**2 if s0 > 0 else math.inf
-        abar = self.alphas_cumprod[int(t[0])].item()
-        return self.q_sample(x0, t, noise), abar / (1 - abar)
+            return (1 - s) * x0 + s * noise
+        return self.q_sample(x0, t, noise)
+
+    def snr(self, t: int) -> float:
+        """The signal-to-noise ratio at timestep t: abar / (1 - abar) for eps and v, (1 - s)^2 / s^2 for flow
+        (s = t / T; inf at t = 0)."""
+        if self.prediction == "flow":
+            s = t / self.num_timesteps
+            return (1 - s) ** 2 / s**2 if s > 0 else math.inf
+        abar = self.alphas_cumprod[t].item()
+        return abar / (1 - abar)
 
     @torch.no_grad()
     def predict_x0(self, model_fn: ModelFn, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -233,8 +239,7 @@ class Diffusion:
         model's last C channels are ignored (they get no gradient)."""
         x0 = x0.to(torch.promote_types(x0.dtype, torch.float32))
         noise = torch.randn_like(x0) if noise is None else noise.to(x0.dtype)
-        s = (t.to(x0.dtype) / self.num_timesteps).view(-1, *([1] * (x0.ndim - 1)))
-        out = model_fn((1 - s) * x0 + s * noise, t).to(x0.dtype)
+        out = model_fn(self.noised(x0, t, noise), t).to(x0.dtype)
         C = x0.shape[1]
         want = (x0.shape[0], 2 * C if self.learn_sigma else C, *x0.shape[2:])
         if out.shape != want:

@@ -20,7 +20,7 @@ def test_noised_and_predict_x0_match_diffusers_and_invert_each_other():
     t = torch.tensor([300, 300, 300])
     for prediction in ("eps", "v", "flow"):
         d = Diffusion(learn_sigma=False, prediction=prediction)
-        x_t, snr = d.noised(x0, t, noise)
+        x_t, snr = d.noised(x0, t, noise), d.snr(300)
         if prediction == "flow":  # x_s = (1 - s) x0 + s noise, s = 0.3
             torch.testing.assert_close(x_t, 0.7 * x0 + 0.3 * noise)
             assert snr == pytest.approx(0.7**2 / 0.3**2)

@@ -53,8 +53,8 @@ def probe(x0_fn, images: torch.Tensor, scenes: list[Scene], timesteps: list[int]
     rows = []
     for t in timesteps:
         tt = torch.full((len(images),), t, dtype=torch.long)
-        x_t, snr = diffusion.noised(images, tt, noise)
-        row = {"t": t, "snr": snr}
+        x_t = diffusion.noised(images, tt, noise)
+        row = {"t": t, "snr": diffusion.snr(t)}
         for name, caps in captions.items():
             row[name] = alignment_scores(list(x0_fn(x_t, tt, caps).clamp(-1, 1)), scenes)
         rows.append(row)
