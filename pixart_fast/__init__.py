@@ -12,7 +12,17 @@ The kernels themselves: `from pixart_fast.kernels import modulate, cross_attenti
 `import pixart_fast` is cheap and pulls neither transformers nor Triton.
 """
 import importlib
+import os
 from typing import TYPE_CHECKING
+
+# A source checkout used without `pip install` (`python -m pixart_fast.train` from the repository root): pip maps
+# train/ and kernels/ to pixart_fast.train and pixart_fast.kernels (pyproject.toml's package-dir), and here Python
+# finds them beside this folder. An installed copy has no pyproject.toml beside it and is left as it is.
+_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_checkout, "pyproject.toml")) and os.path.isfile(os.path.join(_checkout, "train",
+                                                                                              "__init__.py")):
+    __path__.append(_checkout)
+del _checkout
 
 if TYPE_CHECKING:  # what editors and type checkers resolve; at run time each name is imported on first use
     from .checkpoints import (CheckpointDamaged, CheckpointMismatch, from_diffusers, load_any, load_diffusers,

@@ -50,6 +50,17 @@ def test_every_command_answers_help(module, where, tmp_path):
     assert done.stdout.startswith("usage: python -m "), done.stdout[:200]
 
 
+def test_a_checkout_that_is_not_installed_runs_from_the_root():
+    """Without the install's path mapping (no site-packages processing, so no editable finder; the dependencies
+    on PYTHONPATH), `python -m pixart_fast.train` from the root still finds train/ as pixart_fast.train."""
+    env = {**ENV, "PYTHONPATH": sysconfig.get_paths()["purelib"]}
+    for module in ("pixart_fast.train", "pixart_fast.kernels.aot"):
+        done = subprocess.run([sys.executable, "-S", "-m", module, "--help"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.startswith(f"usage: python -m {module}"), done.stdout[:200]
+
+
 def test_pytest_collects_from_the_root():
     done = run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"], ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
