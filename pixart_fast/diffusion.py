@@ -102,14 +102,13 @@ class Diffusion:
         prediction "flow": rectified flow, the model's first C channels are the velocity eps - x0 (module
         docstring); the loss is the MSE on it, unweighted (min_snr_* must be off), and a learn_sigma model's
         variance channels are ignored (no VLB term: flow has no discrete posterior to fit them to).
-        timestep_sampling (flow only): the density of the training noise level s, "uniform" on [0, 1) or
-        "logit-normal": s = sigmoid(n), n ~ N(logit_mean, logit_std^2) (SD3, Esser et al. 2024: 0 and 1)."""
+        timestep_sampling: the density of the training noise level s = t / T, "uniform" on [0, 1) or
+        "logit-normal": s = sigmoid(n), n ~ N(logit_mean, logit_std^2) (SD3, Esser et al. 2024: 0 and 1); for
+        eps and v, t = floor(s T), so the middle timesteps are drawn more often than the ends."""
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling!r}")
-        if timestep_sampling != "uniform" and prediction != "flow":
-            raise ValueError(f"timestep_sampling {timestep_sampling!r} is for prediction 'flow'")
         if prediction == "flow" and min_snr_gamma > 0:
             raise ValueError("min-SNR weighting is for prediction 'eps' or 'v'; flow's loss is unweighted")
         if not logit_std > 0:
@@ -139,16 +138,18 @@ class Diffusion:
 
     def draw_timesteps(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
         """n training timesteps on the model's scale, drawn from `generator` alone (one call: a pure function of
-        its seed). eps / v: int64 uniform on [0, T). flow: float32 s * T, s from `timestep_sampling`; logit-normal
-        draws as diffusers' compute_density_for_timestep_sampling("logit_normal") does, so the same generator
-        state gives the same s."""
-        if self.prediction != "flow":
-            return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
+        its seed). s from `timestep_sampling`; logit-normal draws as diffusers'
+        compute_density_for_timestep_sampling("logit_normal") does, so the same generator state gives the same s.
+        flow: float32 s * T. eps / v: int64, uniform on [0, T) as randint draws it, logit-normal floor(s * T)."""
         if self.timestep_sampling == "logit-normal":
             s = torch.sigmoid(torch.normal(self.logit_mean, self.logit_std, (n,), generator=generator, device=device))
-        else:
+        elif self.prediction == "flow":
             s = torch.rand((n,), generator=generator, device=device)
-        return s * self.num_timesteps
+        else:
+            return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
+        if self.prediction == "flow":
+            return s * self.num_timesteps
+        return (s * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) noise. x0, noise (B, C, H, W); t (B,) int64."""

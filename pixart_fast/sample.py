@@ -72,7 +72,10 @@ def load_for_sampling(ckpt: Path, model_name: str | None = None, t5: str | None 
     """A checkpoint ready to sample: (model in eval mode on `device`, its text encoder, its prediction). Each None
     takes what our trainer's checkpoint records (model config, prediction, the embedded T5's tokenizer and
     locality), else eps and byte; t5: a local T5 folder instead of the embedded one. check(prediction), when given,
-    runs before the text encoder loads (to refuse a sampler that does not fit)."""
+    runs before the text encoder loads (to refuse a sampler that does not fit). One of our checkpoint folders
+    (step-XXXXXXX/) stands for its EMA weights."""
+    if (ckpt / "ema.safetensors").is_file():
+        ckpt = ckpt / "ema.safetensors"
     recorded = training_metadata(ckpt)  # our trainer's checkpoints say how they were trained
     # a LoRA run's weights file: the base it records with the adapters on it
     model = load_lora(ckpt) if "lora_rank" in recorded else load_pixart(ckpt, model_name)
@@ -93,8 +96,8 @@ def load_for_sampling(ckpt: Path, model_name: str | None = None, t5: str | None 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pixart_fast.sample", description=__doc__)
-    p.add_argument("--ckpt", required=True, help="PixArt weights: ours (.safetensors; a LoRA run's "
-                   "with its recorded base), official .pth or a diffusers folder")
+    p.add_argument("--ckpt", required=True, help="PixArt weights: ours (a checkpoint folder or its .safetensors; a "
+                   "LoRA run's with its recorded base), official .pth or a diffusers folder")
     p.add_argument("--prompt", required=True, action="append", help="caption; repeat for several images")
     p.add_argument("--out", default="sample.png", help="PNG to write: the images in a grid, each above its prompt")
     p.add_argument("--model", default=None, help=f"model config, one of {sorted(CONFIGS)} (default: from the checkpoint)")

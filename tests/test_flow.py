@@ -65,11 +65,9 @@ def test_flow_loss_is_zero_for_the_true_velocity_and_the_variance_gets_no_gradie
     assert var.grad is None or not var.grad.any()
 
 
-def test_flow_refuses_min_snr_weighting_and_logit_normal_needs_flow():
+def test_flow_refuses_min_snr_weighting():
     with pytest.raises(ValueError, match="min-SNR"):
         Diffusion(prediction="flow", min_snr_gamma=5.0)
-    with pytest.raises(ValueError, match="flow"):
-        Diffusion(prediction="v", timestep_sampling="logit-normal")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -101,6 +99,20 @@ def test_logit_normal_timesteps_match_diffusers(mean, std):
     assert ks < 1.63 / math.sqrt(n)  # the 1 % critical value
     # each step's draw is a pure function of the generator's seed
     assert torch.equal(t, flow.draw_timesteps(n, torch.Generator().manual_seed(1), "cpu"))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_logit_normal_integer_timesteps_are_the_flow_draw_floored(prediction):
+    n, mean, std = 50_000, 0.0, 1.0  # SD3
+    flow = Diffusion(prediction="flow", timestep_sampling="logit-normal", logit_mean=mean, logit_std=std)
+    discrete = Diffusion(prediction=prediction, timestep_sampling="logit-normal", logit_mean=mean, logit_std=std)
+    s = flow.draw_timesteps(n, torch.Generator().manual_seed(2), "cpu")
+    t = discrete.draw_timesteps(n, torch.Generator().manual_seed(2), "cpu")
+    assert t.dtype == torch.int64 and 0 <= t.min() and t.max() <= 999
+    assert torch.equal(t, s.floor().long().clamp(max=999))
+    # the middle is drawn more often than under the uniform draw, the ends less
+    middle = ((t >= 300) & (t < 700)).float().mean().item()
+    assert middle > 0.4 + 0.05 and (t < 100).float().mean().item() < 0.1 - 0.03
 
 
 def test_uniform_flow_timesteps_are_floats_in_0_1000():
@@ -198,8 +210,7 @@ def test_samplers_refuse_the_other_predictions():
 
 
 def test_flow_flags_are_checked():
-    for kw, text in ((dict(min_snr_gamma=5.0), "--min-snr-gamma"), (dict(prediction="v"), "--timestep-sampling"),
-                     (dict(logit_std=0.0), "--logit-std"), (dict(timestep_sampling="cosine"), "--timestep-sampling"),
+    for kw, text in ((dict(min_snr_gamma=5.0), "--min-snr-gamma"), (dict(logit_std=0.0), "--logit-std"), (dict(timestep_sampling="cosine"), "--timestep-sampling"),
                      (dict(logit_mean=math.nan), "--logit-mean")):
         with pytest.raises(UserError, match=text):
             tiny("x", **kw)

@@ -81,6 +81,9 @@ def test_the_command_probes_a_checkpoint(tmp_path, capsys):
     assert "v-prediction, 3 held-out scenes" in out
     rows = [line for line in out.splitlines() if line.startswith("| 100 ") or line.startswith("| 500 ")]
     assert len(rows) == 2 and all(len(r.split("|")) == 10 for r in rows)
+    # the checkpoint's folder stands for its EMA weights
+    assert main([summary["checkpoint"], "--num-val", "3", "--timesteps", "100,500"]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][-2:] == rows
     for bad, message in (("100,x", "integers"), ("1000", r"\[0, 1000\)")):
         with pytest.raises(UserError, match=message):
             main([ckpt, "--timesteps", bad])

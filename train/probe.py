@@ -76,7 +76,8 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pixart_fast.train.probe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt", help="a checkpoint of a model trained on the embedded stage-2 data (our .safetensors)")
+    p.add_argument("ckpt", help="a checkpoint of a model trained on the embedded stage-2 data (our checkpoint folder "
+                                "or its .safetensors)")
     p.add_argument("--num-val", type=int, default=56, help="held-out scenes to score (default: 56)")
     p.add_argument("--timesteps", default="50,100,200,300,400,600",
                    help="noise levels, training timesteps in [0, 1000), comma-separated (default: 50,100,200,300,400,600)")

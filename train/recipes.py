@@ -90,9 +90,10 @@ class TrainConfig:
                                     "[0, 1], the model predicts the velocity noise - x0 at timestep s * 1000; MSE "
                                     "loss, a learned variance is ignored; sampled with Euler)",
                              choices=("eps", "v", "flow"))
-    timestep_sampling: str = _field("uniform", "with --prediction flow: the density of the training noise level s, "
-                                               "uniform on [0, 1) or logit-normal (s = sigmoid(n), n ~ N(--logit-mean, "
-                                               "--logit-std^2); SD3's)", choices=("uniform", "logit-normal"))
+    timestep_sampling: str = _field("uniform", "the density of the training noise level s = timestep / 1000: uniform "
+                                               "on [0, 1) or logit-normal (s = sigmoid(n), n ~ N(--logit-mean, "
+                                               "--logit-std^2); SD3's), which draws the middle noise levels more often",
+                                    choices=("uniform", "logit-normal"))
     logit_mean: float = _field(0.0, "mean of the logit-normal timestep density, in logit units (SD3: 0)", low=-INF)
     logit_std: float = _field(1.0, "standard deviation of the logit-normal timestep density, in logit units (SD3: 1)",
                               low=0, open_low=True)
@@ -178,9 +179,6 @@ class TrainConfig:
         if self.prediction == "flow" and self.min_snr_gamma > 0:
             raise UserError(f"--min-snr-gamma {self.min_snr_gamma} with --prediction flow: min-SNR weighting is for "
                             "eps and v; flow's loss is unweighted: pass --min-snr-gamma 0")
-        if self.timestep_sampling != "uniform" and self.prediction != "flow":
-            raise UserError(f"--timestep-sampling {self.timestep_sampling} is for --prediction flow; eps and v draw "
-                            "integer timesteps uniformly")
         if self.lora_rank and self.stage == 1:
             raise UserError("--lora-rank adapts a text-conditioned PixArt (stages 2 and 3); stage 1 trains a DiT "
                             "from scratch")
