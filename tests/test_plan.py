@@ -18,6 +18,7 @@ from pixart_fast.gpus import GPU_ALIASES, GPUS, resolve_gpu
 from pixart_fast.memory import (LORA_RANK, OPTIMIZERS, activation_bytes, largest_batch, state_bytes, step_bytes,
                                 training_memory)
 from pixart_fast.plan import PAPER_SCHEDULE, Stage, gpu_days, load_schedule, main, mfu_from_bench, plan
+from pixart_fast.train.recipes import RECIPES
 
 
 def counted_flops(model, x, *args, **kwargs):
@@ -335,11 +336,12 @@ def test_the_schedule_scaled_by_a_ratio_an_ablation_measured(tmp_path, capsys):
     ablate(tmp_path, arms=("paper", "default"), seeds=1, steps=2, stage1_steps=2, eval_every=2, num_val=2,
            progress=False, model="PixArt-pixel-tiny", batch_size=2, kernels="torch", sample_steps=2)
     # untrained, both arms sit at the paper arm's final position score from their first evaluation: the paper arm
-    # paid its stage 1 on top of the same stage-2 steps
-    stage2 = 2 * 2 * flops_per_image(tiny, vae_downsample=1)
+    # paid its stage 1 on top of the same stage-2 steps, unrouted, where the default routes block 0 of the two
+    paper = 2 * 2 * flops_per_image(tiny, vae_downsample=1)
+    default = 2 * 2 * flops_per_image(tiny, vae_downsample=1, route_ratio=RECIPES[2].route_ratio, route_blocks=(0, 1))
     stage1 = 2 * 2 * flops_per_image(tiny, vae_downsample=1, class_conditional=True)
     ratio = ratio_from_ablation(tmp_path / "ablation.json", "default")
-    assert ratio["ratio"] == pytest.approx((stage1 + stage2) / stage2) == ratio["low"]
+    assert default < paper and ratio["ratio"] == pytest.approx((stage1 + paper) / default) == ratio["low"]
     result = plan(PAPER_SCHEDULE, "A100-80GB", mfu=0.4, ratio=ratio)
     assert result["scaled"]["flop"] == pytest.approx(result["total"]["flop"] / ratio["ratio"])
     assert result["scaled"]["gpu_days"] == pytest.approx(result["total"]["gpu_days"] / ratio["ratio"])

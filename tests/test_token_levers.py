@@ -160,7 +160,7 @@ def test_masking_keeps_round_1_minus_r_of_the_tokens_reproducibly(ratio):
 
 def test_the_trainers_draws_are_functions_of_seed_and_step():
     cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", steps=10, batch_size=4, mask_ratio=0.5, unmasked_steps=3,
-                  route_ratio=0.5)
+                  route_ratio=0.5, route_start=1)
     shape, everyone = (4, 3, 16, 16), slice(0, 4)
     one = token_levers(cfg, 2, shape, 2, 4, "cpu", everyone)
     assert one["keep"].shape == (4, 32) and one["grid"] == (8, 8) and one["route"].shape == (4, 16)
@@ -265,17 +265,18 @@ def test_the_trainer_trains_with_each_lever(levers, tmp_path):
     assert summary["steps"] == 4 and summary["skipped_steps"] == 0 and summary["final_loss"] > 0
 
 
-def test_the_stage2_recipe_routes_where_the_model_has_a_middle_block(tmp_path, capsys):
+def test_the_stage2_recipe_routes_past_every_block_but_the_last(tmp_path, capsys):
     from pixart_fast.train.loop import route_blocks
 
-    assert RECIPES[2].route_ratio == 0.75 and RECIPES[1].route_ratio == RECIPES[3].route_ratio == 0.0
-    assert route_blocks(RECIPES[2], CONFIGS["PixArt-pixel-32"].depth) == (1, 3)  # the embedded default: blocks 1-2
-    assert route_blocks(RECIPES[2], 28) == (1, 27)  # PixArt-XL/2: the first and last block see every token
-    assert route_blocks(RECIPES[2], 2) is None and route_blocks(replace(RECIPES[2], route_ratio=0.0), 4) is None
-    # a two-block model has no middle block: the recipe's routing routes nothing, and the run says so
-    summary = train(replace(RECIPES[2], **{**FAST, "steps": 1}, log_every=1, out=str(tmp_path)), progress=False)
+    assert RECIPES[2].route_ratio == 0.9 and RECIPES[1].route_ratio == RECIPES[3].route_ratio == 0.0
+    assert route_blocks(RECIPES[2], CONFIGS["PixArt-pixel-32"].depth) == (0, 3)  # the embedded default: blocks 0-2
+    assert route_blocks(RECIPES[2], 28) == (0, 27)  # PixArt-XL/2: the last block sees every token
+    assert route_blocks(RECIPES[2], 2) == (0, 1) and route_blocks(replace(RECIPES[2], route_ratio=0.0), 4) is None
+    # a range that starts at the last block routes nothing, and the run says so
+    summary = train(replace(RECIPES[2], **{**FAST, "steps": 1}, route_start=1, log_every=1, out=str(tmp_path)),
+                    progress=False)
     assert "PixArt-pixel-tiny has 2 blocks" in capsys.readouterr().out and summary["skipped_steps"] == 0
-    assert token_levers(RECIPES[2], 0, (2, 3, 16, 16), 2, 2, "cpu", slice(None)) == {}
+    assert token_levers(replace(RECIPES[2], route_start=1), 0, (2, 3, 16, 16), 2, 2, "cpu", slice(None)) == {}
 
 
 @pytest.mark.parametrize("cfg, expected", [

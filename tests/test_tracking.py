@@ -146,5 +146,8 @@ def test_the_loop_logs_mfu_beside_images_per_s(tmp_path, monkeypatch):
     train(replace(RECIPES[2], **FLAGS, out=str(tmp_path)), progress=False)
     lines = [r for r in map(json.loads, (tmp_path / "stage2/metrics.jsonl").read_text().splitlines()) if "loss" in r]
     config = CONFIGS[FLAGS["model"]]
-    per_image = flops_per_image(config, config.input_size, config.input_size, vae_downsample=1)
+    # the recipe routes block 0 of the two: the FLOPs the model ran
+    per_image = flops_per_image(config, config.input_size, config.input_size, vae_downsample=1,
+                                route_ratio=RECIPES[2].route_ratio, route_blocks=(0, 1))
+    assert per_image < flops_per_image(config, config.input_size, config.input_size, vae_downsample=1)
     assert [r["mfu"] for r in lines] == pytest.approx([r["img_per_s"] * per_image / 1e9 for r in lines])

@@ -131,10 +131,13 @@ def test_the_ablation_command_writes_its_table_and_plot(tmp_path):
     saved = json.loads((tmp_path / "ablation.json").read_text())
     full = flops_per_image(CONFIGS["PixArt-pixel-tiny"], vae_downsample=1)
     masked = flops_per_image(CONFIGS["PixArt-pixel-tiny"], vae_downsample=1, mask_ratio=0.5)
+    # the default routes block 0 of the two (the recipe's routing); the other arms run unrouted
+    routed = flops_per_image(CONFIGS["PixArt-pixel-tiny"], vae_downsample=1, route_ratio=RECIPES[2].route_ratio,
+                             route_blocks=(0, 1))
     for seed in ("0", "1"):
         default, mask, paper = (saved["runs"][arm][seed] for arm in ("default", "mask", "paper"))
         assert [e["step"] for e in default["evaluated"]] == [2, 4]
-        assert [e["flops"] for e in default["evaluated"]] == [2 * 2 * full, 4 * 2 * full]
+        assert [e["flops"] for e in default["evaluated"]] == [2 * 2 * routed, 4 * 2 * routed] and routed < full
         # the mask arm: an eighth of 4 steps rounds to 0 unmasked steps, so every step runs masked, for less
         assert mask["evaluated"][-1]["flops"] == 4 * 2 * masked < 4 * 2 * full
         assert paper["stage1"]["flops"] == 2 * 2 * flops_per_image(CONFIGS["PixArt-pixel-tiny"], vae_downsample=1,
@@ -142,7 +145,7 @@ def test_the_ablation_command_writes_its_table_and_plot(tmp_path):
         assert default["stage1"]["flops"] == 0 and all(e["seconds"] > 0 for e in default["evaluated"])
     # colour >= 0 is reached at the first evaluation by every seed: its cost is that step's
     bar = table["default"]["bars"][0]
-    assert bar["stage2"]["reached"] == 2 and bar["stage2"]["flops"]["mean"] == 2 * 2 * full
+    assert bar["stage2"]["reached"] == 2 and bar["stage2"]["flops"]["mean"] == 2 * 2 * routed
     paper_bar = table["paper"]["bars"][0]
     assert paper_bar["with_stage1"]["flops"]["mean"] == 2 * 2 * full + saved["runs"]["paper"]["0"]["stage1"]["flops"]
     assert paper_bar["stage2"]["flops"]["mean"] == 2 * 2 * full

@@ -9,7 +9,7 @@ always the true ones. A model that reads a word loses that check when the word c
 the same both ways. At low noise the image itself shows the shape and size, so every model keeps them there; the
 noise levels where the true caption beats the changed one are where the model has learned the word.
 
-    python -m pixart_fast.train.probe runs/stage2/checkpoints/step-0001600/ema.safetensors
+    python -m pixart_fast.train.probe runs/stage2/checkpoints/step-0003600
 """
 import argparse
 import sys
