@@ -104,6 +104,14 @@ def test_cli_overrides_the_recipe():
         config_from_args(["--stage", "4"])
 
 
+def test_the_learning_rate_warms_up_holds_and_decays(tmp_path):
+    train(tiny(2, tmp_path, steps=6, warmup=2, lr_decay=3, sample_every=0), progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "stage2/metrics.jsonl").read_text().splitlines()]
+    # each line logs the rate of the next step: steps 0-5 run at 1/2, 1, 1, 1, 2/3, 1/3 of --lr, then 0
+    expected = [1, 1, 1, 2 / 3, 1 / 3, 0]
+    assert [m["lr"] for m in lines if "lr" in m] == pytest.approx([RECIPES[2].lr * f for f in expected])
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("precision", "fp8", "precision"), ("model", "PixArt-huge", "unknown model"), ("steps", 0, "steps"),
 ])

@@ -55,7 +55,7 @@ from .stages import STAGES, Stage
 PREFETCH_DEPTH, PREFETCH_WORKERS = 4, 2  # batches built ahead of the step, by this many threads
 PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # "auto": see autocast_dtype
 # Settings that shape the run's trajectory: resuming with other values is allowed, but warned about.
-TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup", "grad_clip", "ema_decay",
+TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup", "lr_decay", "grad_clip", "ema_decay",
               "caption_dropout", "precision", "seed", "data", "t5", "prediction", "min_snr_gamma", "min_snr_plus_one",
               "timestep_sampling", "logit_mean", "logit_std", "tokenizer", "t5_locality", "optimizer", "lora_rank",
               "lora_alpha", "lora_targets", "mask_ratio", "unmasked_steps", "route_ratio", "route_start", "route_end",
@@ -72,6 +72,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def step_seed(seed: int, step: int) -> int:
     """The seed of step `step`'s noise, timesteps and caption drops: a pure function of (seed, step)."""
     return int(np.random.default_rng([seed, 11, step]).integers(2**62))
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a fraction of --lr: a linear warm-up over --warmup
+    steps, then held, and over the run's last --lr-decay steps a linear decay toward 0."""
+    factor = min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.lr_decay:
+        factor *= min(1.0, (cfg.steps - step) / cfg.lr_decay)
+    return factor
 
 
 def route_blocks(cfg: TrainConfig, depth: int) -> tuple[int, int] | None:
@@ -262,7 +271,7 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
     model_by_name, ema_by_name = dict(model.named_parameters()), dict(ema.named_parameters())
     params, ema_params = [model_by_name[n] for n in trained], [ema_by_name[n] for n in trained]
     opt = make_optimizer(params, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     start, skipped, seconds = 0, 0, 0.0
     if resume is not None:
         start, skipped, seconds, saved = load_trainer_state(resume, model, opt, sched)

@@ -38,6 +38,8 @@ class TrainConfig:
     weight_decay: float = _field(0.03, "AdamW weight decay", low=0)
     adam_eps: float = _field(1e-10, "AdamW epsilon", low=0, open_low=True)
     warmup: int = _field(20, "linear learning-rate warm-up, in steps (paper: 1000)", low=0)
+    lr_decay: int = _field(0, "the run's last this many steps take the learning rate linearly down to 0 (warm-up, "
+                              "hold, decay); 0: held to the end (paper)", low=0)
     grad_clip: float = _field(1.0, "max global gradient norm (paper: 0.01 at lr 2e-5)", low=0, open_low=True)
     ema_decay: float = _field(0.9999, "EMA decay of the weights; step s uses min(decay, (1 + s) / (10 + s))",
                               low=0, high=1)
