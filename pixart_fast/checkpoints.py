@@ -346,6 +346,13 @@ def load_into(model, path, seed: int = 0, source: str | None = None, from_dit: b
     return f"initialised from {kind} PixArt checkpoint {path}{fresh}"
 
 
+def checkpoint_file(ckpt: Path, weights: str = "ema") -> Path:
+    """Our trainer's checkpoint folder (step-XXXXXXX/) -> its {weights}.safetensors; anything else unchanged."""
+    if ckpt.is_dir() and (ckpt / f"{weights}.safetensors").exists():
+        return ckpt / f"{weights}.safetensors"
+    return ckpt
+
+
 def training_metadata(path) -> dict:
     """What our trainer records in a checkpoint's safetensors metadata ({} for other files): "model" (the config
     name), "step", "stage", "prediction" ("eps", "v" or "flow"), "tokenizer" and "t5_locality" (the embedded T5's); a LoRA

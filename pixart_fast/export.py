@@ -26,18 +26,12 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from pixart_fast import lora
-from pixart_fast.checkpoints import config_name, diffusers_config, load_pixart, to_diffusers, training_metadata
+from pixart_fast.checkpoints import (checkpoint_file, config_name, diffusers_config, load_pixart, to_diffusers,
+                                    training_metadata)
 from pixart_fast.cli import UserError, run
 from pixart_fast.model import CONFIGS, PixArtConfig
 
 FORMATS = ("diffusers",)
-
-
-def _checkpoint_file(ckpt: Path, weights: str) -> Path:
-    """Our trainer's checkpoint folder -> its {weights}.safetensors; anything else unchanged."""
-    if ckpt.is_dir() and (ckpt / f"{weights}.safetensors").exists():
-        return ckpt / f"{weights}.safetensors"
-    return ckpt
 
 
 def write_diffusers(state_dict: dict, config: PixArtConfig, out) -> Path:
@@ -57,7 +51,7 @@ def export(ckpt, out, format: str = "diffusers", model: str | None = None, weigh
     A LoRA run's checkpoint: adapter=True writes its PEFT adapter, merge=True the merged model (one of them)."""
     if format not in FORMATS:
         raise UserError(f"unknown format {format!r}; choose one of {FORMATS}")
-    path = _checkpoint_file(Path(ckpt), weights)
+    path = checkpoint_file(Path(ckpt), weights)
     is_lora = "lora_rank" in training_metadata(path)
     if adapter or merge or is_lora:
         if not is_lora:
@@ -90,7 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--base", default=None, help="a LoRA checkpoint's base weights (default: the path it records)")
     a = p.parse_args(argv)
     print(f"wrote {export(a.ckpt, a.out, a.format, a.model, a.weights, a.lora, a.merge, a.base)}")
-    if training_metadata(_checkpoint_file(Path(a.ckpt), a.weights)).get("prediction") == "flow":
+    if training_metadata(checkpoint_file(Path(a.ckpt), a.weights)).get("prediction") == "flow":
         print("note: this model was trained with rectified flow (it predicts the velocity noise - x0 at timestep "
               "sigma * 1000); diffusers' PixArt pipelines run eps / v schedulers, so sample it with "
               "FlowMatchEulerDiscreteScheduler in a loop of your own, or with python -m pixart_fast.sample")

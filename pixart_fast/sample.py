@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pixart_fast.checkpoints import load_pixart, training_metadata
+from pixart_fast.checkpoints import checkpoint_file, load_pixart, training_metadata
 from pixart_fast.cli import UserError, run
 from pixart_fast.lora import load_lora
 from pixart_fast.diffusion import PREDICTIONS, SAMPLERS, Diffusion
@@ -74,8 +74,7 @@ def load_for_sampling(ckpt: Path, model_name: str | None = None, t5: str | None 
     locality), else eps and byte; t5: a local T5 folder instead of the embedded one. check(prediction), when given,
     runs before the text encoder loads (to refuse a sampler that does not fit). One of our checkpoint folders
     (step-XXXXXXX/) stands for its EMA weights."""
-    if (ckpt / "ema.safetensors").is_file():
-        ckpt = ckpt / "ema.safetensors"
+    ckpt = checkpoint_file(ckpt)
     recorded = training_metadata(ckpt)  # our trainer's checkpoints say how they were trained
     # a LoRA run's weights file: the base it records with the adapters on it
     model = load_lora(ckpt) if "lora_rank" in recorded else load_pixart(ckpt, model_name)
