@@ -141,15 +141,15 @@ class Diffusion:
         its seed). s from `timestep_sampling`; logit-normal draws as diffusers'
         compute_density_for_timestep_sampling("logit_normal") does, so the same generator state gives the same s.
         flow: float32 s * T. eps / v: int64, uniform on [0, T) as randint draws it, logit-normal floor(s * T)."""
+        flow = self.prediction == "flow"
+        if self.timestep_sampling == "uniform" and not flow:
+            return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
         if self.timestep_sampling == "logit-normal":
             s = torch.sigmoid(torch.normal(self.logit_mean, self.logit_std, (n,), generator=generator, device=device))
-        elif self.prediction == "flow":
-            s = torch.rand((n,), generator=generator, device=device)
         else:
-            return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
-        if self.prediction == "flow":
-            return s * self.num_timesteps
-        return (s * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
+            s = torch.rand((n,), generator=generator, device=device)
+        t = s * self.num_timesteps
+        return t if flow else t.long().clamp(max=self.num_timesteps - 1)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) noise. x0, noise (B, C, H, W); t (B,) int64."""
