@@ -268,7 +268,7 @@ class Diffusion:
     # Sampling
     # ------------------------------------------------------------------------------------------------------
 
-    def timesteps(self, steps: int) -> list[int]:
+    def timesteps(self, steps: int, start: int | None = None) -> list[int]:
         """The integer timesteps a `steps`-step sampler visits, descending: "trailing" spacing,
         t_i = round(T - i * T / steps) - 1 for i = 0 .. steps - 1 (T = 1000, steps = 20: 999, 949, ..., 49).
 
@@ -276,11 +276,17 @@ class Diffusion:
         noisiest trained step (Lin et al. 2023, "Common diffusion noise schedules and sample steps are flawed",
         Table 2); diffusers calls it timestep_spacing="trailing". After the last one the samplers step to the
         clean sample (abar = 1).
+        start: the first timestep instead of T - 1, for a chain from an image noised to `start` (SDEdit's): the
+        same spacing over [0, start], t_i = round(n - i * n / steps) - 1 with n = start + 1.
         """
-        if not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"steps must be in [1, {self.num_timesteps}], got {steps}")
         T = self.num_timesteps
-        return [round(T - i * T / steps) - 1 for i in range(steps)]
+        start = T - 1 if start is None else start
+        if not 0 <= start < T:
+            raise ValueError(f"start must be a timestep in [0, {T}), got {start}")
+        n = start + 1
+        if not 1 <= steps <= n:
+            raise ValueError(f"steps must be in [1, {n}], got {steps}")
+        return [round(n - i * n / steps) - 1 for i in range(steps)]
 
     def _eps(self, eps_fn, x, t):
         """Call the model at integer timestep t for the whole batch; keep its first C (eps) channels."""
@@ -293,14 +299,15 @@ class Diffusion:
         return out
 
     @torch.no_grad()
-    def ddim(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int = 20, clip_x0: bool = False) -> torch.Tensor:
+    def ddim(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int = 20, clip_x0: bool = False,
+             start: int | None = None) -> torch.Tensor:
         """Deterministic DDIM (eta = 0) from noise = x_{T-1} (B, C, H, W) over `self.timesteps(steps)`; the last
-        step lands on the clean sample. Returns x_0 (B, C, H, W).
+        step lands on the clean sample. Returns x_0 (B, C, H, W). start: noise is x_start instead (`timesteps`).
 
         clip_x0: clamp each x0 prediction to [-1, 1] and re-derive eps from it (diffusers' clip_sample) -- for
         pixel-space data, whose range is known; leave it off for latents. Near t = T the x0 prediction is
         eps's error amplified by 1 / sqrt(abar) (about 160x at t = 999), which clipping bounds."""
-        ts, x = self.timesteps(steps), noise
+        ts, x = self.timesteps(steps, start), noise
         for i, t in enumerate(ts):
             abar = self.alphas_cumprod[t].item()
             abar_next = self.alphas_cumprod[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
@@ -313,13 +320,14 @@ class Diffusion:
         return x
 
     @torch.no_grad()
-    def dpm_solver(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int = 20, clip_x0: bool = False) -> torch.Tensor:
+    def dpm_solver(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int = 20, clip_x0: bool = False,
+                   start: int | None = None) -> torch.Tensor:
         """DPM-Solver++ 2M (Lu et al. 2022, multistep, second order, data prediction, midpoint form) from
         noise = x_{T-1} (B, C, H, W) over `self.timesteps(steps)`. The first step is first order (no history
         yet); the last goes to the clean sample (sigma = 0) with first order, which returns the x0 prediction.
         clip_x0: clamp each x0 prediction to [-1, 1] (diffusers' thresholding with sample_max_value 1), for
-        pixel-space data as in `ddim`. Returns x_0 (B, C, H, W)."""
-        ts, x = self.timesteps(steps), noise
+        pixel-space data as in `ddim`. start: noise is x_start instead (`timesteps`). Returns x_0 (B, C, H, W)."""
+        ts, x = self.timesteps(steps, start), noise
         x0_prev = h_prev = None
         for i, t in enumerate(ts):
             alpha, sigma = self.alphas_cumprod[t].sqrt().item(), (1 - self.alphas_cumprod[t]).sqrt().item()
@@ -353,13 +361,18 @@ class Diffusion:
 
     @torch.no_grad()
     def flow_euler(self, v_fn: ModelFn, noise: torch.Tensor, steps: int = 20, shift: float = 1.0,
-                   clip_x0: bool = False) -> torch.Tensor:
+                   clip_x0: bool = False, start: int | None = None) -> torch.Tensor:
         """Euler steps x <- x + (s' - s) v(x, s T) of a flow model (prediction "flow") from noise = x at s = 1
         (B, C, H, W) over `flow_sigmas(steps, shift)`, down to s = 0. v_fn: as eps_fn for the other samplers
         (`guided` gives classifier-free guidance on v), its first C channels the velocity. Returns x_0.
         clip_x0: clamp each x0 prediction x - s v to [-1, 1] and step to (1 - s') x0 + s' eps with eps re-derived
-        from it (the same step unclipped), for pixel-space data as in `ddim`."""
+        from it (the same step unclipped), for pixel-space data as in `ddim`. start: noise is x at timestep
+        `start` (s = start / T, as `noised` makes it) and the noise levels are `flow_sigmas` scaled by start / T."""
         sigmas, x = self.flow_sigmas(steps, shift), noise
+        if start is not None:
+            if not 0 < start < self.num_timesteps:
+                raise ValueError(f"start must be a timestep in (0, {self.num_timesteps}), got {start}")
+            sigmas = [s * start / self.num_timesteps for s in sigmas]
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
             t = torch.full((x.shape[0],), s * self.num_timesteps, dtype=torch.float32, device=x.device)
             v = v_fn(x, t)[:, : x.shape[1]].to(x.dtype)
@@ -372,15 +385,17 @@ class Diffusion:
         return x
 
     def sample(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int = 20, sampler: str | None = None,
-               shift: float = 1.0, clip_x0: bool = False) -> torch.Tensor:
+               shift: float = 1.0, clip_x0: bool = False, start: int | None = None) -> torch.Tensor:
         """x_0 from noise with the sampler `sampler` of this prediction (SAMPLERS; None: its first, "dpm" for eps
-        and v, "euler" for flow). shift: flow only (`flow_sigmas`)."""
+        and v, "euler" for flow). shift: flow only (`flow_sigmas`). start: noise is an image noised to timestep
+        `start` (`noised`), and the chain runs from there (each sampler's `start`)."""
         sampler = sampler or SAMPLERS[self.prediction][0]
         if sampler not in SAMPLERS[self.prediction]:
             raise ValueError(f"sampler {sampler!r} does not sample prediction {self.prediction!r}; it takes "
                              f"{', '.join(SAMPLERS[self.prediction])}")
         if sampler == "euler":
-            return self.flow_euler(eps_fn, noise, steps=steps, shift=shift, clip_x0=clip_x0)
+            return self.flow_euler(eps_fn, noise, steps=steps, shift=shift, clip_x0=clip_x0, start=start)
         if shift != 1.0:
             raise ValueError("shift is for the flow sampler")
-        return {"dpm": self.dpm_solver, "ddim": self.ddim}[sampler](eps_fn, noise, steps=steps, clip_x0=clip_x0)
+        return {"dpm": self.dpm_solver, "ddim": self.ddim}[sampler](eps_fn, noise, steps=steps, clip_x0=clip_x0,
+                                                                    start=start)

@@ -64,6 +64,44 @@ def test_timesteps_rejects_bad_steps():
             Diffusion().timesteps(steps)
 
 
+def test_timesteps_from_a_start_keep_the_spacing_over_0_to_start():
+    d = Diffusion()
+    assert d.timesteps(20, start=999) == d.timesteps(20)
+    assert d.timesteps(5, start=99) == [99, 79, 59, 39, 19]
+    assert d.timesteps(1, start=0) == [0]
+    for start, steps, message in ((1000, 5, "start"), (-1, 1, "start"), (9, 11, r"\[1, 10\]")):
+        with pytest.raises(ValueError, match=message):
+            d.timesteps(steps, start=start)
+
+
+@pytest.mark.parametrize("prediction,sampler", [("eps", "ddim"), ("eps", "dpm"), ("v", "dpm"), ("flow", "euler")])
+@pytest.mark.parametrize("start", [300, 37])
+def test_a_chain_from_start_gives_back_the_image_a_perfect_model_denoises(prediction, sampler, start):
+    """From x0 noised to `start`, a model that returns the exact target for that x0 samples back to x0, visiting
+    `start` first."""
+    d = Diffusion(prediction=prediction)
+    g = torch.Generator().manual_seed(start)
+    x0, noise = torch.rand(2, 3, 4, 4, generator=g) * 1.6 - 0.8, torch.randn(2, 3, 4, 4, generator=g)
+    x = d.noised(x0, torch.full((2,), start), noise)
+
+    seen = []
+
+    def oracle(x_t, t):  # the target of this prediction for the one clean image x0
+        seen.append(t[0].item())
+        if prediction == "flow":
+            s = (t.float() / d.num_timesteps).view(-1, 1, 1, 1)
+            return (x_t - x0) / s  # v = eps - x0 with eps = (x_t - (1 - s) x0) / s
+        abar = d.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+        return eps if prediction == "eps" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
+    out = d.sample(oracle, x, steps=7, sampler=sampler, start=start)
+    torch.testing.assert_close(out, x0, rtol=1e-4, atol=1e-4)
+    assert seen[0] == pytest.approx(start) and len(seen) == 7
+    if prediction != "flow":
+        assert seen == d.timesteps(7, start=start)
+
+
 def run_diffusers(scheduler, eps_fn, noise, **step_kwargs):
     x = noise.clone()
     for t in scheduler.timesteps:

@@ -58,6 +58,9 @@ def test_the_probe_tells_a_model_that_reads_the_words_from_one_that_ignores_them
         assert row["shape changed"]["colour"] == 1.0  # only the changed word's check moves
     for row in ignored:
         assert row["shape changed"] == row["true"] == row["size changed"]
+    # a chain from each noised render: the samples a function of x_t and t, scored against the true scenes
+    sampled = probe(reader, images, truths, [100], d, sample_fn=lambda x_t, t, captions: reader(x_t, t, captions))
+    assert sampled[0]["sampled"] == sampled[0]["true"] and "sampled" not in read[0]
     assert [r["t"] for r in read] == [100, 600] and read[0]["snr"] > read[1]["snr"]
 
 
@@ -80,10 +83,14 @@ def test_the_command_probes_a_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "v-prediction, 3 held-out scenes" in out
     rows = [line for line in out.splitlines() if line.startswith("| 100 ") or line.startswith("| 500 ")]
-    assert len(rows) == 2 and all(len(r.split("|")) == 10 for r in rows)
+    assert len(rows) == 2 and all(len(r.split("|")) == 12 for r in rows)  # with shape and size sampled from t
     # the checkpoint's folder stands for its EMA weights
     assert main([summary["checkpoint"], "--num-val", "3", "--timesteps", "100,500"]) == 0
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][-2:] == rows
+    assert main([ckpt, "--num-val", "3", "--timesteps", "100,500", "--steps", "0"]) == 0
+    assert all(len(line.split("|")) == 10 for line in capsys.readouterr().out.splitlines() if line.startswith("| "))
     for bad, message in (("100,x", "integers"), ("1000", r"\[0, 1000\)")):
         with pytest.raises(UserError, match=message):
             main([ckpt, "--timesteps", bad])
+    with pytest.raises(UserError, match=r"--steps 20: must be in \[0, 11\]"):
+        main([ckpt, "--timesteps", "10,500"])
