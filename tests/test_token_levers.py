@@ -265,18 +265,19 @@ def test_the_trainer_trains_with_each_lever(levers, tmp_path):
     assert summary["steps"] == 4 and summary["skipped_steps"] == 0 and summary["final_loss"] > 0
 
 
-def test_the_stage2_recipe_routes_past_every_block_but_the_last(tmp_path, capsys):
+def test_the_stage2_recipe_routes_half_the_tokens_past_the_middle_blocks(tmp_path, capsys):
     from pixart_fast.train.loop import route_blocks
 
-    assert RECIPES[2].route_ratio == 0.9 and RECIPES[1].route_ratio == RECIPES[3].route_ratio == 0.0
-    assert route_blocks(RECIPES[2], CONFIGS["PixArt-pixel-32"].depth) == (0, 3)  # the embedded default: blocks 0-2
-    assert route_blocks(RECIPES[2], 28) == (0, 27)  # PixArt-XL/2: the last block sees every token
-    assert route_blocks(RECIPES[2], 2) == (0, 1) and route_blocks(replace(RECIPES[2], route_ratio=0.0), 4) is None
-    # a range that starts at the last block routes nothing, and the run says so
-    summary = train(replace(RECIPES[2], **{**FAST, "steps": 1}, route_start=1, log_every=1, out=str(tmp_path)),
-                    progress=False)
+    assert RECIPES[2].route_ratio == 0.5 and RECIPES[1].route_ratio == RECIPES[3].route_ratio == 0.0
+    assert route_blocks(RECIPES[2], CONFIGS["PixArt-pixel-32"].depth) == (1, 3)  # the embedded default: blocks 1-2
+    assert route_blocks(RECIPES[2], 28) == (1, 27)  # PixArt-XL/2: the first and last blocks see every token
+    assert route_blocks(replace(RECIPES[2], route_ratio=0.9, route_start=0), 4) == (0, 3)  # the route-0.9 arm's
+    assert route_blocks(replace(RECIPES[2], route_ratio=0.0), 4) is None
+    # a two-block model has no middle block: the recipe routes nothing there, and the run says so
+    assert route_blocks(RECIPES[2], 2) is None
+    summary = train(replace(RECIPES[2], **{**FAST, "steps": 1}, log_every=1, out=str(tmp_path)), progress=False)
     assert "PixArt-pixel-tiny has 2 blocks" in capsys.readouterr().out and summary["skipped_steps"] == 0
-    assert token_levers(replace(RECIPES[2], route_start=1), 0, (2, 3, 16, 16), 2, 2, "cpu", slice(None)) == {}
+    assert token_levers(RECIPES[2], 0, (2, 3, 16, 16), 2, 2, "cpu", slice(None)) == {}
 
 
 @pytest.mark.parametrize("cfg, expected", [

@@ -132,14 +132,15 @@ def test_the_ablation_command_writes_its_table_and_plot(tmp_path):
     from pixart_fast.flops import flops_per_image
     from pixart_fast.train.ablate import ablate
 
-    tiny = dict(model="PixArt-pixel-tiny", batch_size=2, kernels="torch", sample_steps=2)
+    # route_start 0: the recipe's block 1 would leave a two-block model no middle block to route past
+    tiny = dict(model="PixArt-pixel-tiny", batch_size=2, kernels="torch", sample_steps=2, route_start=0)
     table = ablate(tmp_path, arms=("paper", "default", "mask"), seeds=2, steps=4, stage1_steps=2, eval_every=2,
                    num_val=2, fixed=(("colour", 0.0),), progress=False, **tiny)
     assert set(table) == {"paper", "default", "mask"}
     saved = json.loads((tmp_path / "ablation.json").read_text())
     full = flops_per_image(CONFIGS["PixArt-pixel-tiny"], vae_downsample=1)
     masked = flops_per_image(CONFIGS["PixArt-pixel-tiny"], vae_downsample=1, mask_ratio=0.5)
-    # the default routes block 0 of the two (the recipe's routing); the other arms run unrouted
+    # the default routes block 0 of the two (the recipe's ratio); the other arms run unrouted
     routed = flops_per_image(CONFIGS["PixArt-pixel-tiny"], vae_downsample=1, route_ratio=RECIPES[2].route_ratio,
                              route_blocks=(0, 1))
     for seed in ("0", "1"):
