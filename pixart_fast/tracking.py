@@ -145,15 +145,14 @@ class MFU:
     averaged over the steps since the last reading), over the dense bf16 peak of every process's GPU. Only on a
     GPU of pixart_fast.gpus' table. repa_encoder: --repa-encoder's transformers config (None without one)."""
 
-    def __init__(self, cfg, model_config, class_conditional: bool, route_blocks: tuple[int, int] | None,
-                 peak_flops: float, repa_encoder=None):
+    def __init__(self, cfg, model_config, class_conditional: bool, peak_flops: float, repa_encoder=None):
         self.cfg, self.config, self.class_conditional = cfg, model_config, class_conditional
-        self.route_blocks, self.peak, self.repa_encoder = route_blocks, peak_flops, repa_encoder
+        self.peak, self.repa_encoder = peak_flops, repa_encoder
         self.flops, self.images, self._per_image = 0, 0, {}
 
     @classmethod
-    def on(cls, device, world_size: int, cfg, model_config, class_conditional: bool, route_blocks: tuple[int, int] | None,
-           repa_encoder=None, log=print) -> "MFU | None":
+    def on(cls, device, world_size: int, cfg, model_config, class_conditional: bool, repa_encoder=None,
+           log=print) -> "MFU | None":
         """An MFU counter for a run on `device` with world_size processes, each on a GPU like it; None off CUDA
         or on a GPU the table does not have (logged)."""
         if device.type != "cuda":
@@ -165,20 +164,21 @@ class MFU:
         if key is None:
             log(f"{props.name} is not in pixart_fast.gpus' table: no MFU is logged")
             return None
-        return cls(cfg, model_config, class_conditional, route_blocks, GPUS[key].tflops * 1e12 * world_size,
-                   repa_encoder)
+        return cls(cfg, model_config, class_conditional, GPUS[key].tflops * 1e12 * world_size, repa_encoder)
 
     def add(self, step: int, batch) -> None:
         """Count step `step`: its global batch, --batch-size images shaped like this rank's `batch`."""
         cfg = self.cfg
         masked = cfg.mask_ratio > 0 and step < cfg.steps - cfg.unmasked_steps
         tokens = None if batch.text is None else batch.text.shape[1]
-        shape = (*batch.images.shape[2:], tokens, masked)
+        routing = cfg.routing(step, self.config.depth)
+        shape = (*batch.images.shape[2:], tokens, masked, routing)
         if shape not in self._per_image:
+            ratio, blocks = routing or (0.0, None)
             self._per_image[shape] = flops_per_image(
                 self.config, shape[0], shape[1], vae_downsample=1, caption_tokens=tokens,
                 class_conditional=self.class_conditional, mask_ratio=cfg.mask_ratio if masked else 0.0,
-                route_ratio=cfg.route_ratio if self.route_blocks else 0.0, route_blocks=self.route_blocks,
+                route_ratio=ratio, route_blocks=blocks,
                 repa_depth=cfg.repa_depth,
                 repa_target_depth=cfg.repa_target_depth, repa_projector_dim=cfg.repa_projector_dim,
                 repa_encoder=self.repa_encoder)

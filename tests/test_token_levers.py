@@ -266,24 +266,49 @@ def test_the_trainer_trains_with_each_lever(levers, tmp_path):
 
 
 def test_the_stage2_recipe_routes_half_the_tokens_past_the_middle_blocks(tmp_path, capsys):
-    from pixart_fast.train.loop import route_blocks
-
     assert RECIPES[2].route_ratio == 0.5 and RECIPES[1].route_ratio == RECIPES[3].route_ratio == 0.0
-    assert route_blocks(RECIPES[2], CONFIGS["PixArt-pixel-32"].depth) == (1, 3)  # the embedded default: blocks 1-2
-    assert route_blocks(RECIPES[2], 28) == (1, 27)  # PixArt-XL/2: the first and last blocks see every token
-    assert route_blocks(replace(RECIPES[2], route_ratio=0.9, route_start=0), 4) == (0, 3)  # the route-0.9 arm's
-    assert route_blocks(replace(RECIPES[2], route_ratio=0.0), 4) is None
+    assert RECIPES[2].routing(0, CONFIGS["PixArt-pixel-32"].depth) == (0.5, (1, 3))  # the embedded default: blocks 1-2
+    assert RECIPES[2].routing(0, 28) == (0.5, (1, 27))  # PixArt-XL/2: the first and last blocks see every token
+    assert replace(RECIPES[2], route_ratio=0.9, route_start=0).routing(0, 4) == (0.9, (0, 3))  # the route-0.9 arm's
+    assert replace(RECIPES[2], route_ratio=0.0).routing(0, 4) is None
     # a two-block model has no middle block: the recipe routes nothing there, and the run says so
-    assert route_blocks(RECIPES[2], 2) is None
+    assert RECIPES[2].routing(0, 2) is None
     summary = train(replace(RECIPES[2], **{**FAST, "steps": 1}, log_every=1, out=str(tmp_path)), progress=False)
     assert "PixArt-pixel-tiny has 2 blocks" in capsys.readouterr().out and summary["skipped_steps"] == 0
     assert token_levers(RECIPES[2], 0, (2, 3, 16, 16), 2, 2, "cpu", slice(None)) == {}
+
+
+def test_a_routing_schedule_routes_more_in_its_early_steps():
+    cfg = replace(RECIPES[2], early_route_steps=3, early_route_ratio=0.75, early_route_start=0, route_ratio=0.25)
+    assert [cfg.routing(step, 4) for step in (0, 2, 3, 9)] == [(0.75, (0, 3))] * 2 + [(0.25, (1, 3))] * 2
+    assert replace(cfg, route_ratio=0.0).routing(3, 4) is None  # heavy routing first, then none
+    assert replace(cfg, early_route_ratio=0.0).routing(0, 4) is None
+    # the draws follow the phase: 3/4 of 16 tokens routed, then 1/4
+    shape, everyone = (4, 3, 16, 16), slice(0, 4)
+    early, late = (token_levers(cfg, step, shape, 4, 4, "cpu", everyone) for step in (2, 3))
+    assert early["route"].shape == (4, 4) and early["route_blocks"] == (0, 3)
+    assert late["route"].shape == (4, 12) and late["route_blocks"] == (1, 3)
+    # the ablation's FLOPs cost each phase at its own steps'
+    from pixart_fast.train.ablate import image_flops, step_flops
+
+    cfg = replace(cfg, model="PixArt-pixel-32", batch_size=2)
+    assert image_flops(cfg, 0) < image_flops(cfg, 3) < image_flops(replace(cfg, route_ratio=0.0), 3)
+    assert step_flops(cfg, 2) == 2 * 2 * image_flops(cfg, 0)
+    assert step_flops(cfg, 10) == 2 * (3 * image_flops(cfg, 0) + 7 * image_flops(cfg, 3))
+    # the ablation's arm: route-0.9's routing for the first third of its steps, then the recipe's
+    from pixart_fast.train.ablate import ARMS, stage2_config
+
+    arm = stage2_config(next(a for a in ARMS if a.name == "route-early"), 0, 900, 300, 8, {})
+    assert arm.early_route_steps == 300 and arm.routing(299, 4) == (0.9, (0, 3))
+    assert arm.routing(300, 4) == RECIPES[2].routing(300, 4) == (0.5, (1, 3))
 
 
 @pytest.mark.parametrize("cfg, expected", [
     (dict(stage=1, mask_ratio=0.5), "stages 2 and 3"),
     (dict(route_ratio=0.5, route_start=1, route_end=1), "--route-start 1 --route-end 1"),
     (dict(route_ratio=0.5, route_end=5), "<= 2"),
+    (dict(early_route_steps=2, early_route_start=2, route_end=2), "--early-route-start 2 --route-end 2"),
+    (dict(stage=1, early_route_steps=2), "stages 2 and 3"),
 ])
 def test_bad_lever_settings_fail_before_training(cfg, expected, tmp_path):
     with pytest.raises(UserError, match=expected):

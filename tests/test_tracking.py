@@ -121,7 +121,7 @@ def test_mfu_counts_each_steps_batch_over_the_peak():
 
     cfg = replace(RECIPES[2], **FLAGS)
     config = CONFIGS[cfg.model]
-    mfu = tracking.MFU(cfg, config, False, (1, 1), peak_flops=1e9)
+    mfu = tracking.MFU(cfg, config, False, peak_flops=1e9)
     batch = Batch(images=torch.zeros(2, 3, 16, 16), text=torch.zeros(2, 7, config.caption_channels))
     mfu.add(0, batch)
     mfu.add(1, batch)
@@ -129,11 +129,11 @@ def test_mfu_counts_each_steps_batch_over_the_peak():
     assert mfu.take(10.0) == pytest.approx(10.0 * per_image / 1e9)  # 10 images/s at this many FLOPs each
     assert mfu.take(None) is None
     # self-alignment's teacher and projector count too
-    aligned = tracking.MFU(replace(cfg, repa_depth=1, repa_target_depth=2), config, False, (1, 1), peak_flops=1e9)
+    aligned = tracking.MFU(replace(cfg, repa_depth=1, repa_target_depth=2), config, False, peak_flops=1e9)
     aligned.add(0, batch)
     repa = flops_per_image(config, 16, 16, vae_downsample=1, caption_tokens=7, repa_depth=1, repa_target_depth=2)
     assert repa > per_image and aligned.take(10.0) == pytest.approx(10.0 * repa / 1e9)
-    assert tracking.MFU.on(torch.device("cpu"), 1, cfg, config, False, (1, 1)) is None
+    assert tracking.MFU.on(torch.device("cpu"), 1, cfg, config, False) is None
 
 
 def test_the_loop_logs_mfu_beside_images_per_s(tmp_path, monkeypatch):
@@ -141,8 +141,8 @@ def test_the_loop_logs_mfu_beside_images_per_s(tmp_path, monkeypatch):
     from pixart_fast.flops import flops_per_image
     from pixart_fast.model import CONFIGS
 
-    monkeypatch.setattr(tracking.MFU, "on", lambda device, world_size, cfg, config, cc, route, encoder, log:
-                        tracking.MFU(cfg, config, cc, route, 1e9, encoder))
+    monkeypatch.setattr(tracking.MFU, "on", lambda device, world_size, cfg, config, cc, encoder, log:
+                        tracking.MFU(cfg, config, cc, 1e9, encoder))
     # route_start 0: the recipe's block 1 would leave a two-block model no middle block to route past
     train(replace(RECIPES[2], **FLAGS, route_start=0, out=str(tmp_path)), progress=False)
     lines = [r for r in map(json.loads, (tmp_path / "stage2/metrics.jsonl").read_text().splitlines()) if "loss" in r]

@@ -27,7 +27,7 @@ from pathlib import Path
 from pixart_fast.cli import UserError, run
 from pixart_fast.flops import flops_per_image
 from pixart_fast.model import CONFIGS
-from .loop import route_blocks, train
+from .loop import train
 from .recipes import RECIPES, TrainConfig
 
 METRICS = ("colour", "position", "shape", "size", "accuracy")
@@ -38,13 +38,15 @@ BASELINES = ("paper", "no-route")
 class Arm:
     """A recipe of the ablation: `stage2` overrides the stage-2 recipe; `stage1` (None: from scratch) overrides
     the stage-1 recipe of the run it starts from; `unmasked_fraction`: with a mask ratio, the share of the stage-2
-    steps trained unmasked at the end."""
+    steps trained unmasked at the end; `early_route_fraction`: the share of the stage-2 steps at the start that
+    route as --early-route-ratio and --early-route-start say."""
 
     name: str
     about: str
     stage2: dict = field(default_factory=dict)
     stage1: dict | None = None
     unmasked_fraction: float = 0.0
+    early_route_fraction: float = 0.0
 
 
 # The paper's recipe in miniature (PixArt-alpha section 2.4 and its configs): eps prediction with the learned
@@ -66,6 +68,8 @@ ARMS = (
         stage2=dict(route_ratio=0.75, route_start=1)),
     Arm("route-0.9", "the default with nine tenths of the tokens routed past blocks 0-2 (only the last block sees all)",
         stage2=dict(route_ratio=0.9, route_start=0)),
+    Arm("route-early", "a routing schedule: route-0.9's routing for the first third of the steps, then the default's",
+        stage2=dict(early_route_ratio=0.9, early_route_start=0), early_route_fraction=1 / 3),
     Arm("stage1", "no-route's stage 2 from a stage 1 on stage-2 scenes (sizes, counts, distractors)",
         stage2=_ALONE, stage1=dict(stage1_scenes=True)),
     Arm("flow", "rectified flow, logit-normal timesteps (SD3)",
@@ -86,6 +90,8 @@ def stage2_config(arm: Arm, seed: int, steps: int, eval_every: int, num_val: int
     extra = dict(arm.stage2)
     if arm.unmasked_fraction:
         extra["unmasked_steps"] = round(arm.unmasked_fraction * steps)
+    if arm.early_route_fraction:
+        extra["early_route_steps"] = round(arm.early_route_fraction * steps)
     return replace(RECIPES[2], seed=seed, steps=steps, sample_every=eval_every, num_val=num_val, save_every=eval_every,
                    log_every=math.gcd(RECIPES[2].log_every, eval_every, steps), **{**extra, **settings})
 
@@ -95,16 +101,16 @@ def stage1_config(arm: Arm, seed: int, steps: int, settings: dict) -> TrainConfi
                    log_every=math.gcd(RECIPES[1].log_every, steps), **{**arm.stage1, **settings})
 
 
-def image_flops(cfg: TrainConfig, masked: bool = True) -> int:
-    """Training FLOPs of one image of a run of `cfg` (pixel space, its caption length); masked False: a step of
-    the unmasked finish."""
+def image_flops(cfg: TrainConfig, step: int) -> int:
+    """Training FLOPs of one image at step `step` (0-based) of a run of `cfg` (pixel space, its caption length):
+    masked or not, routed as TrainConfig.routing says."""
     model = CONFIGS[cfg.model]
     levers = {}
-    if cfg.mask_ratio and masked:
+    if cfg.mask_ratio and step < cfg.steps - cfg.unmasked_steps:
         levers["mask_ratio"] = cfg.mask_ratio
-    blocks = route_blocks(cfg, model.depth)
-    if blocks:
-        levers.update(route_ratio=cfg.route_ratio, route_blocks=blocks)
+    routing = cfg.routing(step, model.depth)
+    if routing:
+        levers.update(route_ratio=routing[0], route_blocks=routing[1])
     if cfg.repa_depth:
         encoder = None
         if cfg.repa_encoder:
@@ -117,10 +123,10 @@ def image_flops(cfg: TrainConfig, masked: bool = True) -> int:
 
 
 def step_flops(cfg: TrainConfig, step: int) -> int:
-    """Training FLOPs of steps 1..step of a run of `cfg`."""
-    start_unmasked = cfg.steps - cfg.unmasked_steps if cfg.mask_ratio else cfg.steps
-    unmasked = max(0, step - start_unmasked)
-    return cfg.batch_size * ((step - unmasked) * image_flops(cfg) + unmasked * image_flops(cfg, masked=False))
+    """Training FLOPs of steps 1..step of a run of `cfg`: its phases (the early routing, the unmasked finish) each
+    costed at their own steps' FLOPs."""
+    bounds = sorted({0, step, *(b for b in (cfg.early_route_steps, cfg.steps - cfg.unmasked_steps) if 0 < b < step)})
+    return cfg.batch_size * sum((b - a) * image_flops(cfg, a) for a, b in zip(bounds, bounds[1:]))
 
 
 def read_run(run_dir: Path, batch_size: int) -> tuple[dict[int, dict], dict[int, float]]:

@@ -59,6 +59,7 @@ TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup",
               "caption_dropout", "precision", "seed", "data", "t5", "prediction", "min_snr_gamma", "min_snr_plus_one",
               "timestep_sampling", "logit_mean", "logit_std", "tokenizer", "t5_locality", "optimizer", "lora_rank",
               "lora_alpha", "lora_targets", "mask_ratio", "unmasked_steps", "route_ratio", "route_start", "route_end",
+              "early_route_steps", "early_route_ratio", "early_route_start",
               "repa_depth", "repa_target_depth", "repa_encoder", "repa_weight", "repa_projector_dim")
 
 
@@ -83,30 +84,15 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return factor
 
 
-def route_blocks(cfg: TrainConfig, depth: int) -> tuple[int, int] | None:
-    """The blocks --route-ratio routes past, (start, end): --route-start and --route-end (0: depth - 1). None when
-    no token is routed: --route-ratio 0, or a model too shallow for the default range (--route-end 0 with fewer
-    than --route-start + 2 blocks: the stage-2 recipe's routing on a two-block model has no middle block)."""
-    if not cfg.route_ratio:
-        return None
-    end = cfg.route_end or depth - 1
-    if not cfg.route_end and end <= cfg.route_start:
-        return None
-    if not 0 <= cfg.route_start < end <= depth:
-        raise UserError(f"--route-start {cfg.route_start} --route-end {cfg.route_end}: the routed blocks must be "
-                        f"0 <= start < end <= {depth} (the model's depth; --route-end 0 means {depth - 1})")
-    return cfg.route_start, end
-
-
 def token_levers(cfg: TrainConfig, step: int, shape: tuple, patch_size: int, depth: int, device,
                  rank_part: slice) -> dict:
     """Step `step`'s token masking and routing as the model's forward arguments ({} when both are off): which
     tokens of each image enter the network, and which of those run the routed blocks. Drawn for the global batch
     from a generator seeded by (seed, step) and sliced like the other draws: a pure function of (seed, step).
-    The last --unmasked-steps steps draw no mask."""
+    The last --unmasked-steps steps draw no mask; routing follows TrainConfig.routing."""
     masking = cfg.mask_ratio > 0 and step < cfg.steps - cfg.unmasked_steps
-    blocks = route_blocks(cfg, depth)
-    if not (masking or blocks):
+    routing = cfg.routing(step, depth)
+    if not (masking or routing):
         return {}
     gen = torch.Generator(device).manual_seed(int(np.random.default_rng([cfg.seed, 13, step]).integers(2**62)))
     B, grid = shape[0], (shape[2] // patch_size, shape[3] // patch_size)
@@ -114,8 +100,9 @@ def token_levers(cfg: TrainConfig, step: int, shape: tuple, patch_size: int, dep
     if masking:
         keep = draw_tokens(B, tokens, cfg.mask_ratio, gen)
         levers, tokens = {"keep": keep[rank_part], "grid": grid}, keep.shape[1]
-    if blocks:
-        levers.update(route=draw_tokens(B, tokens, cfg.route_ratio, gen)[rank_part], route_blocks=blocks)
+    if routing:
+        ratio, blocks = routing
+        levers.update(route=draw_tokens(B, tokens, ratio, gen)[rank_part], route_blocks=blocks)
     return levers
 
 
@@ -223,11 +210,16 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
     with torch.random.fork_rng(devices=[]):  # every rank builds the same initial weights; the global RNG is untouched
         torch.manual_seed(cfg.seed)
         model = stage.build_model(cfg)
-    if (cfg.mask_ratio or cfg.route_ratio) and stage.class_conditional:
-        raise UserError("--mask-ratio and --route-ratio act on PixArt's tokens (stages 2 and 3), not stage 1's DiT")
-    if cfg.route_ratio and route_blocks(cfg, model.config.depth) is None:  # a bad range fails here, before writing
-        log(f"--route-ratio {cfg.route_ratio}: {cfg.model} has {model.config.depth} blocks, none between the first "
-            f"routed one ({cfg.route_start}) and the last block, so no token is routed")
+    if (cfg.mask_ratio or cfg.route_ratio or cfg.early_route_steps) and stage.class_conditional:
+        raise UserError("--mask-ratio, --route-ratio and --early-route-steps act on PixArt's tokens (stages 2 and 3), "
+                        "not stage 1's DiT")
+    depth = model.config.depth  # a bad routed range fails here, before writing
+    phases = [(0, "--early-route-ratio", cfg.early_route_ratio, cfg.early_route_start)] if cfg.early_route_steps else []
+    for step, flag, ratio, start in phases + [(cfg.early_route_steps, "--route-ratio", cfg.route_ratio,
+                                               cfg.route_start)]:
+        if ratio and cfg.routing(step, depth) is None:
+            log(f"{flag} {ratio}: {cfg.model} has {depth} blocks, none between the first routed one ({start}) and "
+                "the last block, so no token is routed")
     data = stage.data(cfg, model)
     if d.main:
         recover_leftovers(run_dir, log)
@@ -446,8 +438,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
     # rank 0: --report-to's tracker, resumed at run.start, and on a GPU of the table the MFU counter
     tracker = tracking.open_tracker(cfg.report_to, run.run_dir, cfg, run.start, log) if d.main else tracking.Tracker()
     encoder = run.align.encoder.config if run.align is not None and run.align.encoder is not None else None
-    mfu = tracking.MFU.on(d.device, d.world_size, cfg, run.model.config, run.stage.class_conditional,
-                          route_blocks(cfg, run.model.config.depth), encoder, log) if d.main else None
+    mfu = tracking.MFU.on(d.device, d.world_size, cfg, run.model.config, run.stage.class_conditional, encoder,
+                          log) if d.main else None
 
     def track_scores(step: int, scores: dict) -> None:  # rank 0: validation scores and grid to the tracker
         png = run.run_dir / "samples" / f"step-{step:07d}.png"

@@ -133,6 +133,14 @@ class TrainConfig:
     route_start: int = _field(1, "with --route-ratio: the first block the skipping tokens skip (0-based)", low=0)
     route_end: int = _field(0, "with --route-ratio: the block after the last one skipped (0-based); 0: depth - 1, "
                                "so the last block sees every token (and, with --route-start 1, the first)", low=0)
+    early_route_steps: int = _field(0, "a routing schedule: the run's first this many steps route "
+                                       "--early-route-ratio of the tokens past blocks --early-route-start to "
+                                       "--route-end - 1, the rest as --route-ratio and --route-start say (heavy "
+                                       "routing while placement is learned, light once shapes are); 0: off", low=0)
+    early_route_ratio: float = _field(0.9, "with --early-route-steps: the fraction of the tokens routed in those "
+                                           "steps", low=0, high=0.95)
+    early_route_start: int = _field(0, "with --early-route-steps: the first block skipped in those steps (0-based)",
+                                    low=0)
     repa_depth: int = _field(0, "representation alignment (stages 2 and 3): the hidden states after this many blocks "
                                 "(REPA's encoder depth: 8 of SiT-XL's 28) pass through a projector (REPA's MLP) and "
                                 "are pulled toward --repa-target-depth's or --repa-encoder's by negative cosine "
@@ -185,6 +193,26 @@ class TrainConfig:
             raise UserError("--lora-rank adapts a text-conditioned PixArt (stages 2 and 3); stage 1 trains a DiT "
                             "from scratch")
         self._check_alignment()
+
+    def routing(self, step: int, depth: int) -> tuple[float, tuple[int, int]] | None:
+        """Step `step`'s token routing on a model of `depth` blocks, (ratio, (start, end)): that fraction of the
+        tokens skips blocks start .. end - 1. The first --early-route-steps steps take --early-route-ratio and
+        --early-route-start, the others --route-ratio and --route-start; end is --route-end (0: depth - 1). None
+        when no token is routed: ratio 0, or a model too shallow for the default end (fewer than start + 2 blocks:
+        the stage-2 recipe's routing on a two-block model has no middle block)."""
+        early = step < self.early_route_steps
+        ratio, start = (self.early_route_ratio, self.early_route_start) if early else (self.route_ratio,
+                                                                                      self.route_start)
+        if not ratio:
+            return None
+        end = self.route_end or depth - 1
+        if not self.route_end and end <= start:
+            return None
+        if not 0 <= start < end <= depth:
+            flag = "--early-route-start" if early else "--route-start"
+            raise UserError(f"{flag} {start} --route-end {self.route_end}: the routed blocks must be 0 <= start < "
+                            f"end <= {depth} (the model's depth; --route-end 0 means {depth - 1})")
+        return ratio, (start, end)
 
     def _check_alignment(self):
         """--repa-*: one target, blocks the model has, and the settings it works with."""
