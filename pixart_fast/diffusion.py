@@ -187,7 +187,8 @@ class Diffusion:
         return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
 
     def training_losses(
-        self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+        self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+        perturb: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-sample loss, as DiT's LossType.MSE with learned-range variance: loss = mse + vb.
 
@@ -197,16 +198,18 @@ class Diffusion:
         vb: the variational bound term in bits per dimension, KL(q(x_{t-1}|x_t, x_0) || p(x_{t-1}|x_t)) for t > 0
             and the discretized Gaussian decoder NLL -log p(x_0|x_1) at t = 0. Its mean uses a DETACHED eps, so
             vb trains only the variance v and mse only eps. Zeros when learn_sigma is False.
+        perturb: input perturbation (Ning et al. 2023, as diffusers' --input_perturbation), like x0: x_t is made
+            from noise + perturb, the targets (and the VB term's posterior) from noise and x_t as made.
         Returns dict(loss, mse, vb), each (B,) float32 (float64 for float64 x0).
         """
         if t.shape != x0.shape[:1]:
             raise ValueError(f"t must have shape (B,) = {tuple(x0.shape[:1])}, got {tuple(t.shape)}")
         if self.prediction == "flow":
-            return self._flow_losses(model_fn, x0, t, noise)
+            return self._flow_losses(model_fn, x0, t, noise, perturb)
         # The KL and the log-likelihood lose their precision in half precision: compute the loss in fp32 or wider.
         x0 = x0.to(torch.promote_types(x0.dtype, torch.float32))
         noise = torch.randn_like(x0) if noise is None else noise.to(x0.dtype)
-        x_t = self.q_sample(x0, t, noise)
+        x_t = self.q_sample(x0, t, noise if perturb is None else noise + perturb.to(x0.dtype))
         out = model_fn(x_t, t).to(x0.dtype)
         C = x0.shape[1]
         want = (x0.shape[0], 2 * C if self.learn_sigma else C, *x0.shape[2:])
@@ -234,13 +237,14 @@ class Diffusion:
         vb = self._vb_bits(eps.detach(), out[:, C:], x0, x_t, t)
         return dict(loss=weighted + vb, mse=mse, vb=vb)
 
-    def _flow_losses(self, model_fn, x0, t, noise):
+    def _flow_losses(self, model_fn, x0, t, noise, perturb):
         """Rectified flow's loss: t (B,) the model's timesteps s * T (float, or int64 as `draw_timesteps` of eps /
         v gives: s = t / T); mse = mean over C, H, W of (v - (noise - x0))^2 = loss; vb zeros. A learn_sigma
         model's last C channels are ignored (they get no gradient)."""
         x0 = x0.to(torch.promote_types(x0.dtype, torch.float32))
         noise = torch.randn_like(x0) if noise is None else noise.to(x0.dtype)
-        out = model_fn(self.noised(x0, t, noise), t).to(x0.dtype)
+        x_s = self.noised(x0, t, noise if perturb is None else noise + perturb.to(x0.dtype))
+        out = model_fn(x_s, t).to(x0.dtype)
         C = x0.shape[1]
         want = (x0.shape[0], 2 * C if self.learn_sigma else C, *x0.shape[2:])
         if out.shape != want:

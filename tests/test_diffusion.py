@@ -288,6 +288,31 @@ def test_learn_sigma_false_is_mse_only_and_shapes_are_checked():
         Diffusion().training_losses(lambda x_t, t_: noise, x0, t[:1], noise)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v", "flow"])
+def test_input_perturbation_noises_the_input_and_leaves_the_target(prediction):
+    """As diffusers' train_text_to_image.py --input_perturbation: the input from noise + perturb (add_noise), the
+    target from the noise alone (noise, get_velocity; flow: noise - x0)."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers not installed")
+    ref = diffusers.DDPMScheduler(**SCHEDULE)
+    g = torch.Generator().manual_seed(0)
+    x0, noise, xi = (torch.randn(4, 3, 8, 8, generator=g) for _ in range(3))
+    t = torch.tensor([0, 10, 500, 999])
+    seen = []
+    zero = lambda x, tt: seen.append(x) or torch.zeros_like(x)  # noqa: E731
+    terms = Diffusion(learn_sigma=False, prediction=prediction).training_losses(zero, x0, t, noise, 0.1 * xi)
+    if prediction == "flow":
+        s = (t / 1000).view(-1, 1, 1, 1)
+        want_input, target = (1 - s) * x0 + s * (noise + 0.1 * xi), noise - x0
+    else:
+        want_input = ref.add_noise(x0, noise + 0.1 * xi, t)
+        target = noise if prediction == "eps" else ref.get_velocity(x0, noise, t)
+    torch.testing.assert_close(seen[0], want_input)
+    torch.testing.assert_close(terms["mse"], (target**2).mean(dim=(1, 2, 3)), rtol=1e-5, atol=1e-6)
+    # none: the forward process's input
+    Diffusion(learn_sigma=False, prediction=prediction).training_losses(zero, x0, t, noise)
+    assert not torch.allclose(seen[1], seen[0])
+
+
 def test_v_prediction_targets_and_eps_match_diffusers():
     diffusers = pytest.importorskip("diffusers", reason="diffusers not installed")
     from diffusers.training_utils import compute_snr

@@ -53,6 +53,15 @@ def test_resume_is_bit_identical(tmp_path):
     assert_resume_is_bit_identical(tiny(2, tmp_path), tmp_path)
 
 
+def test_input_perturbation_is_drawn_per_step_and_resumes_bit_identically(tmp_path):
+    cfg = tiny(2, tmp_path, input_perturbation=0.1)
+    assert_resume_is_bit_identical(cfg, tmp_path)
+    train(replace(cfg, out=str(tmp_path / "off"), steps=4, input_perturbation=0.0), progress=False)
+    on, off = (load_safetensors(tmp_path / f"{run}/stage2/checkpoints/step-0000004/model.safetensors")
+               for run in ("a", "off"))
+    assert any(not torch.equal(on[k], off[k]) for k in on)  # the perturbation reached the weights
+
+
 def test_stage2_starts_from_stage1_through_reparameterization(tmp_path):
     train(tiny(1, tmp_path, steps=2), progress=False)
     cfg = tiny(2, tmp_path, steps=2)

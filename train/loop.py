@@ -57,9 +57,9 @@ PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.
 # Settings that shape the run's trajectory: resuming with other values is allowed, but warned about.
 TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup", "lr_decay", "grad_clip", "ema_decay",
               "caption_dropout", "precision", "seed", "data", "t5", "prediction", "min_snr_gamma", "min_snr_plus_one",
-              "timestep_sampling", "logit_mean", "logit_std", "tokenizer", "t5_locality", "optimizer", "lora_rank",
-              "lora_alpha", "lora_targets", "mask_ratio", "unmasked_steps", "route_ratio", "route_start", "route_end",
-              "early_route_steps", "early_route_ratio", "early_route_start",
+              "timestep_sampling", "logit_mean", "logit_std", "input_perturbation", "tokenizer", "t5_locality",
+              "optimizer", "lora_rank", "lora_alpha", "lora_targets", "mask_ratio", "unmasked_steps", "route_ratio",
+              "route_start", "route_end", "early_route_steps", "early_route_ratio", "early_route_start",
               "repa_depth", "repa_target_depth", "repa_encoder", "repa_weight", "repa_projector_dim")
 
 
@@ -331,16 +331,19 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
     drop = (torch.rand(shape[:1], generator=step_gen, device=d.device) < cfg.caption_dropout)[rank_part]
     eps = torch.randn(shape, generator=step_gen, device=d.device)[rank_part] if batch.is_latent else None
     x0 = batch.x0(eps)  # latents: a fresh sample of each image's latent distribution
+    perturb = (cfg.input_perturbation * torch.randn(shape, generator=step_gen, device=d.device)[rank_part]
+               if cfg.input_perturbation else None)
     mc = run.model.config
     levers = token_levers(cfg, step, shape, mc.patch_size, mc.depth, d.device, rank_part)
     if "keep" in levers:  # masking: the loss sees only the kept patches (the layout the masked model takes)
         x0, noise = keep_patches(x0, levers["keep"], mc.patch_size), keep_patches(noise, levers["keep"], mc.patch_size)
+        perturb = None if perturb is None else keep_patches(perturb, levers["keep"], mc.patch_size)
     net = functools.partial(run.net, **levers) if levers else run.net
     if run.align is not None:  # the same call, and each call also computes the alignment loss into aligned["align"]
         net, aligned = run.align.wrap(net, run.ema, getattr(run.model, PROJECTOR), levers, batch.images)
     model_fn = run.stage.condition(net, batch, drop, mc.micro_conditions)
     with torch.autocast(d.device.type, dtype=run.autocast) if run.autocast else nullcontext():
-        terms = run.diffusion.training_losses(model_fn, x0, t, noise)
+        terms = run.diffusion.training_losses(model_fn, x0, t, noise, perturb)
     loss = terms["loss"].mean()
     align = aligned["align"].mean() if run.align is not None else torch.zeros((), device=d.device)
     objective = loss + cfg.repa_weight * align if run.align is not None else loss

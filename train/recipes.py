@@ -103,6 +103,11 @@ class TrainConfig:
                                   low=0)
     min_snr_plus_one: bool = _field(False, "with --prediction v: weight min(SNR + 1, gamma) / (SNR + 1) (diffusers' "
                                            "form), which keeps the noisiest steps' weight at 1")
+    input_perturbation: float = _field(0.0, "input perturbation (Ning et al. 2023; diffusers' --input_perturbation): "
+                                            "the noisy input is made with the noise plus this times a second draw, "
+                                            "the target from the noise alone, so training meets inputs a little off "
+                                            "what the forward process gives, as sampling does (paper: 0.1); 0: off",
+                                       low=0)
     tokenizer: str = _field("byte", "the embedded T5's tokenizer: byte (ByT5's) or word (the captions' closed "
                                     "vocabulary, one token a word)", choices=("byte", "word"))
     t5_locality: float = _field(0.0, "the embedded T5's attention bias: 0 random (as its other weights); > 0 falls by "
