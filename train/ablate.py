@@ -54,28 +54,24 @@ class Arm:
 # gradient-norm clip of 0.01, starting from a class-conditional stage 1 of one large object per image. Its lr is
 # the miniature's (1e-3, 20-step warm-up), not the paper's 2e-5: that is set for a 611 M-parameter model at batch
 # 256, and the toy at 2e-5 barely moves in its budget. The text encoder is every arm's (word tokens, locality 0.5).
-# No token routing and no input perturbation: the paper has neither.
+# No token routing: the paper has none.
 _PAPER = dict(prediction="eps", min_snr_gamma=0.0, min_snr_plus_one=False, lr=1e-3, warmup=20, grad_clip=0.01,
-              route_ratio=0.0, input_perturbation=0.0)
-# The other levers are measured over the stage-2 recipe without routing or input perturbation, each alone.
-_ALONE = dict(route_ratio=0.0, input_perturbation=0.0)
-_ROUTED = dict(input_perturbation=0.0)  # the routing arms: no-route's recipe with routing
+              route_ratio=0.0)
+# The other levers are measured over the stage-2 recipe without routing, each alone.
+_ALONE = dict(route_ratio=0.0)
 ARMS = (
     Arm("paper", "the paper's recipe: eps + learned sigma + VLB, uniform t, clip 0.01, from a one-object stage 1",
         stage2=_PAPER, stage1=dict(prediction="eps", min_snr_gamma=0.0, grad_clip=0.01)),
-    Arm("no-route", "the stage-2 recipe from scratch without token routing or input perturbation (v, min-SNR 5, "
-        "lr 2e-3)", stage2=_ALONE),
-    Arm("default", "the stage-2 recipe from scratch: no-route's, with half the tokens routed past blocks 1-2 (TREAD) "
-        "and input perturbation 0.1"),
-    Arm("route-0.5", "no-route with half the tokens routed past blocks 1-2 (the default without input perturbation)",
-        stage2=dict(_ROUTED, route_ratio=0.5, route_start=1)),
-    Arm("route-0.75", "no-route with three quarters of the tokens routed past blocks 1-2",
-        stage2=dict(_ROUTED, route_ratio=0.75, route_start=1)),
-    Arm("route-0.9", "no-route with nine tenths of the tokens routed past blocks 0-2 (only the last block sees all)",
-        stage2=dict(_ROUTED, route_ratio=0.9, route_start=0)),
-    Arm("route-early", "a routing schedule: route-0.9's routing for the first third of the steps, then route-0.5's",
-        stage2=dict(_ROUTED, route_ratio=0.5, route_start=1, early_route_ratio=0.9, early_route_start=0),
-        early_route_fraction=1 / 3),
+    Arm("no-route", "the stage-2 recipe from scratch without token routing (v, min-SNR 5, lr 2e-3)", stage2=_ALONE),
+    Arm("default", "the stage-2 recipe from scratch: no-route's, with half the tokens routed past blocks 1-2 (TREAD)"),
+    Arm("route-0.75", "the default with three quarters of the tokens routed past blocks 1-2",
+        stage2=dict(route_ratio=0.75, route_start=1)),
+    Arm("route-0.9", "the default with nine tenths of the tokens routed past blocks 0-2 (only the last block sees all)",
+        stage2=dict(route_ratio=0.9, route_start=0)),
+    Arm("route-early", "a routing schedule: route-0.9's routing for the first third of the steps, then the default's",
+        stage2=dict(early_route_ratio=0.9, early_route_start=0), early_route_fraction=1 / 3),
+    Arm("perturb", "the default with input perturbation 0.1 (the noisy input from noise + 0.1 x a second draw)",
+        stage2=dict(input_perturbation=0.1)),
     Arm("stage1", "no-route's stage 2 from a stage 1 on stage-2 scenes (sizes, counts, distractors)",
         stage2=_ALONE, stage1=dict(stage1_scenes=True)),
     Arm("flow", "rectified flow, logit-normal timesteps (SD3)",

@@ -259,14 +259,13 @@ class TrainConfig:
 # less compute than no routing, where this takes 1.2-1.3x less, but it stalls shapes: in five minutes this draws
 # all four checks right for 3-5 % of the objects against 0-2 %, and run on it keeps learning them where 0.9 does
 # not (docs/experiments.md, three seeds). It is sized for the embedded network (4 blocks), not measured on
-# PixArt-XL/2. Input perturbation 0.1 (Ning et al. 2023) draws more objects right in the five minutes, at no cost
-# a step (three seeds; it is off in stage 3, where it was not measured).
+# PixArt-XL/2.
 _EMBEDDED = dict(prediction="v", min_snr_gamma=5.0)
 _EMBEDDED_TEXT = dict(_EMBEDDED, min_snr_plus_one=True, tokenizer="word", t5_locality=0.5)
 RECIPES = {
     1: TrainConfig(stage=1, steps=2000, batch_size=24, save_every=500, sample_every=500, num_val=100, **_EMBEDDED),
     2: TrainConfig(stage=2, steps=2400, batch_size=24, lr=2e-3, warmup=50, save_every=600, sample_every=600,
-                   route_ratio=0.5, route_start=1, input_perturbation=0.1, **_EMBEDDED_TEXT),
+                   route_ratio=0.5, route_start=1, **_EMBEDDED_TEXT),
     3: TrainConfig(stage=3, model="PixArtMS-pixel-64", steps=1000, batch_size=8, lr=5e-4, save_every=250,
                    sample_every=250, **_EMBEDDED_TEXT),
 }
