@@ -36,6 +36,9 @@ FORMATS = ("diffusers",)
 
 def write_diffusers(state_dict: dict, config: PixArtConfig, out) -> Path:
     """A PixArt state dict (official names) as a diffusers PixArtTransformer2DModel folder; returns out."""
+    if config.pixel_decoder:
+        raise UserError(f"diffusers' PixArtTransformer2DModel has no pixel decoder, and this model has one "
+                        f"(pixel_decoder {config.pixel_decoder}): sample it here with python -m pixart_fast.sample")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(diffusers_config(config), indent=2) + "\n")

@@ -79,6 +79,12 @@ def forward_flops(config: PixArtConfig, height_px: int | None = None, width_px: 
         f["cross_attn_scores_values"] = sum(_mm(n, D, L) + _mm(n, L, D) for n in tokens)
     f["mlp"] = sum(_mm(n, D, mlp_hidden) + _mm(n, mlp_hidden, D) for n in tokens)
     f["final_layer"] = _mm(T, D, p * p * c.out_channels)
+    if c.pixel_decoder:  # a Linear to n features per pixel, then 3x3 convolutions (n + C -> n -> n -> C)
+        if mask_ratio:
+            raise ValueError(f"a model with a pixel decoder takes no token masking, got mask_ratio {mask_ratio}")
+        n, C, pixels = c.pixel_decoder, c.in_channels, T * p * p
+        f["pixel_decoder"] = (_mm(T, D, p * p * n) + _mm(pixels, 9 * (n + C), n) + _mm(pixels, 9 * n, n)
+                              + _mm(pixels, 9 * n, C))
     return f
 
 

@@ -49,6 +49,7 @@ class PixArtConfig:
     pe_interpolation: float = 1.0  # position-embedding grid divisor: 1 at 256/512 px, 2 at 1024 px, 4 at 2K (Sigma)
     micro_conditions: bool = False  # PixArtMS: add image size and aspect-ratio embeddings to t
     num_classes: int = 1000  # classes of the stage-1 class-conditional DiT (unused by PixArt)
+    pixel_decoder: int = 0  # channels of a conv decoder in pixel space after the final layer (0: none, as PixArt)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -96,6 +97,10 @@ CONFIGS = {
     # affordable with token masking (--mask-ratio 0.75 runs 64 tokens, as patch 4 does).
     "PixArt-pixel-32-p2": PixArtConfig(input_size=32, patch_size=2, in_channels=3, hidden_size=144, depth=4,
                                        num_heads=2, caption_channels=64, max_tokens=32, num_classes=24),
+    # The embedded default's network with a pixel decoder of 16 channels (`PixelDecoder`; about 1.1x the FLOPs).
+    "PixArt-pixel-32-pd": PixArtConfig(input_size=32, patch_size=4, in_channels=3, hidden_size=144, depth=4,
+                                       num_heads=2, caption_channels=64, max_tokens=32, num_classes=24,
+                                       pixel_decoder=16),
     # Stage 3 of the embedded default: the same network at twice the side (256 tokens, as a 256-px latent),
     # multi-aspect, with micro-conditions; positions interpolated by 2 as PixArt does from 512 to 1024 px, so
     # stage-2 weights carry over unchanged.
@@ -331,6 +336,30 @@ class FinalLayer(nn.Module):
         return self.linear(x_mod)  # (B, T, p*p*out)
 
 
+class PixelDecoder(nn.Module):
+    """A light decoder in pixel space after the final layer, for models that diffuse pixels (DeCo, arXiv
+    2511.19365, decodes the high frequencies with one): the last modulated tokens, projected to `pixel_decoder`
+    features per pixel, beside the noisy input, through three 3x3 convolutions (GELU between) whose output is added
+    to the prediction's first in_channels channels. A patch's pixels then see their neighbours across the patch
+    border, which a per-token linear head cannot. The last convolution starts at zero: a new decoder changes
+    nothing."""
+
+    def __init__(self, config: PixArtConfig):
+        super().__init__()
+        C, n, self.patch_size = config.in_channels, config.pixel_decoder, config.patch_size
+        self.linear = nn.Linear(config.hidden_size, self.patch_size**2 * n)
+        self.conv1 = nn.Conv2d(n + C, n, 3, padding=1)
+        self.conv2 = nn.Conv2d(n, n, 3, padding=1)
+        self.conv3 = nn.Conv2d(n, C, 3, padding=1)
+
+    def forward(self, x_mod, pixels, kernels: str):
+        """x_mod (B, T, D) the final layer's input, pixels (B, C, H, W) the noisy input -> (B, C, H, W)."""
+        n = self.conv2.in_channels
+        features = unpatchify(self.linear(x_mod), self.patch_size, n, *pixels.shape[2:], backend=kernels)
+        h = F.gelu(self.conv1(torch.cat([features, pixels.to(features.dtype)], dim=1)))  # (B, n, H, W)
+        return self.conv3(F.gelu(self.conv2(h)))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Recomputation: what the backward pass recomputes instead of storing
 # ----------------------------------------------------------------------------------------------------------
@@ -458,6 +487,7 @@ class PixArt(nn.Module):
             self.ar_embedder = SizeEmbedder(D // 3)  # aspect ratio -> D/3
         self.blocks = nn.ModuleList([PixArtBlock(c, kernels) for _ in range(c.depth)])
         self.final_layer = FinalLayer(c)
+        self.pixel_decoder = PixelDecoder(c) if c.pixel_decoder else None
         grid = c.input_size // c.patch_size
         self.register_buffer("pos_embed", pos_embed_2d(D, grid, grid, grid, c.pe_interpolation)[None], persistent=False)
         self.initialize_weights()
@@ -479,6 +509,9 @@ class PixArt(nn.Module):
             nn.init.zeros_(block.cross_attn.proj.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.pixel_decoder is not None:  # its last convolution too; the others as PyTorch's defaults
+            nn.init.zeros_(self.pixel_decoder.conv3.weight)
+            nn.init.zeros_(self.pixel_decoder.conv3.bias)
 
     def drop_captions(self, y, mask, drop):
         """Replace the captions where drop (B,) is True by the null caption (all its tokens valid)."""
@@ -512,7 +545,8 @@ class PixArt(nn.Module):
         route: (B, R) indices, ascending, into the tokens that enter the blocks (the kept ones when masking): token
             routing. Blocks route_blocks = (start, end), start inclusive, end exclusive, run on those R tokens
             only; the others skip them unchanged and are re-inserted after block end - 1.
-        Returns (B, out_channels, H, W) (with keep: (B, out_channels, p, K p)).
+        Returns (B, out_channels, H, W) (with keep: (B, out_channels, p, K p)). A model with a pixel decoder
+        (config.pixel_decoder) adds its output to the first in_channels channels; it takes no keep.
         Hidden states (representation alignment, pixart_fast.align): hidden_depth n > 0 also returns the residual
         stream after the first n blocks, (B, T, D) over the tokens that entered the blocks (routed: the skipping
         tokens as they entered the routed run), as (output, hidden); hidden_only returns it alone, after running
@@ -537,6 +571,9 @@ class PixArt(nn.Module):
             if grid is None or keep.shape != (B, W // p) or H != p:
                 raise ValueError(f"with keep (B, K) = {tuple(keep.shape)}, x must be its patches (B, C, {p}, K * {p}) "
                                  f"(keep_patches) and grid the full patch grid, got x {tuple(x.shape)}, grid {grid}")
+            if self.pixel_decoder is not None:
+                raise ValueError("token masking (keep) leaves the pixel decoder no image to convolve; this model "
+                                 f"has pixel_decoder {c.pixel_decoder}: use routing instead")
             pos = take_tokens(self.pos_embed_for(*grid, x.device).expand(B, -1, -1), keep)  # (B, K, D)
         start, end = (-1, -1) if route is None else route_blocks
         if route is not None and not 0 <= start < end <= c.depth:
@@ -544,7 +581,7 @@ class PixArt(nn.Module):
         if not 0 <= hidden_depth <= c.depth or (hidden_only and not hidden_depth):
             raise ValueError(f"hidden_depth must be in 1..depth {c.depth} (0: none, not with hidden_only), got "
                              f"{hidden_depth}")
-        x = self.x_embedder(x) + pos  # (B, T, D)
+        pixels, x = x, self.x_embedder(x) + pos  # (B, T, D)
         t = self.t_embedder(t)  # (B, D)
         if c.micro_conditions:
             if img_hw is None or aspect_ratio is None:
@@ -572,6 +609,9 @@ class PixArt(nn.Module):
                     return hidden
         x = self.final_layer(x_mod)  # (B, T, p*p*out)
         out = unpatchify(x, p, c.out_channels, H, W, backend=self.kernels)  # (B, out, H, W)
+        if self.pixel_decoder is not None:
+            detail = self.pixel_decoder(x_mod, pixels, self.kernels)  # (B, C, H, W)
+            out = torch.cat([out[:, :C] + detail.to(out.dtype), out[:, C:]], dim=1)
         return (out, hidden) if hidden_depth else out
 
     def pos_embed_for(self, grid_h: int, grid_w: int, device) -> torch.Tensor:

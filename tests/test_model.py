@@ -255,3 +255,43 @@ def test_triton_kernels_equal_torch_in_the_whole_model(name):
     assert_kernel_close(outs[1], outs[0], outs[0], torch.float32, "output")
     for (n, a), b in zip(ref.named_parameters(), tri.parameters()):
         assert_kernel_close(b.grad, a.grad, a.grad, torch.float32, n)
+
+
+PIXEL = replace(TINY, in_channels=3, input_size=16, patch_size=4, pe_interpolation=2.0)  # pixel space, 16 tokens
+
+
+def test_a_new_pixel_decoder_changes_nothing_until_it_trains():
+    """Its last convolution starts at zero: the model predicts what the same weights without a decoder do, and
+    the first backward pass reaches that convolution; once it is non-zero the decoder adds a correction."""
+    torch.manual_seed(0)
+    model = PixArt(replace(PIXEL, pixel_decoder=8), kernels="torch")
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    plain = PixArt(PIXEL, kernels="torch")
+    load_state_dict_strict(plain, {k: v for k, v in model.state_dict().items() if not k.startswith("pixel_decoder.")})
+    x, t, y, mask = random_inputs(PIXEL)
+    out = model(x, t, y, mask)
+    torch.testing.assert_close(out, plain(x, t, y, mask), rtol=0, atol=0)
+    out.square().mean().backward()
+    assert model.pixel_decoder.conv3.weight.grad.abs().sum() > 0
+    torch.nn.init.normal_(model.pixel_decoder.conv3.weight, std=0.1)
+    with torch.no_grad():
+        diff = model(x, t, y, mask) - plain(x, t, y, mask)
+    C = PIXEL.in_channels
+    assert (diff[:, :C].abs().flatten(1).amax(dim=1) > 0).all()  # every sample's prediction corrected
+    assert torch.equal(diff[:, C:], torch.zeros_like(diff[:, C:]))  # the variance channels are the final layer's
+
+
+def test_a_pixel_decoder_refuses_token_masking_and_diffusers_export(tmp_path):
+    from pixart_fast.cli import UserError
+    from pixart_fast.export import write_diffusers
+    from pixart_fast.model import keep_patches
+
+    cfg = replace(PIXEL, pixel_decoder=8)
+    model = PixArt(cfg, kernels="torch")
+    x, t, y, mask = random_inputs(cfg)
+    keep = torch.arange(8).expand(3, -1)
+    with pytest.raises(ValueError, match="pixel_decoder 8"):
+        model(keep_patches(x, keep, 4), t, y, mask, keep=keep, grid=(4, 4))
+    with pytest.raises(UserError, match="no pixel decoder"):
+        write_diffusers(model.state_dict(), cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

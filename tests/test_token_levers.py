@@ -219,6 +219,7 @@ def counted_flops(model, *args, **kwargs):
     ("PixArt-tiny", 0.0, 0.5, (1, 2)),
     ("PixArt-tiny", 0.25, 0.5, (0, 1)),
     ("PixArt-XL/2-256", 0.5, 0.5, (2, 26)),
+    ("PixArt-pixel-32-pd", 0.0, 0.5, (1, 3)),  # with the pixel decoder's convolutions
 ])
 def test_the_flop_count_follows_masking_and_routing(name, mask_ratio, route_ratio, blocks):
     cfg, B = CONFIGS[name], 2

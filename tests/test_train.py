@@ -62,6 +62,24 @@ def test_input_perturbation_is_drawn_per_step_and_resumes_bit_identically(tmp_pa
     assert any(not torch.equal(on[k], off[k]) for k in on)  # the perturbation reached the weights
 
 
+def test_a_pixel_decoder_model_trains_routed_resumes_and_samples(tmp_path):
+    from pixart_fast.sample import main as sample_main
+
+    cfg = tiny(2, tmp_path, model="PixArt-pixel-32-pd", batch_size=2, sample_every=0)
+    assert cfg.routing(0, CONFIGS[cfg.model].depth) == (cfg.route_ratio, (1, 3))  # the recipe's routing runs too
+    assert_resume_is_bit_identical(cfg, tmp_path)
+    ckpt = tmp_path / "a/stage2/checkpoints/step-0000004/ema.safetensors"
+    assert any(k.startswith("pixel_decoder.conv3") and load_safetensors(ckpt)[k].abs().sum() > 0
+               for k in load_safetensors(ckpt))  # the decoder's last convolution left zero: it trained
+    out = tmp_path / "s.png"
+    assert sample_main(["--ckpt", str(ckpt), "--prompt", "a red circle", "--out", str(out), "--steps", "2"]) == 0
+    assert out.exists()
+    with pytest.raises(UserError, match="--mask-ratio 0.5 with --model PixArt-pixel-32-pd"):
+        replace(cfg, mask_ratio=0.5)
+    with pytest.raises(UserError, match="without a pixel decoder"):
+        train(replace(tiny(1, tmp_path / "s1", steps=1), model="PixArt-pixel-32-pd"), progress=False)
+
+
 def test_stage2_starts_from_stage1_through_reparameterization(tmp_path):
     train(tiny(1, tmp_path, steps=2), progress=False)
     cfg = tiny(2, tmp_path, steps=2)

@@ -194,6 +194,9 @@ class TrainConfig:
         if self.prediction == "flow" and self.min_snr_gamma > 0:
             raise UserError(f"--min-snr-gamma {self.min_snr_gamma} with --prediction flow: min-SNR weighting is for "
                             "eps and v; flow's loss is unweighted: pass --min-snr-gamma 0")
+        if self.mask_ratio and self.model in CONFIGS and CONFIGS[self.model].pixel_decoder:
+            raise UserError(f"--mask-ratio {self.mask_ratio} with --model {self.model}: its pixel decoder convolves "
+                            "the whole image, which masking leaves out; route the tokens instead (--route-ratio)")
         if self.lora_rank and self.stage == 1:
             raise UserError("--lora-rank adapts a text-conditioned PixArt (stages 2 and 3); stage 1 trains a DiT "
                             "from scratch")

@@ -124,6 +124,8 @@ class ClassConditional(Stage):
         mcfg = self.model_config(cfg)
         if mcfg.micro_conditions:
             raise UserError(f"stage 1 trains a class-conditional DiT; {cfg.model} has micro-conditions")
+        if mcfg.pixel_decoder:
+            raise UserError(f"stage 1 trains a class-conditional DiT, without a pixel decoder; {cfg.model} has one")
         return DiT(mcfg, kernels=cfg.kernels, recompute=cfg.recompute)
 
     def condition(self, net, batch, drop, micro_conditions):
