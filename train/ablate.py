@@ -72,6 +72,8 @@ ARMS = (
         stage2=dict(early_route_ratio=0.9, early_route_start=0), early_route_fraction=1 / 3),
     Arm("pixel-decoder", "the default on PixArt-pixel-32-pd: a 16-channel conv decoder in pixel space after the "
         "final layer (DeCo-style)", stage2=dict(model="PixArt-pixel-32-pd")),
+    Arm("route-0.9-pd", "route-0.9 on PixArt-pixel-32-pd: the pixel decoder's convolutions relate the neighbouring "
+        "patches that routing keeps apart", stage2=dict(model="PixArt-pixel-32-pd", route_ratio=0.9, route_start=0)),
     Arm("perturb", "the default with input perturbation 0.1 (the noisy input from noise + 0.1 x a second draw)",
         stage2=dict(input_perturbation=0.1)),
     Arm("stage1", "no-route's stage 2 from a stage 1 on stage-2 scenes (sizes, counts, distractors)",
