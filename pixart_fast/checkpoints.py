@@ -308,13 +308,15 @@ def load_any(path) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------------------------------------
 
 MICRO_KEYS = ("csize_embedder.", "ar_embedder.")  # PixArtMS's size embedders: new when a PixArt seeds a PixArtMS
+DECODER_KEYS = ("pixel_decoder.",)  # a pixel decoder: new when a model without one seeds one (it starts as no change)
 
 
 def load_into(model, path, seed: int = 0, source: str | None = None, from_dit: bool = True) -> str:
     """Load the checkpoint at `path` (any format of `load_any`) into a PixArt or DiT `model`, strictly, converting
     where the paper does: a class-conditional DiT into a PixArt through re-parameterization (section 2.3, `seed`
     for its draws), a PixArt without micro-conditions into a PixArtMS (the size embedders keep their fresh
-    weights), diffusers' weights without `y_embedding` (the model's stays). Refuses NaN or inf weights and a
+    weights), weights without a pixel decoder into a model with one (its fresh decoder starts as no change),
+    diffusers' weights without `y_embedding` (the model's stays). Refuses NaN or inf weights and a
     PixArt into a DiT, and (from_dit False) a DiT into a PixArt. source: how messages name the checkpoint (default:
     its path). Returns what was done."""
     source = source or str(path)
@@ -331,12 +333,16 @@ def load_into(model, path, seed: int = 0, source: str | None = None, from_dit: b
         raise ValueError(f"{source} is a class-conditional DiT (stage 1): it takes class labels, not prompts; "
                          "train stage 2 from it")
     if kind == "dit":
-        load_state_dict_strict(model, reparameterize(sd, model.config, seed=seed), source=source)
-        return f"initialised from DiT checkpoint {path} through re-parameterization (paper section 2.3)"
-    new = tuple(k for k in model.state_dict() if k.startswith(MICRO_KEYS) and k not in sd)
+        pixart_sd = reparameterize(sd, model.config, seed=seed)
+        new = tuple(k for k in model.state_dict() if k.startswith(DECODER_KEYS))
+        load_state_dict_strict(model, pixart_sd, allow_missing=new, source=source)
+        fresh = " (pixel decoder new)" if new else ""
+        return f"initialised from DiT checkpoint {path} through re-parameterization (paper section 2.3){fresh}"
+    new = tuple(k for k in model.state_dict() if k.startswith(MICRO_KEYS + DECODER_KEYS) and k not in sd)
     allow = new + (("y_embedder.y_embedding",) if kind == "diffusers" else ())
     load_state_dict_strict(model, sd, allow_missing=allow, source=source)
-    fresh = " (micro-condition embedders new)" if new else ""
+    parts = ((MICRO_KEYS, "micro-condition embedders"), (DECODER_KEYS, "pixel decoder"))
+    fresh = "".join(f" ({what} new)" for keys, what in parts if any(k.startswith(keys) for k in new))
     fits = matching_configs(path)
     same_size = [n for n in fits if (CONFIGS[n].input_size, CONFIGS[n].pe_interpolation) ==
                  (model.config.input_size, model.config.pe_interpolation)]

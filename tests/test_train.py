@@ -62,11 +62,12 @@ def test_input_perturbation_is_drawn_per_step_and_resumes_bit_identically(tmp_pa
     assert any(not torch.equal(on[k], off[k]) for k in on)  # the perturbation reached the weights
 
 
-def test_a_pixel_decoder_model_trains_routed_resumes_and_samples(tmp_path):
+def test_the_stage2_recipes_network_trains_routed_resumes_and_samples(tmp_path):
     from pixart_fast.sample import main as sample_main
 
-    cfg = tiny(2, tmp_path, model="PixArt-pixel-32-pd", batch_size=2, sample_every=0)
-    assert cfg.routing(0, CONFIGS[cfg.model].depth) == (cfg.route_ratio, (1, 3))  # the recipe's routing runs too
+    cfg = replace(tiny(2, tmp_path, batch_size=2, sample_every=0), model=RECIPES[2].model)
+    assert CONFIGS[cfg.model].pixel_decoder
+    assert cfg.routing(0, CONFIGS[cfg.model].depth) == (cfg.route_ratio, (cfg.route_start, 3))  # routed past 0-2
     assert_resume_is_bit_identical(cfg, tmp_path)
     ckpt = tmp_path / "a/stage2/checkpoints/step-0000004/ema.safetensors"
     assert any(k.startswith("pixel_decoder.conv3") and load_safetensors(ckpt)[k].abs().sum() > 0
@@ -194,3 +195,25 @@ def test_the_ablation_command_writes_its_table_and_plot(tmp_path):
     assert again["default"]["bars"][0] == bar
     with pytest.raises(UserError, match="holds a run of 4 steps, not 6"):  # never trains a finished run on
         ablate(tmp_path, arms=("default",), seeds=1, steps=6, eval_every=2, num_val=2, progress=False, **tiny)
+
+
+def test_weights_without_a_pixel_decoder_seed_a_model_with_one(tmp_path):
+    """Stage 1's DiT (through re-parameterization) and a PixArt without a decoder both load into a model with one;
+    the fresh decoder's last convolution is zero, so the seeded model predicts what the weights did."""
+    from pixart_fast.checkpoints import load_into, save_safetensors
+    from pixart_fast.model import DiT
+
+    cfg = CONFIGS["PixArt-pixel-tiny"]
+    torch.manual_seed(0)
+    plain = PixArt(cfg, kernels="torch").eval()
+    torch.nn.init.normal_(plain.final_layer.linear.weight, std=0.1)
+    save_safetensors(plain.state_dict(), tmp_path / "plain.safetensors")
+    save_safetensors(DiT(cfg).state_dict(), tmp_path / "dit.safetensors")
+    said = load_into(PixArt(replace(cfg, pixel_decoder=8), kernels="torch"), tmp_path / "dit.safetensors")
+    assert "re-parameterization" in said and "(pixel decoder new)" in said
+    seeded = PixArt(replace(cfg, pixel_decoder=8), kernels="torch").eval()
+    assert "(pixel decoder new)" in load_into(seeded, tmp_path / "plain.safetensors")
+    x, y = torch.randn(2, 3, 16, 16), torch.randn(2, cfg.max_tokens, cfg.caption_channels)
+    with torch.no_grad():
+        torch.testing.assert_close(seeded(x, torch.tensor([3, 700]), y), plain(x, torch.tensor([3, 700]), y),
+                                   rtol=0, atol=0)
