@@ -101,12 +101,12 @@ CONFIGS = {
     "PixArt-pixel-32-pd": PixArtConfig(input_size=32, patch_size=4, in_channels=3, hidden_size=144, depth=4,
                                        num_heads=2, caption_channels=64, max_tokens=32, num_classes=24,
                                        pixel_decoder=16),
-    # Stage 3 of the embedded default: the same network at twice the side (256 tokens, as a 256-px latent),
-    # multi-aspect, with micro-conditions; positions interpolated by 2 as PixArt does from 512 to 1024 px, so
-    # stage-2 weights carry over unchanged.
+    # Stage 3 of the embedded default: stage 2's network (its pixel decoder included) at twice the side (256
+    # tokens, as a 256-px latent), multi-aspect, with micro-conditions; positions interpolated by 2 as PixArt does
+    # from 512 to 1024 px, so stage-2 weights carry over unchanged.
     "PixArtMS-pixel-64": PixArtConfig(input_size=64, patch_size=4, in_channels=3, hidden_size=144, depth=4,
                                       num_heads=2, caption_channels=64, max_tokens=32, pe_interpolation=2.0,
-                                      micro_conditions=True),
+                                      micro_conditions=True, pixel_decoder=16),
     # Tiny models for tests.
     "PixArt-pixel-tiny": PixArtConfig(input_size=16, in_channels=3, hidden_size=48, depth=2, num_heads=2,
                                       caption_channels=64, num_classes=24),

@@ -48,7 +48,7 @@ def test_trainer_help_states_each_default_once(capsys):
         assert (action.help or "").count("default") <= 1, action.help
     flat = " ".join(text.split())
     assert "(default: 0.03)" in flat  # the recipes' value, not "the stage's recipe"
-    assert "(default: stage 1: 2000, stage 2: 2400, stage 3: 1000)" in flat
+    assert "(default: stage 1: 2000, stage 2: 3200, stage 3: 1000)" in flat
     assert "(default: stages 1 and 3: 20, stage 2: 50; paper: 1000)" in flat
 
 

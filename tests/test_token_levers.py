@@ -266,21 +266,23 @@ def test_the_trainer_trains_with_each_lever(levers, tmp_path):
     assert summary["steps"] == 4 and summary["skipped_steps"] == 0 and summary["final_loss"] > 0
 
 
-def test_the_stage2_recipe_routes_half_the_tokens_past_the_middle_blocks(tmp_path, capsys):
-    assert RECIPES[2].route_ratio == 0.5 and RECIPES[1].route_ratio == RECIPES[3].route_ratio == 0.0
-    assert RECIPES[2].routing(0, CONFIGS["PixArt-pixel-32"].depth) == (0.5, (1, 3))  # the embedded default: blocks 1-2
-    assert RECIPES[2].routing(0, 28) == (0.5, (1, 27))  # PixArt-XL/2: the first and last blocks see every token
-    assert replace(RECIPES[2], route_ratio=0.9, route_start=0).routing(0, 4) == (0.9, (0, 3))  # the route-0.9 arm's
+def test_the_stage2_recipe_routes_nine_tenths_of_the_tokens_past_all_but_the_last_block(tmp_path, capsys):
+    assert RECIPES[2].route_ratio == 0.9 and RECIPES[1].route_ratio == RECIPES[3].route_ratio == 0.0
+    assert RECIPES[2].routing(0, CONFIGS[RECIPES[2].model].depth) == (0.9, (0, 3))  # the embedded default: blocks 0-2
+    assert RECIPES[2].routing(0, 28) == (0.9, (0, 27))  # PixArt-XL/2: the last block sees every token
+    assert replace(RECIPES[2], route_ratio=0.5, route_start=1).routing(0, 4) == (0.5, (1, 3))  # the route-0.5 arm's
     assert replace(RECIPES[2], route_ratio=0.0).routing(0, 4) is None
-    # a two-block model has no middle block: the recipe routes nothing there, and the run says so
-    assert RECIPES[2].routing(0, 2) is None
-    summary = train(replace(RECIPES[2], **{**FAST, "steps": 1}, log_every=1, out=str(tmp_path)), progress=False)
+    # from block 1, a two-block model has no middle block: nothing is routed there, and the run says so
+    cfg = replace(RECIPES[2], route_start=1)
+    assert cfg.routing(0, 2) is None
+    summary = train(replace(cfg, **{**FAST, "steps": 1}, log_every=1, out=str(tmp_path)), progress=False)
     assert "PixArt-pixel-tiny has 2 blocks" in capsys.readouterr().out and summary["skipped_steps"] == 0
-    assert token_levers(RECIPES[2], 0, (2, 3, 16, 16), 2, 2, "cpu", slice(None)) == {}
+    assert token_levers(cfg, 0, (2, 3, 16, 16), 2, 2, "cpu", slice(None)) == {}
 
 
 def test_a_routing_schedule_routes_more_in_its_early_steps():
-    cfg = replace(RECIPES[2], early_route_steps=3, early_route_ratio=0.75, early_route_start=0, route_ratio=0.25)
+    cfg = replace(RECIPES[2], early_route_steps=3, early_route_ratio=0.75, early_route_start=0, route_ratio=0.25,
+                  route_start=1)
     assert [cfg.routing(step, 4) for step in (0, 2, 3, 9)] == [(0.75, (0, 3))] * 2 + [(0.25, (1, 3))] * 2
     assert replace(cfg, route_ratio=0.0).routing(3, 4) is None  # heavy routing first, then none
     assert replace(cfg, early_route_ratio=0.0).routing(0, 4) is None
@@ -296,12 +298,12 @@ def test_a_routing_schedule_routes_more_in_its_early_steps():
     assert image_flops(cfg, 0) < image_flops(cfg, 3) < image_flops(replace(cfg, route_ratio=0.0), 3)
     assert step_flops(cfg, 2) == 2 * 2 * image_flops(cfg, 0)
     assert step_flops(cfg, 10) == 2 * (3 * image_flops(cfg, 0) + 7 * image_flops(cfg, 3))
-    # the ablation's arm: route-0.9's routing for the first third of its steps, then the recipe's
+    # the ablation's arm: route-0.9's routing for the first third of its steps, then route-0.5's
     from pixart_fast.train.ablate import ARMS, stage2_config
 
     arm = stage2_config(next(a for a in ARMS if a.name == "route-early"), 0, 900, 300, 8, {})
     assert arm.early_route_steps == 300 and arm.routing(299, 4) == (0.9, (0, 3))
-    assert arm.routing(300, 4) == RECIPES[2].routing(300, 4) == (0.5, (1, 3))
+    assert arm.routing(300, 4) == (0.5, (1, 3))  # then route-0.5's
 
 
 @pytest.mark.parametrize("cfg, expected", [

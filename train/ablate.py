@@ -57,25 +57,26 @@ class Arm:
 # No token routing: the paper has none.
 _PAPER = dict(prediction="eps", min_snr_gamma=0.0, min_snr_plus_one=False, lr=1e-3, warmup=20, grad_clip=0.01,
               route_ratio=0.0)
-# The other levers are measured over the stage-2 recipe without routing, each alone.
-_ALONE = dict(route_ratio=0.0)
+# The other levers are measured over the stage-2 recipe without routing (on the network without a pixel
+# decoder), each alone; each arm names its network and routing, so it stays the recipe it was when the default moves.
+_ALONE = dict(model="PixArt-pixel-32", route_ratio=0.0)
+_ROUTE_05 = dict(model="PixArt-pixel-32", route_ratio=0.5, route_start=1)  # the default before the pixel decoder
 ARMS = (
     Arm("paper", "the paper's recipe: eps + learned sigma + VLB, uniform t, clip 0.01, from a one-object stage 1",
-        stage2=_PAPER, stage1=dict(prediction="eps", min_snr_gamma=0.0, grad_clip=0.01)),
+        stage2=dict(_PAPER, model="PixArt-pixel-32"), stage1=dict(prediction="eps", min_snr_gamma=0.0, grad_clip=0.01)),
     Arm("no-route", "the stage-2 recipe from scratch without token routing (v, min-SNR 5, lr 2e-3)", stage2=_ALONE),
-    Arm("default", "the stage-2 recipe from scratch: no-route's, with half the tokens routed past blocks 1-2 (TREAD)"),
-    Arm("route-0.75", "the default with three quarters of the tokens routed past blocks 1-2",
-        stage2=dict(route_ratio=0.75, route_start=1)),
-    Arm("route-0.9", "the default with nine tenths of the tokens routed past blocks 0-2 (only the last block sees all)",
-        stage2=dict(route_ratio=0.9, route_start=0)),
-    Arm("route-early", "a routing schedule: route-0.9's routing for the first third of the steps, then the default's",
-        stage2=dict(early_route_ratio=0.9, early_route_start=0), early_route_fraction=1 / 3),
-    Arm("pixel-decoder", "the default on PixArt-pixel-32-pd: a 16-channel conv decoder in pixel space after the "
-        "final layer (DeCo-style)", stage2=dict(model="PixArt-pixel-32-pd")),
-    Arm("route-0.9-pd", "route-0.9 on PixArt-pixel-32-pd: the pixel decoder's convolutions relate the neighbouring "
-        "patches that routing keeps apart", stage2=dict(model="PixArt-pixel-32-pd", route_ratio=0.9, route_start=0)),
-    Arm("perturb", "the default with input perturbation 0.1 (the noisy input from noise + 0.1 x a second draw)",
-        stage2=dict(input_perturbation=0.1)),
+    Arm("default", "the stage-2 recipe as it ships: route-0.9 on the network with a pixel decoder (PixArt-pixel-32-pd)"),
+    Arm("route-0.5", "no-route with half the tokens routed past blocks 1-2 (TREAD)", stage2=_ROUTE_05),
+    Arm("route-0.75", "no-route with three quarters of the tokens routed past blocks 1-2",
+        stage2=dict(_ROUTE_05, route_ratio=0.75)),
+    Arm("route-0.9", "no-route with nine tenths of the tokens routed past blocks 0-2 (only the last block sees all)",
+        stage2=dict(_ALONE, route_ratio=0.9, route_start=0)),
+    Arm("route-early", "a routing schedule: route-0.9's routing for the first third of the steps, then route-0.5's",
+        stage2=dict(_ROUTE_05, early_route_ratio=0.9, early_route_start=0), early_route_fraction=1 / 3),
+    Arm("pixel-decoder", "route-0.5 on PixArt-pixel-32-pd: a 16-channel conv decoder in pixel space after the "
+        "final layer (DeCo-style)", stage2=dict(_ROUTE_05, model="PixArt-pixel-32-pd")),
+    Arm("perturb", "route-0.5 with input perturbation 0.1 (the noisy input from noise + 0.1 x a second draw)",
+        stage2=dict(_ROUTE_05, input_perturbation=0.1)),
     Arm("stage1", "no-route's stage 2 from a stage 1 on stage-2 scenes (sizes, counts, distractors)",
         stage2=_ALONE, stage1=dict(stage1_scenes=True)),
     Arm("flow", "rectified flow, logit-normal timesteps (SD3)",

@@ -15,7 +15,7 @@ SDEdit's chain) and scores the result: the last two columns. Where they fall bel
 level down lose what the image still showed; a model that denoised perfectly would keep every shape from any t,
 since the caption names it.
 
-    python -m pixart_fast.train.probe runs/stage2/checkpoints/step-0002400
+    python -m pixart_fast.train.probe runs/stage2/checkpoints/step-0003200
 """
 import argparse
 import sys
