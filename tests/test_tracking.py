@@ -119,7 +119,7 @@ def test_mfu_counts_each_steps_batch_over_the_peak():
     from pixart_fast.flops import flops_per_image
     from pixart_fast.model import CONFIGS
 
-    cfg = replace(RECIPES[2], **FLAGS)
+    cfg = replace(RECIPES[2], **FLAGS, route_ratio=0.0)  # unrouted: every image costs the whole model's FLOPs
     config = CONFIGS[cfg.model]
     mfu = tracking.MFU(cfg, config, False, peak_flops=1e9)
     batch = Batch(images=torch.zeros(2, 3, 16, 16), text=torch.zeros(2, 7, config.caption_channels))
@@ -143,8 +143,7 @@ def test_the_loop_logs_mfu_beside_images_per_s(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tracking.MFU, "on", lambda device, world_size, cfg, config, cc, encoder, log:
                         tracking.MFU(cfg, config, cc, 1e9, encoder))
-    # route_start 0: the recipe's block 1 would leave a two-block model no middle block to route past
-    train(replace(RECIPES[2], **FLAGS, route_start=0, out=str(tmp_path)), progress=False)
+    train(replace(RECIPES[2], **FLAGS, out=str(tmp_path)), progress=False)  # the recipe routes past block 0 of 2
     lines = [r for r in map(json.loads, (tmp_path / "stage2/metrics.jsonl").read_text().splitlines()) if "loss" in r]
     config = CONFIGS[FLAGS["model"]]
     # the recipe's ratio past block 0 of the two: the FLOPs the model ran

@@ -160,7 +160,7 @@ def test_the_ablation_command_writes_its_table_and_plot(tmp_path):
     from pixart_fast.flops import flops_per_image
     from pixart_fast.train.ablate import ablate
 
-    # route_start 0: the recipe's block 1 would leave a two-block model no middle block to route past
+    # route_start 0 for every arm: from block 1 a two-block model has no middle block to route past
     tiny = dict(model="PixArt-pixel-tiny", batch_size=2, kernels="torch", sample_steps=2, route_start=0)
     table = ablate(tmp_path, arms=("paper", "default", "mask"), seeds=2, steps=4, stage1_steps=2, eval_every=2,
                    num_val=2, fixed=(("colour", 0.0),), progress=False, **tiny)
