@@ -65,7 +65,7 @@ ARMS = (
     Arm("paper", "the paper's recipe: eps + learned sigma + VLB, uniform t, clip 0.01, from a one-object stage 1",
         stage2=dict(_PAPER, model="PixArt-pixel-32"), stage1=dict(prediction="eps", min_snr_gamma=0.0, grad_clip=0.01)),
     Arm("no-route", "the stage-2 recipe from scratch without token routing (v, min-SNR 5, lr 2e-3)", stage2=_ALONE),
-    Arm("default", "the stage-2 recipe as it ships: route-0.9 on the network with a pixel decoder (PixArt-pixel-32-pd)"),
+    Arm("default", "the stage-2 recipe as it ships: route-0.9 on PixArt-pixel-32-pd, the network with a pixel decoder"),
     Arm("route-0.5", "no-route with half the tokens routed past blocks 1-2 (TREAD)", stage2=_ROUTE_05),
     Arm("route-0.75", "no-route with three quarters of the tokens routed past blocks 1-2",
         stage2=dict(_ROUTE_05, route_ratio=0.75)),
