@@ -333,18 +333,22 @@ def alignment_scores(
     the score with that caption word redrawn independently of the image; see the module's docstring):
     "accuracy" (all scored checks pass), "colour", "position" (over objects whose truth states a region; nan if
     none does), "shape", "size" (over objects whose caption names a size; nan if none does); then "background",
-    the mean over images of the flat-background fraction (no chance level: no caption word states it), and
-    "objects", the object count.
+    the mean over images of the flat-background fraction (no chance level: no caption word states it),
+    "objects", the object count, and "words": the shape check over the objects whose caption names each shape
+    ("circle", ...) and the size check over those named each size ("small", "large"), each beside its chance level
+    ("circle_chance", ...; nan where no object names the word). The breakdown shows which words a model draws:
+    a model can pass a fair share of shapes by drawing one round blob for every shape word.
     """
     if len(images) != len(truths):
         raise ValueError(f"got {len(images)} images but {len(truths)} truths; pass one truth per image")
-    checks, chances, backgrounds = [], [], []
+    checks, chances, backgrounds, stated = [], [], [], []
     for image, truth in zip(images, truths):
         _check_inputs(image, truth)
         img = _Image(image, tol, min_fraction, min_iou, min_margin)
         for o in truth.objects:
             checks.append(_checks(img.find(o.colour), o))
             chances.append(_chances(img, o, truth))
+            stated.append(o)
         backgrounds.append(img.background([o.colour for o in truth.objects], bg_tol))
     if not checks:
         raise ValueError("the truths state no objects; nothing to score")
@@ -355,6 +359,12 @@ def alignment_scores(
         scores[f"{name}_chance"] = _mean(c[name] for c in chances)
     scores["background"] = float(np.mean(backgrounds))
     scores["objects"] = len(checks)
+    scores["words"] = {}
+    for check, words in (("shape", SHAPES), ("size", NAMED_SIZES)):
+        for word in words:
+            named = [i for i, o in enumerate(stated) if getattr(o, check) == word]
+            scores["words"][word] = _mean(checks[i][check] for i in named)
+            scores["words"][f"{word}_chance"] = _mean(chances[i][check] for i in named)
     return scores
 
 

@@ -138,6 +138,19 @@ def test_wrong_shapes_fail_on_shape_only(held_out):
         assert min(scores["colour"], scores["position"], scores["size"]) >= 0.95, (k, scores)
 
 
+def test_the_breakdown_by_word_names_the_shape_drawn_wrong(held_out):
+    stage, images, truths = held_out
+    words = alignment_scores(images, truths)["words"]
+    for word in SHAPES + tuple(SIZE_BANDS):  # ground truth: every word drawn, far above its chance
+        assert words[word] >= 0.9 and words[f"{word}_chance"] <= words[word] - 0.4, (word, words)
+    as_square = lambda o, t: dataclasses.replace(o, shape="square") if o.shape == "triangle" else o  # noqa: E731
+    scores = alignment_scores(_redraw(truths, stage, as_square), truths)
+    words = scores["words"]
+    assert words["triangle"] <= 0.05 and min(words[w] for w in ("circle", "square", "diamond")) >= 0.9, words
+    assert scores["shape"] == pytest.approx(np.mean([o.shape != "triangle" for t in truths for o in t.objects]),
+                                            abs=0.1), scores
+
+
 def test_wrong_sizes_fail_on_size_only(held_out):
     stage, _, truths = held_out
     swap = {"small": "large", "large": "small", "medium": "medium"}

@@ -225,7 +225,8 @@ def summarise(runs: dict, bars: list[dict]) -> dict:
                               "seconds": _spread([c["seconds"] for c in got]) if got else None}
             arm["bars"].append(entry)
         last = [r["evaluated"][-1] for r in seeds.values()]
-        arm["final"] = {k: _spread([e["scores"][k] for e in last]) for k in last[0]["scores"] if k != "objects"}
+        arm["final"] = {k: _spread([e["scores"][k] for e in last]) for k in last[0]["scores"]
+                        if k not in ("objects", "words")}
         arm["final"]["flops"] = _spread([e["flops"] + r["stage1"]["flops"] for e, r in zip(last, seeds.values())])
         table[name] = arm
     return table
