@@ -56,6 +56,15 @@ def encoder_config(path: str):
     return config
 
 
+def encoder_pixels(images: torch.Tensor, patch_size: int, grid: tuple[int, int]) -> torch.Tensor:
+    """images (B, 3, H, W) in [-1, 1] -> a DINOv2's pixel_values: mapped to [0, 1], resized (bicubic) to grid
+    patches of patch_size pixels, ImageNet-normalised (module docstring)."""
+    x = F.interpolate((images.float() + 1) / 2, size=(grid[0] * patch_size, grid[1] * patch_size), mode="bicubic",
+                      align_corners=False)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return (x - mean) / std
+
+
 class FrozenEncoder(nn.Module):
     """A DINOv2 from a local folder, frozen: forward(images (B, 3, H, W) in [-1, 1], grid (gh, gw)) ->
     (B, gh * gw, Z) patch features, the image resized to gh x gw of the encoder's patches (module docstring)."""
@@ -66,16 +75,11 @@ class FrozenEncoder(nn.Module):
 
         self.config = encoder_config(path)
         self.encoder = AutoModel.from_pretrained(path, local_files_only=True).requires_grad_(False).eval()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        p = self.config.patch_size
-        x = F.interpolate((images.float() + 1) / 2, size=(grid[0] * p, grid[1] * p), mode="bicubic",
-                          align_corners=False)
-        hidden = self.encoder(pixel_values=(x - self.mean) / self.std).last_hidden_state  # (B, 1 + gh gw, Z)
-        return hidden[:, 1:]
+        pixels = encoder_pixels(images, self.config.patch_size, grid)
+        return self.encoder(pixel_values=pixels).last_hidden_state[:, 1:]  # (B, gh gw, Z): the CLS token dropped
 
 
 @dataclass

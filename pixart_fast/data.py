@@ -116,6 +116,20 @@ def render(scene: Scene, supersample: int = 1) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).float() * 2 - 1
 
 
+def pixel_truth(scene: Scene) -> np.ndarray:
+    """What each pixel of `render(scene)` shows: (3, H, W) int64, the rows shape, size and colour, each 0 for the
+    background and 1 + the index into SHAPES, SIZES and COLOURS where an object covers at least half the pixel (a
+    later object over an earlier one, as `render` draws them). Every object needs its size (stage-2 scenes)."""
+    truth = np.zeros((3, scene.height, scene.width), np.int64)
+    for o in scene.objects:
+        if o.size not in SIZES:
+            raise ValueError(f"object {o.phrase()!r} has size {o.size!r}; pixel_truth needs one of {tuple(SIZES)}")
+        inside = shape_coverage(o.shape, o.cy, o.cx, o.radius, scene.height, scene.width) >= 0.5
+        truth[:, inside] = np.array([1 + SHAPES.index(o.shape), 1 + list(SIZES).index(o.size),
+                                     1 + list(COLOURS).index(o.colour)])[:, None]
+    return truth
+
+
 def random_scene(rng: np.random.Generator, height: int, width: int, max_objects: int = 3) -> Scene:
     """1..max_objects objects with distinct colours, each in its own cell of the 3x3 grid, drawn wholly inside
     that cell (so objects never overlap). Radius: SIZES times the cell side, +-5 % jitter; the centre is jittered

@@ -5,7 +5,7 @@ import torch
 
 from pixart_fast.data import (
     BACKGROUND, BUCKETS, CLASS_NAMES, COLOURS, NUM_CLASSES, REGIONS, SHAPES, SIZES, AspectScenes,
-    Scene, ShapeClasses, ShapeObject, ShapeScenes, render, shape_coverage,
+    Scene, ShapeClasses, ShapeObject, ShapeScenes, pixel_truth, render, shape_coverage,
 )
 
 
@@ -107,6 +107,22 @@ def test_stage2_scenes_match_their_captions():
         # hard edges: only palette colours and the background; every stated colour is drawn
         assert _pixels(image) == {_rgb(c) for c in [BACKGROUND, *(COLOURS[o.colour] for o in objs)]}
     assert counts == {1, 2, 3}
+
+
+def test_pixel_truth_names_what_each_pixel_shows():
+    palette = np.array([BACKGROUND, *COLOURS.values()])
+    for i in range(20):
+        sample = ShapeScenes(length=20, seed=5)[i]
+        truth, rgb = pixel_truth(sample["truth"]), (sample["image"].double().numpy() + 1) / 2
+        np.testing.assert_allclose(rgb, palette[truth[2]].transpose(2, 0, 1), atol=1e-6)  # colour, background 0
+        assert ((truth[0] > 0) == (truth[2] > 0)).all() and ((truth[1] > 0) == (truth[2] > 0)).all()
+        for o in sample["truth"].objects:
+            here = truth[2] == 1 + list(COLOURS).index(o.colour)
+            assert here.any()
+            assert (truth[0][here] == 1 + SHAPES.index(o.shape)).all()
+            assert (truth[1][here] == 1 + list(SIZES).index(o.size)).all()
+    with pytest.raises(ValueError, match="pixel_truth needs one of"):
+        pixel_truth(ShapeClasses(length=1)[0]["truth"])
 
 
 def test_captions_fit_120_byt5_tokens():

@@ -156,7 +156,8 @@ def test_repa_targets_are_the_encoders_patch_features_gathered_at_the_kept_token
     keep = draw_tokens(2, 16, 0.5, torch.Generator().manual_seed(3))
     *_, images, _, _, _, _ = aligned_step(encoder, levers=dict(keep=keep, grid=(4, 4)))
     full = encoder(images, (4, 4))  # 4 x 4 tokens of the model: the image at 8 x 8 px, the encoder's 4 x 4 patches
-    x = (F.interpolate((images + 1) / 2, size=(8, 8), mode="bicubic") - encoder.mean) / encoder.std
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (F.interpolate((images + 1) / 2, size=(8, 8), mode="bicubic") - mean) / std  # ImageNet's normalisation
     assert torch.equal(full, encoder.encoder(pixel_values=x).last_hidden_state[:, 1:])
     assert seen[0][1].shape == (2, 8, 24)
     assert torch.equal(seen[0][1], take_tokens(full, keep))

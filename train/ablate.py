@@ -27,6 +27,7 @@ from pathlib import Path
 from pixart_fast.cli import UserError, run
 from pixart_fast.flops import flops_per_image
 from pixart_fast.model import CONFIGS
+from .encoder import EncoderConfig, train_encoder
 from .loop import train
 from .recipes import RECIPES, TrainConfig
 
@@ -39,7 +40,9 @@ class Arm:
     """A recipe of the ablation: `stage2` overrides the stage-2 recipe; `stage1` (None: from scratch) overrides
     the stage-1 recipe of the run it starts from; `unmasked_fraction`: with a mask ratio, the share of the stage-2
     steps trained unmasked at the end; `early_route_fraction`: the share of the stage-2 steps at the start that
-    route as --early-route-ratio and --early-route-start say."""
+    route as --early-route-ratio and --early-route-start say; `encoder`: an alignment encoder is trained first
+    (`pixart_fast.train.encoder` at its defaults, the arm's seed) and is stage 2's --repa-encoder, its cost counted
+    where a stage 1's is (an arm has one or the other)."""
 
     name: str
     about: str
@@ -47,6 +50,7 @@ class Arm:
     stage1: dict | None = None
     unmasked_fraction: float = 0.0
     early_route_fraction: float = 0.0
+    encoder: bool = False
 
 
 # The paper's recipe in miniature (PixArt-alpha section 2.4 and its configs): eps prediction with the learned
@@ -85,6 +89,9 @@ ARMS = (
         unmasked_fraction=0.125),
     Arm("self-align", "self-representation alignment: block 2's states toward the EMA model's block 4, weight 0.5",
         stage2=dict(_ALONE, repa_depth=2, repa_target_depth=4)),
+    Arm("repa", "REPA against the embedded data's encoder (pixart_fast.train.encoder, trained first and counted): "
+        "the default routing past blocks 1-2, block 1's states toward the encoder's patch features, weight 0.5",
+        stage2=dict(route_start=1, repa_depth=1), encoder=True),
     Arm("v-unweighted", "v-prediction without min-SNR weighting (more weight on the low-noise steps)",
         stage2=dict(_ALONE, min_snr_gamma=0.0, min_snr_plus_one=False)),
     Arm("p2-mask", "patch 2 (256 tokens) with token masking 0.75, the last 1/8 of the steps unmasked",
@@ -93,8 +100,9 @@ ARMS = (
 ARM_NAMES = tuple(a.name for a in ARMS)
 
 
-def stage2_config(arm: Arm, seed: int, steps: int, eval_every: int, num_val: int, settings: dict) -> TrainConfig:
-    extra = dict(arm.stage2)
+def stage2_config(arm: Arm, seed: int, steps: int, eval_every: int, num_val: int, settings: dict,
+                  encoder: str | None = None) -> TrainConfig:
+    extra = dict(arm.stage2, repa_encoder=encoder) if encoder else dict(arm.stage2)
     if arm.unmasked_fraction:
         extra["unmasked_steps"] = round(arm.unmasked_fraction * steps)
     if arm.early_route_fraction:
@@ -167,17 +175,23 @@ def _same_budget(run_dir: Path, steps: int) -> None:
 
 def run_arm(arm: Arm, seed: int, out: Path, steps: int, stage1_steps: int, eval_every: int, num_val: int,
             progress: bool, settings: dict) -> dict:
-    """Train one arm x seed (stage 1 first when the arm has one) and return its evaluated steps with their
-    scores, stage-2 FLOPs and seconds, and the stage-1 cost."""
+    """Train one arm x seed (stage 1 or the alignment encoder first when the arm has one) and return its evaluated
+    steps with their scores, stage-2 FLOPs and seconds, and the cost of what came first (under "stage1")."""
     folder = out / arm.name / f"seed{seed}"
-    stage1 = {"flops": 0, "seconds": 0.0}
+    stage1, encoder = {"flops": 0, "seconds": 0.0}, None
+    if arm.encoder:
+        encoder = folder / "encoder"
+        if not (encoder / "encoder.json").exists():  # the folder appears whole, so this is a finished one
+            train_encoder(EncoderConfig(out=str(encoder), seed=seed), progress=progress)
+        done = json.loads((encoder / "encoder.json").read_text())
+        stage1 = {"flops": done["train_flops"], "seconds": done["train_seconds"]}
     if arm.stage1 is not None:
         cfg1 = stage1_config(arm, seed, stage1_steps, settings)
         _same_budget(folder / "stage1", cfg1.steps)
         train(replace(cfg1, out=str(folder), resume="latest"), progress=progress)
         _, sec1 = read_run(folder / "stage1", cfg1.batch_size)
         stage1 = {"flops": step_flops(cfg1, cfg1.steps), "seconds": seconds_at(sec1, cfg1.steps)}
-    cfg2 = stage2_config(arm, seed, steps, eval_every, num_val, settings)
+    cfg2 = stage2_config(arm, seed, steps, eval_every, num_val, settings, encoder and str(encoder))
     _same_budget(folder / "stage2", cfg2.steps)
     train(replace(cfg2, out=str(folder), resume="latest"), progress=progress)
     scores, seconds = read_run(folder / "stage2", cfg2.batch_size)
@@ -261,8 +275,9 @@ def markdown(table: dict, arms: dict[str, Arm]) -> str:
                 if key not in bar:
                     continue
                 e, n = bar[key], arm["seeds"]
-                tag = name + (" (stage 1 counted)" if key == "with_stage1" else
-                              " (stage 1 not counted)" if "with_stage1" in bar else "")
+                first = "the encoder" if arms[name].encoder else "stage 1"
+                tag = name + (f" ({first} counted)" if key == "with_stage1" else
+                              f" ({first} not counted)" if "with_stage1" in bar else "")
                 lines.append(f"| {tag} | {bar['label']} | {_cost(e, n, 'flops', '.2e')} | {_cost(e, n, 'seconds', '.0f')} "
                              + "".join(f"| {_ratio(table, b, bar['label'], e)} " for b in BASELINES) + "|")
     lines += ["", "Final scores (mean and min-max over seeds; chance level beside each):", "",

@@ -155,7 +155,8 @@ class TrainConfig:
                                        "the same noisy input, without gradients", low=0)
     repa_encoder: str | None = _field(None, "with --repa-depth, REPA: a local DINOv2 folder (transformers) whose "
                                             "patch features of the clean image are the target (embedded data only: "
-                                            "feature shards hold no images)")
+                                            "feature shards hold no images); `python -m pixart_fast.train.encoder` "
+                                            "trains one on the embedded scenes")
     repa_weight: float = _field(0.5, "with --repa-depth: the alignment loss's weight in the training loss (REPA: "
                                      "0.5)", low=0)
     repa_projector_dim: int = _field(0, "with --repa-depth: the projector's hidden width; 0: 2 x the model's hidden "
