@@ -90,7 +90,8 @@ ARMS = (
     Arm("self-align", "self-representation alignment: block 2's states toward the EMA model's block 4, weight 0.5",
         stage2=dict(_ALONE, repa_depth=2, repa_target_depth=4)),
     Arm("repa", "REPA against the embedded data's encoder (pixart_fast.train.encoder, trained first and counted): "
-        "the default routing past blocks 1-2, block 1's states toward the encoder's patch features, weight 0.5",
+        "the default's routing moved to blocks 1-2, the states after the first block toward the encoder's patch "
+        "features, weight 0.5",
         stage2=dict(route_start=1, repa_depth=1), encoder=True),
     Arm("v-unweighted", "v-prediction without min-SNR weighting (more weight on the low-noise steps)",
         stage2=dict(_ALONE, min_snr_gamma=0.0, min_snr_plus_one=False)),
