@@ -1,11 +1,12 @@
 """`python -m pixart_fast.train.ablate`: recipes compared by the compute they take to reach a quality.
 
 Each arm is a named recipe (ARMS): stage-2 settings over the default recipe, and optionally the stage-1 run it
-starts from. Every arm x seed trains stage 2 (after its stage 1, when it has one) on the embedded data with the same
-text encoder and held-out captions; the EMA model is scored every --eval-every steps (`pixart_fast.eval`, each check
-beside its chance level). Each evaluated step gets its cost: training FLOPs (`pixart_fast.flops`, counted as the
-model runs: masked or routed tokens, the unmasked finish, stage 1 when the arm has one) and the seconds of the
-training steps (from the images/s of metrics.jsonl; validation excluded).
+starts from or the alignment encoder it trains first. Every arm x seed trains stage 2 (after its stage 1 or its
+encoder, when it has one) on the embedded data with the same text encoder and held-out captions; the EMA model is
+scored every --eval-every steps (`pixart_fast.eval`, each check beside its chance level). Each evaluated step gets
+its cost: training FLOPs (`pixart_fast.flops`, counted as the model runs: masked or routed tokens, the unmasked
+finish, an alignment target's forward, stage 1 or the encoder's training when the arm has one) and the seconds of
+the training steps (from the images/s of metrics.jsonl; validation excluded).
 
 Writes, under --out: ablation.json (every score and cost), ablation.md (per arm and threshold: the FLOPs and
 seconds to reach it, mean and spread over seeds, and the ratio to the baseline arms `paper` and `no-route`; then
