@@ -375,8 +375,8 @@ def main(argv=None) -> int:
     for flag, value in (("--seeds", a.seeds), ("--eval-every", a.eval_every)):
         if value < 1:
             raise UserError(f"{flag} {value}: must be >= 1")
-    table = ablate(a.out, tuple(a.arms.split(",")), a.seeds, a.steps, a.stage1_steps, a.eval_every, a.num_val,
-                   tuple(_bar(b) for b in a.bars.split(",")))
+    ablate(a.out, tuple(a.arms.split(",")), a.seeds, a.steps, a.stage1_steps, a.eval_every, a.num_val,
+           tuple(_bar(b) for b in a.bars.split(",")))
     out = Path(a.out)
     print((out / "ablation.md").read_text())
     print(f"wrote {out / 'ablation.json'}, {out / 'ablation.md'}, {out / 'ablation.png'}")
