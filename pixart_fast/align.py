@@ -2,9 +2,10 @@
 target representation of the same image, through a small trained projector. Two targets:
 
 - self-alignment (SRA, arXiv 2505.02831; no pretrained encoder, so the embedded pixel data can use it): the EMA
-  model's hidden states after a deeper block, computed without gradients on exactly the student's input (the same
-  noisy image, timestep, caption and caption drop, the same kept tokens when masking; never routed). SRA gives
-  the teacher a slightly less noisy input; here it sees the same one.
+  model's hidden states after a deeper block, computed without gradients on the student's caption, caption drop
+  and kept tokens when masking (never routed). Its input is the student's own noisy image, or, as SRA gives it,
+  the same clean image and noise draw at a timestep a little earlier (less noise; the trainer's
+  --repa-target-offset draws how much earlier, per image, up to a fifth of the schedule in SRA).
 - REPA (arXiv 2410.06940): a frozen DINOv2's patch features of the clean image. The image (pixels in [-1, 1])
   is mapped to [0, 1], resized (bicubic) so that the encoder's patch grid is the model's token grid (REPA's
   224 px for a 16 x 16 grid of patch-14 tokens), ImageNet-normalised, and the encoder's last hidden state
@@ -92,10 +93,12 @@ class Alignment:
     encoder: FrozenEncoder | None
     patch_size: int
 
-    def wrap(self, net, ema: nn.Module, project: nn.Module, levers: dict, images: torch.Tensor):
+    def wrap(self, net, ema: nn.Module, project: nn.Module, levers: dict, images: torch.Tensor,
+             teacher: tuple[torch.Tensor, torch.Tensor] | None = None):
         """(model_fn, losses): model_fn is called as `net` (the model with this step's token levers) and returns
         its output; each call also puts the batch's alignment loss (B,) in losses["align"]. images: the clean
-        batch (pixels in [-1, 1]), the encoder's input."""
+        batch (pixels in [-1, 1]), the encoder's input. teacher: self-alignment's (x, t) in place of the
+        student's (x_t, t), laid out as x_t (the kept patches when masking); None: the student's own."""
         losses = {}
         masking = {k: levers[k] for k in ("keep", "grid") if k in levers}
 
@@ -103,7 +106,9 @@ class Alignment:
             out, hidden = net(x_t, t, *args, **kwargs, hidden_depth=self.depth)
             with torch.no_grad():
                 if self.encoder is None:
-                    target = ema(x_t, t, *args, **kwargs, **masking, hidden_depth=self.target_depth, hidden_only=True)
+                    x_in, t_in = (x_t, t) if teacher is None else teacher
+                    target = ema(x_in, t_in, *args, **kwargs, **masking, hidden_depth=self.target_depth,
+                                 hidden_only=True)
                 else:  # the model's token grid: the full image's (x_t holds only the kept patches when masking)
                     grid = masking.get("grid") or (x_t.shape[-2] // self.patch_size, x_t.shape[-1] // self.patch_size)
                     target = self.encoder(images, grid)

@@ -104,7 +104,7 @@ def test_the_hidden_state_forward_compiles_to_one_graph_with_the_same_gradients(
         torch.testing.assert_close(p.grad, want[n], msg=n)
 
 
-def aligned_step(encoder=None, levers=None, depth=1, target_depth=3, device="cpu"):
+def aligned_step(encoder=None, levers=None, depth=1, target_depth=3, device="cpu", teacher=None):
     """A tiny model, its EMA copy, a projector and one step's model_fn run; returns them, the inputs and
     (out, losses). device "meta": shapes only (FlopCounterMode counts CPU attention only there)."""
     model, a = model_and_inputs()
@@ -118,7 +118,7 @@ def aligned_step(encoder=None, levers=None, depth=1, target_depth=3, device="cpu
     alignment = Alignment(depth, 0 if encoder else target_depth, encoder and encoder.to(device), TINY3.patch_size)
     x = keep_patches(a["x"], levers["keep"], 2) if "keep" in levers else a["x"]
     net = lambda *args, **kw: model(*args, **kw, **levers)  # noqa: E731
-    model_fn, losses = alignment.wrap(net, ema, head, levers, images)
+    model_fn, losses = alignment.wrap(net, ema, head, levers, images, teacher)
     out = model_fn(x, a["t"], a["y"], a["mask"], force_drop_ids=a["force_drop_ids"])
     return model, ema, head, images, a, x, out, losses
 
@@ -149,6 +149,47 @@ def test_self_alignment_targets_are_the_emas_deeper_states_on_the_same_masked_in
     assert torch.equal(pred, head(model(x, a["t"], a["y"], a["mask"], **kw, hidden_depth=1)[1]))
 
 
+def test_a_self_alignment_teacher_input_replaces_the_students_for_the_target_only(monkeypatch):
+    seen = []
+    monkeypatch.setattr(align, "alignment_loss", lambda pred, target: seen.append((pred, target)) or pred.sum((1, 2)))
+    keep = draw_tokens(2, 16, 0.5, torch.Generator().manual_seed(3))
+    x_teacher = keep_patches(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), keep, 2)
+    t_teacher = torch.tensor([0, 7])
+    model, ema, head, _, a, x, _, _ = aligned_step(levers=dict(keep=keep, grid=(4, 4)), teacher=(x_teacher, t_teacher))
+    pred, target = seen[0]
+    kw = dict(force_drop_ids=a["force_drop_ids"], keep=keep, grid=(4, 4))
+    assert torch.equal(target, ema(x_teacher, t_teacher, a["y"], a["mask"], **kw, hidden_depth=3, hidden_only=True))
+    assert not torch.equal(target, ema(x, a["t"], a["y"], a["mask"], **kw, hidden_depth=3, hidden_only=True))
+    assert torch.equal(pred, head(model(x, a["t"], a["y"], a["mask"], **kw, hidden_depth=1)[1]))
+
+
+@pytest.mark.parametrize("prediction", ["v", "flow"])
+def test_the_trainer_gives_the_teacher_the_same_image_and_noise_up_to_the_offset_less_noisy(prediction, tmp_path,
+                                                                                             monkeypatch):
+    from pixart_fast.diffusion import Diffusion
+
+    calls = {"student": [], "teacher": []}
+    losses, noised = Diffusion.training_losses, Diffusion.noised
+    monkeypatch.setattr(Diffusion, "training_losses", lambda self, fn, x0, t, noise=None, perturb=None: (
+        calls["student"].append((x0, t, noise)) or losses(self, fn, x0, t, noise, perturb)))
+    monkeypatch.setattr(Diffusion, "noised", lambda self, x0, t, noise: (
+        calls["teacher"].append((x0, t, noise)) or noised(self, x0, t, noise)))
+    cfg = replace(RECIPES[2], **{**FAST, "steps": 2}, **SELF, prediction=prediction,
+                  min_snr_gamma=5.0 if prediction == "v" else 0.0, repa_target_offset=200)
+    train(replace(cfg, out=str(tmp_path / "a")), progress=False)
+    teacher = calls["teacher"][:2] if prediction == "v" else calls["teacher"][0::2]  # flow: the student's own too
+    assert len(calls["student"]) == len(teacher) == 2
+    for (x0, t, noise), (tx0, tt, tnoise) in zip(calls["student"], teacher):
+        assert tx0 is x0 and tnoise is noise and tt.dtype == t.dtype
+        assert bool(((t - tt) >= 0).all() and ((t - tt) <= 200).all() and (tt >= 0).all()) and not torch.equal(t, tt)
+    with_offset = list(calls["student"])
+    calls["student"].clear()
+    train(replace(cfg, repa_target_offset=0, out=str(tmp_path / "b")), progress=False)  # the other draws unchanged
+    assert len(calls["student"]) == 2
+    for (_, t, noise), (_, t0, noise0) in zip(with_offset, calls["student"]):
+        assert torch.equal(t, t0) and torch.equal(noise, noise0)
+
+
 def test_repa_targets_are_the_encoders_patch_features_gathered_at_the_kept_tokens(dinov2, monkeypatch):
     encoder = FrozenEncoder(dinov2)
     seen = []
@@ -176,7 +217,7 @@ def test_weight_zero_trains_bit_identically_to_no_alignment(tmp_path):
 
 
 def test_resume_with_self_alignment_is_bit_identical(tmp_path):
-    cfg = replace(RECIPES[2], **FAST, **SELF, mask_ratio=0.5, route_ratio=0.5, route_start=0)
+    cfg = replace(RECIPES[2], **FAST, **SELF, repa_target_offset=100, mask_ratio=0.5, route_ratio=0.5, route_start=0)
     assert_resume_is_bit_identical(cfg, tmp_path)
     trainer = torch.load(tmp_path / "b/stage2/checkpoints/step-0000004/trainer.pt", weights_only=True)
     assert set(trainer["projector"]) == {"model", "ema"}
@@ -241,6 +282,8 @@ def test_the_flop_count_of_dinov2_giants_swiglu_mlp():
     (dict(repa_depth=1), "exactly one target"),
     (dict(repa_depth=1, repa_target_depth=2, repa_encoder="x"), "exactly one target"),
     (dict(repa_depth=2, repa_target_depth=2), "must be deeper"),
+    (dict(repa_depth=1, repa_encoder="x", repa_target_offset=100), "pass --repa-target-depth too"),
+    (dict(**SELF, repa_target_offset=1000), "--repa-target-offset"),
     (dict(repa_depth=3, repa_encoder="x"), "has 2 blocks"),
     (dict(stage=1, **SELF), "not stage 1's DiT"),
     (dict(lora_rank=4, **SELF), "--lora-rank"),

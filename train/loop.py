@@ -60,7 +60,8 @@ TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup",
               "timestep_sampling", "logit_mean", "logit_std", "input_perturbation", "tokenizer", "t5_locality",
               "optimizer", "lora_rank", "lora_alpha", "lora_targets", "mask_ratio", "unmasked_steps", "route_ratio",
               "route_start", "route_end", "early_route_steps", "early_route_ratio", "early_route_start",
-              "repa_depth", "repa_target_depth", "repa_encoder", "repa_weight", "repa_projector_dim")
+              "repa_depth", "repa_target_depth", "repa_target_offset", "repa_encoder", "repa_weight",
+              "repa_projector_dim")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -339,8 +340,14 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
         x0, noise = keep_patches(x0, levers["keep"], mc.patch_size), keep_patches(noise, levers["keep"], mc.patch_size)
         perturb = None if perturb is None else keep_patches(perturb, levers["keep"], mc.patch_size)
     net = functools.partial(run.net, **levers) if levers else run.net
+    teacher = None
+    if cfg.repa_target_offset:  # SRA's teacher input: the same x0 and noise, up to the offset less noisy (drawn last)
+        back = torch.rand(shape[:1], generator=step_gen, device=d.device)[rank_part] * cfg.repa_target_offset
+        t_teacher = (t - back).clamp(min=0)
+        t_teacher = t_teacher.to(t.dtype) if t.is_floating_point() else t_teacher.long()
+        teacher = (run.diffusion.noised(x0, t_teacher, noise), t_teacher)
     if run.align is not None:  # the same call, and each call also computes the alignment loss into aligned["align"]
-        net, aligned = run.align.wrap(net, run.ema, getattr(run.model, PROJECTOR), levers, batch.images)
+        net, aligned = run.align.wrap(net, run.ema, getattr(run.model, PROJECTOR), levers, batch.images, teacher)
     model_fn = run.stage.condition(net, batch, drop, mc.micro_conditions)
     with torch.autocast(d.device.type, dtype=run.autocast) if run.autocast else nullcontext():
         terms = run.diffusion.training_losses(model_fn, x0, t, noise, perturb)

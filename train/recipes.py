@@ -153,6 +153,10 @@ class TrainConfig:
     repa_target_depth: int = _field(0, "with --repa-depth, self-alignment (SRA; no encoder): the target is the EMA "
                                        "model's hidden states after this many blocks (deeper than --repa-depth), on "
                                        "the same noisy input, without gradients", low=0)
+    repa_target_offset: int = _field(0, "with --repa-target-depth: the teacher sees the same image and noise draw "
+                                        "at up to this many timesteps less noise (SRA: a fifth of the schedule), "
+                                        "drawn uniformly per image, floored at timestep 0; 0: the student's own "
+                                        "input", low=0, high=999)
     repa_encoder: str | None = _field(None, "with --repa-depth, REPA: a local DINOv2 folder (transformers) whose "
                                             "patch features of the clean image are the target (embedded data only: "
                                             "feature shards hold no images); `python -m pixart_fast.train.encoder` "
@@ -226,6 +230,9 @@ class TrainConfig:
     def _check_alignment(self):
         """--repa-*: one target, blocks the model has, and the settings it works with."""
         targets = bool(self.repa_target_depth) + (self.repa_encoder is not None)
+        if self.repa_target_offset and not self.repa_target_depth:
+            raise UserError(f"--repa-target-offset {self.repa_target_offset}: it moves self-alignment's teacher; "
+                            "pass --repa-target-depth too")
         if not self.repa_depth:
             if targets:
                 raise UserError("--repa-target-depth and --repa-encoder choose representation alignment's target: "
