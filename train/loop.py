@@ -343,8 +343,7 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
     teacher = None
     if cfg.repa_target_offset:  # SRA's teacher input: the same x0 and noise, up to the offset less noisy (drawn last)
         back = torch.rand(shape[:1], generator=step_gen, device=d.device)[rank_part] * cfg.repa_target_offset
-        t_teacher = (t - back).clamp(min=0)
-        t_teacher = t_teacher.to(t.dtype) if t.is_floating_point() else t_teacher.long()
+        t_teacher = (t - back).clamp(min=0).to(t.dtype)  # int64 timesteps: floored (all >= 0)
         teacher = (run.diffusion.noised(x0, t_teacher, noise), t_teacher)
     if run.align is not None:  # the same call, and each call also computes the alignment loss into aligned["align"]
         net, aligned = run.align.wrap(net, run.ema, getattr(run.model, PROJECTOR), levers, batch.images, teacher)
