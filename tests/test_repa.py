@@ -1,7 +1,8 @@
 """Representation alignment (pixart_fast.align): the projector and loss, the hidden states the model returns (masked,
 routed, compiled), the gradients the loss sends, the targets (the EMA's deeper blocks; a tiny DINOv2 from a local
-folder) at the kept tokens, the trainer with it (weight 0 changes nothing, resume is exact, checkpoints' weights
-files stay the model's), the FLOP count against FlopCounterMode, and the flags' errors."""
+folder) at the kept tokens, the trainer with it (weight 0 changes nothing, resume is exact, alignment ends after
+--repa-steps, checkpoints' weights files stay the model's), the FLOP count against FlopCounterMode, and the flags'
+errors."""
 import copy
 from dataclasses import replace
 
@@ -223,6 +224,27 @@ def test_resume_with_self_alignment_is_bit_identical(tmp_path):
     assert set(trainer["projector"]) == {"model", "ema"}
 
 
+def test_alignment_ends_after_repa_steps_and_resumes_across_the_end_bit_identically(tmp_path, monkeypatch):
+    import json
+
+    wrapped = []
+    wrap = Alignment.wrap
+    monkeypatch.setattr(Alignment, "wrap", lambda self, *a, **k: wrapped.append(1) or wrap(self, *a, **k))
+    cfg = replace(RECIPES[2], **FAST, **SELF, repa_steps=3)
+    assert_resume_is_bit_identical(cfg, tmp_path)  # the end (after step 3) falls after the resume (step 2)
+    assert len(wrapped) == 3 + 2 + 1  # straight to 4, then to 2 and on to 4: aligned in steps 1-3 only
+    lines = [json.loads(line) for line in (tmp_path / "a/stage2/metrics.jsonl").read_text().splitlines()]
+    aligns = [m["align"] for m in lines if "loss" in m]
+    assert len(aligns) == 4 and all(-1 <= a < 0 for a in aligns[:3]) and aligns[3] == 0
+    # the ablation costs the aligned steps with the teacher's forward and the projector, the rest without
+    from pixart_fast.train.ablate import image_flops, step_flops
+
+    cfg = replace(cfg, model="PixArt-pixel-32", repa_target_depth=3, steps=10)
+    unaligned = image_flops(replace(cfg, repa_depth=0, repa_target_depth=0, repa_steps=0), 0)
+    assert image_flops(cfg, 3) == unaligned < image_flops(cfg, 2) == image_flops(replace(cfg, repa_steps=0), 3)
+    assert step_flops(cfg, 10) == cfg.batch_size * (3 * image_flops(cfg, 0) + 7 * unaligned)
+
+
 def test_a_tiny_dinov2_from_a_local_folder_trains_and_sampling_never_sees_the_projector(dinov2, tmp_path):
     import json
 
@@ -284,6 +306,7 @@ def test_the_flop_count_of_dinov2_giants_swiglu_mlp():
     (dict(repa_depth=2, repa_target_depth=2), "must be deeper"),
     (dict(repa_depth=1, repa_encoder="x", repa_target_offset=100), "pass --repa-target-depth too"),
     (dict(**SELF, repa_target_offset=1000), "--repa-target-offset"),
+    (dict(repa_steps=100), "--repa-steps 100: it ends representation alignment; pass --repa-depth too"),
     (dict(repa_depth=3, repa_encoder="x"), "has 2 blocks"),
     (dict(stage=1, **SELF), "not stage 1's DiT"),
     (dict(lora_rank=4, **SELF), "--lora-rank"),

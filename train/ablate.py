@@ -128,7 +128,7 @@ def image_flops(cfg: TrainConfig, step: int) -> int:
     routing = cfg.routing(step, model.depth)
     if routing:
         levers.update(route_ratio=routing[0], route_blocks=routing[1])
-    if cfg.repa_depth:
+    if cfg.repa_depth and (not cfg.repa_steps or step < cfg.repa_steps):
         encoder = None
         if cfg.repa_encoder:
             from transformers import AutoConfig
@@ -140,9 +140,10 @@ def image_flops(cfg: TrainConfig, step: int) -> int:
 
 
 def step_flops(cfg: TrainConfig, step: int) -> int:
-    """Training FLOPs of steps 1..step of a run of `cfg`: its phases (the early routing, the unmasked finish) each
-    costed at their own steps' FLOPs."""
-    bounds = sorted({0, step, *(b for b in (cfg.early_route_steps, cfg.steps - cfg.unmasked_steps) if 0 < b < step)})
+    """Training FLOPs of steps 1..step of a run of `cfg`: its phases (the early routing, the unmasked finish, the
+    alignment's end) each costed at their own steps' FLOPs."""
+    phases = (cfg.early_route_steps, cfg.steps - cfg.unmasked_steps, cfg.repa_steps)
+    bounds = sorted({0, step, *(b for b in phases if 0 < b < step)})
     return cfg.batch_size * sum((b - a) * image_flops(cfg, a) for a, b in zip(bounds, bounds[1:]))
 
 

@@ -10,7 +10,7 @@ Who owns what:
     train/run_folder.py  <out>/stage<N>/: checkpoints (save, verify, choose, prune), metrics trimming
     train/loop.py        this file: set-up (`setup`), one optimizer step (`train_step`), the loop (`train`)
 Rank 0 writes metrics.jsonl (one JSON object per logged step: loss, mse, vb, lr, grad norm, images/s; with
---repa-depth also align, the alignment loss before its weight; loss is the diffusion loss alone),
+--repa-depth also align, the alignment loss before its weight, 0 after --repa-steps; loss is the diffusion loss alone),
 samples/*.png (validation grids from the EMA model, embedded data) and summary.json (wall time, final loss, the
 EMA model's alignment scores, or its validation loss on --data); on a GPU of pixart_fast.gpus' table, mfu too.
 --report-to sends the same to TensorBoard or W&B (pixart_fast/tracking.py).
@@ -61,7 +61,7 @@ TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup",
               "optimizer", "lora_rank", "lora_alpha", "lora_targets", "mask_ratio", "unmasked_steps", "route_ratio",
               "route_start", "route_end", "early_route_steps", "early_route_ratio", "early_route_start",
               "repa_depth", "repa_target_depth", "repa_target_offset", "repa_encoder", "repa_weight",
-              "repa_projector_dim")
+              "repa_projector_dim", "repa_steps")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -345,14 +345,15 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
         back = torch.rand(shape[:1], generator=step_gen, device=d.device)[rank_part] * cfg.repa_target_offset
         t_teacher = (t - back).clamp(min=0).to(t.dtype)  # int64 timesteps: floored (all >= 0)
         teacher = (run.diffusion.noised(x0, t_teacher, noise), t_teacher)
-    if run.align is not None:  # the same call, and each call also computes the alignment loss into aligned["align"]
+    aligning = run.align is not None and (not cfg.repa_steps or step < cfg.repa_steps)
+    if aligning:  # the same call, and each call also computes the alignment loss into aligned["align"]
         net, aligned = run.align.wrap(net, run.ema, getattr(run.model, PROJECTOR), levers, batch.images, teacher)
     model_fn = run.stage.condition(net, batch, drop, mc.micro_conditions)
     with torch.autocast(d.device.type, dtype=run.autocast) if run.autocast else nullcontext():
         terms = run.diffusion.training_losses(model_fn, x0, t, noise, perturb)
     loss = terms["loss"].mean()
-    align = aligned["align"].mean() if run.align is not None else torch.zeros((), device=d.device)
-    objective = loss + cfg.repa_weight * align if run.align is not None else loss
+    align = aligned["align"].mean() if aligning else torch.zeros((), device=d.device)
+    objective = loss + cfg.repa_weight * align if aligning else loss
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(objective).backward()  # DDP / FSDP average the gradients over ranks: the global batch's mean
     run.scaler.unscale_(run.opt)

@@ -165,6 +165,9 @@ class TrainConfig:
                                      "0.5)", low=0)
     repa_projector_dim: int = _field(0, "with --repa-depth: the projector's hidden width; 0: 2 x the model's hidden "
                                         "size (REPA's proportion: 2048 at SiT-XL's 1152)", low=0)
+    repa_steps: int = _field(0, "with --repa-depth: align in the run's first this many steps only, then train on "
+                                "the diffusion loss alone, without the target's forward (HASTE's termination, arXiv "
+                                "2505.16792); 0: every step", low=0)
 
     def __post_init__(self):
         """Every rule a config must keep, checked here once, before a run writes anything: each field's choices
@@ -233,6 +236,8 @@ class TrainConfig:
         if self.repa_target_offset and not self.repa_target_depth:
             raise UserError(f"--repa-target-offset {self.repa_target_offset}: it moves self-alignment's teacher; "
                             "pass --repa-target-depth too")
+        if self.repa_steps and not self.repa_depth:
+            raise UserError(f"--repa-steps {self.repa_steps}: it ends representation alignment; pass --repa-depth too")
         if not self.repa_depth:
             if targets:
                 raise UserError("--repa-target-depth and --repa-encoder choose representation alignment's target: "
