@@ -1,6 +1,7 @@
 """Training under torchrun on the CPU (gloo, 127.0.0.1 only): 2 processes take the same steps as 1 process at the
-same global batch, rank 0 alone writes, a 2-process checkpoint resumes in 1 process, FSDP2 agrees too, and so do
-2 nodes of 1 process each (two torchrun launchers meeting at a rendezvous), resumed on 2 nodes."""
+same global batch, rank 0 alone writes, a 2-process checkpoint resumes in 1 process, alignment ended by
+--repa-steps keeps DDP going, FSDP2 agrees too, and so do 2 nodes of 1 process each (two torchrun launchers meeting
+at a rendezvous), resumed on 2 nodes."""
 import json
 import os
 import shutil
@@ -104,6 +105,28 @@ def test_two_processes_equal_one_and_resume_in_one(one_process, tmp_path):
     train(resumed, progress=False)
     for name in ("model", "ema"):
         assert max_diff(weights(tmp_path / "resumed", STEPS, name), weights(one_process, STEPS, name)) <= ATOL, name
+
+
+def test_two_processes_equal_one_after_alignment_ends(tmp_path):
+    # after --repa-steps the projector gets no gradient from the loss, and DDP still waits for one every step
+    align = dict(repa_depth=1, repa_target_depth=2, repa_steps=2, steps=4)
+    train(replace(RECIPES[2], **{**FLAGS, **align}, out=str(tmp_path / "one")), progress=False)
+    torchrun(2, tmp_path / "two", *(f"--{k.replace('_', '-')}={v}" for k, v in align.items()))
+    for name in ("model", "ema"):
+        two, one = (without_key_biases(weights(tmp_path / run, 4, name)) for run in ("two", "one"))
+        assert max_diff(two, one) <= ATOL, name
+
+
+def without_key_biases(state: dict) -> dict:
+    """The weights less the key third of each qkv bias: a key bias adds the same logit to every key of a query,
+    which softmax ignores, so its exact gradient is 0 and AdamW turns the rounding noise it gets (here from the
+    aligned block, ~1e-12) into lr-sized steps that differ between any two reduction orders."""
+    out = dict(state)
+    for k, v in state.items():
+        if k.endswith("attn.qkv.bias"):
+            d = v.numel() // 3
+            out[k] = torch.cat([v[:d], v[2 * d:]])
+    return out
 
 
 def test_fsdp_equals_one_process_and_its_checkpoint_resumes_in_one(one_process, tmp_path):

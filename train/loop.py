@@ -354,6 +354,9 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
     loss = terms["loss"].mean()
     align = aligned["align"].mean() if aligning else torch.zeros((), device=d.device)
     objective = loss + cfg.repa_weight * align if aligning else loss
+    if run.align is not None and not aligning and d.world_size > 1:
+        # DDP waits for a gradient of every weight each step: the projector, idle after --repa-steps, gets zeros
+        objective = objective + 0 * sum(p.sum() for p in getattr(run.model, PROJECTOR).parameters())
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(objective).backward()  # DDP / FSDP average the gradients over ranks: the global batch's mean
     run.scaler.unscale_(run.opt)
