@@ -230,7 +230,7 @@ def test_alignment_ends_after_repa_steps_and_resumes_across_the_end_bit_identica
     wrapped = []
     wrap = Alignment.wrap
     monkeypatch.setattr(Alignment, "wrap", lambda self, *a, **k: wrapped.append(1) or wrap(self, *a, **k))
-    cfg = replace(RECIPES[2], **FAST, **SELF, repa_steps=3)
+    cfg = replace(RECIPES[2], **FAST, **SELF, repa_steps=3, repa_target_offset=100)
     assert_resume_is_bit_identical(cfg, tmp_path)  # the end (after step 3) falls after the resume (step 2)
     assert len(wrapped) == 3 + 2 + 1  # straight to 4, then to 2 and on to 4: aligned in steps 1-3 only
     lines = [json.loads(line) for line in (tmp_path / "a/stage2/metrics.jsonl").read_text().splitlines()]
@@ -240,7 +240,7 @@ def test_alignment_ends_after_repa_steps_and_resumes_across_the_end_bit_identica
     from pixart_fast.train.ablate import image_flops, step_flops
 
     cfg = replace(cfg, model="PixArt-pixel-32", repa_target_depth=3, steps=10)
-    unaligned = image_flops(replace(cfg, repa_depth=0, repa_target_depth=0, repa_steps=0), 0)
+    unaligned = image_flops(replace(cfg, repa_depth=0, repa_target_depth=0, repa_target_offset=0, repa_steps=0), 0)
     assert image_flops(cfg, 3) == unaligned < image_flops(cfg, 2) == image_flops(replace(cfg, repa_steps=0), 3)
     assert step_flops(cfg, 10) == cfg.batch_size * (3 * image_flops(cfg, 0) + 7 * unaligned)
 

@@ -128,7 +128,7 @@ def image_flops(cfg: TrainConfig, step: int) -> int:
     routing = cfg.routing(step, model.depth)
     if routing:
         levers.update(route_ratio=routing[0], route_blocks=routing[1])
-    if cfg.repa_depth and (not cfg.repa_steps or step < cfg.repa_steps):
+    if cfg.aligns(step):
         encoder = None
         if cfg.repa_encoder:
             from transformers import AutoConfig

@@ -341,11 +341,12 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
         perturb = None if perturb is None else keep_patches(perturb, levers["keep"], mc.patch_size)
     net = functools.partial(run.net, **levers) if levers else run.net
     teacher = None
-    if cfg.repa_target_offset:  # SRA's teacher input: the same x0 and noise, up to the offset less noisy (drawn last)
+    aligning = cfg.aligns(step)  # run.align is set whenever --repa-depth is
+    # SRA's teacher input: the same x0 and noise, up to the offset less noisy (drawn last: none after --repa-steps)
+    if aligning and cfg.repa_target_offset:
         back = torch.rand(shape[:1], generator=step_gen, device=d.device)[rank_part] * cfg.repa_target_offset
         t_teacher = (t - back).clamp(min=0).to(t.dtype)  # int64 timesteps: floored (all >= 0)
         teacher = (run.diffusion.noised(x0, t_teacher, noise), t_teacher)
-    aligning = run.align is not None and (not cfg.repa_steps or step < cfg.repa_steps)
     if aligning:  # the same call, and each call also computes the alignment loss into aligned["align"]
         net, aligned = run.align.wrap(net, run.ema, getattr(run.model, PROJECTOR), levers, batch.images, teacher)
     model_fn = run.stage.condition(net, batch, drop, mc.micro_conditions)
@@ -354,7 +355,7 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
     loss = terms["loss"].mean()
     align = aligned["align"].mean() if aligning else torch.zeros((), device=d.device)
     objective = loss + cfg.repa_weight * align if aligning else loss
-    if run.align is not None and not aligning and d.world_size > 1:
+    if cfg.repa_depth and not aligning and d.world_size > 1:
         # DDP waits for a gradient of every weight each step: the projector, idle after --repa-steps, gets zeros
         objective = objective + 0 * sum(p.sum() for p in getattr(run.model, PROJECTOR).parameters())
     run.opt.zero_grad(set_to_none=True)

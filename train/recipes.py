@@ -210,6 +210,10 @@ class TrainConfig:
                             "from scratch")
         self._check_alignment()
 
+    def aligns(self, step: int) -> bool:
+        """Whether step `step` (0-based) trains with representation alignment: --repa-depth, within --repa-steps."""
+        return bool(self.repa_depth) and (not self.repa_steps or step < self.repa_steps)
+
     def routing(self, step: int, depth: int) -> tuple[float, tuple[int, int]] | None:
         """Step `step`'s token routing on a model of `depth` blocks, (ratio, (start, end)): that fraction of the
         tokens skips blocks start .. end - 1. The first --early-route-steps steps take --early-route-ratio and
