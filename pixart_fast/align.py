@@ -11,9 +11,13 @@ target representation of the same image, through a small trained projector. Two 
   224 px for a 16 x 16 grid of patch-14 tokens), ImageNet-normalised, and the encoder's last hidden state
   (after its final LayerNorm) is read with the CLS token dropped: one target per model token, in the same
   row-major order. With masking the targets are taken at the kept tokens.
+- the truth (embedded data only): what the renderer drew, per token the one-hot shape, size and colour classes of
+  each of its pixels (`pixart_fast.data.pixel_truth`, the labels `python -m pixart_fast.train.encoder` teaches
+  its encoder), flattened: REPA against an encoder that knows every pixel exactly, with no encoder to train or
+  run. Real images carry no such truth; it measures what alignment can give at most.
 
 The projector is REPA's MLP: Linear(D, P), SiLU, Linear(P, P), SiLU, Linear(P, Z), with D the model's hidden size,
-Z the target's width (D for self-alignment, the encoder's hidden size for REPA) and P its width (REPA: 2048 at
+Z the target's width (D for self-alignment, the encoder's hidden size for REPA, `truth_width` for the truth) and P its width (REPA: 2048 at
 SiT-XL's D = 1152). The loss of an image is REPA's: the mean over its tokens of -cos(projector(h), target), in
 [-1, 1]. The trainer attaches the projector to the model it trains (`PROJECTOR`), so the optimizer, gradient
 clipping and the EMA treat it as any weight; checkpoints keep it in trainer.pt, not in the weights files, so
@@ -21,11 +25,13 @@ sampling and export never see it.
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pixart_fast.cli import UserError
+from pixart_fast.data import TRUTH_CLASSES, pixel_truth
 from pixart_fast.model import take_tokens
 
 PROJECTOR = "align_projector"  # the trained model's attribute holding the projector (training only)
@@ -42,6 +48,22 @@ def alignment_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """pred, target (B, T, Z) -> (B,) float32: per image, the mean over its T tokens of -cos(pred, target)."""
     pred, target = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)
     return -(pred * target).sum(-1).mean(1)
+
+
+def truth_width(patch_size: int) -> int:
+    """The width of one token's truth target: its patch_size ** 2 pixels' one-hot classes (TRUTH_CLASSES)."""
+    return patch_size ** 2 * sum(TRUTH_CLASSES.values())
+
+
+def truth_targets(scenes: list, patch_size: int) -> torch.Tensor:
+    """B embedded scenes (pixart_fast.data.Scene) -> (B, T, truth_width(patch_size)) float32: per token of the
+    model's row-major grid, its pixels' one-hot shape, size and colour classes (pixel_truth), pixel by pixel."""
+    labels = torch.from_numpy(np.stack([pixel_truth(s) for s in scenes]))  # (B, 3, H, W)
+    onehot = torch.cat([F.one_hot(labels[:, k], n) for k, n in enumerate(TRUTH_CLASSES.values())], -1)
+    B, H, W, K = onehot.shape
+    p = patch_size
+    tokens = onehot.view(B, H // p, p, W // p, p, K).permute(0, 1, 3, 2, 4, 5)  # (B, gh, gw, p, p, K)
+    return tokens.reshape(B, (H // p) * (W // p), p * p * K).float()
 
 
 def encoder_config(path: str):
@@ -86,26 +108,33 @@ class FrozenEncoder(nn.Module):
 @dataclass
 class Alignment:
     """A run's representation alignment: the hidden states after `depth` blocks, projected, against the EMA
-    model's after `target_depth` blocks (self-alignment) or the `encoder`'s features (REPA)."""
+    model's after `target_depth` blocks (self-alignment), the `encoder`'s features (REPA) or, with `truth`, the
+    scenes' truth (`truth_targets`)."""
 
     depth: int
-    target_depth: int  # 0 with an encoder
+    target_depth: int  # 0 with an encoder or the truth
     encoder: FrozenEncoder | None
     patch_size: int
+    truth: bool = False
 
     def wrap(self, net, ema: nn.Module, project: nn.Module, levers: dict, images: torch.Tensor,
-             teacher: tuple[torch.Tensor, torch.Tensor] | None = None):
+             teacher: tuple[torch.Tensor, torch.Tensor] | None = None, scenes: list | None = None):
         """(model_fn, losses): model_fn is called as `net` (the model with this step's token levers) and returns
         its output; each call also puts the batch's alignment loss (B,) in losses["align"]. images: the clean
         batch (pixels in [-1, 1]), the encoder's input. teacher: self-alignment's (x, t) in place of the
-        student's (x_t, t), laid out as x_t (the kept patches when masking); None: the student's own."""
+        student's (x_t, t), laid out as x_t (the kept patches when masking); None: the student's own. scenes: the
+        batch's embedded scenes, the truth's source."""
         losses = {}
         masking = {k: levers[k] for k in ("keep", "grid") if k in levers}
 
         def model_fn(x_t, t, *args, **kwargs):
             out, hidden = net(x_t, t, *args, **kwargs, hidden_depth=self.depth)
             with torch.no_grad():
-                if self.encoder is None:
+                if self.truth:
+                    target = truth_targets(scenes, self.patch_size).to(hidden.device)
+                    if "keep" in masking:
+                        target = take_tokens(target, masking["keep"])
+                elif self.encoder is None:
                     x_in, t_in = (x_t, t) if teacher is None else teacher
                     target = ema(x_in, t_in, *args, **kwargs, **masking, hidden_depth=self.target_depth,
                                  hidden_only=True)

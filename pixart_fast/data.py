@@ -116,6 +116,10 @@ def render(scene: Scene, supersample: int = 1) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).float() * 2 - 1
 
 
+# pixel_truth's labels: classes of each, 0 the background
+TRUTH_CLASSES = {"shape": 1 + len(SHAPES), "size": 1 + len(SIZES), "colour": 1 + len(COLOURS)}
+
+
 def pixel_truth(scene: Scene) -> np.ndarray:
     """What each pixel of `render(scene)` shows: (3, H, W) int64, the rows shape, size and colour, each 0 for the
     background and 1 + the index into SHAPES, SIZES and COLOURS where an object covers at least half the pixel (a

@@ -9,10 +9,12 @@ extracted once beforehand. Token masking and routing (pixart_fast.model's token 
 runs them: masked, every part that works per image token sees only the kept ones; routed, the routed blocks see
 only the routed ones. Representation alignment (pixart_fast.align) adds its projector (trained: 3 x), and its
 target's forward pass (no gradient: 1 x): the EMA model's blocks up to the target depth on the same tokens, or
-the DINOv2 encoder on the whole image (REPA; not precomputed, so counted).
+the DINOv2 encoder on the whole image (REPA; not precomputed, so counted); the truth (what the renderer drew, read
+as the image is drawn) costs nothing.
 """
 from dataclasses import replace
 
+from pixart_fast.align import truth_width
 from pixart_fast.model import PixArtConfig, kept_count
 
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (input and weight gradients)
@@ -107,22 +109,23 @@ def encoder_forward_flops(encoder, grid_h: int, grid_w: int) -> dict[str, int]:
 
 def alignment_flops(config: PixArtConfig, height_px: int | None = None, width_px: int | None = None, *,
                     repa_target_depth: int = 0, repa_projector_dim: int = 0, repa_encoder=None,
-                    vae_downsample: int = VAE_DOWNSAMPLE, caption_tokens: int | None = None,
+                    repa_truth: bool = False, vae_downsample: int = VAE_DOWNSAMPLE, caption_tokens: int | None = None,
                     mask_ratio: float = 0.0) -> dict[str, int]:
     """Training FLOPs representation alignment adds to one image, per part (pixart_fast.align): the projector
     (width repa_projector_dim, 0: 2 x hidden size) on the tokens that run, forward and backward; and forward only,
     self-alignment's teacher (the model's first repa_target_depth blocks and what comes before them, on the same
-    tokens, never routed) or REPA's encoder (`repa_encoder`: a transformers Dinov2Config) on the whole image.
+    tokens, never routed) or REPA's encoder (`repa_encoder`: a transformers Dinov2Config) on the whole image. With
+    repa_truth the target is the truth (pixel data): the projector's output is its width, and nothing else counts.
     Where the projector reads the hidden states does not change the count. Other arguments as `forward_flops`."""
     c = config
     grid_h, grid_w = _token_grid(c, height_px, width_px, vae_downsample)
     T = kept_count(grid_h * grid_w, mask_ratio)  # the tokens the projector reads (masked: the kept ones)
     D, P = c.hidden_size, repa_projector_dim or 2 * c.hidden_size
-    Z = repa_encoder.hidden_size if repa_encoder is not None else D
+    Z = repa_encoder.hidden_size if repa_encoder is not None else truth_width(c.patch_size) if repa_truth else D
     f = {"projector": TRAIN_FLOPS_PER_FORWARD * (_mm(T, D, P) + _mm(T, P, P) + _mm(T, P, Z))}
     if repa_encoder is not None:
         f.update(encoder_forward_flops(repa_encoder, grid_h, grid_w))
-    else:
+    elif not repa_truth:
         teacher = forward_flops(replace(c, depth=repa_target_depth), height_px, width_px,
                                 vae_downsample=vae_downsample, caption_tokens=caption_tokens, mask_ratio=mask_ratio)
         f["teacher"] = sum(teacher.values()) - teacher["final_layer"]
@@ -131,7 +134,7 @@ def alignment_flops(config: PixArtConfig, height_px: int | None = None, width_px
 
 def flops_per_image(config: PixArtConfig, height_px: int | None = None, width_px: int | None = None, *,
                     repa_depth: int = 0, repa_target_depth: int = 0, repa_projector_dim: int = 0, repa_encoder=None,
-                    **kwargs) -> int:
+                    repa_truth: bool = False, **kwargs) -> int:
     """Training FLOPs of one image, forward + backward = 3 x forward (see `forward_flops` for the arguments),
     plus, with repa_depth > 0, what representation alignment adds (`alignment_flops`: the other repa_ arguments).
 
@@ -144,5 +147,5 @@ def flops_per_image(config: PixArtConfig, height_px: int | None = None, width_px
         kwargs = {k: v for k, v in kwargs.items() if k in ("vae_downsample", "caption_tokens", "mask_ratio")}
         train += sum(alignment_flops(config, height_px, width_px, repa_target_depth=repa_target_depth,
                                      repa_projector_dim=repa_projector_dim, repa_encoder=repa_encoder,
-                                     **kwargs).values())
+                                     repa_truth=repa_truth, **kwargs).values())
     return train

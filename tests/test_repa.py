@@ -1,8 +1,8 @@
 """Representation alignment (pixart_fast.align): the projector and loss, the hidden states the model returns (masked,
 routed, compiled), the gradients the loss sends, the targets (the EMA's deeper blocks; a tiny DINOv2 from a local
-folder) at the kept tokens, the trainer with it (weight 0 changes nothing, resume is exact, alignment ends after
---repa-steps, checkpoints' weights files stay the model's), the FLOP count against FlopCounterMode, and the flags'
-errors."""
+folder; the scenes' per-pixel truth) at the kept tokens, the trainer with it (weight 0 changes nothing, resume is
+exact, alignment ends after --repa-steps, checkpoints' weights files stay the model's), the FLOP count against
+FlopCounterMode, and the flags' errors."""
 import copy
 from dataclasses import replace
 
@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from pixart_fast import align
-from pixart_fast.align import PROJECTOR, Alignment, FrozenEncoder, alignment_loss, projector
+from pixart_fast.align import PROJECTOR, Alignment, FrozenEncoder, alignment_loss, projector, truth_targets, truth_width
 from pixart_fast.checkpoints import load_pixart, load_safetensors
 from pixart_fast.cli import UserError
+from pixart_fast.data import TRUTH_CLASSES, ShapeScenes, pixel_truth
 from pixart_fast.flops import alignment_flops, flops_per_image
 from pixart_fast.model import draw_tokens, keep_patches, kept_count, take_tokens
 from pixart_fast.train.loop import train
@@ -105,21 +106,24 @@ def test_the_hidden_state_forward_compiles_to_one_graph_with_the_same_gradients(
         torch.testing.assert_close(p.grad, want[n], msg=n)
 
 
-def aligned_step(encoder=None, levers=None, depth=1, target_depth=3, device="cpu", teacher=None):
+def aligned_step(encoder=None, levers=None, depth=1, target_depth=3, device="cpu", teacher=None, scenes=None):
     """A tiny model, its EMA copy, a projector and one step's model_fn run; returns them, the inputs and
-    (out, losses). device "meta": shapes only (FlopCounterMode counts CPU attention only there)."""
+    (out, losses). scenes: the truth is the target. device "meta": shapes only (FlopCounterMode counts CPU
+    attention only there)."""
     model, a = model_and_inputs()
     torch.manual_seed(1)
-    head = projector(48, 96, 48 if encoder is None else encoder.config.hidden_size)
+    width = encoder.config.hidden_size if encoder else truth_width(TINY3.patch_size) if scenes else 48
+    head = projector(48, 96, width)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     model, head, images = model.to(device), head.to(device), images.to(device)
     a = {k: v.to(device) for k, v in a.items()}
     levers = {k: v.to(device) if torch.is_tensor(v) else v for k, v in (levers or {}).items()}
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    alignment = Alignment(depth, 0 if encoder else target_depth, encoder and encoder.to(device), TINY3.patch_size)
+    alignment = Alignment(depth, 0 if encoder or scenes else target_depth, encoder and encoder.to(device),
+                          TINY3.patch_size, truth=scenes is not None)
     x = keep_patches(a["x"], levers["keep"], 2) if "keep" in levers else a["x"]
     net = lambda *args, **kw: model(*args, **kw, **levers)  # noqa: E731
-    model_fn, losses = alignment.wrap(net, ema, head, levers, images, teacher)
+    model_fn, losses = alignment.wrap(net, ema, head, levers, images, teacher, scenes)
     out = model_fn(x, a["t"], a["y"], a["mask"], force_drop_ids=a["force_drop_ids"])
     return model, ema, head, images, a, x, out, losses
 
@@ -205,6 +209,46 @@ def test_repa_targets_are_the_encoders_patch_features_gathered_at_the_kept_token
     assert torch.equal(seen[0][1], take_tokens(full, keep))
 
 
+def test_truth_targets_are_each_pixels_one_hot_classes_token_by_token():
+    scenes = [ShapeScenes(length=2, seed=s, size=32)[0]["truth"] for s in (0, 1)]
+    targets = truth_targets(scenes, 4)
+    assert targets.shape == (2, 64, truth_width(4)) == (2, 64, 16 * sum(TRUTH_CLASSES.values()))
+    offsets = [0, *torch.tensor(list(TRUTH_CLASSES.values())).cumsum(0)[:-1].tolist()]
+    for b, scene in enumerate(scenes):
+        truth = pixel_truth(scene)
+        assert (truth[0] > 0).any()  # the scene draws something
+        for y in range(32):
+            for x in range(32):
+                want = torch.zeros(sum(TRUTH_CLASSES.values()))
+                want[[o + int(c) for o, c in zip(offsets, truth[:, y, x])]] = 1
+                token, pixel = (y // 4) * 8 + x // 4, (y % 4) * 4 + x % 4
+                got = targets[b, token].view(16, -1)[pixel]
+                assert torch.equal(got, want), (b, y, x)
+
+
+def test_truth_targets_are_gathered_at_the_kept_tokens(monkeypatch):
+    scenes = [ShapeScenes(length=2, seed=s, size=8)[0]["truth"] for s in (0, 1)]  # TINY3's 4 x 4 tokens of 2 px
+    seen = []
+    monkeypatch.setattr(align, "alignment_loss", lambda pred, target: seen.append((pred, target)) or pred.sum((1, 2)))
+    keep = draw_tokens(2, 16, 0.5, torch.Generator().manual_seed(3))
+    aligned_step(levers=dict(keep=keep, grid=(4, 4)), scenes=scenes)
+    assert seen[0][0].shape == seen[0][1].shape == (2, 8, truth_width(2))
+    assert torch.equal(seen[0][1], take_tokens(truth_targets(scenes, 2), keep))
+
+
+def test_alignment_to_the_truth_trains_and_resumes_bit_identically(tmp_path):
+    import json
+
+    cfg = replace(RECIPES[2], **FAST, repa_depth=1, repa_truth=True, mask_ratio=0.5)
+    assert_resume_is_bit_identical(cfg, tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "a/stage2/metrics.jsonl").read_text().splitlines()]
+    aligns = [m["align"] for m in lines if "loss" in m]
+    assert len(aligns) == 4 and all(-1 <= a < 0 for a in aligns)
+    trainer = torch.load(tmp_path / "a/stage2/checkpoints/step-0000004/trainer.pt", weights_only=True)
+    patch = load_pixart(tmp_path / "a/stage2/checkpoints/step-0000004/ema.safetensors").config.patch_size
+    assert trainer["projector"]["model"][f"{PROJECTOR}.4.weight"].shape[0] == truth_width(patch)
+
+
 def test_weight_zero_trains_bit_identically_to_no_alignment(tmp_path):
     # without clipping: the global gradient norm also sums the projector's (zero) gradients, in another grouping,
     # and can round one ulp apart, which moves every clipped gradient by about 1e-8
@@ -267,18 +311,20 @@ def counted(fn):
 
 
 @pytest.mark.parametrize("mask_ratio", [0.0, 0.5])
-@pytest.mark.parametrize("form", ["self", "encoder"])
+@pytest.mark.parametrize("form", ["self", "encoder", "truth"])
 def test_the_flop_count_matches_flop_counter_mode(form, mask_ratio, dinov2):
     encoder = FrozenEncoder(dinov2) if form == "encoder" else None
+    scenes = [ShapeScenes(length=2, seed=s, size=8)[0]["truth"] for s in (0, 1)] if form == "truth" else None
     T, B, c = kept_count(16, mask_ratio), 2, TINY3
     keep = draw_tokens(B, 16, mask_ratio, torch.Generator().manual_seed(0))
     levers = dict(keep=keep, grid=(4, 4)) if mask_ratio else {}
     box = {}
-    fwd = counted(lambda: box.update(step=aligned_step(encoder, levers, depth=2, target_depth=2, device="meta")))
+    fwd = counted(lambda: box.update(step=aligned_step(encoder, levers, depth=2, target_depth=2, device="meta",
+                                                       scenes=scenes)))
     *_, out, losses = box["step"]
     bwd = counted(lambda: (out.square().mean() + losses["align"].mean()).backward())
-    repa = dict(repa_depth=2, repa_target_depth=0 if encoder else 2, repa_projector_dim=96,
-                repa_encoder=encoder.config if encoder else None)
+    repa = dict(repa_depth=2, repa_target_depth=2 if form == "self" else 0, repa_projector_dim=96,
+                repa_encoder=encoder.config if encoder else None, repa_truth=form == "truth")
     expected = flops_per_image(c, mask_ratio=mask_ratio, **repa)
     # autograd skips the input gradients of the patch embedding and the timestep and caption MLPs' first layers
     skipped = 2 * T * c.in_channels * c.patch_size ** 2 * c.hidden_size + 2 * 256 * c.hidden_size \
@@ -312,6 +358,9 @@ def test_the_flop_count_of_dinov2_giants_swiglu_mlp():
     (dict(lora_rank=4, **SELF), "--lora-rank"),
     (dict(repa_depth=1, repa_encoder="x", data="features"), "feature shards hold VAE latents"),
     (dict(repa_depth=1, repa_encoder="no/such/folder"), "not a transformers model folder"),
+    (dict(repa_truth=True), "pass --repa-depth too"),
+    (dict(repa_depth=1, repa_truth=True, repa_encoder="x"), "exactly one target"),
+    (dict(repa_depth=1, repa_truth=True, data="features"), "the truth is the embedded scenes'"),
 ])
 def test_bad_alignment_flags_fail_with_one_line(settings, expected, tmp_path):
     with pytest.raises(UserError, match=expected) as error:

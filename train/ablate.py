@@ -94,6 +94,9 @@ ARMS = (
         "the default's routing moved to blocks 1-2, the states after the first block toward the encoder's patch "
         "features, weight 0.5",
         stage2=dict(route_start=1, repa_depth=1), encoder=True),
+    Arm("repa-truth", "repa with the renderer's per-pixel truth as the target (one-hot shape, size and colour of "
+        "each pixel): no encoder to train or run",
+        stage2=dict(route_start=1, repa_depth=1, repa_truth=True)),
     Arm("v-unweighted", "v-prediction without min-SNR weighting (more weight on the low-noise steps)",
         stage2=dict(_ALONE, min_snr_gamma=0.0, min_snr_plus_one=False)),
     Arm("p2-mask", "patch 2 (256 tokens) with token masking 0.75, the last 1/8 of the steps unmasked",
@@ -135,7 +138,7 @@ def image_flops(cfg: TrainConfig, step: int) -> int:
 
             encoder = AutoConfig.from_pretrained(cfg.repa_encoder, local_files_only=True)
         levers.update(repa_depth=cfg.repa_depth, repa_target_depth=cfg.repa_target_depth,
-                      repa_projector_dim=cfg.repa_projector_dim, repa_encoder=encoder)
+                      repa_projector_dim=cfg.repa_projector_dim, repa_encoder=encoder, repa_truth=cfg.repa_truth)
     return flops_per_image(model, vae_downsample=1, class_conditional=cfg.stage == 1, **levers)
 
 

@@ -35,11 +35,9 @@ from tqdm import tqdm
 
 from pixart_fast.align import encoder_pixels
 from pixart_fast.cli import UserError, run
-from pixart_fast.data import COLOURS, SHAPES, SIZES, ShapeScenes, pixel_truth
+from pixart_fast.data import TRUTH_CLASSES, ShapeScenes, pixel_truth
 from pixart_fast.files import fsync_dir, write_manifest
 from pixart_fast.flops import encoder_forward_flops
-
-LABELS = {"shape": 1 + len(SHAPES), "size": 1 + len(SIZES), "colour": 1 + len(COLOURS)}  # classes, background 0
 
 
 @dataclass(frozen=True)
@@ -88,14 +86,14 @@ class LabelledEncoder(nn.Module):
                                    num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
                                    intermediate_size=4 * cfg.hidden_size)
         self.encoder = Dinov2Model(self.config)
-        self.head = nn.Linear(cfg.hidden_size, cfg.patch_size ** 2 * sum(LABELS.values()))
+        self.head = nn.Linear(cfg.hidden_size, cfg.patch_size ** 2 * sum(TRUTH_CLASSES.values()))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         B, _, H, W = images.shape
         p, gh, gw = self.patch, H // self.patch, W // self.patch
         features = self.encoder(pixel_values=encoder_pixels(images, p, (gh, gw))).last_hidden_state[:, 1:]
         logits = self.head(features).view(B, gh, gw, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W)
-        return dict(zip(LABELS, logits.split(list(LABELS.values()), 1)))
+        return dict(zip(TRUTH_CLASSES, logits.split(list(TRUTH_CLASSES.values()), 1)))
 
 
 def training_flops(cfg: EncoderConfig, config) -> int:
@@ -103,7 +101,7 @@ def training_flops(cfg: EncoderConfig, config) -> int:
     its head."""
     grid = cfg.size // cfg.patch_size
     forward = sum(encoder_forward_flops(config, grid, grid).values())
-    forward += 2 * grid * grid * cfg.hidden_size * cfg.patch_size ** 2 * sum(LABELS.values())
+    forward += 2 * grid * grid * cfg.hidden_size * cfg.patch_size ** 2 * sum(TRUTH_CLASSES.values())
     return 3 * forward * cfg.batch_size * cfg.steps
 
 
@@ -178,7 +176,7 @@ def main(argv=None) -> int:
     summary = train_encoder(EncoderConfig(**vars(args)))
     val = summary["val"]
     print(f"encoder done in {summary['train_seconds']:.0f} s ({summary['train_flops']:.2e} FLOPs): per-pixel "
-          + ", ".join(f"{k} {val[k]:.3f} (chance {val[k + '_chance']:.3f})" for k in LABELS) + f"; {args.out}")
+          + ", ".join(f"{k} {val[k]:.3f} (chance {val[k + '_chance']:.3f})" for k in TRUTH_CLASSES) + f"; {args.out}")
     return 0
 
 

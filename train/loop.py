@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from pixart_fast import distributed, lora, tracking
-from pixart_fast.align import PROJECTOR, Alignment, FrozenEncoder, projector
+from pixart_fast.align import PROJECTOR, Alignment, FrozenEncoder, projector, truth_width
 from pixart_fast.checkpoints import training_metadata
 from pixart_fast.cli import UserError
 from pixart_fast.diffusion import Diffusion
@@ -61,7 +61,7 @@ TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup",
               "optimizer", "lora_rank", "lora_alpha", "lora_targets", "mask_ratio", "unmasked_steps", "route_ratio",
               "route_start", "route_end", "early_route_steps", "early_route_ratio", "early_route_start",
               "repa_depth", "repa_target_depth", "repa_target_offset", "repa_encoder", "repa_weight",
-              "repa_projector_dim", "repa_steps")
+              "repa_projector_dim", "repa_steps", "repa_truth")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -289,16 +289,17 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
 
 def attach_alignment(cfg: TrainConfig, model: torch.nn.Module, device) -> Alignment | None:
     """--repa-depth: the projector, attached to `model` as PROJECTOR (drawn from --seed), and the target's source
-    (the frozen --repa-encoder, or the EMA model's deeper blocks); None when off."""
+    (the frozen --repa-encoder, the scenes' truth, or the EMA model's deeper blocks); None when off."""
     if not cfg.repa_depth:
         return None
     encoder = FrozenEncoder(cfg.repa_encoder).to(device) if cfg.repa_encoder else None
-    D = model.config.hidden_size
+    D, p = model.config.hidden_size, model.config.patch_size
+    width = encoder.config.hidden_size if encoder else truth_width(p) if cfg.repa_truth else D
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        head = projector(D, cfg.repa_projector_dim or 2 * D, encoder.config.hidden_size if encoder else D)
+        head = projector(D, cfg.repa_projector_dim or 2 * D, width)
     model.add_module(PROJECTOR, head.to(device))
-    return Alignment(cfg.repa_depth, cfg.repa_target_depth, encoder, model.config.patch_size)
+    return Alignment(cfg.repa_depth, cfg.repa_target_depth, encoder, p, cfg.repa_truth)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -348,7 +349,8 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
         t_teacher = (t - back).clamp(min=0).to(t.dtype)  # int64 timesteps: floored (all >= 0)
         teacher = (run.diffusion.noised(x0, t_teacher, noise), t_teacher)
     if aligning:  # the same call, and each call also computes the alignment loss into aligned["align"]
-        net, aligned = run.align.wrap(net, run.ema, getattr(run.model, PROJECTOR), levers, batch.images, teacher)
+        net, aligned = run.align.wrap(net, run.ema, getattr(run.model, PROJECTOR), levers, batch.images, teacher,
+                                       batch.truths)
     model_fn = run.stage.condition(net, batch, drop, mc.micro_conditions)
     with torch.autocast(d.device.type, dtype=run.autocast) if run.autocast else nullcontext():
         terms = run.diffusion.training_losses(model_fn, x0, t, noise, perturb)

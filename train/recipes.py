@@ -161,6 +161,10 @@ class TrainConfig:
                                             "patch features of the clean image are the target (embedded data only: "
                                             "feature shards hold no images); `python -m pixart_fast.train.encoder` "
                                             "trains one on the embedded scenes")
+    repa_truth: bool = _field(False, "with --repa-depth, alignment to the truth (embedded data only): the target "
+                                     "is, per token, the one-hot shape, size and colour of each of its pixels as "
+                                     "the renderer drew them (REPA against an encoder that knows every pixel; "
+                                     "no encoder to train or run; real images carry no such truth)")
     repa_weight: float = _field(0.5, "with --repa-depth: the alignment loss's weight in the training loss (REPA: "
                                      "0.5)", low=0)
     repa_projector_dim: int = _field(0, "with --repa-depth: the projector's hidden width; 0: 2 x the model's hidden "
@@ -236,7 +240,7 @@ class TrainConfig:
 
     def _check_alignment(self):
         """--repa-*: one target, blocks the model has, and the settings it works with."""
-        targets = bool(self.repa_target_depth) + (self.repa_encoder is not None)
+        targets = bool(self.repa_target_depth) + (self.repa_encoder is not None) + self.repa_truth
         if self.repa_target_offset and not self.repa_target_depth:
             raise UserError(f"--repa-target-offset {self.repa_target_offset}: it moves self-alignment's teacher; "
                             "pass --repa-target-depth too")
@@ -244,12 +248,13 @@ class TrainConfig:
             raise UserError(f"--repa-steps {self.repa_steps}: it ends representation alignment; pass --repa-depth too")
         if not self.repa_depth:
             if targets:
-                raise UserError("--repa-target-depth and --repa-encoder choose representation alignment's target: "
-                                "pass --repa-depth too (the blocks whose hidden states are aligned)")
+                raise UserError("--repa-target-depth, --repa-encoder and --repa-truth choose representation "
+                                "alignment's target: pass --repa-depth too (the blocks whose hidden states are "
+                                "aligned)")
             return
         if targets != 1:
             raise UserError(f"--repa-depth {self.repa_depth}: pass exactly one target, --repa-target-depth N "
-                            "(self-alignment) or --repa-encoder DINOV2_FOLDER (REPA)")
+                            "(self-alignment), --repa-encoder DINOV2_FOLDER (REPA) or --repa-truth true")
         depth = CONFIGS[self.model].depth
         if self.repa_target_depth and not self.repa_depth < self.repa_target_depth <= depth:
             raise UserError(f"--repa-depth {self.repa_depth} --repa-target-depth {self.repa_target_depth}: the target "
@@ -264,6 +269,9 @@ class TrainConfig:
         if self.repa_encoder is not None and self.data is not None:
             raise UserError(f"--repa-encoder with --data {self.data}: the encoder needs the clean images, and feature "
                             "shards hold VAE latents; use --repa-target-depth (self-alignment) on --data")
+        if self.repa_truth and self.data is not None:
+            raise UserError(f"--repa-truth with --data {self.data}: the truth is the embedded scenes' (what the "
+                            "renderer drew); feature shards have none; use --repa-target-depth (self-alignment)")
 
 
 # Each stage is sized to about 5 minutes on 2 CPU cores (the time-to-quality bench measures the images/s). Stage 2:
