@@ -1,5 +1,5 @@
 """Representation alignment: a training loss that pulls the hidden states after one of PixArt's blocks toward a
-target representation of the same image, through a small trained projector. Two targets:
+target representation of the same image, through a small trained projector. Three targets:
 
 - self-alignment (SRA, arXiv 2505.02831; no pretrained encoder, so the embedded pixel data can use it): the EMA
   model's hidden states after a deeper block, computed without gradients on the student's caption, caption drop
@@ -14,14 +14,14 @@ target representation of the same image, through a small trained projector. Two 
 - the truth (embedded data only): what the renderer drew, per token the one-hot shape, size and colour classes of
   each of its pixels (`pixart_fast.data.pixel_truth`, the labels `python -m pixart_fast.train.encoder` teaches
   its encoder), flattened: REPA against an encoder that knows every pixel exactly, with no encoder to train or
-  run. Real images carry no such truth; it measures what alignment can give at most.
+  run. Real images carry no such truth; it measures alignment with an exact target.
 
-The projector is REPA's MLP: Linear(D, P), SiLU, Linear(P, P), SiLU, Linear(P, Z), with D the model's hidden size,
-Z the target's width (D for self-alignment, the encoder's hidden size for REPA, `truth_width` for the truth) and P its width (REPA: 2048 at
-SiT-XL's D = 1152). The loss of an image is REPA's: the mean over its tokens of -cos(projector(h), target), in
-[-1, 1]. The trainer attaches the projector to the model it trains (`PROJECTOR`), so the optimizer, gradient
-clipping and the EMA treat it as any weight; checkpoints keep it in trainer.pt, not in the weights files, so
-sampling and export never see it.
+The projector is REPA's MLP: Linear(D, P), SiLU, Linear(P, P), SiLU, Linear(P, Z), with D the model's hidden size, Z
+the target's width (D for self-alignment, the encoder's hidden size for REPA, `truth_width` for the truth) and P its
+width (REPA: 2048 at SiT-XL's D = 1152). The loss of an image is REPA's: the mean over its tokens of
+-cos(projector(h), target), in [-1, 1]. The trainer attaches the projector to the model it trains (`PROJECTOR`), so
+the optimizer, gradient clipping and the EMA treat it as any weight; checkpoints keep it in trainer.pt, not in the
+weights files, so sampling and export never see it.
 """
 from dataclasses import dataclass
 
