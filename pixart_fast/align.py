@@ -118,12 +118,12 @@ class Alignment:
     truth: bool = False
 
     def wrap(self, net, ema: nn.Module, project: nn.Module, levers: dict, images: torch.Tensor,
-             teacher: tuple[torch.Tensor, torch.Tensor] | None = None, scenes: list | None = None):
+             teacher: tuple[torch.Tensor, torch.Tensor] | None = None, truth: torch.Tensor | None = None):
         """(model_fn, losses): model_fn is called as `net` (the model with this step's token levers) and returns
         its output; each call also puts the batch's alignment loss (B,) in losses["align"]. images: the clean
         batch (pixels in [-1, 1]), the encoder's input. teacher: self-alignment's (x, t) in place of the
-        student's (x_t, t), laid out as x_t (the kept patches when masking); None: the student's own. scenes: the
-        batch's embedded scenes, the truth's source."""
+        student's (x_t, t), laid out as x_t (the kept patches when masking); None: the student's own. truth: the
+        batch's `truth_targets` over the full token grid, the target with `self.truth`."""
         losses = {}
         masking = {k: levers[k] for k in ("keep", "grid") if k in levers}
 
@@ -131,9 +131,7 @@ class Alignment:
             out, hidden = net(x_t, t, *args, **kwargs, hidden_depth=self.depth)
             with torch.no_grad():
                 if self.truth:
-                    target = truth_targets(scenes, self.patch_size).to(hidden.device)
-                    if "keep" in masking:
-                        target = take_tokens(target, masking["keep"])
+                    target = take_tokens(truth, masking["keep"]) if "keep" in masking else truth
                 elif self.encoder is None:
                     x_in, t_in = (x_t, t) if teacher is None else teacher
                     target = ema(x_in, t_in, *args, **kwargs, **masking, hidden_depth=self.target_depth,

@@ -27,6 +27,7 @@ class Batch:
     img_hw: Tensor | None = None  # (B, 2) float32 original (height, width) in pixels: a PixArtMS micro-condition
     aspect_ratio: Tensor | None = None  # (B,) float32 height / width: a PixArtMS micro-condition
     truths: list | None = None  # B pixart_fast.data.Scene: what the embedded captions state, for scoring samples
+    truth_tokens: Tensor | None = None  # (B, T, Z) float32: truths per model token (pixart_fast.align.truth_targets)
 
     def __len__(self) -> int:
         return self.images.shape[0]

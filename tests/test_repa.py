@@ -123,7 +123,8 @@ def aligned_step(encoder=None, levers=None, depth=1, target_depth=3, device="cpu
                           TINY3.patch_size, truth=scenes is not None)
     x = keep_patches(a["x"], levers["keep"], 2) if "keep" in levers else a["x"]
     net = lambda *args, **kw: model(*args, **kw, **levers)  # noqa: E731
-    model_fn, losses = alignment.wrap(net, ema, head, levers, images, teacher, scenes)
+    truth = truth_targets(scenes, TINY3.patch_size).to(device) if scenes else None
+    model_fn, losses = alignment.wrap(net, ema, head, levers, images, teacher, truth)
     out = model_fn(x, a["t"], a["y"], a["mask"], force_drop_ids=a["force_drop_ids"])
     return model, ema, head, images, a, x, out, losses
 

@@ -32,7 +32,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from pixart_fast import distributed, lora, tracking
-from pixart_fast.align import PROJECTOR, Alignment, FrozenEncoder, projector, truth_width
+from pixart_fast.align import PROJECTOR, Alignment, FrozenEncoder, projector, truth_targets, truth_width
 from pixart_fast.checkpoints import training_metadata
 from pixart_fast.cli import UserError
 from pixart_fast.diffusion import Diffusion
@@ -309,10 +309,14 @@ def attach_alignment(cfg: TrainConfig, model: torch.nn.Module, device) -> Alignm
 
 def step_batch(run: Run, step: int):
     """This rank's slice of step `step`'s global batch, on the CPU (page-locked when training on a GPU): a pure
-    function of (seed, step), so the prefetcher may build it ahead of time."""
+    function of (seed, step), so the prefetcher may build it ahead of time. With --repa-truth, in the steps that
+    align, it carries the truth per token too (built here, off the step's path)."""
     cfg, d = run.cfg, run.dist
     indices = batch_indices(run.data, step, cfg.batch_size, cfg.seed)[d.slice(cfg.batch_size)]
-    return run.data.batch(indices, pin_memory=d.device.type == "cuda")
+    batch = run.data.batch(indices, pin_memory=d.device.type == "cuda")
+    if cfg.repa_truth and cfg.aligns(step):
+        batch = replace(batch, truth_tokens=truth_targets(batch.truths, run.model.config.patch_size))
+    return batch
 
 
 def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.Tensor:
@@ -350,7 +354,7 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
         teacher = (run.diffusion.noised(x0, t_teacher, noise), t_teacher)
     if aligning:  # the same call, and each call also computes the alignment loss into aligned["align"]
         net, aligned = run.align.wrap(net, run.ema, getattr(run.model, PROJECTOR), levers, batch.images, teacher,
-                                       batch.truths)
+                                       batch.truth_tokens)
     model_fn = run.stage.condition(net, batch, drop, mc.micro_conditions)
     with torch.autocast(d.device.type, dtype=run.autocast) if run.autocast else nullcontext():
         terms = run.diffusion.training_losses(model_fn, x0, t, noise, perturb)
