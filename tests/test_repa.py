@@ -86,6 +86,33 @@ def test_routed_hidden_states_are_taken_after_re_insertion():
     assert torch.equal(routing_everyone, model(**a, hidden_depth=2)[1])
 
 
+def test_after_the_last_block_every_token_has_run_it():
+    """Routed past every block but the last (the stage-2 recipe's routing), the states after the last block are
+    every token's: the skipping ones have left their patch embeddings, and routing every token changes nothing."""
+    model, a = model_and_inputs()
+    depth = len(model.blocks)
+    route = torch.tensor([[0, 3, 5, 9, 10, 12, 14, 15]] * 2)
+    skip = torch.tensor([[i for i in range(16) if i not in route[0]]] * 2)
+    entered = model(**a, route=route, route_blocks=(0, depth - 1), hidden_depth=1)[1]  # skipping: as embedded
+    last = model(**a, route=route, route_blocks=(0, depth - 1), hidden_depth=depth)[1]
+    assert last.shape == (2, 16, 48)
+    assert not torch.isclose(take_tokens(last, skip), take_tokens(entered, skip)).all(-1).any()
+    everyone = torch.arange(16).expand(2, 16)
+    routing_everyone = model(**a, route=everyone, route_blocks=(0, depth - 1), hidden_depth=depth)[1]
+    assert torch.equal(routing_everyone, model(**a, hidden_depth=depth)[1])
+
+
+def test_the_truth_last_arm_aligns_the_block_every_token_runs():
+    from pixart_fast.model import CONFIGS
+    from pixart_fast.train.ablate import ARMS, stage2_config
+
+    cfg = stage2_config(next(a for a in ARMS if a.name == "repa-truth-last"), 0, 800, 200, 8, {})
+    depth = CONFIGS[cfg.model].depth
+    ratio, (start, end) = cfg.routing(0, depth)
+    assert (ratio, start) == (RECIPES[2].route_ratio, RECIPES[2].route_start)  # the stage-2 recipe's routing
+    assert end == depth - 1 and cfg.repa_depth == depth and cfg.repa_truth
+
+
 def test_the_hidden_state_forward_compiles_to_one_graph_with_the_same_gradients():
     torch._dynamo.reset()
     model, a = model_and_inputs()

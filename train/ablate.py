@@ -97,6 +97,9 @@ ARMS = (
     Arm("repa-truth", "repa with the renderer's per-pixel truth as the target (one-hot shape, size and colour of "
         "each pixel): no encoder to train or run",
         stage2=dict(route_start=1, repa_depth=1, repa_truth=True)),
+    Arm("repa-truth-last", "the default's routing with the renderer's truth as the target of the states after the "
+        "last block, the one every token runs (a projector 64 wide): the default's step and a projector",
+        stage2=dict(repa_depth=4, repa_truth=True, repa_projector_dim=64)),
     Arm("v-unweighted", "v-prediction without min-SNR weighting (more weight on the low-noise steps)",
         stage2=dict(_ALONE, min_snr_gamma=0.0, min_snr_plus_one=False)),
     Arm("p2-mask", "patch 2 (256 tokens) with token masking 0.75, the last 1/8 of the steps unmasked",
