@@ -22,6 +22,10 @@ width (REPA: 2048 at SiT-XL's D = 1152). The loss of an image is REPA's: the mea
 -cos(projector(h), target), in [-1, 1]. The trainer attaches the projector to the model it trains (`PROJECTOR`), so
 the optimizer, gradient clipping and the EMA treat it as any weight; checkpoints keep it in trainer.pt, not in the
 weights files, so sampling and export never see it.
+
+A second depth may be aligned to the same target through its own projector (`SECOND_PROJECTOR`); the batch's loss
+is then the sum of the two. At a depth inside a routed run (after a block that only the routed tokens ran) only
+the routed tokens are aligned: the others have not moved since they entered it.
 """
 from dataclasses import dataclass
 
@@ -35,6 +39,7 @@ from pixart_fast.data import TRUTH_CLASSES, pixel_truth
 from pixart_fast.model import take_tokens
 
 PROJECTOR = "align_projector"  # the trained model's attribute holding the projector (training only)
+SECOND_PROJECTOR = PROJECTOR + "_second"  # and the second depth's
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -105,30 +110,41 @@ class FrozenEncoder(nn.Module):
         return self.encoder(pixel_values=pixels).last_hidden_state[:, 1:]  # (B, gh gw, Z): the CLS token dropped
 
 
+def ran_tokens(depth: int, levers: dict, hidden: torch.Tensor, target: torch.Tensor):
+    """(hidden, target) (B, T, .) at `depth` blocks, cut to the tokens that ran the blocks before it: inside a
+    routed run (levers' route_blocks (start, end) with start < depth < end) the routed ones, else all."""
+    if "route" in levers and levers["route_blocks"][0] < depth < levers["route_blocks"][1]:
+        return take_tokens(hidden, levers["route"]), take_tokens(target, levers["route"])
+    return hidden, target
+
+
 @dataclass
 class Alignment:
-    """A run's representation alignment: the hidden states after `depth` blocks, projected, against the EMA
-    model's after `target_depth` blocks (self-alignment), the `encoder`'s features (REPA) or, with `truth`, the
-    scenes' truth (`truth_targets`)."""
+    """A run's representation alignment: the hidden states after `depth` blocks (and `second_depth`, if not 0),
+    projected, against the EMA model's after `target_depth` blocks (self-alignment), the `encoder`'s features
+    (REPA) or, with `truth`, the scenes' truth (`truth_targets`)."""
 
     depth: int
     target_depth: int  # 0 with an encoder or the truth
     encoder: FrozenEncoder | None
     patch_size: int
     truth: bool = False
+    second_depth: int = 0
 
-    def wrap(self, net, ema: nn.Module, project: nn.Module, levers: dict, images: torch.Tensor,
+    def wrap(self, net, ema: nn.Module, projectors: tuple[nn.Module, ...], levers: dict, images: torch.Tensor,
              teacher: tuple[torch.Tensor, torch.Tensor] | None = None, truth: torch.Tensor | None = None):
         """(model_fn, losses): model_fn is called as `net` (the model with this step's token levers) and returns
-        its output; each call also puts the batch's alignment loss (B,) in losses["align"]. images: the clean
-        batch (pixels in [-1, 1]), the encoder's input. teacher: self-alignment's (x, t) in place of the
-        student's (x_t, t), laid out as x_t (the kept patches when masking); None: the student's own. truth: the
-        batch's `truth_targets` over the full token grid, the target with `self.truth`."""
+        its output; each call also puts the batch's alignment loss (B,) in losses["align"]. projectors: the
+        depth's, then the second depth's. images: the clean batch (pixels in [-1, 1]), the encoder's input.
+        teacher: self-alignment's (x, t) in place of the student's (x_t, t), laid out as x_t (the kept patches when
+        masking); None: the student's own. truth: the batch's `truth_targets` over the full token grid, the target
+        with `self.truth`."""
         losses = {}
         masking = {k: levers[k] for k in ("keep", "grid") if k in levers}
+        depths = (self.depth, self.second_depth) if self.second_depth else (self.depth,)
 
         def model_fn(x_t, t, *args, **kwargs):
-            out, hidden = net(x_t, t, *args, **kwargs, hidden_depth=self.depth)
+            out, hidden = net(x_t, t, *args, **kwargs, hidden_depth=depths)
             with torch.no_grad():
                 if self.truth:
                     target = take_tokens(truth, masking["keep"]) if "keep" in masking else truth
@@ -141,7 +157,8 @@ class Alignment:
                     target = self.encoder(images, grid)
                     if "keep" in masking:
                         target = take_tokens(target, masking["keep"])
-            losses["align"] = alignment_loss(project(hidden), target)
+            pairs = (ran_tokens(n, levers, h, target) for n, h in zip(depths, hidden))
+            losses["align"] = sum(alignment_loss(project(h), z) for project, (h, z) in zip(projectors, pairs))
             return out
 
         return model_fn, losses

@@ -108,21 +108,28 @@ def encoder_forward_flops(encoder, grid_h: int, grid_w: int) -> dict[str, int]:
 
 
 def alignment_flops(config: PixArtConfig, height_px: int | None = None, width_px: int | None = None, *,
-                    repa_target_depth: int = 0, repa_projector_dim: int = 0, repa_encoder=None,
-                    repa_truth: bool = False, vae_downsample: int = VAE_DOWNSAMPLE, caption_tokens: int | None = None,
-                    mask_ratio: float = 0.0) -> dict[str, int]:
+                    repa_depth: int = 1, repa_second_depth: int = 0, repa_target_depth: int = 0,
+                    repa_projector_dim: int = 0, repa_encoder=None, repa_truth: bool = False,
+                    vae_downsample: int = VAE_DOWNSAMPLE, caption_tokens: int | None = None, mask_ratio: float = 0.0,
+                    route_ratio: float = 0.0, route_blocks: tuple[int, int] | None = None) -> dict[str, int]:
     """Training FLOPs representation alignment adds to one image, per part (pixart_fast.align): the projector
-    (width repa_projector_dim, 0: 2 x hidden size) on the tokens that run, forward and backward; and forward only,
+    (width repa_projector_dim, 0: 2 x hidden size) after repa_depth blocks, and with repa_second_depth a second
+    one there, each forward and backward on the tokens it reads: those that ran the blocks before its depth (inside
+    a routed run, route_blocks = (start, end) with start < depth < end, the routed ones). And forward only,
     self-alignment's teacher (the model's first repa_target_depth blocks and what comes before them, on the same
     tokens, never routed) or REPA's encoder (`repa_encoder`: a transformers Dinov2Config) on the whole image. With
     repa_truth the target is the truth (pixel data): the projector's output is its width, and nothing else counts.
-    Where the projector reads the hidden states does not change the count. Other arguments as `forward_flops`."""
+    Other arguments as `forward_flops`."""
     c = config
     grid_h, grid_w = _token_grid(c, height_px, width_px, vae_downsample)
-    T = kept_count(grid_h * grid_w, mask_ratio)  # the tokens the projector reads (masked: the kept ones)
+    T = kept_count(grid_h * grid_w, mask_ratio)  # the tokens that enter the blocks (masked: the kept ones)
+    start, end = route_blocks if route_ratio else (0, 0)
     D, P = c.hidden_size, repa_projector_dim or 2 * c.hidden_size
     Z = repa_encoder.hidden_size if repa_encoder is not None else truth_width(c.patch_size) if repa_truth else D
-    f = {"projector": TRAIN_FLOPS_PER_FORWARD * (_mm(T, D, P) + _mm(T, P, P) + _mm(T, P, Z))}
+    f = {"projector": 0}
+    for depth in (repa_depth, repa_second_depth) if repa_second_depth else (repa_depth,):
+        n = kept_count(T, route_ratio) if start < depth < end else T
+        f["projector"] += TRAIN_FLOPS_PER_FORWARD * (_mm(n, D, P) + _mm(n, P, P) + _mm(n, P, Z))
     if repa_encoder is not None:
         f.update(encoder_forward_flops(repa_encoder, grid_h, grid_w))
     elif not repa_truth:
@@ -133,8 +140,8 @@ def alignment_flops(config: PixArtConfig, height_px: int | None = None, width_px
 
 
 def flops_per_image(config: PixArtConfig, height_px: int | None = None, width_px: int | None = None, *,
-                    repa_depth: int = 0, repa_target_depth: int = 0, repa_projector_dim: int = 0, repa_encoder=None,
-                    repa_truth: bool = False, **kwargs) -> int:
+                    repa_depth: int = 0, repa_second_depth: int = 0, repa_target_depth: int = 0,
+                    repa_projector_dim: int = 0, repa_encoder=None, repa_truth: bool = False, **kwargs) -> int:
     """Training FLOPs of one image, forward + backward = 3 x forward (see `forward_flops` for the arguments),
     plus, with repa_depth > 0, what representation alignment adds (`alignment_flops`: the other repa_ arguments).
 
@@ -144,8 +151,9 @@ def flops_per_image(config: PixArtConfig, height_px: int | None = None, width_px
     """
     train = TRAIN_FLOPS_PER_FORWARD * sum(forward_flops(config, height_px, width_px, **kwargs).values())
     if repa_depth:
-        kwargs = {k: v for k, v in kwargs.items() if k in ("vae_downsample", "caption_tokens", "mask_ratio")}
-        train += sum(alignment_flops(config, height_px, width_px, repa_target_depth=repa_target_depth,
+        kwargs = {k: v for k, v in kwargs.items() if k != "class_conditional"}
+        train += sum(alignment_flops(config, height_px, width_px, repa_depth=repa_depth,
+                                     repa_second_depth=repa_second_depth, repa_target_depth=repa_target_depth,
                                      repa_projector_dim=repa_projector_dim, repa_encoder=repa_encoder,
                                      repa_truth=repa_truth, **kwargs).values())
     return train

@@ -550,7 +550,7 @@ class PixArt(nn.Module):
         Hidden states (representation alignment, pixart_fast.align): hidden_depth n > 0 also returns the residual
         stream after the first n blocks, (B, T, D) over the tokens that entered the blocks (routed: the skipping
         tokens as they entered the routed run), as (output, hidden); hidden_only returns it alone, after running
-        only those n blocks.
+        only those n blocks. A tuple of depths returns (output, a tuple of those states, in its order).
         """
         c = self.config
         B, C, H, W = x.shape
@@ -578,9 +578,10 @@ class PixArt(nn.Module):
         start, end = (-1, -1) if route is None else route_blocks
         if route is not None and not 0 <= start < end <= c.depth:
             raise ValueError(f"route_blocks must be (start, end) with 0 <= start < end <= depth {c.depth}, got {route_blocks}")
-        if not 0 <= hidden_depth <= c.depth or (hidden_only and not hidden_depth):
-            raise ValueError(f"hidden_depth must be in 1..depth {c.depth} (0: none, not with hidden_only), got "
-                             f"{hidden_depth}")
+        depths = hidden_depth if isinstance(hidden_depth, tuple) else (hidden_depth,) if hidden_depth else ()
+        if not all(1 <= n <= c.depth for n in depths) or (hidden_only and not isinstance(hidden_depth, int)):
+            raise ValueError(f"hidden_depth must be in 1..depth {c.depth} or a tuple of those (0: none; "
+                             f"hidden_only takes one), got {hidden_depth}")
         pixels, x = x, self.x_embedder(x) + pos  # (B, T, D)
         t = self.t_embedder(t)  # (B, D)
         if c.micro_conditions:
@@ -591,6 +592,7 @@ class PixArt(nn.Module):
         y = self.y_embedder(y)  # (B, L, D)
         shift, scale = self.blocks[0].modulation(t0)[:2] if c.depth else self.final_layer.modulation(t)
         x_mod = modulate(x, shift, scale, backend=self.kernels, out_dtype=linear_dtype(x))  # (B, T, D)
+        hidden = {}  # depth -> the residual stream after that many blocks (hidden_depth)
         for i, block in enumerate(self.blocks):
             if i == start:  # routing: only the routed tokens go on; the stream keeps the others as they are
                 stream, x, x_mod = x, take_tokens(x, route), take_tokens(x_mod, route)  # (B, R, D)
@@ -602,17 +604,20 @@ class PixArt(nn.Module):
             if i == end - 1:  # re-insert; the skipping tokens need the next layer's modulated copy too: all anew
                 x = stream.scatter(1, route[..., None].expand(-1, -1, x.shape[-1]), x)  # (B, T, D)
                 x_mod = modulate(x, *nxt, backend=self.kernels, out_dtype=linear_dtype(x))
-            if i == hidden_depth - 1:
+            if i + 1 in depths:
                 routed_run = start <= i < end - 1  # inside it, x is the routed tokens only
-                hidden = stream.scatter(1, route[..., None].expand(-1, -1, x.shape[-1]), x) if routed_run else x
+                hidden[i + 1] = (stream.scatter(1, route[..., None].expand(-1, -1, x.shape[-1]), x) if routed_run
+                                 else x)
                 if hidden_only:
-                    return hidden
+                    return hidden[i + 1]
         x = self.final_layer(x_mod)  # (B, T, p*p*out)
         out = unpatchify(x, p, c.out_channels, H, W, backend=self.kernels)  # (B, out, H, W)
         if self.pixel_decoder is not None:
             detail = self.pixel_decoder(x_mod, pixels, self.kernels)  # (B, C, H, W)
             out = torch.cat([out[:, :C] + detail.to(out.dtype), out[:, C:]], dim=1)
-        return (out, hidden) if hidden_depth else out
+        if isinstance(hidden_depth, tuple):
+            return out, tuple(hidden[n] for n in hidden_depth)
+        return (out, hidden[hidden_depth]) if hidden_depth else out
 
     def pos_embed_for(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
         """(1, grid_h * grid_w, D): the stored table for the configured square grid, else built for this grid."""

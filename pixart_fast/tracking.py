@@ -172,16 +172,16 @@ class MFU:
         masked = cfg.mask_ratio > 0 and step < cfg.steps - cfg.unmasked_steps
         tokens = None if batch.text is None else batch.text.shape[1]
         routing = cfg.routing(step, self.config.depth)
-        shape = (*batch.images.shape[2:], tokens, masked, routing)
+        shape = (*batch.images.shape[2:], tokens, masked, routing, cfg.aligns(step))
         if shape not in self._per_image:
             ratio, blocks = routing or (0.0, None)
             self._per_image[shape] = flops_per_image(
                 self.config, shape[0], shape[1], vae_downsample=1, caption_tokens=tokens,
                 class_conditional=self.class_conditional, mask_ratio=cfg.mask_ratio if masked else 0.0,
                 route_ratio=ratio, route_blocks=blocks,
-                repa_depth=cfg.repa_depth,
+                repa_depth=cfg.repa_depth if cfg.aligns(step) else 0, repa_second_depth=cfg.repa_second_depth,
                 repa_target_depth=cfg.repa_target_depth, repa_projector_dim=cfg.repa_projector_dim,
-                repa_encoder=self.repa_encoder)
+                repa_encoder=self.repa_encoder, repa_truth=cfg.repa_truth)
         self.flops += cfg.batch_size * self._per_image[shape]
         self.images += cfg.batch_size
 

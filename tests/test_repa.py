@@ -1,8 +1,8 @@
 """Representation alignment (pixart_fast.align): the projector and loss, the hidden states the model returns (masked,
 routed, compiled), the gradients the loss sends, the targets (the EMA's deeper blocks; a tiny DINOv2 from a local
-folder; the scenes' per-pixel truth) at the kept tokens, the trainer with it (weight 0 changes nothing, resume is
-exact, alignment ends after --repa-steps, checkpoints' weights files stay the model's), the FLOP count against
-FlopCounterMode, and the flags' errors."""
+folder; the scenes' per-pixel truth) at the kept tokens, a second aligned depth (inside a routed run: the routed
+tokens only), the trainer with it (weight 0 changes nothing, resume is exact, alignment ends after --repa-steps,
+checkpoints' weights files stay the model's), the FLOP count against FlopCounterMode, and the flags' errors."""
 import copy
 from dataclasses import replace
 
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from pixart_fast import align
-from pixart_fast.align import PROJECTOR, Alignment, FrozenEncoder, alignment_loss, projector, truth_targets, truth_width
+from pixart_fast.align import (PROJECTOR, SECOND_PROJECTOR, Alignment, FrozenEncoder, alignment_loss, projector,
+                               truth_targets, truth_width)
 from pixart_fast.checkpoints import load_pixart, load_safetensors
 from pixart_fast.cli import UserError
 from pixart_fast.data import TRUTH_CLASSES, ShapeScenes, pixel_truth
@@ -69,6 +70,20 @@ def test_hidden_states_are_the_stream_after_n_blocks_masked_or_not():
     assert torch.equal(masked, hidden)
     with pytest.raises(ValueError, match="hidden_depth"):
         model(**a, hidden_depth=4)
+    with pytest.raises(ValueError, match="hidden_depth"):
+        model(**a, hidden_depth=(1, 2), hidden_only=True)
+
+
+def test_a_tuple_of_depths_returns_each_depths_states_in_its_order():
+    model, a = model_and_inputs()
+    route = torch.tensor([[0, 3, 5, 9, 10, 12, 14, 15]] * 2)
+    levers = dict(route=route, route_blocks=(0, 2))
+    out, (last, first) = model(**a, **levers, hidden_depth=(3, 1))
+    assert torch.equal(out, model(**a, **levers))
+    assert torch.equal(last, model(**a, **levers, hidden_depth=3)[1])
+    assert torch.equal(first, model(**a, **levers, hidden_depth=1)[1])
+    with pytest.raises(ValueError, match="hidden_depth"):
+        model(**a, hidden_depth=(1, 4))
 
 
 def test_routed_hidden_states_are_taken_after_re_insertion():
@@ -133,25 +148,29 @@ def test_the_hidden_state_forward_compiles_to_one_graph_with_the_same_gradients(
         torch.testing.assert_close(p.grad, want[n], msg=n)
 
 
-def aligned_step(encoder=None, levers=None, depth=1, target_depth=3, device="cpu", teacher=None, scenes=None):
-    """A tiny model, its EMA copy, a projector and one step's model_fn run; returns them, the inputs and
-    (out, losses). scenes: the truth is the target. device "meta": shapes only (FlopCounterMode counts CPU
-    attention only there)."""
+def aligned_step(encoder=None, levers=None, depth=1, target_depth=3, device="cpu", teacher=None, scenes=None,
+                 second_depth=0):
+    """A tiny model, its EMA copy, a projector (with second_depth, the second depth's projector too, as the
+    model's SECOND_PROJECTOR) and one step's model_fn run; returns them, the inputs and (out, losses). scenes: the
+    truth is the target. device "meta": shapes only (FlopCounterMode counts CPU attention only there)."""
     model, a = model_and_inputs()
     torch.manual_seed(1)
     width = encoder.config.hidden_size if encoder else truth_width(TINY3.patch_size) if scenes else 48
     head = projector(48, 96, width)
+    if second_depth:
+        model.add_module(SECOND_PROJECTOR, projector(48, 96, width))
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     model, head, images = model.to(device), head.to(device), images.to(device)
     a = {k: v.to(device) for k, v in a.items()}
     levers = {k: v.to(device) if torch.is_tensor(v) else v for k, v in (levers or {}).items()}
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     alignment = Alignment(depth, 0 if encoder or scenes else target_depth, encoder and encoder.to(device),
-                          TINY3.patch_size, truth=scenes is not None)
+                          TINY3.patch_size, truth=scenes is not None, second_depth=second_depth)
     x = keep_patches(a["x"], levers["keep"], 2) if "keep" in levers else a["x"]
     net = lambda *args, **kw: model(*args, **kw, **levers)  # noqa: E731
     truth = truth_targets(scenes, TINY3.patch_size).to(device) if scenes else None
-    model_fn, losses = alignment.wrap(net, ema, head, levers, images, teacher, truth)
+    heads = (head, getattr(model, SECOND_PROJECTOR)) if second_depth else (head,)
+    model_fn, losses = alignment.wrap(net, ema, heads, levers, images, teacher, truth)
     out = model_fn(x, a["t"], a["y"], a["mask"], force_drop_ids=a["force_drop_ids"])
     return model, ema, head, images, a, x, out, losses
 
@@ -264,6 +283,70 @@ def test_truth_targets_are_gathered_at_the_kept_tokens(monkeypatch):
     assert torch.equal(seen[0][1], take_tokens(truth_targets(scenes, 2), keep))
 
 
+def test_a_second_depth_inside_the_routed_run_aligns_the_routed_tokens_through_its_own_projector(monkeypatch):
+    scenes = [ShapeScenes(length=2, seed=s, size=8)[0]["truth"] for s in (0, 1)]
+    seen = []
+    monkeypatch.setattr(align, "alignment_loss", lambda pred, target: seen.append((pred, target)) or pred.sum((1, 2)))
+    route = torch.tensor([[0, 3, 5, 9, 10, 12, 14, 15]] * 2)
+    levers = dict(route=route, route_blocks=(0, 2))  # block 0 and 1 run the routed tokens only
+    model, _, head, _, a, x, _, losses = aligned_step(levers=levers, depth=3, second_depth=1, scenes=scenes)
+    truth = truth_targets(scenes, 2)
+    kw = dict(force_drop_ids=a["force_drop_ids"], **levers)
+    (pred, target), (second_pred, second_target) = seen
+    assert torch.equal(target, truth) and torch.equal(pred, head(model(x, a["t"], a["y"], a["mask"], **kw,
+                                                                        hidden_depth=3)[1]))
+    first = model(x, a["t"], a["y"], a["mask"], **kw, hidden_depth=1)[1]
+    assert torch.equal(second_target, take_tokens(truth, route)) and second_pred.shape == (2, 8, truth_width(2))
+    assert torch.equal(second_pred, getattr(model, SECOND_PROJECTOR)(take_tokens(first, route)))
+    assert torch.equal(losses["align"], pred.sum((1, 2)) + second_pred.sum((1, 2)))
+    seen.clear()  # before the routed run (blocks 1 and 2 routed), block 0 ran every token: all are aligned
+    aligned_step(levers=dict(route=route, route_blocks=(1, 3)), depth=3, second_depth=1, scenes=scenes)
+    assert seen[1][0].shape == (2, 16, truth_width(2)) and torch.equal(seen[1][1], truth)
+
+
+def test_the_second_projector_trains_the_first_block_from_the_routed_tokens_only():
+    scenes = [ShapeScenes(length=2, seed=s, size=8)[0]["truth"] for s in (0, 1)]
+    route = torch.tensor([[0, 3, 5, 9, 10, 12, 14, 15]] * 2)
+    model, *_, losses = aligned_step(levers=dict(route=route, route_blocks=(0, 2)), depth=3, second_depth=1,
+                                     scenes=scenes)
+    second = getattr(model, SECOND_PROJECTOR)
+    grad = torch.autograd.grad(losses["align"].sum(), [model.x_embedder.proj.weight, *second.parameters()],
+                               allow_unused=True)
+    assert all(g is not None and g.abs().sum() > 0 for g in grad)
+
+
+def test_two_aligned_depths_train_and_resume_bit_identically_and_stay_out_of_the_weights_files(tmp_path):
+    import json
+
+    cfg = replace(RECIPES[2], **FAST, repa_depth=2, repa_second_depth=1, repa_truth=True, route_ratio=0.5,
+                  route_start=0, route_end=2)
+    assert_resume_is_bit_identical(cfg, tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "a/stage2/metrics.jsonl").read_text().splitlines()]
+    aligns = [m["align"] for m in lines if "loss" in m]
+    assert len(aligns) == 4 and all(-2 <= a < 0 for a in aligns)
+    folder = tmp_path / "a/stage2/checkpoints/step-0000004"
+    trainer = torch.load(folder / "trainer.pt", weights_only=True)
+    patch = load_pixart(folder / "ema.safetensors").config.patch_size
+    for name in (PROJECTOR, SECOND_PROJECTOR):
+        assert trainer["projector"]["ema"][f"{name}.4.weight"].shape[0] == truth_width(patch)
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert not any(k.startswith(PROJECTOR) for k in load_safetensors(folder / name))
+
+
+def test_the_truth_both_arm_aligns_two_blocks_that_every_token_runs():
+    from pixart_fast.model import CONFIGS
+    from pixart_fast.train.ablate import ARMS, image_flops, stage2_config
+
+    first, last, both = (stage2_config(next(a for a in ARMS if a.name == n), 0, 800, 200, 8, {})
+                         for n in ("repa-truth", "repa-truth-last", "repa-truth-both"))
+    depth = CONFIGS[both.model].depth
+    _, (start, end) = both.routing(0, depth)
+    assert both.repa_second_depth <= start and both.repa_depth == depth >= end  # neither inside the routed run
+    assert replace(both, repa_depth=1, repa_second_depth=0) == replace(first, repa_projector_dim=64)
+    assert replace(both, route_start=last.route_start, repa_second_depth=0) == last
+    assert image_flops(replace(first, repa_projector_dim=64), 0) < image_flops(both, 0)
+
+
 def test_alignment_to_the_truth_trains_and_resumes_bit_identically(tmp_path):
     import json
 
@@ -361,6 +444,25 @@ def test_the_flop_count_matches_flop_counter_mode(form, mask_ratio, dinov2):
     assert expected > flops_per_image(c, mask_ratio=mask_ratio)
 
 
+def test_the_flop_count_of_two_depths_one_inside_the_routed_run_matches_flop_counter_mode():
+    scenes = [ShapeScenes(length=2, seed=s, size=8)[0]["truth"] for s in (0, 1)]
+    route = draw_tokens(2, 16, 0.5, torch.Generator().manual_seed(0))
+    routing = dict(route_ratio=0.5, route_blocks=(0, 2))
+    box = {}
+    fwd = counted(lambda: box.update(step=aligned_step(levers=dict(route=route, route_blocks=(0, 2)), depth=3,
+                                                       second_depth=1, device="meta", scenes=scenes)))
+    *_, out, losses = box["step"]
+    bwd = counted(lambda: (out.square().mean() + losses["align"].mean()).backward())
+    c = TINY3
+    expected = flops_per_image(c, **routing, repa_depth=3, repa_second_depth=1, repa_projector_dim=96,
+                               repa_truth=True)
+    skipped = 2 * 16 * c.in_channels * c.patch_size ** 2 * c.hidden_size + 2 * 256 * c.hidden_size \
+        + 2 * c.max_tokens * c.caption_channels * c.hidden_size
+    assert fwd + bwd == 2 * (expected - skipped)
+    one = flops_per_image(c, **routing, repa_depth=3, repa_projector_dim=96, repa_truth=True)
+    assert expected - one == (one - flops_per_image(c, **routing)) // 2  # the second reads half the tokens
+
+
 def test_the_flop_count_of_dinov2_giants_swiglu_mlp():
     from transformers import Dinov2Config, Dinov2Model
 
@@ -389,6 +491,10 @@ def test_the_flop_count_of_dinov2_giants_swiglu_mlp():
     (dict(repa_truth=True), "pass --repa-depth too"),
     (dict(repa_depth=1, repa_truth=True, repa_encoder="x"), "exactly one target"),
     (dict(repa_depth=1, repa_truth=True, data="features"), "the truth is the embedded scenes'"),
+    (dict(repa_second_depth=1), "--repa-second-depth 1: a second aligned depth; pass --repa-depth too"),
+    (dict(repa_depth=1, repa_second_depth=1, repa_truth=True), "another depth than --repa-depth 1"),
+    (dict(repa_depth=1, repa_second_depth=3, repa_truth=True), "at most 2"),
+    (dict(repa_depth=1, repa_second_depth=2, repa_target_depth=2), "at most 1"),
 ])
 def test_bad_alignment_flags_fail_with_one_line(settings, expected, tmp_path):
     with pytest.raises(UserError, match=expected) as error:

@@ -133,6 +133,17 @@ def test_mfu_counts_each_steps_batch_over_the_peak():
     aligned.add(0, batch)
     repa = flops_per_image(config, 16, 16, vae_downsample=1, caption_tokens=7, repa_depth=1, repa_target_depth=2)
     assert repa > per_image and aligned.take(10.0) == pytest.approx(10.0 * repa / 1e9)
+    # the truth's projector (no teacher), both depths, and nothing after --repa-steps: as the ablation counts them
+    from pixart_fast.train.ablate import image_flops
+
+    truth = replace(cfg, repa_depth=2, repa_second_depth=1, repa_truth=True, repa_steps=1, route_ratio=0.5,
+                    route_start=0, route_end=2)
+    assert truth.aligns(0) and not truth.aligns(1)
+    counted = tracking.MFU(truth, config, False, peak_flops=1e9)
+    size, tokens = config.input_size, config.max_tokens  # the ablation counts the model's own image and captions
+    for step in (0, 1):
+        counted.add(step, Batch(images=torch.zeros(2, 3, size, size), text=torch.zeros(2, tokens, 1)))
+        assert counted.take(10.0) == pytest.approx(10.0 * image_flops(truth, step) / 1e9)
     assert tracking.MFU.on(torch.device("cpu"), 1, cfg, config, False) is None
 
 

@@ -100,6 +100,9 @@ ARMS = (
     Arm("repa-truth-last", "the default's routing with the renderer's truth as the target of the states after the "
         "last block, the one every token runs (a projector 64 wide): the default's step and a projector",
         stage2=dict(repa_depth=4, repa_truth=True, repa_projector_dim=64)),
+    Arm("repa-truth-both", "the truth as the target of the states after the first block and after the last (a "
+        "projector 64 wide each): repa-truth's routing, blocks 1-2, so that both blocks run every token",
+        stage2=dict(route_start=1, repa_depth=4, repa_second_depth=1, repa_truth=True, repa_projector_dim=64)),
     Arm("v-unweighted", "v-prediction without min-SNR weighting (more weight on the low-noise steps)",
         stage2=dict(_ALONE, min_snr_gamma=0.0, min_snr_plus_one=False)),
     Arm("p2-mask", "patch 2 (256 tokens) with token masking 0.75, the last 1/8 of the steps unmasked",
@@ -140,7 +143,8 @@ def image_flops(cfg: TrainConfig, step: int) -> int:
             from transformers import AutoConfig
 
             encoder = AutoConfig.from_pretrained(cfg.repa_encoder, local_files_only=True)
-        levers.update(repa_depth=cfg.repa_depth, repa_target_depth=cfg.repa_target_depth,
+        levers.update(repa_depth=cfg.repa_depth, repa_second_depth=cfg.repa_second_depth,
+                      repa_target_depth=cfg.repa_target_depth,
                       repa_projector_dim=cfg.repa_projector_dim, repa_encoder=encoder, repa_truth=cfg.repa_truth)
     return flops_per_image(model, vae_downsample=1, class_conditional=cfg.stage == 1, **levers)
 

@@ -40,7 +40,8 @@ import torch
 from tqdm import tqdm
 
 from pixart_fast import distributed, lora, tracking
-from pixart_fast.align import PROJECTOR, Alignment, FrozenEncoder, projector, truth_targets, truth_width
+from pixart_fast.align import (PROJECTOR, SECOND_PROJECTOR, Alignment, FrozenEncoder, projector, truth_targets,
+                               truth_width)
 from pixart_fast.checkpoints import training_metadata
 from pixart_fast.cli import UserError
 from pixart_fast.diffusion import Diffusion
@@ -60,8 +61,8 @@ TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup",
               "timestep_sampling", "logit_mean", "logit_std", "input_perturbation", "tokenizer", "t5_locality",
               "optimizer", "lora_rank", "lora_alpha", "lora_targets", "mask_ratio", "unmasked_steps", "route_ratio",
               "route_start", "route_end", "early_route_steps", "early_route_ratio", "early_route_start",
-              "repa_depth", "repa_target_depth", "repa_target_offset", "repa_encoder", "repa_weight",
-              "repa_projector_dim", "repa_steps", "repa_truth")
+              "repa_depth", "repa_second_depth", "repa_target_depth", "repa_target_offset", "repa_encoder",
+              "repa_weight", "repa_projector_dim", "repa_steps", "repa_truth")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -288,8 +289,9 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
 
 
 def attach_alignment(cfg: TrainConfig, model: torch.nn.Module, device) -> Alignment | None:
-    """--repa-depth: the projector, attached to `model` as PROJECTOR (drawn from --seed), and the target's source
-    (the frozen --repa-encoder, the scenes' truth, or the EMA model's deeper blocks); None when off."""
+    """--repa-depth: the projector, attached to `model` as PROJECTOR (drawn from --seed; --repa-second-depth's
+    next, as SECOND_PROJECTOR), and the target's source (the frozen --repa-encoder, the scenes' truth, or the EMA
+    model's deeper blocks); None when off."""
     if not cfg.repa_depth:
         return None
     encoder = FrozenEncoder(cfg.repa_encoder).to(device) if cfg.repa_encoder else None
@@ -297,9 +299,15 @@ def attach_alignment(cfg: TrainConfig, model: torch.nn.Module, device) -> Alignm
     width = encoder.config.hidden_size if encoder else truth_width(p) if cfg.repa_truth else D
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        head = projector(D, cfg.repa_projector_dim or 2 * D, width)
-    model.add_module(PROJECTOR, head.to(device))
-    return Alignment(cfg.repa_depth, cfg.repa_target_depth, encoder, p, cfg.repa_truth)
+        heads = [projector(D, cfg.repa_projector_dim or 2 * D, width) for _ in range(1 + bool(cfg.repa_second_depth))]
+    for name, head in zip((PROJECTOR, SECOND_PROJECTOR), heads):
+        model.add_module(name, head.to(device))
+    return Alignment(cfg.repa_depth, cfg.repa_target_depth, encoder, p, cfg.repa_truth, cfg.repa_second_depth)
+
+
+def projectors(model: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    """The alignment projectors attached to `model`: PROJECTOR's, then SECOND_PROJECTOR's if it has one."""
+    return tuple(getattr(model, name) for name in (PROJECTOR, SECOND_PROJECTOR) if hasattr(model, name))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -353,7 +361,7 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
         t_teacher = (t - back).clamp(min=0).to(t.dtype)  # int64 timesteps: floored (all >= 0)
         teacher = (run.diffusion.noised(x0, t_teacher, noise), t_teacher)
     if aligning:  # the same call, and each call also computes the alignment loss into aligned["align"]
-        net, aligned = run.align.wrap(net, run.ema, getattr(run.model, PROJECTOR), levers, batch.images, teacher,
+        net, aligned = run.align.wrap(net, run.ema, projectors(run.model), levers, batch.images, teacher,
                                        batch.truth_tokens)
     model_fn = run.stage.condition(net, batch, drop, mc.micro_conditions)
     with torch.autocast(d.device.type, dtype=run.autocast) if run.autocast else nullcontext():
@@ -363,7 +371,7 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
     objective = loss + cfg.repa_weight * align if aligning else loss
     if cfg.repa_depth and not aligning and d.world_size > 1:
         # DDP waits for a gradient of every weight each step: the projector, idle after --repa-steps, gets zeros
-        objective = objective + 0 * sum(p.sum() for p in getattr(run.model, PROJECTOR).parameters())
+        objective = objective + 0 * sum(p.sum() for head in projectors(run.model) for p in head.parameters())
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(objective).backward()  # DDP / FSDP average the gradients over ranks: the global batch's mean
     run.scaler.unscale_(run.opt)

@@ -150,6 +150,10 @@ class TrainConfig:
                                 "(REPA's encoder depth: 8 of SiT-XL's 28) pass through a projector (REPA's MLP) and "
                                 "are pulled toward --repa-target-depth's or --repa-encoder's by negative cosine "
                                 "similarity, token by token; 0: off", low=0)
+    repa_second_depth: int = _field(0, "with --repa-depth: also align the hidden states after this many blocks, "
+                                       "through a second projector, to the same target (each alignment weighs "
+                                       "--repa-weight); after a block that only the routed tokens ran, only those "
+                                       "are aligned; 0: one depth", low=0)
     repa_target_depth: int = _field(0, "with --repa-depth, self-alignment (SRA; no encoder): the target is the EMA "
                                        "model's hidden states after this many blocks (deeper than --repa-depth), on "
                                        "the same noisy input, without gradients", low=0)
@@ -244,6 +248,9 @@ class TrainConfig:
         if self.repa_target_offset and not self.repa_target_depth:
             raise UserError(f"--repa-target-offset {self.repa_target_offset}: it moves self-alignment's teacher; "
                             "pass --repa-target-depth too")
+        if self.repa_second_depth and not self.repa_depth:
+            raise UserError(f"--repa-second-depth {self.repa_second_depth}: a second aligned depth; pass --repa-depth "
+                            "too")
         if self.repa_steps and not self.repa_depth:
             raise UserError(f"--repa-steps {self.repa_steps}: it ends representation alignment; pass --repa-depth too")
         if not self.repa_depth:
@@ -261,6 +268,11 @@ class TrainConfig:
                             f"must be deeper, 1 <= depth < target depth <= {depth} ({self.model}'s blocks)")
         if self.repa_depth > depth:
             raise UserError(f"--repa-depth {self.repa_depth}: {self.model} has {depth} blocks")
+        deepest = self.repa_target_depth - 1 if self.repa_target_depth else depth
+        if self.repa_second_depth and (self.repa_second_depth == self.repa_depth or self.repa_second_depth > deepest):
+            raise UserError(f"--repa-second-depth {self.repa_second_depth}: another depth than --repa-depth "
+                            f"{self.repa_depth}, at most {deepest} (the model's {depth} blocks; shallower than "
+                            "--repa-target-depth)")
         if self.stage == 1:
             raise UserError("--repa-depth aligns PixArt's hidden states (stages 2 and 3), not stage 1's DiT")
         if self.lora_rank or self.fsdp:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from pixart_fast import distributed, lora
-from pixart_fast.align import PROJECTOR
+from pixart_fast.align import PROJECTOR, SECOND_PROJECTOR
 from pixart_fast.cli import UserError
 from pixart_fast.checkpoints import load_safetensors, load_state_dict_strict, nonfinite_keys, save_safetensors
 from pixart_fast.files import atomic_path, fsync_dir, verify_manifest, write_manifest
@@ -262,9 +262,9 @@ def load_weights(path: Path, model, ema) -> None:
 
 
 def _split_off_projector(sd: dict) -> dict:
-    """Take the alignment projector's entries (a training-only head, pixart_fast.align) out of a state dict:
+    """Take the alignment projectors' entries (training-only heads, pixart_fast.align) out of a state dict:
     the weights files hold the model alone."""
-    return {k: sd.pop(k) for k in [k for k in sd if k.startswith(PROJECTOR + ".")]}
+    return {k: sd.pop(k) for k in [k for k in sd if k.split(".")[0] in (PROJECTOR, SECOND_PROJECTOR)]}
 
 
 def load_trainer_state(path: Path, model, opt, sched) -> tuple[int, int, float, dict]:
