@@ -492,9 +492,9 @@ def test_the_flop_count_of_dinov2_giants_swiglu_mlp():
     (dict(repa_depth=1, repa_truth=True, repa_encoder="x"), "exactly one target"),
     (dict(repa_depth=1, repa_truth=True, data="features"), "the truth is the embedded scenes'"),
     (dict(repa_second_depth=1), "--repa-second-depth 1: a second aligned depth; pass --repa-depth too"),
-    (dict(repa_depth=1, repa_second_depth=1, repa_truth=True), "another depth than --repa-depth 1"),
-    (dict(repa_depth=1, repa_second_depth=3, repa_truth=True), "at most 2"),
-    (dict(repa_depth=1, repa_second_depth=2, repa_target_depth=2), "at most 1"),
+    (dict(repa_depth=1, repa_second_depth=1, repa_truth=True), "--repa-depth aligns that depth already"),
+    (dict(repa_depth=1, repa_second_depth=3, repa_truth=True), "--repa-second-depth 3: PixArt-pixel-tiny has 2 "),
+    (dict(repa_depth=1, repa_second_depth=2, repa_target_depth=2), "2 --repa-target-depth 2: the target must be"),
 ])
 def test_bad_alignment_flags_fail_with_one_line(settings, expected, tmp_path):
     with pytest.raises(UserError, match=expected) as error:

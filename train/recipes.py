@@ -268,11 +268,14 @@ class TrainConfig:
                             f"must be deeper, 1 <= depth < target depth <= {depth} ({self.model}'s blocks)")
         if self.repa_depth > depth:
             raise UserError(f"--repa-depth {self.repa_depth}: {self.model} has {depth} blocks")
-        deepest = self.repa_target_depth - 1 if self.repa_target_depth else depth
-        if self.repa_second_depth and (self.repa_second_depth == self.repa_depth or self.repa_second_depth > deepest):
-            raise UserError(f"--repa-second-depth {self.repa_second_depth}: another depth than --repa-depth "
-                            f"{self.repa_depth}, at most {deepest} (the model's {depth} blocks; shallower than "
-                            "--repa-target-depth)")
+        if self.repa_second_depth and self.repa_second_depth == self.repa_depth:
+            raise UserError(f"--repa-second-depth {self.repa_second_depth}: --repa-depth aligns that depth already; "
+                            "pass another")
+        if self.repa_target_depth and self.repa_second_depth >= self.repa_target_depth:
+            raise UserError(f"--repa-second-depth {self.repa_second_depth} --repa-target-depth "
+                            f"{self.repa_target_depth}: the target must be deeper")
+        if self.repa_second_depth > depth:
+            raise UserError(f"--repa-second-depth {self.repa_second_depth}: {self.model} has {depth} blocks")
         if self.stage == 1:
             raise UserError("--repa-depth aligns PixArt's hidden states (stages 2 and 3), not stage 1's DiT")
         if self.lora_rank or self.fsdp:
