@@ -23,8 +23,8 @@ width (REPA: 2048 at SiT-XL's D = 1152). The loss of an image is REPA's: the mea
 the optimizer, gradient clipping and the EMA treat it as any weight; checkpoints keep it in trainer.pt, not in the
 weights files, so sampling and export never see it.
 
-A second depth may be aligned to the same target through its own projector (`SECOND_PROJECTOR`); the batch's loss
-is then the sum of the two. At a depth inside a routed run (after a block that only the routed tokens ran) only
+A second depth may be aligned to the same target through its own projector (`SECOND_PROJECTOR`); an image's loss
+is then the sum of the two, in [-2, 2]. At a depth inside a routed run (after a block that only the routed tokens ran) only
 the routed tokens are aligned: the others have not moved since they entered it.
 """
 from dataclasses import dataclass
@@ -158,7 +158,8 @@ class Alignment:
                     if "keep" in masking:
                         target = take_tokens(target, masking["keep"])
             pairs = (ran_tokens(n, levers, h, target) for n, h in zip(depths, hidden))
-            losses["align"] = sum(alignment_loss(project(h), z) for project, (h, z) in zip(projectors, pairs))
+            losses["align"] = sum(alignment_loss(project(h), z) for project, (h, z) in zip(projectors, pairs,
+                                                                                            strict=True))
             return out
 
         return model_fn, losses

@@ -7,7 +7,7 @@ costs 3 x its forward pass: the backward computes one product for the input grad
 gradient of every forward product. Text (T5) and VAE encoding are not counted: PixArt trains on features
 extracted once beforehand. Token masking and routing (pixart_fast.model's token levers) are counted as the model
 runs them: masked, every part that works per image token sees only the kept ones; routed, the routed blocks see
-only the routed ones. Representation alignment (pixart_fast.align) adds its projector (trained: 3 x), and its
+only the routed ones. Representation alignment (pixart_fast.align) adds its projectors (trained: 3 x), and its
 target's forward pass (no gradient: 1 x): the EMA model's blocks up to the target depth on the same tokens, or
 the DINOv2 encoder on the whole image (REPA; not precomputed, so counted); the truth (what the renderer drew, read
 as the image is drawn) costs nothing.
@@ -114,7 +114,7 @@ def alignment_flops(config: PixArtConfig, height_px: int | None = None, width_px
                     route_ratio: float = 0.0, route_blocks: tuple[int, int] | None = None) -> dict[str, int]:
     """Training FLOPs representation alignment adds to one image, per part (pixart_fast.align): the projector
     (width repa_projector_dim, 0: 2 x hidden size) after repa_depth blocks, and with repa_second_depth a second
-    one there, each forward and backward on the tokens it reads: those that ran the blocks before its depth (inside
+    one after that many, each forward and backward on the tokens it reads: those that ran the blocks before its depth (inside
     a routed run, route_blocks = (start, end) with start < depth < end, the routed ones). And forward only,
     self-alignment's teacher (the model's first repa_target_depth blocks and what comes before them, on the same
     tokens, never routed) or REPA's encoder (`repa_encoder`: a transformers Dinov2Config) on the whole image. With

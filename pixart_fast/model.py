@@ -579,7 +579,8 @@ class PixArt(nn.Module):
         if route is not None and not 0 <= start < end <= c.depth:
             raise ValueError(f"route_blocks must be (start, end) with 0 <= start < end <= depth {c.depth}, got {route_blocks}")
         depths = hidden_depth if isinstance(hidden_depth, tuple) else (hidden_depth,) if hidden_depth else ()
-        if not all(1 <= n <= c.depth for n in depths) or (hidden_only and not isinstance(hidden_depth, int)):
+        if not all(1 <= n <= c.depth for n in depths) or (hidden_only and not (isinstance(hidden_depth, int)
+                                                                                and hidden_depth)):
             raise ValueError(f"hidden_depth must be in 1..depth {c.depth} or a tuple of those (0: none; "
                              f"hidden_only takes one), got {hidden_depth}")
         pixels, x = x, self.x_embedder(x) + pos  # (B, T, D)

@@ -72,6 +72,8 @@ def test_hidden_states_are_the_stream_after_n_blocks_masked_or_not():
         model(**a, hidden_depth=4)
     with pytest.raises(ValueError, match="hidden_depth"):
         model(**a, hidden_depth=(1, 2), hidden_only=True)
+    with pytest.raises(ValueError, match="hidden_depth"):
+        model(**a, hidden_only=True)
 
 
 def test_a_tuple_of_depths_returns_each_depths_states_in_its_order():
@@ -304,15 +306,23 @@ def test_a_second_depth_inside_the_routed_run_aligns_the_routed_tokens_through_i
     assert seen[1][0].shape == (2, 16, truth_width(2)) and torch.equal(seen[1][1], truth)
 
 
-def test_the_second_projector_trains_the_first_block_from_the_routed_tokens_only():
+def test_inside_the_routed_run_the_second_depths_loss_reaches_the_routed_tokens_pixels_only(monkeypatch):
     scenes = [ShapeScenes(length=2, seed=s, size=8)[0]["truth"] for s in (0, 1)]
+    seen = []
+    monkeypatch.setattr(align, "alignment_loss", lambda pred, target: seen.append(pred) or pred.sum((1, 2)))
+    model, a = model_and_inputs()
     route = torch.tensor([[0, 3, 5, 9, 10, 12, 14, 15]] * 2)
-    model, *_, losses = aligned_step(levers=dict(route=route, route_blocks=(0, 2)), depth=3, second_depth=1,
-                                     scenes=scenes)
-    second = getattr(model, SECOND_PROJECTOR)
-    grad = torch.autograd.grad(losses["align"].sum(), [model.x_embedder.proj.weight, *second.parameters()],
-                               allow_unused=True)
-    assert all(g is not None and g.abs().sum() > 0 for g in grad)
+    levers = dict(route=route, route_blocks=(0, 2))  # blocks 0 and 1 run the routed tokens only
+    heads = (projector(48, 96, truth_width(2)), projector(48, 96, truth_width(2)))
+    alignment = Alignment(3, 0, None, TINY3.patch_size, truth=True, second_depth=1)
+    net = lambda *args, **kw: model(*args, **kw, **levers)  # noqa: E731
+    model_fn, _ = alignment.wrap(net, None, heads, levers, None, None, truth_targets(scenes, 2))
+    x = a["x"].clone().requires_grad_()
+    model_fn(x, a["t"], a["y"], a["mask"], force_drop_ids=a["force_drop_ids"])
+    grad = torch.autograd.grad(seen[1].sum(), x)[0]  # the second depth's loss only: (B, C, 8, 8)
+    per_token = grad.abs().sum(1).view(2, 4, 2, 4, 2).sum((2, 4)).flatten(1)  # (B, 16): TINY3's 2 x 2 px tokens
+    routed = torch.zeros(2, 16, dtype=torch.bool).scatter(1, route, True)
+    assert (per_token[~routed] == 0).all() and (per_token[routed] > 0).all()
 
 
 def test_two_aligned_depths_train_and_resume_bit_identically_and_stay_out_of_the_weights_files(tmp_path):

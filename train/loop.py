@@ -202,7 +202,7 @@ class Run:
     skipped: int  # non-finite steps skipped so far (up to the last `read_records`)
     seconds: float  # training time before this process started (a resumed run)
     autocast: torch.dtype | None  # the forward's autocast dtype; None: fp32
-    align: Alignment | None  # --repa-depth: representation alignment (its projector is the model's PROJECTOR)
+    align: Alignment | None  # --repa-depth: representation alignment (its projectors: `projectors(model)`)
 
 
 def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
@@ -370,7 +370,7 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
     align = aligned["align"].mean() if aligning else torch.zeros((), device=d.device)
     objective = loss + cfg.repa_weight * align if aligning else loss
     if cfg.repa_depth and not aligning and d.world_size > 1:
-        # DDP waits for a gradient of every weight each step: the projector, idle after --repa-steps, gets zeros
+        # DDP waits for a gradient of every weight each step: the projectors, idle after --repa-steps, get zeros
         objective = objective + 0 * sum(p.sum() for head in projectors(run.model) for p in head.parameters())
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(objective).backward()  # DDP / FSDP average the gradients over ranks: the global batch's mean

@@ -149,7 +149,8 @@ class TrainConfig:
     repa_depth: int = _field(0, "representation alignment (stages 2 and 3): the hidden states after this many blocks "
                                 "(REPA's encoder depth: 8 of SiT-XL's 28) pass through a projector (REPA's MLP) and "
                                 "are pulled toward --repa-target-depth's or --repa-encoder's by negative cosine "
-                                "similarity, token by token; 0: off", low=0)
+                                "similarity, token by token (after a block that only the routed tokens ran, only "
+                                "those); 0: off", low=0)
     repa_second_depth: int = _field(0, "with --repa-depth: also align the hidden states after this many blocks, "
                                        "through a second projector, to the same target (each alignment weighs "
                                        "--repa-weight); after a block that only the routed tokens ran, only those "

@@ -3,7 +3,7 @@ saves, and metrics.jsonl trimming.
 
     checkpoints/step-XXXXXXX/  model.safetensors, ema.safetensors, trainer.pt (optimizer by parameter name and
                                unsharded, scheduler, step, config; with --repa-depth the model's and the EMA's
-                               alignment projector, kept out of the weights files) and manifest.json (each file's
+                               alignment projectors, kept out of the weights files) and manifest.json (each file's
                                size and CRC-32, written last). A LoRA run's weights files hold its adapters
                                only, and record the frozen base weights' path ("base" in their metadata)
 
