@@ -24,8 +24,8 @@ the optimizer, gradient clipping and the EMA treat it as any weight; checkpoints
 weights files, so sampling and export never see it.
 
 A second depth may be aligned to the same target through its own projector (`SECOND_PROJECTOR`); an image's loss
-is then the sum of the two, in [-2, 2]. At a depth inside a routed run (after a block that only the routed tokens ran) only
-the routed tokens are aligned: the others have not moved since they entered it.
+is then the sum of the two, in [-2, 2]. At a depth inside a routed run (after a block that only the routed tokens
+ran) only the routed tokens are aligned: the others have not moved since they entered it.
 """
 from dataclasses import dataclass
 
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from pixart_fast.cli import UserError
 from pixart_fast.data import TRUTH_CLASSES, pixel_truth
-from pixart_fast.model import take_tokens
+from pixart_fast.model import inside_routed_run, take_tokens
 
 PROJECTOR = "align_projector"  # the trained model's attribute holding the projector (training only)
 SECOND_PROJECTOR = PROJECTOR + "_second"  # and the second depth's
@@ -111,9 +111,9 @@ class FrozenEncoder(nn.Module):
 
 
 def ran_tokens(depth: int, levers: dict, hidden: torch.Tensor, target: torch.Tensor):
-    """(hidden, target) (B, T, .) at `depth` blocks, cut to the tokens that ran the blocks before it: inside a
-    routed run (levers' route_blocks (start, end) with start < depth < end) the routed ones, else all."""
-    if "route" in levers and levers["route_blocks"][0] < depth < levers["route_blocks"][1]:
+    """(hidden, target) (B, T, .) at `depth` blocks, cut to the tokens that ran the blocks before it: inside the
+    levers' routed run (`inside_routed_run`) the routed ones, else all."""
+    if "route" in levers and inside_routed_run(depth, levers["route_blocks"]):
         return take_tokens(hidden, levers["route"]), take_tokens(target, levers["route"])
     return hidden, target
 

@@ -15,7 +15,7 @@ as the image is drawn) costs nothing.
 from dataclasses import replace
 
 from pixart_fast.align import truth_width
-from pixart_fast.model import PixArtConfig, kept_count
+from pixart_fast.model import PixArtConfig, inside_routed_run, kept_count
 
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (input and weight gradients)
 VAE_DOWNSAMPLE = 8  # SD-VAE: one latent pixel per 8 x 8 image pixels
@@ -114,8 +114,8 @@ def alignment_flops(config: PixArtConfig, height_px: int | None = None, width_px
                     route_ratio: float = 0.0, route_blocks: tuple[int, int] | None = None) -> dict[str, int]:
     """Training FLOPs representation alignment adds to one image, per part (pixart_fast.align): the projector
     (width repa_projector_dim, 0: 2 x hidden size) after repa_depth blocks, and with repa_second_depth a second
-    one after that many, each forward and backward on the tokens it reads: those that ran the blocks before its depth (inside
-    a routed run, route_blocks = (start, end) with start < depth < end, the routed ones). And forward only,
+    one after that many, each forward and backward on the tokens it reads: those that ran the blocks before its
+    depth (inside the routed run of route_blocks, `inside_routed_run`, the routed ones). And forward only,
     self-alignment's teacher (the model's first repa_target_depth blocks and what comes before them, on the same
     tokens, never routed) or REPA's encoder (`repa_encoder`: a transformers Dinov2Config) on the whole image. With
     repa_truth the target is the truth (pixel data): the projector's output is its width, and nothing else counts.
@@ -123,12 +123,11 @@ def alignment_flops(config: PixArtConfig, height_px: int | None = None, width_px
     c = config
     grid_h, grid_w = _token_grid(c, height_px, width_px, vae_downsample)
     T = kept_count(grid_h * grid_w, mask_ratio)  # the tokens that enter the blocks (masked: the kept ones)
-    start, end = route_blocks if route_ratio else (0, 0)
     D, P = c.hidden_size, repa_projector_dim or 2 * c.hidden_size
     Z = repa_encoder.hidden_size if repa_encoder is not None else truth_width(c.patch_size) if repa_truth else D
     f = {"projector": 0}
     for depth in (repa_depth, repa_second_depth) if repa_second_depth else (repa_depth,):
-        n = kept_count(T, route_ratio) if start < depth < end else T
+        n = kept_count(T, route_ratio) if route_ratio and inside_routed_run(depth, route_blocks) else T
         f["projector"] += TRAIN_FLOPS_PER_FORWARD * (_mm(n, D, P) + _mm(n, P, P) + _mm(n, P, Z))
     if repa_encoder is not None:
         f.update(encoder_forward_flops(repa_encoder, grid_h, grid_w))

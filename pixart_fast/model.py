@@ -443,6 +443,12 @@ def take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
+def inside_routed_run(depth: int, route_blocks: tuple[int, int]) -> bool:
+    """Whether the residual stream after `depth` blocks is inside the routed run of route_blocks = (start, end):
+    after a block that only the routed tokens ran, before they rejoin the others."""
+    return route_blocks[0] < depth < route_blocks[1]
+
+
 def keep_patches(x: torch.Tensor, keep: torch.Tensor, patch_size: int) -> torch.Tensor:
     """x (B, C, H, W), keep (B, K) indices into the row-major (H/p) x (W/p) patch grid -> (B, C, p, K p): the kept
     patches side by side, in `keep`'s order. A masked PixArt forward takes its input and gives its output in this
@@ -606,9 +612,8 @@ class PixArt(nn.Module):
                 x = stream.scatter(1, route[..., None].expand(-1, -1, x.shape[-1]), x)  # (B, T, D)
                 x_mod = modulate(x, *nxt, backend=self.kernels, out_dtype=linear_dtype(x))
             if i + 1 in depths:
-                routed_run = start <= i < end - 1  # inside it, x is the routed tokens only
-                hidden[i + 1] = (stream.scatter(1, route[..., None].expand(-1, -1, x.shape[-1]), x) if routed_run
-                                 else x)
+                routed = route is not None and inside_routed_run(i + 1, route_blocks)  # x: the routed tokens only
+                hidden[i + 1] = stream.scatter(1, route[..., None].expand(-1, -1, x.shape[-1]), x) if routed else x
                 if hidden_only:
                     return hidden[i + 1]
         x = self.final_layer(x_mod)  # (B, T, p*p*out)
