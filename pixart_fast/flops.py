@@ -138,11 +138,29 @@ def alignment_flops(config: PixArtConfig, height_px: int | None = None, width_px
     return f
 
 
+def dispersion_flops(config: PixArtConfig, height_px: int | None = None, width_px: int | None = None, *,
+                     disperse_depth: int, batch_size: int, vae_downsample: int = VAE_DOWNSAMPLE,
+                     mask_ratio: float = 0.0, route_ratio: float = 0.0,
+                     route_blocks: tuple[int, int] | None = None) -> int:
+    """Training FLOPs the dispersive loss (pixart_fast.align.dispersive_loss) adds to one image of a batch of
+    batch_size: its row of the batch's Gram matrix over the states after disperse_depth blocks, flattened (the
+    tokens that ran the blocks before that depth, as `alignment_flops` reads them), forward and backward."""
+    if batch_size < 1:
+        raise ValueError(f"the dispersive loss's FLOPs need the batch size, got {batch_size}")
+    grid_h, grid_w = _token_grid(config, height_px, width_px, vae_downsample)
+    T = kept_count(grid_h * grid_w, mask_ratio)
+    n = kept_count(T, route_ratio) if route_ratio and inside_routed_run(disperse_depth, route_blocks) else T
+    return TRAIN_FLOPS_PER_FORWARD * _mm(1, n * config.hidden_size, batch_size)
+
+
 def flops_per_image(config: PixArtConfig, height_px: int | None = None, width_px: int | None = None, *,
                     repa_depth: int = 0, repa_second_depth: int = 0, repa_target_depth: int = 0,
-                    repa_projector_dim: int = 0, repa_encoder=None, repa_truth: bool = False, **kwargs) -> int:
+                    repa_projector_dim: int = 0, repa_encoder=None, repa_truth: bool = False, disperse_depth: int = 0,
+                    batch_size: int = 0, **kwargs) -> int:
     """Training FLOPs of one image, forward + backward = 3 x forward (see `forward_flops` for the arguments),
-    plus, with repa_depth > 0, what representation alignment adds (`alignment_flops`: the other repa_ arguments).
+    plus, with repa_depth > 0, what representation alignment adds (`alignment_flops`: the other repa_ arguments),
+    and with disperse_depth > 0 what the dispersive loss adds to an image of a batch of batch_size
+    (`dispersion_flops`).
 
     FlopCounterMode run on the real module reports about 0.1 % less at 256 px: autograd skips the input
     gradient of a product whose input needs none (patch embedding, the first layers of the timestep and
@@ -155,4 +173,8 @@ def flops_per_image(config: PixArtConfig, height_px: int | None = None, width_px
                                      repa_second_depth=repa_second_depth, repa_target_depth=repa_target_depth,
                                      repa_projector_dim=repa_projector_dim, repa_encoder=repa_encoder,
                                      repa_truth=repa_truth, **kwargs).values())
+    if disperse_depth:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("class_conditional", "caption_tokens")}
+        train += dispersion_flops(config, height_px, width_px, disperse_depth=disperse_depth, batch_size=batch_size,
+                                  **kwargs)
     return train

@@ -181,7 +181,8 @@ class MFU:
                 route_ratio=ratio, route_blocks=blocks,
                 repa_depth=cfg.repa_depth if cfg.aligns(step) else 0, repa_second_depth=cfg.repa_second_depth,
                 repa_target_depth=cfg.repa_target_depth, repa_projector_dim=cfg.repa_projector_dim,
-                repa_encoder=self.repa_encoder, repa_truth=cfg.repa_truth)
+                repa_encoder=self.repa_encoder, repa_truth=cfg.repa_truth, disperse_depth=cfg.disperse_depth,
+                batch_size=batch.images.shape[0])  # the dispersive loss's batch: this rank's
         self.flops += cfg.batch_size * self._per_image[shape]
         self.images += cfg.batch_size
 

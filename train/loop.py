@@ -10,7 +10,8 @@ Who owns what:
     train/run_folder.py  <out>/stage<N>/: checkpoints (save, verify, choose, prune), metrics trimming
     train/loop.py        this file: set-up (`setup`), one optimizer step (`train_step`), the loop (`train`)
 Rank 0 writes metrics.jsonl (one JSON object per logged step: loss, mse, vb, lr, grad norm, images/s; with
---repa-depth also align, the alignment loss before its weight, 0 after --repa-steps; loss is the diffusion loss alone),
+--repa-depth also align, the alignment loss before its weight, 0 after --repa-steps; with --disperse-depth disperse, the
+dispersive loss before its weight; loss is the diffusion loss alone),
 samples/*.png (validation grids from the EMA model, embedded data) and summary.json (wall time, final loss, the
 EMA model's alignment scores, or its validation loss on --data); on a GPU of pixart_fast.gpus' table, mfu too.
 --report-to sends the same to TensorBoard or W&B (pixart_fast/tracking.py).
@@ -40,8 +41,8 @@ import torch
 from tqdm import tqdm
 
 from pixart_fast import distributed, lora, tracking
-from pixart_fast.align import (PROJECTOR, SECOND_PROJECTOR, Alignment, FrozenEncoder, projector, truth_targets,
-                               truth_width)
+from pixart_fast.align import (PROJECTOR, SECOND_PROJECTOR, Alignment, Dispersion, FrozenEncoder, projector,
+                               truth_targets, truth_width)
 from pixart_fast.checkpoints import training_metadata
 from pixart_fast.cli import UserError
 from pixart_fast.diffusion import Diffusion
@@ -330,8 +331,8 @@ def step_batch(run: Run, step: int):
 def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.Tensor:
     """Step `step` of the run: this rank's slice of the global batch, forward, backward, and (when the loss and
     gradient norm are finite) the optimizer and EMA updates. No host sync: whether to update is decided on the
-    device. Returns a device tensor [loss, mse, vb, grad norm, updated, stop, align] (losses averaged over ranks; stop:
-    some rank asked to stop), read by `read_records` at logging steps."""
+    device. Returns a device tensor [loss, mse, vb, grad norm, updated, stop, align, disperse] (losses averaged over
+    ranks; stop: some rank asked to stop), read by `read_records` at logging steps."""
     cfg, d, rank_part = run.cfg, run.dist, run.dist.slice(run.cfg.batch_size)
     # batch: step_batch(run, step), built ahead by the prefetcher; on the device, caption features in float32
     batch = to_device(step_batch(run, step) if batch is None else batch, d.device)
@@ -363,12 +364,16 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
     if aligning:  # the same call, and each call also computes the alignment loss into aligned["align"]
         net, aligned = run.align.wrap(net, run.ema, projectors(run.model), levers, batch.images, teacher,
                                        batch.truth_tokens)
+    if cfg.disperse_depth:  # the same call, and each call also computes the dispersive loss
+        net, dispersed = Dispersion(cfg.disperse_depth, cfg.disperse_distance).wrap(net, levers)
     model_fn = run.stage.condition(net, batch, drop, mc.micro_conditions)
     with torch.autocast(d.device.type, dtype=run.autocast) if run.autocast else nullcontext():
         terms = run.diffusion.training_losses(model_fn, x0, t, noise, perturb)
     loss = terms["loss"].mean()
     align = aligned["align"].mean() if aligning else torch.zeros((), device=d.device)
     objective = loss + cfg.repa_weight * align if aligning else loss
+    if cfg.disperse_depth:
+        objective = objective + cfg.disperse_weight * dispersed["disperse"]
     if cfg.repa_depth and not aligning and d.world_size > 1:
         # DDP waits for a gradient of every weight each step: the projectors, idle after --repa-steps, get zeros
         objective = objective + 0 * sum(p.sum() for head in projectors(run.model) for p in head.parameters())
@@ -377,7 +382,8 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
     run.scaler.unscale_(run.opt)
     grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip))
     # One all-reduce: the global batch's losses, and whether any rank got SIGINT / SIGTERM (all stop together).
-    stats = torch.stack([loss, terms["mse"].mean(), terms["vb"].mean(), align]).detach().float()
+    disperse = dispersed["disperse"] if cfg.disperse_depth else torch.zeros((), device=d.device)
+    stats = torch.stack([loss, terms["mse"].mean(), terms["vb"].mean(), align, disperse]).detach().float()
     stats = d.mean(torch.cat([stats, stats.new_tensor([stop_requested])]))
     # A NaN or inf in any gradient makes the norm clip_grad_norm_ computed non-finite: no update this step. The
     # fused AdamW reads `found_inf` on the device and leaves weights, moments and its step count as they are
@@ -392,18 +398,20 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
     update_ema(run.ema_params, run.params, cfg.ema_decay, step, updated)
     run.scaler.update()  # fp16: a skipped step lowers the loss scale
     run.sched.step()  # the learning rate stays a function of the step
-    return torch.stack([stats[0], stats[1], stats[2], grad_norm.float(), updated.float(), stats[4], stats[3]]).detach()
+    return torch.stack([stats[0], stats[1], stats[2], grad_norm.float(), updated.float(), stats[5], stats[3],
+                        stats[4]]).detach()
 
 
 def read_records(run: Run, records: list[tuple[int, torch.Tensor]], bad_run: int, log) -> tuple[list, int]:
     """Read the steps' device records at once (note: .tolist() is the host sync of the loop, once per logging
     step) and account for them in step order: skipped steps counted and reported, --max-bad-steps enforced.
-    Returns ([(step, {loss, mse, vb, (--repa-depth) align, grad_norm, stop}) ...], the skipped steps in a row now)."""
+    Returns ([(step, {loss, mse, vb, (--repa-depth) align, (--disperse-depth) disperse, grad_norm, stop}) ...], the
+    skipped steps in a row now)."""
     if not records:
         return [], bad_run
     values = torch.stack([r for _, r in records]).tolist()
     cfg, out = run.cfg, []
-    for (done, _), (loss, mse, vb, grad_norm, updated, stop, align) in zip(records, values):
+    for (done, _), (loss, mse, vb, grad_norm, updated, stop, align, disperse) in zip(records, values):
         if updated:
             bad_run = 0
         else:
@@ -416,7 +424,8 @@ def read_records(run: Run, records: list[tuple[int, torch.Tensor]], bad_run: int
                     f"{latest_checkpoint(run.run_dir) or 'none yet'}; resume from it with a lower --lr or "
                     "--grad-clip, or check the data")
         out.append((done, {"loss": loss, "mse": mse, "vb": vb, **({"align": align} if run.align else {}),
-                           "grad_norm": grad_norm, "stop": stop > 0}))
+                           **({"disperse": disperse} if cfg.disperse_depth else {}), "grad_norm": grad_norm,
+                           "stop": stop > 0}))
     return out, bad_run
 
 

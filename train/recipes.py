@@ -177,6 +177,13 @@ class TrainConfig:
     repa_steps: int = _field(0, "with --repa-depth: align in the run's first this many steps only, then train on "
                                 "the diffusion loss alone, without the target's forward (HASTE's termination, arXiv "
                                 "2505.16792); 0: every step", low=0)
+    disperse_weight: float = _field(0.0, "the dispersive loss's weight (arXiv 2506.09027: 0.5; no encoder, no target): "
+                                         "it pushes the batch's images' hidden states after --disperse-depth blocks "
+                                         "apart (under torchrun, each process's share of the batch); 0: off", low=0)
+    disperse_depth: int = _field(0, "with --disperse-weight: the depth whose hidden states it disperses (after a "
+                                    "block that only the routed tokens ran, only theirs)", low=0)
+    disperse_distance: str = _field("l2", "with --disperse-weight: l2 (the paper's squared distance; the states' "
+                                          "scale is free) or cosine (scale-free)", choices=("l2", "cosine"))
 
     def __post_init__(self):
         """Every rule a config must keep, checked here once, before a run writes anything: each field's choices
@@ -218,6 +225,7 @@ class TrainConfig:
             raise UserError("--lora-rank adapts a text-conditioned PixArt (stages 2 and 3); stage 1 trains a DiT "
                             "from scratch")
         self._check_alignment()
+        self._check_dispersion()
 
     def aligns(self, step: int) -> bool:
         """Whether step `step` (0-based) trains with representation alignment: --repa-depth, within --repa-steps."""
@@ -242,6 +250,23 @@ class TrainConfig:
             raise UserError(f"{flag} {start} --route-end {self.route_end}: the routed blocks must be 0 <= start < "
                             f"end <= {depth} (the model's depth; --route-end 0 means {depth - 1})")
         return ratio, (start, end)
+
+    def _check_dispersion(self):
+        """--disperse-*: a weight and a depth together, a depth the model has, stages 2 and 3."""
+        if bool(self.disperse_weight) != bool(self.disperse_depth):
+            raise UserError(f"--disperse-weight {self.disperse_weight} --disperse-depth {self.disperse_depth}: the "
+                            "dispersive loss takes both, a weight > 0 and the depth it disperses")
+        if not self.disperse_depth:
+            return
+        if self.stage == 1:
+            raise UserError(f"--disperse-depth {self.disperse_depth}: stage 1 trains a DiT from scratch; the "
+                            "dispersive loss is for stages 2 and 3")
+        if self.repa_depth:
+            raise UserError(f"--disperse-depth {self.disperse_depth} with --repa-depth {self.repa_depth}: pass one "
+                            "of the two")
+        depth = CONFIGS[self.model].depth
+        if self.disperse_depth > depth:
+            raise UserError(f"--disperse-depth {self.disperse_depth}: {self.model} has {depth} blocks")
 
     def _check_alignment(self):
         """--repa-*: one target, blocks the model has, and the settings it works with."""
