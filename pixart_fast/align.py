@@ -28,8 +28,7 @@ is then the sum of the two, in [-2, 2]. At a depth inside a routed run (after a 
 ran) only the routed tokens are aligned: the others have not moved since they entered it.
 
 The dispersive loss (arXiv 2506.09027, `Dispersion`) needs no target and no projector: it pushes the batch's images'
-hidden states after one block apart (`dispersive_loss`), reading, as alignment does, only the routed tokens inside a
-routed run.
+hidden states after one block apart (`dispersive_loss`), each image's whole token grid (never masked).
 """
 import math
 from dataclasses import dataclass
@@ -131,34 +130,38 @@ def dispersive_loss(hidden: torch.Tensor, distance: str = "l2", temperature: flo
     """hidden (B, T, D) -> () float32: the dispersive loss (InfoNCE, arXiv 2506.09027) of the batch's hidden states,
     each image's flattened: log of the mean over all B x B pairs (i = j included) of exp(-d / tau). distance "l2":
     d is the squared distance over T D (the paper's default; the states' scale is free, so growing them apart
-    satisfies it); "cosine": d is minus the cosine similarity (scale-free). Both from the Gram matrix: one
-    (B, T D) @ (T D, B) product. Lowest when the images' states lie far apart; no target, no weights."""
-    z = hidden.float().flatten(1)
-    if distance == "cosine":
-        z = F.normalize(z, dim=1)
-        d = -(z @ z.T)
-    else:
-        norms = z.pow(2).sum(1)
-        d = (norms[:, None] + norms[None] - 2 * z @ z.T).clamp(min=0) / z.shape[1]
-    return torch.logsumexp(-d.flatten() / temperature, 0) - math.log(d.numel())
+    satisfies it); "cosine": d is minus the cosine similarity (scale-free). Both from the Gram matrix of one
+    (B, T D) @ (T D, B) product, in float32 whatever the autocast (the L2 form from states less their batch mean,
+    which leaves d as it is and cancels less). Lowest when the images' states lie far apart; no target, no weights."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        z = hidden.float().flatten(1)
+        if distance == "cosine":
+            z = F.normalize(z, dim=1)
+            d = -(z @ z.T)
+        else:
+            z = z - z.mean(0)
+            norms = z.pow(2).sum(1)
+            d = (norms[:, None] + norms[None] - 2 * z @ z.T).clamp(min=0) / z.shape[1]
+            d = d * (1 - torch.eye(len(z), device=z.device))  # an image's distance to itself: exactly 0
+        return torch.logsumexp(-d.flatten() / temperature, 0) - math.log(d.numel())
 
 
 @dataclass
 class Dispersion:
-    """A run's dispersive loss (`dispersive_loss` with `distance`) on the hidden states after `depth` blocks (inside
-    a routed run, the routed tokens')."""
+    """A run's dispersive loss (`dispersive_loss` with `distance`) on the residual stream after `depth` blocks,
+    every token at its place in the image grid (inside a routed run, the skipping tokens as they entered it), so
+    that image i's k-th token and image j's are the same place."""
 
     depth: int
     distance: str = "l2"
 
-    def wrap(self, net, levers: dict):
+    def wrap(self, net):
         """(model_fn, losses): model_fn is called as `net` and returns its output; each call also puts the batch's
         dispersive loss () in losses["disperse"]."""
         losses = {}
 
         def model_fn(x_t, t, *args, **kwargs):
             out, hidden = net(x_t, t, *args, **kwargs, hidden_depth=self.depth)
-            hidden, _ = ran_tokens(self.depth, levers, hidden, hidden)
             losses["disperse"] = dispersive_loss(hidden, self.distance)
             return out
 

@@ -10,7 +10,7 @@ runs them: masked, every part that works per image token sees only the kept ones
 only the routed ones. Representation alignment (pixart_fast.align) adds its projectors (trained: 3 x), and its
 target's forward pass (no gradient: 1 x): the EMA model's blocks up to the target depth on the same tokens, or
 the DINOv2 encoder on the whole image (REPA; not precomputed, so counted); the truth (what the renderer drew, read
-as the image is drawn) costs nothing.
+as the image is drawn) costs nothing. The dispersive loss adds its Gram matrix over the batch (trained: 3 x).
 """
 from dataclasses import replace
 
@@ -139,18 +139,14 @@ def alignment_flops(config: PixArtConfig, height_px: int | None = None, width_px
 
 
 def dispersion_flops(config: PixArtConfig, height_px: int | None = None, width_px: int | None = None, *,
-                     disperse_depth: int, batch_size: int, vae_downsample: int = VAE_DOWNSAMPLE,
-                     mask_ratio: float = 0.0, route_ratio: float = 0.0,
-                     route_blocks: tuple[int, int] | None = None) -> int:
+                     batch_size: int, vae_downsample: int = VAE_DOWNSAMPLE) -> int:
     """Training FLOPs the dispersive loss (pixart_fast.align.dispersive_loss) adds to one image of a batch of
-    batch_size: its row of the batch's Gram matrix over the states after disperse_depth blocks, flattened (the
-    tokens that ran the blocks before that depth, as `alignment_flops` reads them), forward and backward."""
+    batch_size: its row of the batch's Gram matrix over the states after a block, flattened (every token's, at any
+    depth and routing), forward and backward."""
     if batch_size < 1:
         raise ValueError(f"the dispersive loss's FLOPs need the batch size, got {batch_size}")
     grid_h, grid_w = _token_grid(config, height_px, width_px, vae_downsample)
-    T = kept_count(grid_h * grid_w, mask_ratio)
-    n = kept_count(T, route_ratio) if route_ratio and inside_routed_run(disperse_depth, route_blocks) else T
-    return TRAIN_FLOPS_PER_FORWARD * _mm(1, n * config.hidden_size, batch_size)
+    return TRAIN_FLOPS_PER_FORWARD * _mm(1, grid_h * grid_w * config.hidden_size, batch_size)
 
 
 def flops_per_image(config: PixArtConfig, height_px: int | None = None, width_px: int | None = None, *,
@@ -174,7 +170,6 @@ def flops_per_image(config: PixArtConfig, height_px: int | None = None, width_px
                                      repa_projector_dim=repa_projector_dim, repa_encoder=repa_encoder,
                                      repa_truth=repa_truth, **kwargs).values())
     if disperse_depth:
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("class_conditional", "caption_tokens")}
-        train += dispersion_flops(config, height_px, width_px, disperse_depth=disperse_depth, batch_size=batch_size,
-                                  **kwargs)
+        train += dispersion_flops(config, height_px, width_px, batch_size=batch_size,
+                                  **{k: v for k, v in kwargs.items() if k == "vae_downsample"})
     return train

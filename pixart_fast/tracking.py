@@ -141,9 +141,9 @@ def open_tracker(report_to: str, run_dir: Path, cfg, start: int, log=print) -> T
 
 class MFU:
     """Model-FLOP utilisation: images/s times the training FLOPs of an image (pixart_fast.flops, counted from
-    each step's batch shape, token masking and routing as they ran, and representation alignment's share,
-    averaged over the steps since the last reading), over the dense bf16 peak of every process's GPU. Only on a
-    GPU of pixart_fast.gpus' table. repa_encoder: --repa-encoder's transformers config (None without one)."""
+    each step's batch shape, token masking and routing as they ran, representation alignment's share and the
+    dispersive loss's, averaged over the steps since the last reading), over the dense bf16 peak of every
+    process's GPU. Only on a GPU of pixart_fast.gpus' table. repa_encoder: --repa-encoder's transformers config (None without one)."""
 
     def __init__(self, cfg, model_config, class_conditional: bool, peak_flops: float, repa_encoder=None):
         self.cfg, self.config, self.class_conditional = cfg, model_config, class_conditional

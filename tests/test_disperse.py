@@ -54,44 +54,59 @@ def test_the_loss_is_zero_for_one_state_and_falls_to_log_one_over_b_as_the_state
     assert dispersive_loss(z.detach() - 0.1 * z.grad) < dispersive_loss(z.detach())
 
 
-@pytest.mark.parametrize("depth, tokens", [(1, 8), (3, 16)])
-def test_inside_the_routed_run_only_the_routed_tokens_are_dispersed(depth, tokens, monkeypatch):
+def test_the_loss_is_float32_under_autocast():
+    z = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0))
+    for distance in ("l2", "cosine"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = dispersive_loss(z.bfloat16(), distance)
+        assert under.dtype == torch.float32
+        torch.testing.assert_close(under, dispersive_loss(z.bfloat16().float(), distance), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_every_token_is_dispersed_at_its_place_inside_the_routed_run_too(depth, monkeypatch):
     seen = []
     monkeypatch.setattr(align, "dispersive_loss", lambda hidden, distance: seen.append(hidden) or hidden.sum())
     model, a = model_and_inputs()
-    route = torch.tensor([[0, 3, 5, 9, 10, 12, 14, 15]] * 2)
+    route = torch.tensor([[0, 3, 5, 9, 10, 12, 14, 15], [1, 2, 4, 6, 7, 8, 11, 13]])  # each image its own tokens
     levers = dict(route=route, route_blocks=(0, 2))  # blocks 0 and 1 run the routed tokens only
     net = lambda *args, **kw: model(*args, **kw, **levers)  # noqa: E731
-    model_fn, losses = Dispersion(depth).wrap(net, levers)
-    out = model_fn(a["x"], a["t"], a["y"], a["mask"], force_drop_ids=a["force_drop_ids"])
-    assert torch.equal(out, net(a["x"], a["t"], a["y"], a["mask"], force_drop_ids=a["force_drop_ids"]))
-    hidden = net(a["x"], a["t"], a["y"], a["mask"], force_drop_ids=a["force_drop_ids"], hidden_depth=depth)[1]
-    expected = hidden.gather(1, route[..., None].expand(-1, -1, hidden.shape[-1])) if tokens == 8 else hidden
-    assert seen[0].shape == (2, tokens, hidden.shape[-1]) and torch.equal(seen[0], expected)
-    assert torch.equal(losses["disperse"], expected.sum())
+    model_fn, losses = Dispersion(depth).wrap(net)
+    inputs = (a["x"], a["t"], a["y"], a["mask"])
+    out = model_fn(*inputs, force_drop_ids=a["force_drop_ids"])
+    assert torch.equal(out, net(*inputs, force_drop_ids=a["force_drop_ids"]))
+    hidden = net(*inputs, force_drop_ids=a["force_drop_ids"], hidden_depth=depth)[1]
+    assert seen[0].shape == (2, 16, TINY3.hidden_size) and torch.equal(seen[0], hidden)
+    assert torch.equal(losses["disperse"], hidden.sum())
+    if depth == 1:  # inside the run the skipping tokens are as they entered it: the same after block 0 and block 1
+        later = net(*inputs, force_drop_ids=a["force_drop_ids"], hidden_depth=2)[1]
+        skipping = torch.ones(2, 16, dtype=torch.bool).scatter(1, route, False)
+        assert torch.equal(hidden[skipping], later[skipping]) and not torch.equal(hidden[~skipping], later[~skipping])
 
 
-@pytest.mark.parametrize("depth, tokens", [(1, 8), (3, 16)])
-def test_the_flop_count_matches_flop_counter_mode(depth, tokens):
+def test_the_flop_count_matches_flop_counter_mode():
     c, B = TINY3, 3
-    hidden = torch.randn(B, tokens, c.hidden_size, requires_grad=True)
-    with FlopCounterMode(display=False) as counter:
-        dispersive_loss(hidden).backward()
-    routing = dict(route_ratio=0.5, route_blocks=(0, 2))  # depth 1 lies inside the run: the routed half is read
-    assert counter.get_total_flops() == B * dispersion_flops(c, disperse_depth=depth, batch_size=B, **routing)
-    assert flops_per_image(c, **routing, disperse_depth=depth, batch_size=B) == \
-        flops_per_image(c, **routing) + dispersion_flops(c, disperse_depth=depth, batch_size=B, **routing)
+    hidden = torch.randn(B, 16, c.hidden_size, requires_grad=True)  # TINY3's 16 tokens, routed or not
+    for distance in ("l2", "cosine"):
+        with FlopCounterMode(display=False) as counter:
+            dispersive_loss(hidden, distance).backward()
+        assert counter.get_total_flops() == B * dispersion_flops(c, batch_size=B)
+    routing = dict(route_ratio=0.5, route_blocks=(0, 2))
+    assert flops_per_image(c, **routing, disperse_depth=1, batch_size=B) == \
+        flops_per_image(c, **routing) + dispersion_flops(c, batch_size=B)
     with pytest.raises(ValueError, match="batch size"):
-        flops_per_image(c, disperse_depth=depth)
+        flops_per_image(c, disperse_depth=1)
 
 
-def test_dispersion_trains_logs_and_resumes_bit_identically(tmp_path):
-    cfg = replace(RECIPES[2], **FAST, disperse_weight=0.5, disperse_depth=1, route_ratio=0.5, route_start=0,
-                  route_end=2)
+@pytest.mark.parametrize("distance, low, high", [("l2", -0.7, 0.0), ("cosine", 1.32, 2.0)])
+def test_dispersion_trains_logs_and_resumes_bit_identically(distance, low, high, tmp_path):
+    cfg = replace(RECIPES[2], **FAST, disperse_weight=0.5, disperse_depth=1, disperse_distance=distance,
+                  route_ratio=0.5, route_start=0, route_end=2)
     assert_resume_is_bit_identical(cfg, tmp_path)
     lines = [json.loads(line) for line in (tmp_path / "a/stage2/metrics.jsonl").read_text().splitlines()]
     disperse = [m["disperse"] for m in lines if "loss" in m]
-    assert len(disperse) == 4 and all(-0.7 < v <= 0 for v in disperse)  # in [log(1/B), 0] with B = 2
+    # two images: l2 lies in [log(1/2), 0]; cosine in [log((e^2 + e^-2) / 2), 2], the form's own range
+    assert len(disperse) == 4 and all(low < v <= high for v in disperse)
 
 
 def test_the_dispersive_loss_changes_the_training(tmp_path):
@@ -111,6 +126,9 @@ def test_the_dispersive_loss_changes_the_training(tmp_path):
     (dict(disperse_weight=0.5, disperse_depth=3), "--disperse-depth 3: PixArt-pixel-tiny has 2 blocks"),
     (dict(disperse_weight=0.5, disperse_depth=1, repa_depth=1, repa_truth=True), "pass one of the two"),
     (dict(stage=1, disperse_weight=0.5, disperse_depth=1), "the dispersive loss is for stages 2 and 3"),
+    (dict(disperse_distance="cosine"), "--disperse-distance cosine: it shapes the dispersive loss; pass"),
+    (dict(disperse_weight=0.5, disperse_depth=1, batch_size=1), "with 1 image a process"),
+    (dict(model="PixArt-pixel-32", disperse_weight=0.5, disperse_depth=1, mask_ratio=0.5), "--mask-ratio 0.5: each"),
     (dict(disperse_weight=-1.0, disperse_depth=1), "--disperse-weight"),
 ])
 def test_bad_dispersion_flags_fail_with_one_line(settings, expected, tmp_path):

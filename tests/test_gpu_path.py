@@ -45,7 +45,7 @@ def test_a_steady_state_step_reads_nothing_back_to_the_host(stage, tmp_path, mon
     records = [train_step(run, step, False) for step in range(1, 4)]
     monkeypatch.undo()
     assert counter.calls == []
-    assert all(r.shape == (7,) and r.device == run.dist.device for r in records)
+    assert all(r.shape == (8,) and r.device == run.dist.device for r in records)
     if torch.cuda.is_available():  # on a GPU, CUDA itself says so
         torch.cuda.set_sync_debug_mode("error")
         try:

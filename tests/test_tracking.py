@@ -144,12 +144,14 @@ def test_mfu_counts_each_steps_batch_over_the_peak():
     for step in (0, 1):
         counted.add(step, Batch(images=torch.zeros(2, 3, size, size), text=torch.zeros(2, tokens, 1)))
         assert counted.take(10.0) == pytest.approx(10.0 * image_flops(truth, step) / 1e9)
-    # the dispersive loss's Gram matrix over this rank's images, as the ablation counts it for the batch
-    disperse = replace(cfg, disperse_weight=0.5, disperse_depth=1, batch_size=2)
+    # the dispersive loss's Gram matrix over this process's images: 2 of a batch of 4 (two processes)
+    from pixart_fast.flops import dispersion_flops
+
+    disperse = replace(cfg, disperse_weight=0.5, disperse_depth=1, batch_size=4)
     counted = tracking.MFU(disperse, config, False, peak_flops=1e9)
     counted.add(0, Batch(images=torch.zeros(2, 3, size, size), text=torch.zeros(2, tokens, 1)))
-    assert image_flops(disperse, 0) > image_flops(cfg, 0)
-    assert counted.take(10.0) == pytest.approx(10.0 * image_flops(disperse, 0) / 1e9)
+    gram = dispersion_flops(config, size, size, batch_size=2, vae_downsample=1)
+    assert gram > 0 and counted.take(10.0) == pytest.approx(10.0 * (image_flops(cfg, 0) + gram) / 1e9)
     assert tracking.MFU.on(torch.device("cpu"), 1, cfg, config, False) is None
 
 

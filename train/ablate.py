@@ -146,7 +146,7 @@ def image_flops(cfg: TrainConfig, step: int) -> int:
         levers.update(repa_depth=cfg.repa_depth, repa_second_depth=cfg.repa_second_depth,
                       repa_target_depth=cfg.repa_target_depth,
                       repa_projector_dim=cfg.repa_projector_dim, repa_encoder=encoder, repa_truth=cfg.repa_truth)
-    if cfg.disperse_depth:
+    if cfg.disperse_depth:  # the ablation trains in one process: the loss's batch is the whole batch
         levers.update(disperse_depth=cfg.disperse_depth, batch_size=cfg.batch_size)
     return flops_per_image(model, vae_downsample=1, class_conditional=cfg.stage == 1, **levers)
 

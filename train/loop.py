@@ -3,7 +3,8 @@
 Every random draw of step s (its batch, noise, timesteps, caption drops) is a pure function of (seed, s), so
 `--resume latest` continues bit-identically with no random-generator state to save. Under torchrun every rank draws the
 same global batch (indices, noise, timesteps, caption drops) and takes its own slice (pixart_fast.distributed),
-so N processes take the same steps as one at the same global batch.
+so N processes take the same steps as one at the same global batch (except the dispersive loss, --disperse-weight,
+which each process computes over its own share of the batch).
 
 Who owns what:
     train/stages.py      what each stage builds, trains on, conditions with, and how it is judged
@@ -63,7 +64,8 @@ TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup",
               "optimizer", "lora_rank", "lora_alpha", "lora_targets", "mask_ratio", "unmasked_steps", "route_ratio",
               "route_start", "route_end", "early_route_steps", "early_route_ratio", "early_route_start",
               "repa_depth", "repa_second_depth", "repa_target_depth", "repa_target_offset", "repa_encoder",
-              "repa_weight", "repa_projector_dim", "repa_steps", "repa_truth")
+              "repa_weight", "repa_projector_dim", "repa_steps", "repa_truth", "disperse_weight", "disperse_depth",
+              "disperse_distance")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -365,7 +367,7 @@ def train_step(run: Run, step: int, stop_requested: bool, batch=None) -> torch.T
         net, aligned = run.align.wrap(net, run.ema, projectors(run.model), levers, batch.images, teacher,
                                        batch.truth_tokens)
     if cfg.disperse_depth:  # the same call, and each call also computes the dispersive loss
-        net, dispersed = Dispersion(cfg.disperse_depth, cfg.disperse_distance).wrap(net, levers)
+        net, dispersed = Dispersion(cfg.disperse_depth, cfg.disperse_distance).wrap(net)
     model_fn = run.stage.condition(net, batch, drop, mc.micro_conditions)
     with torch.autocast(d.device.type, dtype=run.autocast) if run.autocast else nullcontext():
         terms = run.diffusion.training_losses(model_fn, x0, t, noise, perturb)

@@ -180,8 +180,8 @@ class TrainConfig:
     disperse_weight: float = _field(0.0, "the dispersive loss's weight (arXiv 2506.09027: 0.5; no encoder, no target): "
                                          "it pushes the batch's images' hidden states after --disperse-depth blocks "
                                          "apart (under torchrun, each process's share of the batch); 0: off", low=0)
-    disperse_depth: int = _field(0, "with --disperse-weight: the depth whose hidden states it disperses (after a "
-                                    "block that only the routed tokens ran, only theirs)", low=0)
+    disperse_depth: int = _field(0, "with --disperse-weight: the depth whose hidden states it disperses (every "
+                                    "token's; inside a routed run, the skipping ones as they entered it)", low=0)
     disperse_distance: str = _field("l2", "with --disperse-weight: l2 (the paper's squared distance; the states' "
                                           "scale is free) or cosine (scale-free)", choices=("l2", "cosine"))
 
@@ -252,12 +252,25 @@ class TrainConfig:
         return ratio, (start, end)
 
     def _check_dispersion(self):
-        """--disperse-*: a weight and a depth together, a depth the model has, stages 2 and 3."""
+        """--disperse-*: a weight and a depth together, a depth the model has, stages 2 and 3, whole token grids
+        and two images or more a process."""
         if bool(self.disperse_weight) != bool(self.disperse_depth):
             raise UserError(f"--disperse-weight {self.disperse_weight} --disperse-depth {self.disperse_depth}: the "
                             "dispersive loss takes both, a weight > 0 and the depth it disperses")
         if not self.disperse_depth:
+            if self.disperse_distance != "l2":
+                raise UserError(f"--disperse-distance {self.disperse_distance}: it shapes the dispersive loss; pass "
+                                "--disperse-weight and --disperse-depth too")
             return
+        per_process = self.batch_size // int(os.environ.get("WORLD_SIZE", "1"))
+        if per_process < 2:
+            raise UserError(f"--disperse-depth {self.disperse_depth} with {per_process} image a process: the "
+                            "dispersive loss compares a process's images with each other; pass a larger "
+                            "--batch-size")
+        if self.mask_ratio:
+            raise UserError(f"--disperse-depth {self.disperse_depth} with --mask-ratio {self.mask_ratio}: each image "
+                            "keeps other tokens, so their states do not compare place by place; route the tokens "
+                            "instead (--route-ratio)")
         if self.stage == 1:
             raise UserError(f"--disperse-depth {self.disperse_depth}: stage 1 trains a DiT from scratch; the "
                             "dispersive loss is for stages 2 and 3")
