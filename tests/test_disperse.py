@@ -109,6 +109,16 @@ def test_dispersion_trains_logs_and_resumes_bit_identically(distance, low, high,
     assert len(disperse) == 4 and all(low < v <= high for v in disperse)
 
 
+def test_dispersion_trains_lora_adapters(tmp_path):
+    # no projector beside the model (unlike alignment), so LoRA's frozen base takes the loss as any other
+    train(replace(RECIPES[2], **FAST, out=str(tmp_path / "base")), progress=False)
+    base = tmp_path / "base/stage2/checkpoints/step-0000003/ema.safetensors"
+    train(replace(RECIPES[2], **FAST, lora_rank=4, init=str(base), disperse_weight=0.5, disperse_depth=1,
+                  out=str(tmp_path / "lora")), progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "lora/stage2/metrics.jsonl").read_text().splitlines()]
+    assert len([m["disperse"] for m in lines if "loss" in m]) == 3
+
+
 def test_the_dispersive_loss_changes_the_training(tmp_path):
     train(replace(RECIPES[2], **FAST, out=str(tmp_path / "off")), progress=False)
     train(replace(RECIPES[2], **FAST, disperse_weight=0.5, disperse_depth=2, out=str(tmp_path / "on")),
