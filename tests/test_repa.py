@@ -343,6 +343,18 @@ def test_two_aligned_depths_train_and_resume_bit_identically_and_stay_out_of_the
         assert not any(k.startswith(PROJECTOR) for k in load_safetensors(folder / name))
 
 
+def test_the_truth_first_arm_aligns_the_one_block_every_token_runs_at_the_truth_last_arms_cost():
+    from pixart_fast.model import CONFIGS
+    from pixart_fast.train.ablate import ARMS, image_flops, stage2_config
+
+    first, last = (stage2_config(next(a for a in ARMS if a.name == n), 0, 800, 200, 8, {})
+                   for n in ("repa-truth-first", "repa-truth-last"))
+    depth = CONFIGS[first.model].depth
+    ratio, (start, end) = first.routing(0, depth)
+    assert ratio == RECIPES[2].route_ratio and (start, end) == (1, depth) and first.repa_depth == 1 <= start
+    assert first.repa_truth and image_flops(first, 0) == image_flops(last, 0)
+
+
 def test_the_truth_both_arm_aligns_two_blocks_that_every_token_runs():
     from pixart_fast.model import CONFIGS
     from pixart_fast.train.ablate import ARMS, image_flops, stage2_config

@@ -103,6 +103,9 @@ ARMS = (
     Arm("repa-truth-both", "the truth as the target of the states after the first block and after the last (a "
         "projector 64 wide each): repa-truth's routing, blocks 1-2, so that both blocks run every token",
         stage2=dict(route_start=1, repa_depth=4, repa_second_depth=1, repa_truth=True, repa_projector_dim=64)),
+    Arm("repa-truth-first", "the truth as the target of the states after the first block, with the routing moved to "
+        "blocks 1-3 so that the first is the one block every token runs (a projector 64 wide): repa-truth-last's step",
+        stage2=dict(route_start=1, route_end=4, repa_depth=1, repa_truth=True, repa_projector_dim=64)),
     Arm("v-unweighted", "v-prediction without min-SNR weighting (more weight on the low-noise steps)",
         stage2=dict(_ALONE, min_snr_gamma=0.0, min_snr_plus_one=False)),
     Arm("p2-mask", "patch 2 (256 tokens) with token masking 0.75, the last 1/8 of the steps unmasked",
