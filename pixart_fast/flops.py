@@ -171,5 +171,5 @@ def flops_per_image(config: PixArtConfig, height_px: int | None = None, width_px
                                      repa_truth=repa_truth, **kwargs).values())
     if disperse_depth:
         train += dispersion_flops(config, height_px, width_px, batch_size=batch_size,
-                                  **{k: v for k, v in kwargs.items() if k == "vae_downsample"})
+                                  vae_downsample=kwargs.get("vae_downsample", VAE_DOWNSAMPLE))
     return train

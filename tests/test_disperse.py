@@ -15,11 +15,10 @@ from pixart_fast.flops import dispersion_flops, flops_per_image
 from pixart_fast.train.loop import train
 from pixart_fast.train.recipes import RECIPES
 
+from test_repa import FAST
 from test_token_levers import TINY3, model_and_inputs
 from test_train import assert_resume_is_bit_identical
 
-FAST = dict(model="PixArt-pixel-tiny", batch_size=2, num_val=2, sample_steps=2, sample_every=0, kernels="torch",
-            steps=3, log_every=1, save_every=2)
 
 
 def test_the_loss_is_the_papers_infonce_l2():
