@@ -61,20 +61,28 @@ def _mean_flat(x):
     return x.mean(dim=list(range(1, x.ndim)))
 
 
-def guided(model_fn: ModelFn, scale: float = 4.5) -> ModelFn:
-    """Classifier-free guidance in one batched model call.
+def guided(model_fn: ModelFn, scale: float = 4.5, guide_fn: ModelFn | None = None, guide_weight: float = 0.0) -> ModelFn:
+    """Classifier-free guidance in one batched model call, optionally with autoguidance on top.
 
     model_fn(x2, t2) gets the batch twice, x2 = [x; x] (2B, C, H, W) and t2 = [t; t], and must treat the first
     half as conditional and the second as unconditional: bind the captions in a closure, e.g.
     `lambda x2, t2: model(x2, t2, torch.cat([y, y_null]), torch.cat([mask, mask_null]))`.
     Returns eps_fn(x, t) -> (B, C', H, W): the first C channels uncond + scale * (cond - uncond), the other
     C' - C channels (the variance) the conditional half's, as PixArt's `forward_with_cfg` does.
+
+    guide_fn(x, t), when given: a weaker model's conditional prediction (the same model earlier in its training,
+    or a smaller one), and guide_weight * (cond - guide) is added to the first C channels: autoguidance (Karras et
+    al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"), which pushes away from the errors the
+    weaker model makes more of. With scale 1 the result is guide + (guide_weight + 1) * (cond - guide): their
+    D_0 + w (D_1 - D_0) with w = guide_weight + 1.
     """
 
     def eps_fn(x, t):
         cond, uncond = model_fn(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
         C = x.shape[1]
         eps = uncond[:, :C] + scale * (cond[:, :C] - uncond[:, :C])
+        if guide_fn is not None and guide_weight:
+            eps = eps + guide_weight * (cond[:, :C] - guide_fn(x, t)[:, :C])
         return torch.cat([eps, cond[:, C:]], dim=1)
 
     return eps_fn

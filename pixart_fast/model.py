@@ -639,16 +639,23 @@ class PixArt(nn.Module):
         (attention, cross-attention, MLP: nearly all its weights) are the units."""
         return [unit for block in self.blocks for unit in block.children()]
 
-    def forward_with_cfg(self, x, t, y, mask=None, cfg_scale=4.5, img_hw=None, aspect_ratio=None):
+    def forward_with_cfg(self, x, t, y, mask=None, cfg_scale=4.5, img_hw=None, aspect_ratio=None, guide=None,
+                         guide_weight=0.0):
         """Classifier-free guidance in one batched call (`pixart_fast.diffusion.guided`): x (B, C, H, W) is run
         with its captions and with the null caption; returns (B, out_channels, H, W) whose first C channels are
         the guided eps uncond + cfg_scale * (cond - uncond) and whose other channels are the conditional
-        prediction's. The call goes through `self(...)`, so hooks (FSDP's gathering of sharded weights) run."""
+        prediction's. guide: a weaker PixArt of the same input and output (an earlier checkpoint of this one):
+        guide_weight * (cond - guide's cond) is added, autoguidance. The call goes through `self(...)`, so hooks
+        (FSDP's gathering of sharded weights) run."""
         B = x.shape[0]
+        guide_fn = None
+        if guide is not None:
+            guide_fn = lambda xg, tg: guide(xg, tg, y, mask, img_hw, aspect_ratio)  # noqa: E731
         drop = torch.arange(2 * B, device=x.device) >= B  # second half: null caption
         two = lambda a: None if a is None else torch.cat([a, a])  # noqa: E731
-        y, mask, img_hw, aspect_ratio = two(y), two(_as_bool_mask(mask, y)), two(img_hw), two(aspect_ratio)
-        return guided(lambda x2, t2: self(x2, t2, y, mask, img_hw, aspect_ratio, force_drop_ids=drop), cfg_scale)(x, t)
+        y2, mask2, hw2, ar2 = two(y), two(_as_bool_mask(mask, y)), two(img_hw), two(aspect_ratio)
+        return guided(lambda x2, t2: self(x2, t2, y2, mask2, hw2, ar2, force_drop_ids=drop), cfg_scale, guide_fn,
+                      guide_weight)(x, t)
 
 
 # ----------------------------------------------------------------------------------------------------------

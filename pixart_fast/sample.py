@@ -37,12 +37,14 @@ def sampler_for(prediction: str, sampler: str | None, shift: float | None = None
 @torch.no_grad()
 def generate(model: PixArt, text: TextEncoder, prompts: list[str], height: int, width: int, steps: int = 20,
              cfg_scale: float = 4.5, sampler: str | None = None, seed: int = 0, vae=None,
-             prediction: str = "eps", shift: float | None = None) -> torch.Tensor:
+             prediction: str = "eps", shift: float | None = None, guide: PixArt | None = None,
+             guide_weight: float = 0.0) -> torch.Tensor:
     """Images (N, 3, height, width) in [-1, 1] for N prompts. height/width in pixels (with a VAE, 8 per latent
     pixel). The noise comes from a CPU generator seeded with `seed`, so results do not depend on the device.
     prediction: what the model predicts, "eps", "v" or "flow" (what it was trained with). sampler: "dpm" or
     "ddim" for eps and v, "euler" for flow; None: the prediction's default (`sampler_for`). shift: flow only,
-    SD3's timestep shift of the Euler steps' noise levels (None: 1, none)."""
+    SD3's timestep shift of the Euler steps' noise levels (None: 1, none). guide, guide_weight: autoguidance by a
+    weaker model of the same kind, e.g. an earlier checkpoint of `model` (`PixArt.forward_with_cfg`)."""
     sampler = sampler_for(prediction, sampler, shift)
     cfg = model.config
     factor = VAE_FACTOR if vae is not None else 1
@@ -58,7 +60,8 @@ def generate(model: PixArt, text: TextEncoder, prompts: list[str], height: int, 
                  "aspect_ratio": torch.full((N, 1), height / width, device=device)}
     noise = torch.randn(N, cfg.in_channels, height // factor, width // factor,
                         generator=torch.Generator().manual_seed(seed)).to(device)
-    eps_fn = lambda x, t: model.forward_with_cfg(x, t, y, mask, cfg_scale, **extra)  # noqa: E731
+    eps_fn = lambda x, t: model.forward_with_cfg(x, t, y, mask, cfg_scale, **extra, guide=guide,  # noqa: E731
+                                                 guide_weight=guide_weight)
     diffusion = Diffusion(learn_sigma=cfg.learn_sigma, prediction=prediction)
     # pixel space: clip x0 to the data range
     x = diffusion.sample(eps_fn, noise, steps=steps, sampler=sampler, shift=shift or 1.0, clip_x0=vae is None)
@@ -93,6 +96,22 @@ def load_for_sampling(ckpt: Path, model_name: str | None = None, t5: str | None 
     return model, text, prediction
 
 
+def load_guide(ckpt: Path, model: PixArt, prediction: str, device="cpu") -> PixArt:
+    """The weaker model autoguidance steers away from, in eval mode on `device`: one of our checkpoints (the EMA
+    weights of an earlier step) or any PixArt weights file, refused where it cannot stand beside `model` (another
+    input, output or caption width, or another prediction)."""
+    guide, _, guide_prediction = load_for_sampling(ckpt, device=device)
+    mine, theirs = model.config, guide.config
+    for field in ("in_channels", "out_channels", "caption_channels", "max_tokens", "micro_conditions", "input_size"):
+        if getattr(mine, field) != getattr(theirs, field):
+            raise UserError(f"--guide-ckpt {ckpt}: its {field} is {getattr(theirs, field)}, the model's "
+                            f"{getattr(mine, field)}; guide with a checkpoint of the same kind of model")
+    if guide_prediction != prediction:
+        raise UserError(f"--guide-ckpt {ckpt} predicts {guide_prediction}, the model {prediction}: guide with a "
+                        "checkpoint of the same run")
+    return guide
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pixart_fast.sample", description=__doc__)
     p.add_argument("--ckpt", required=True, help="PixArt weights: ours (a checkpoint folder or its .safetensors; a "
@@ -111,6 +130,12 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's size)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--cfg-scale", type=float, default=4.5, help="classifier-free guidance scale")
+    p.add_argument("--guide-ckpt", default=None,
+                   help="autoguidance: an earlier checkpoint of the same run (or a weaker model of the same kind); "
+                        "the sample moves away from what it predicts by --guide-weight (default: none)")
+    p.add_argument("--guide-weight", type=float, default=1.0,
+                   help="autoguidance's weight w: w x (model - guide) is added to the guided prediction (default: 1; "
+                        "the embedded runs draw best with --cfg-scale 2.5 beside it, docs/experiments.md)")
     p.add_argument("--sampler", choices=("dpm", "ddim", "euler"), default=None,
                    help="DPM-Solver++ 2M or DDIM for an eps or v model, Euler for a flow model (default: dpm, "
                         "flow: euler)")
@@ -120,7 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--scale", type=int, default=4, help="upscale the written PNG by this factor (nearest)")
     args = p.parse_args(argv)
-    for flag, path in (("--ckpt", args.ckpt), ("--t5", args.t5), ("--vae", args.vae)):
+    for flag, path in (("--ckpt", args.ckpt), ("--t5", args.t5), ("--vae", args.vae), ("--guide-ckpt", args.guide_ckpt)):
         if path is not None and not Path(path).exists():  # nothing is downloaded: a name is not a path
             raise UserError(f"{flag} {path}: no such file or folder (pass a local path; nothing is downloaded)")
     if not Path(args.out).resolve().parent.is_dir():
@@ -131,6 +156,9 @@ def main(argv=None) -> int:
     model, text, prediction = load_for_sampling(Path(args.ckpt), args.model, args.t5, args.tokenizer,
                                                 args.prediction, device,
                                                 check=lambda p: sampler_for(p, args.sampler, args.shift))
+    guide = None
+    if args.guide_ckpt:
+        guide = load_guide(Path(args.guide_ckpt), model, prediction, device)
     vae = None
     if args.vae:
         from diffusers import AutoencoderKL
@@ -140,7 +168,7 @@ def main(argv=None) -> int:
     factor = VAE_FACTOR if vae is not None else 1
     side = model.config.input_size * factor
     images = generate(model, text, args.prompt, args.height or side, args.width or side, args.steps,
-                      args.cfg_scale, args.sampler, args.seed, vae, prediction, args.shift)
+                      args.cfg_scale, args.sampler, args.seed, vae, prediction, args.shift, guide, args.guide_weight)
     image_grid(list(images), captions=args.prompt, cols=4, scale=args.scale).save(args.out)  # each under its prompt
     print(f"wrote {args.out}: {len(args.prompt)} image(s) of {images.shape[2]}x{images.shape[3]} px")
     return 0

@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 COMMANDS = ["pixart_fast.train", "pixart_fast.train.ablate", "pixart_fast.train.probe", "pixart_fast.train.encoder",
+            "pixart_fast.train.rescore",
             "pixart_fast.sample", "pixart_fast.extract", "pixart_fast.export", "pixart_fast.plan", "pixart_fast.kernels.aot"]
 
 

@@ -103,8 +103,9 @@ class Stage:
         """model_fn(x_t, t) for one batch, its conditions replaced by the null ones where drop (B,) is True."""
         raise NotImplementedError
 
-    def guided(self, ema, batch: Batch, scale: float, micro_conditions: bool):
-        """eps_fn(x, t) with classifier-free guidance over the batch's conditions, for sampling."""
+    def guided(self, ema, batch: Batch, scale: float, micro_conditions: bool, guide=None, guide_weight: float = 0.0):
+        """eps_fn(x, t) with classifier-free guidance over the batch's conditions, for sampling; guide: a weaker
+        model of the same kind, for autoguidance by guide_weight (`pixart_fast.diffusion.guided`)."""
         raise NotImplementedError
 
     def tile_captions(self, batch: Batch) -> list[str]:
@@ -131,7 +132,9 @@ class ClassConditional(Stage):
     def condition(self, net, batch, drop, micro_conditions):
         return lambda xt, tt: net(xt, tt, batch.labels, force_drop_ids=drop)
 
-    def guided(self, ema, batch, scale, micro_conditions):
+    def guided(self, ema, batch, scale, micro_conditions, guide=None, guide_weight=0.0):
+        if guide is not None:
+            raise UserError("autoguidance is for the text-conditional stages (2 and 3), not stage 1's DiT")
         return lambda x, t: ema.forward_with_cfg(x, t, batch.labels, scale)
 
     def tile_captions(self, batch):
@@ -167,9 +170,10 @@ class TextConditional(Stage):
         extra = _micro(batch) if micro_conditions else {}
         return lambda xt, tt: net(xt, tt, batch.text, batch.mask, force_drop_ids=drop, **extra)
 
-    def guided(self, ema, batch, scale, micro_conditions):
+    def guided(self, ema, batch, scale, micro_conditions, guide=None, guide_weight=0.0):
         extra = _micro(batch) if micro_conditions else {}
-        return lambda x, t: ema.forward_with_cfg(x, t, batch.text, batch.mask, scale, **extra)
+        return lambda x, t: ema.forward_with_cfg(x, t, batch.text, batch.mask, scale, **extra, guide=guide,
+                                                 guide_weight=guide_weight)
 
     def tile_captions(self, batch):
         return batch.captions
@@ -230,16 +234,19 @@ class EmbeddedData:
         return batches
 
     @torch.no_grad()
-    def evaluate(self, ema, stage: Stage, cfg: TrainConfig, diffusion: Diffusion, device, png: Path | None) -> dict:
-        """Sample the held-out set with the EMA model (DPM-Solver++, or Euler for a flow model; CFG), save the
-        grid to png (None: do not save; other ranks) and return the alignment scores (accuracy, colour, position,
-        shape, size, each with its chance level, and background; see pixart_fast.eval).
+    def evaluate(self, ema, stage: Stage, cfg: TrainConfig, diffusion: Diffusion, device, png: Path | None,
+                 guide=None, guide_weight: float = 0.0) -> dict:
+        """Sample the held-out set with the EMA model (DPM-Solver++, or Euler for a flow model; CFG, and
+        autoguidance by `guide` where given), save the grid to png (None: do not save; other ranks) and return the
+        alignment scores (accuracy, colour, position, shape, size, each with its chance level, and background; see
+        pixart_fast.eval).
         The grid shows each sample beside its ground-truth render above its caption (stage 1: the class name)."""
         g = torch.Generator().manual_seed(VAL_SEED)
         images, truths, clean, captions = [], [], [], []
         for batch in self._held_out_batches():
             noise = torch.randn(batch.images.shape, generator=g).to(device)
-            eps_fn = stage.guided(ema, batch.to(device), cfg.cfg_scale, ema.config.micro_conditions)
+            eps_fn = stage.guided(ema, batch.to(device), cfg.cfg_scale, ema.config.micro_conditions, guide,
+                                  guide_weight)
             # Pixel space: the data range [-1, 1] is known, so x0 predictions are clipped to it.
             images += list(diffusion.sample(eps_fn, noise, steps=cfg.sample_steps, clip_x0=True).float().cpu())
             truths += batch.truths
