@@ -77,11 +77,7 @@ def load_for_sampling(ckpt: Path, model_name: str | None = None, t5: str | None 
     locality), else eps and byte; t5: a local T5 folder instead of the embedded one. check(prediction), when given,
     runs before the text encoder loads (to refuse a sampler that does not fit). One of our checkpoint folders
     (step-XXXXXXX/) stands for its EMA weights."""
-    ckpt = checkpoint_file(ckpt)
-    recorded = training_metadata(ckpt)  # our trainer's checkpoints say how they were trained
-    # a LoRA run's weights file: the base it records with the adapters on it
-    model = load_lora(ckpt) if "lora_rank" in recorded else load_pixart(ckpt, model_name)
-    model = model.to(device).eval()
+    model, recorded = _load_weights(ckpt, model_name, device)
     prediction = prediction or recorded.get("prediction", "eps")
     if check is not None:
         check(prediction)
@@ -96,11 +92,22 @@ def load_for_sampling(ckpt: Path, model_name: str | None = None, t5: str | None 
     return model, text, prediction
 
 
+def _load_weights(ckpt: Path, model_name: str | None, device) -> tuple[PixArt, dict]:
+    """(the PixArt at `ckpt` in eval mode on `device`, what our trainer recorded in it: {} for other files)."""
+    ckpt = checkpoint_file(ckpt)
+    recorded = training_metadata(ckpt)  # our trainer's checkpoints say how they were trained
+    # a LoRA run's weights file: the base it records with the adapters on it
+    model = load_lora(ckpt) if "lora_rank" in recorded else load_pixart(ckpt, model_name)
+    return model.to(device).eval(), recorded
+
+
 def load_guide(ckpt: Path, model: PixArt, prediction: str, device="cpu") -> PixArt:
     """The weaker model autoguidance steers away from, in eval mode on `device`: one of our checkpoints (the EMA
-    weights of an earlier step) or any PixArt weights file, refused where it cannot stand beside `model` (another
-    input, output or caption width, or another prediction)."""
-    guide, _, guide_prediction = load_for_sampling(ckpt, device=device)
+    weights of an earlier step; the caption features are the model's, so it needs no text encoder of its own) or
+    any PixArt weights file, refused where it cannot stand beside `model` (another input, output or caption width,
+    or another recorded prediction)."""
+    guide, recorded = _load_weights(ckpt, None, device)
+    guide_prediction = recorded.get("prediction", prediction)
     mine, theirs = model.config, guide.config
     for field in ("in_channels", "out_channels", "caption_channels", "max_tokens", "micro_conditions", "input_size"):
         if getattr(mine, field) != getattr(theirs, field):
