@@ -101,3 +101,9 @@ def test_rescore_reproduces_the_trainers_evaluation_and_guides_by_an_earlier_che
     with pytest.raises(UserError, match="--guide-ckpt .*: its in_channels|--guide-ckpt .*: its max_tokens"):
         sample_main(["--ckpt", str(ckpt), "--prompt", "x", "--out", str(png), "--steps", "2",
                      "--guide-ckpt", str(tmp_path / "o/stage2/checkpoints/step-0000001")])
+    ema = run_dir / "checkpoints" / "step-0000002" / "ema.safetensors"  # a damaged guide is named, not used
+    damaged = bytearray(ema.read_bytes())
+    damaged[-1] ^= 0xFF
+    ema.write_bytes(bytes(damaged))
+    with pytest.raises(UserError, match="--guide-step 2: its checkpoint is damaged"):
+        rescore_main([str(run_dir), "--guide-step", "2"])

@@ -60,8 +60,15 @@ def rescore(run_dir: Path, cfg_scale: float, sample_steps: int = 20, num_val: in
             log(f"{folder.name}: damaged ({'; '.join(problems)}); skipping it")
             continue
         model, text, prediction = load_for_sampling(folder)
+        if model.config.in_channels != 3:
+            raise UserError(f"{run_dir}: rescore reads runs on the embedded data (pixel space, 3 channels); this one "
+                            f"has {model.config.in_channels} input channels (a run on extracted features)")
         if guide_step and guide is None:
-            guide = load_guide(run_dir / "checkpoints" / f"step-{guide_step:07d}", model, prediction)
+            guide_folder = run_dir / "checkpoints" / f"step-{guide_step:07d}"
+            problems = checkpoint_problems(guide_folder)
+            if problems:
+                raise UserError(f"--guide-step {guide_step}: its checkpoint is damaged ({'; '.join(problems)})")
+            guide = load_guide(guide_folder, model, prediction)
         size = model.config.input_size
         data = EmbeddedData(None, stage.embedded_set(cfg, size, 0, "val", num_val), text)
         diffusion = Diffusion(learn_sigma=model.config.learn_sigma, prediction=prediction)
