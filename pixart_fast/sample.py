@@ -77,7 +77,7 @@ def load_for_sampling(ckpt: Path, model_name: str | None = None, t5: str | None 
     locality), else eps and byte; t5: a local T5 folder instead of the embedded one. check(prediction), when given,
     runs before the text encoder loads (to refuse a sampler that does not fit). One of our checkpoint folders
     (step-XXXXXXX/) stands for its EMA weights."""
-    model, recorded = _load_weights(ckpt, model_name, device)
+    model, recorded = load_pixart_checkpoint(ckpt, model_name, device)
     prediction = prediction or recorded.get("prediction", "eps")
     if check is not None:
         check(prediction)
@@ -92,7 +92,7 @@ def load_for_sampling(ckpt: Path, model_name: str | None = None, t5: str | None 
     return model, text, prediction
 
 
-def _load_weights(ckpt: Path, model_name: str | None, device) -> tuple[PixArt, dict]:
+def load_pixart_checkpoint(ckpt: Path, model_name: str | None = None, device="cpu") -> tuple[PixArt, dict]:
     """(the PixArt at `ckpt` in eval mode on `device`, what our trainer recorded in it: {} for other files)."""
     ckpt = checkpoint_file(ckpt)
     recorded = training_metadata(ckpt)  # our trainer's checkpoints say how they were trained
@@ -106,7 +106,7 @@ def load_guide(ckpt: Path, model: PixArt, prediction: str, device="cpu") -> PixA
     weights of an earlier step; the caption features are the model's, so it needs no text encoder of its own) or
     any PixArt weights file, refused where it cannot stand beside `model` (another input, output or caption width,
     or another recorded prediction)."""
-    guide, recorded = _load_weights(ckpt, None, device)
+    guide, recorded = load_pixart_checkpoint(ckpt, None, device)
     guide_prediction = recorded.get("prediction", prediction)
     mine, theirs = model.config, guide.config
     for field in ("in_channels", "out_channels", "caption_channels", "max_tokens", "micro_conditions", "input_size"):

@@ -21,7 +21,7 @@ from pathlib import Path
 from pixart_fast.checkpoints import training_metadata
 from pixart_fast.cli import UserError, run
 from pixart_fast.diffusion import Diffusion
-from pixart_fast.sample import load_for_sampling, load_guide
+from pixart_fast.sample import load_for_sampling, load_guide, load_pixart_checkpoint
 from .recipes import RECIPES
 from .run_folder import checkpoint_folders, checkpoint_problems
 from .stages import STAGES, EmbeddedData
@@ -53,28 +53,29 @@ def rescore(run_dir: Path, cfg_scale: float, sample_steps: int = 20, num_val: in
             raise UserError(f"--guide-step {guide_step}: {run_dir} has no checkpoint after it to guide")
     stage = STAGES[stage_number]
     cfg = replace(RECIPES[stage_number], cfg_scale=cfg_scale, sample_steps=sample_steps, num_val=num_val)
-    rows = []
+    rows, guide, data = [], None, None
     for step, folder in sorted(steps.items()):
         problems = checkpoint_problems(folder)
         if problems:
             log(f"{folder.name}: damaged ({'; '.join(problems)}); skipping it")
             continue
-        model, text, prediction = load_for_sampling(folder)
-        if model.config.in_channels != 3:
-            raise UserError(f"{run_dir}: rescore reads runs on the embedded data (pixel space, 3 channels); this one "
-                            f"has {model.config.in_channels} input channels (a run on extracted features)")
-        if guide_step and guide is None:
-            guide_folder = run_dir / "checkpoints" / f"step-{guide_step:07d}"
-            problems = checkpoint_problems(guide_folder)
-            if problems:
-                raise UserError(f"--guide-step {guide_step}: its checkpoint is damaged ({'; '.join(problems)})")
-            guide = load_guide(guide_folder, model, prediction)
-        size = model.config.input_size
-        data = EmbeddedData(None, stage.embedded_set(cfg, size, 0, "val", num_val), text)
-        diffusion = Diffusion(learn_sigma=model.config.learn_sigma, prediction=prediction)
+        if data is not None:
+            model = load_pixart_checkpoint(folder)[0]
+        else:  # the first checkpoint scored sets up what they all share: the captions, the sampler, the guide
+            model, text, prediction = load_for_sampling(folder)
+            if model.config.in_channels != 3:
+                raise UserError(f"{run_dir}: rescore reads runs on the embedded data (pixel space, 3 channels); this "
+                                f"one has {model.config.in_channels} input channels (a run on extracted features)")
+            if guide_step:
+                guide_folder = run_dir / "checkpoints" / f"step-{guide_step:07d}"
+                problems = checkpoint_problems(guide_folder)
+                if problems:
+                    raise UserError(f"--guide-step {guide_step}: its checkpoint is damaged ({'; '.join(problems)})")
+                guide = load_guide(guide_folder, model, prediction)
+            data = EmbeddedData(None, stage.embedded_set(cfg, model.config.input_size, 0, "val", num_val), text)
+            diffusion = Diffusion(learn_sigma=model.config.learn_sigma, prediction=prediction)
         png = None if grids is None else grids / f"step-{step:07d}.png"
-        scores = data.evaluate(model, stage, cfg, diffusion, "cpu", png, guide,
-                               guide_weight if guide_step else 0.0)
+        scores = data.evaluate(model, stage, cfg, diffusion, "cpu", png, guide, guide_weight)
         rows.append({"step": step, "scores": scores})
         log(row(step, scores))
     return rows
