@@ -107,3 +107,57 @@ def test_rescore_reproduces_the_trainers_evaluation_and_guides_by_an_earlier_che
     ema.write_bytes(bytes(damaged))
     with pytest.raises(UserError, match="--guide-step 2: its checkpoint is damaged"):
         rescore_main([str(run_dir), "--guide-step", "2"])
+
+
+def test_the_trainers_validation_autoguided_after_guide_step_equals_rescore(tmp_path, capsys):
+    """--guide-step: validation after that step is guided by the run's checkpoint of it, which --keep keeps; the
+    scores and grids are rescore's with the same settings, and a finished run started again scores the same."""
+    cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", steps=6, batch_size=2, num_val=3, sample_steps=2,
+                  save_every=2, sample_every=2, keep=1, cfg_scale=2.5, guide_step=2, guide_weight=1.5,
+                  kernels="torch", out=str(tmp_path))
+    train(cfg, progress=False)
+    run_dir = tmp_path / "stage2"
+    assert "step 4: EMA (autoguided by step 2)" in capsys.readouterr().out
+    assert [f.name for f in sorted((run_dir / "checkpoints").iterdir())] == ["step-0000002", "step-0000006"]
+    logged = {r["step"]: r["val"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if "val" in r}
+    plain = rescore(run_dir, cfg_scale=2.5, sample_steps=2, num_val=3, grids=tmp_path / "plain",
+                    log=lambda line: None)
+    guided_rows = rescore(run_dir, cfg_scale=2.5, sample_steps=2, num_val=3, guide_step=2, guide_weight=1.5,
+                          grids=tmp_path / "guided", log=lambda line: None)
+    assert [r["step"] for r in plain] == [2, 6] and [r["step"] for r in guided_rows] == [6]
+    for rows, grids in (([plain[0]], "plain"), (guided_rows, "guided")):  # step 2 unguided, step 6 guided
+        for r in rows:
+            name = f"step-{r['step']:07d}.png"
+            assert (tmp_path / grids / name).read_bytes() == (run_dir / "samples" / name).read_bytes()
+            assert json.dumps(r["scores"], sort_keys=True) == json.dumps(logged[r["step"]], sort_keys=True)
+    assert (tmp_path / "plain" / "step-0000006.png").read_bytes() != (run_dir / "samples" / "step-0000006.png").read_bytes()
+    (run_dir / "summary.json").unlink()  # stopped during its final validation: started again, it validates anew
+    summary = train(cfg, progress=False)
+    assert json.dumps(summary["ema_scores"], sort_keys=True) == json.dumps(logged[6], sort_keys=True)
+
+
+@pytest.mark.parametrize("settings, expected", [
+    (dict(guide_weight=2.0), "--guide-weight 2.0: it weighs validation's autoguidance; pass --guide-step too"),
+    (dict(guide_step=3), "--guide-step 3: .* must be a multiple of --save-every 2 and below --steps 4"),
+    (dict(guide_step=4), "--guide-step 4: .* below --steps 4"),
+    (dict(guide_step=2, stage=1), "--guide-step 2: validation's autoguidance samples the embedded text-to-image"),
+    (dict(guide_step=2, lora_rank=4), "--guide-step 2: validation's autoguidance"),
+    (dict(guide_step=2, guide_weight=-1.0), "--guide-weight -1.0: must be >= 0"),
+])
+def test_bad_guide_flags_fail_with_one_line(settings, expected, tmp_path):
+    with pytest.raises(UserError, match=expected) as error:
+        replace(RECIPES[settings.get("stage", 2)], model="PixArt-pixel-tiny", steps=4, save_every=2,
+                **settings, out=str(tmp_path))
+    assert "\n" not in str(error.value)
+
+
+def test_an_autoguided_arm_is_its_recipe_sampled_with_autoguidance():
+    from pixart_fast.train.ablate import ARMS, AUTOGUIDED_CFG, stage2_config, step_flops
+
+    arms = {a.name: a for a in ARMS}
+    for base in ("default", "repa-truth-first"):
+        plain, guided = (stage2_config(arms[name], 0, 900, 300, 8, {}) for name in (base, base + "-autoguided"))
+        assert (guided.guide_step, guided.guide_weight, guided.cfg_scale) == (300, 1.0, AUTOGUIDED_CFG)
+        assert replace(guided, guide_step=0, cfg_scale=plain.cfg_scale) == plain  # the same training
+        assert step_flops(guided, 900) == step_flops(plain, 900)

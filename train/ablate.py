@@ -43,7 +43,9 @@ class Arm:
     steps trained unmasked at the end; `early_route_fraction`: the share of the stage-2 steps at the start that
     route as --early-route-ratio and --early-route-start say; `encoder`: an alignment encoder is trained first
     (`pixart_fast.train.encoder` at its defaults, the arm's seed) and is stage 2's --repa-encoder, its cost counted
-    where a stage 1's is (an arm has one or the other)."""
+    where a stage 1's is (an arm has one or the other); `autoguided`: its validation samples with guidance
+    AUTOGUIDED_CFG and autoguidance by its own first evaluated checkpoint (weight 1), a sampler that costs no
+    training, so its FLOPs are its recipe's."""
 
     name: str
     about: str
@@ -52,6 +54,7 @@ class Arm:
     unmasked_fraction: float = 0.0
     early_route_fraction: float = 0.0
     encoder: bool = False
+    autoguided: bool = False
 
 
 # The paper's recipe in miniature (PixArt-alpha section 2.4 and its configs): eps prediction with the learned
@@ -66,6 +69,10 @@ _PAPER = dict(prediction="eps", min_snr_gamma=0.0, min_snr_plus_one=False, lr=1e
 # decoder), each alone; each arm names its network and routing, so it stays the recipe it was when the default moves.
 _ALONE = dict(model="PixArt-pixel-32", route_ratio=0.0)
 _ROUTE_05 = dict(model="PixArt-pixel-32", route_ratio=0.5, route_start=1)  # the default before the pixel decoder
+# The truth after the first block, with routing past blocks 1-3 so that block 0 runs every token.
+_TRUTH_FIRST = dict(route_start=1, route_end=4, repa_depth=1, repa_truth=True, repa_projector_dim=64)
+# The autoguided arms' sampler, picked among 13 settings on one checkpoint (docs/time-to-quality-log.md).
+AUTOGUIDED_CFG = 2.5
 ARMS = (
     Arm("paper", "the paper's recipe: eps + learned sigma + VLB, uniform t, clip 0.01, from a one-object stage 1",
         stage2=dict(_PAPER, model="PixArt-pixel-32"), stage1=dict(prediction="eps", min_snr_gamma=0.0, grad_clip=0.01)),
@@ -105,7 +112,11 @@ ARMS = (
         stage2=dict(route_start=1, repa_depth=4, repa_second_depth=1, repa_truth=True, repa_projector_dim=64)),
     Arm("repa-truth-first", "the truth as the target of the states after the first block, with the routing moved to "
         "blocks 1-3 so that the first is the one block every token runs (a projector 64 wide): repa-truth-last's step",
-        stage2=dict(route_start=1, route_end=4, repa_depth=1, repa_truth=True, repa_projector_dim=64)),
+        stage2=_TRUTH_FIRST),
+    Arm("default-autoguided", "default, sampled with guidance 2.5 and autoguidance by its first evaluated "
+        "checkpoint", autoguided=True),
+    Arm("repa-truth-first-autoguided", "repa-truth-first, sampled as default-autoguided",
+        stage2=_TRUTH_FIRST, autoguided=True),
     Arm("v-unweighted", "v-prediction without min-SNR weighting (more weight on the low-noise steps)",
         stage2=dict(_ALONE, min_snr_gamma=0.0, min_snr_plus_one=False)),
     Arm("p2-mask", "patch 2 (256 tokens) with token masking 0.75, the last 1/8 of the steps unmasked",
@@ -121,6 +132,8 @@ def stage2_config(arm: Arm, seed: int, steps: int, eval_every: int, num_val: int
         extra["unmasked_steps"] = round(arm.unmasked_fraction * steps)
     if arm.early_route_fraction:
         extra["early_route_steps"] = round(arm.early_route_fraction * steps)
+    if arm.autoguided:
+        extra.update(cfg_scale=AUTOGUIDED_CFG, guide_step=eval_every)
     return replace(RECIPES[2], seed=seed, steps=steps, sample_every=eval_every, num_val=num_val, save_every=eval_every,
                    log_every=math.gcd(RECIPES[2].log_every, eval_every, steps), **{**extra, **settings})
 

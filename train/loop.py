@@ -51,8 +51,9 @@ from pixart_fast.files import atomic_path
 from pixart_fast.loader import prefetch, to_device
 from pixart_fast.model import draw_tokens, keep_patches
 from .recipes import RECIPES, TrainConfig
-from .run_folder import (claimed, latest_checkpoint, load_trainer_state, load_weights, newest_intact_checkpoint,
-                         recover_leftovers, save_checkpoint, trim_metrics, verified_checkpoint)
+from pixart_fast.sample import load_guide
+from .run_folder import (claimed, guide_checkpoint, latest_checkpoint, load_trainer_state, load_weights,
+                         newest_intact_checkpoint, recover_leftovers, save_checkpoint, trim_metrics, verified_checkpoint)
 from .stages import STAGES, Stage
 
 PREFETCH_DEPTH, PREFETCH_WORKERS = 4, 2  # batches built ahead of the step, by this many threads
@@ -466,9 +467,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
         f"{d.device}{parallel}, {cfg.steps} steps x {cfg.batch_size} images, {precision}, "
         f"data {cfg.data or 'embedded'}")
 
-    def evaluate(step: int) -> dict:  # on every rank (a sharded EMA needs all of them); rank 0 writes the grid
-        png = run.run_dir / "samples" / f"step-{step:07d}.png"
-        return run.data.evaluate(run.ema, run.stage, cfg, run.diffusion, d.device, png if d.main else None)
+    guides = {}  # --guide-step's EMA, loaded at the first validation after that step
 
     def save(step: int, seconds: float) -> Path:  # seconds: the run's training time so far, every process's
         return save_checkpoint(run.run_dir, step, run.model, run.ema, run.opt, run.sched, run.skipped, cfg, d,
@@ -536,12 +535,13 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
             if stopping:  # a stop signal reached some rank: every rank stops after this same step
                 break
             if sampling:
-                scores = evaluate(done)
+                scores = validate(run, done, guides)
                 if d.main:
                     metrics.write(json.dumps({"step": done, "val": scores}) + "\n")
                     track_scores(done, scores)
-                log(f"step {done}: EMA " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()
-                                                     if isinstance(v, float)))
+                guided = f" (autoguided by step {cfg.guide_step})" if cfg.guide_step and done > cfg.guide_step else ""
+                log(f"step {done}: EMA{guided} " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()
+                                                             if isinstance(v, float)))
             if saving or sampling:
                 t_log = time.time()  # images/s counts training steps, not checkpoints or validation
         bar.close()
@@ -553,11 +553,24 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
                 f"{cfg.steps}, checkpoint {final}. Resume with:\n  {command}")
             return {"stage": cfg.stage, "model": cfg.model, "steps": done, "interrupted": True,
                     "checkpoint": str(final), "skipped_steps": run.skipped, "resume": command}
-        scores = evaluate(cfg.steps)
+        scores = validate(run, cfg.steps, guides)
         if d.main:
             metrics.write(json.dumps({"step": cfg.steps, "val": scores}) + "\n")
             track_scores(cfg.steps, scores)
     return _summary(run, scores, train_time, last, final, log)
+
+
+def validate(run: Run, step: int, guides: dict) -> dict:
+    """The EMA model's validation scores at `step`, on every rank (a sharded EMA needs all of them; rank 0 writes
+    the sample grid), autoguided after --guide-step by
+    the run's checkpoint of that step; guides caches that checkpoint's model for the run's later validations."""
+    cfg, d = run.cfg, run.dist
+    png = run.run_dir / "samples" / f"step-{step:07d}.png" if d.main else None
+    if not cfg.guide_step or step <= cfg.guide_step:
+        return run.data.evaluate(run.ema, run.stage, cfg, run.diffusion, d.device, png)
+    if "guide" not in guides:
+        guides["guide"] = load_guide(guide_checkpoint(run.run_dir, cfg.guide_step), run.ema, cfg.prediction, d.device)
+    return run.data.evaluate(run.ema, run.stage, cfg, run.diffusion, d.device, png, guides["guide"], cfg.guide_weight)
 
 
 def _already_done(run: Run, log) -> dict:
@@ -576,8 +589,7 @@ def _already_done(run: Run, log) -> dict:
         return summary
     losses = [r["loss"] for r in map(json.loads, (run.run_dir / "metrics.jsonl").read_text().splitlines())
               if "loss" in r] if (run.run_dir / "metrics.jsonl").exists() else []
-    scores = run.data.evaluate(run.ema, run.stage, cfg, run.diffusion, run.dist.device,
-                               run.run_dir / "samples" / f"step-{cfg.steps:07d}.png" if run.dist.main else None)
+    scores = validate(run, cfg.steps, {})
     return _summary(run, scores, run.seconds, {"loss": losses[-1]} if losses else {}, checkpoint, log)
 
 

@@ -85,6 +85,12 @@ class TrainConfig:
     sample_steps: int = _field(20, "sampler steps for validation samples (DPM-Solver++; --prediction flow: Euler)",
                                low=1)
     cfg_scale: float = _field(4.5, "classifier-free guidance scale for validation samples", low=0)
+    guide_step: int = _field(0, "validation samples after this step are autoguided (Karras et al. 2024): moved away "
+                                "from what this run's EMA checkpoint of this step predicts, by --guide-weight x "
+                                "(model - that checkpoint), on top of classifier-free guidance; a --save-every step "
+                                "(the checkpoint is kept past --keep); embedded stages 2 and 3 (docs/experiments.md: "
+                                "measured with --cfg-scale 2.5, the first checkpoint as the guide); 0: off", low=0)
+    guide_weight: float = _field(1.0, "with --guide-step: autoguidance's weight", low=0)
     num_val: int = _field(56, "held-out captions (stage 1: class samples) to sample and score; 56 captions hold "
                               "about 110 objects, so one object is under 1 % of a score", low=1)
     prediction: str = _field("eps", "what the model predicts: eps (PixArt), v (v-prediction; the samplers convert) "
@@ -226,6 +232,7 @@ class TrainConfig:
                             "from scratch")
         self._check_alignment()
         self._check_dispersion()
+        self._check_guide()
 
     def aligns(self, step: int) -> bool:
         """Whether step `step` (0-based) trains with representation alignment: --repa-depth, within --repa-steps."""
@@ -250,6 +257,20 @@ class TrainConfig:
             raise UserError(f"{flag} {start} --route-end {self.route_end}: the routed blocks must be 0 <= start < "
                             f"end <= {depth} (the model's depth; --route-end 0 means {depth - 1})")
         return ratio, (start, end)
+
+    def _check_guide(self):
+        """--guide-*: a checkpoint the run saves before its end, on the embedded text-to-image stages."""
+        if not self.guide_step:
+            if self.guide_weight != 1.0:
+                raise UserError(f"--guide-weight {self.guide_weight}: it weighs validation's autoguidance; pass "
+                                "--guide-step too")
+            return
+        if self.stage == 1 or self.data is not None or self.lora_rank:
+            raise UserError(f"--guide-step {self.guide_step}: validation's autoguidance samples the embedded "
+                            "text-to-image stages (2 and 3, no --data, no --lora-rank), whose samples are scored")
+        if self.guide_step % self.save_every or self.guide_step >= self.steps:
+            raise UserError(f"--guide-step {self.guide_step}: the guide is the run's checkpoint of that step, so it "
+                            f"must be a multiple of --save-every {self.save_every} and below --steps {self.steps}")
 
     def _check_dispersion(self):
         """--disperse-*: a weight and a depth together, a depth the model has, stages 2 and 3, whole token grids

@@ -23,7 +23,7 @@ from pixart_fast.cli import UserError, run
 from pixart_fast.diffusion import Diffusion
 from pixart_fast.sample import load_for_sampling, load_guide, load_pixart_checkpoint
 from .recipes import RECIPES
-from .run_folder import checkpoint_folders, checkpoint_problems
+from .run_folder import checkpoint_folders, checkpoint_problems, guide_checkpoint
 from .stages import STAGES, EmbeddedData
 
 CHECKS = ("colour", "position", "shape", "size", "accuracy")
@@ -43,11 +43,8 @@ def rescore(run_dir: Path, cfg_scale: float, sample_steps: int = 20, num_val: in
     if stage_number not in (2, 3) or recorded.get("lora_rank"):
         raise UserError(f"{run_dir}: rescore reads the embedded text-to-image stages (2 and 3) that our trainer "
                         f"wrote; its checkpoints record stage {stage_number}")
-    guide = None
     if guide_step:
-        if guide_step not in steps:
-            raise UserError(f"--guide-step {guide_step}: {run_dir} has no checkpoint at that step; it has "
-                            f"{', '.join(map(str, sorted(steps)))}")
+        guide_folder = guide_checkpoint(run_dir, guide_step)
         steps = {s: f for s, f in steps.items() if s > guide_step}
         if not steps:
             raise UserError(f"--guide-step {guide_step}: {run_dir} has no checkpoint after it to guide")
@@ -67,10 +64,6 @@ def rescore(run_dir: Path, cfg_scale: float, sample_steps: int = 20, num_val: in
                 raise UserError(f"{run_dir}: rescore reads runs on the embedded data (pixel space, 3 channels); this "
                                 f"one has {model.config.in_channels} input channels (a run on extracted features)")
             if guide_step:
-                guide_folder = run_dir / "checkpoints" / f"step-{guide_step:07d}"
-                problems = checkpoint_problems(guide_folder)
-                if problems:
-                    raise UserError(f"--guide-step {guide_step}: its checkpoint is damaged ({'; '.join(problems)})")
                 guide = load_guide(guide_folder, model, prediction)
             data = EmbeddedData(None, stage.embedded_set(cfg, model.config.input_size, 0, "val", num_val), text)
             diffusion = Diffusion(learn_sigma=model.config.learn_sigma, prediction=prediction)

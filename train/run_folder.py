@@ -102,6 +102,19 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def guide_checkpoint(run_dir: Path, step: int) -> Path:
+    """The run's intact checkpoint of `step`, the guide of autoguidance (--guide-step); UserError naming the step
+    and what is wrong (no such checkpoint: the ones there are; damage: the files)."""
+    folder = run_dir / "checkpoints" / f"step-{step:07d}"
+    if not folder.is_dir():
+        have = ", ".join(f.name.removeprefix("step-").lstrip("0") for f in checkpoint_folders(run_dir)) or "none"
+        raise UserError(f"--guide-step {step}: {run_dir} has no checkpoint at that step; it has {have}")
+    problems = checkpoint_problems(folder)
+    if problems:
+        raise UserError(f"--guide-step {step}: its checkpoint is damaged ({'; '.join(problems)})")
+    return folder
+
+
 def checkpoint_problems(folder: Path) -> list[str]:
     """What is wrong with a checkpoint folder, one line per file (empty: intact). With a manifest: every file's
     size and CRC-32 against it. Without one (written before manifests existed): each file read whole."""
@@ -243,8 +256,9 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, skipped: i
     fsync_dir(final.parent)
     shutil.rmtree(replaced, ignore_errors=True)
     if cfg.keep:
+        guide = run_dir / "checkpoints" / f"step-{cfg.guide_step:07d}" if cfg.guide_step else None
         for old in checkpoint_folders(run_dir)[:-cfg.keep]:
-            if old != final:
+            if old not in (final, guide):
                 remove_checkpoint(old)
     return final
 
