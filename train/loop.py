@@ -53,7 +53,8 @@ from pixart_fast.model import draw_tokens, keep_patches
 from .recipes import RECIPES, TrainConfig
 from pixart_fast.sample import load_guide
 from .run_folder import (claimed, guide_checkpoint, latest_checkpoint, load_trainer_state, load_weights,
-                         newest_intact_checkpoint, recover_leftovers, save_checkpoint, trim_metrics, verified_checkpoint)
+                         newest_intact_checkpoint, recover_leftovers, save_checkpoint, trim_metrics,
+                         verified_checkpoint)
 from .stages import STAGES, Stage
 
 PREFETCH_DEPTH, PREFETCH_WORKERS = 4, 2  # batches built ahead of the step, by this many threads
