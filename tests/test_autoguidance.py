@@ -78,6 +78,15 @@ def test_rescore_reproduces_the_trainers_evaluation_and_guides_by_an_earlier_che
     assert [r["step"] for r in guided_rows] == [4]
     name = "step-0000004.png"  # the guide moved the samples
     assert (tmp_path / "guided" / name).read_bytes() != (run_dir / "samples" / name).read_bytes()
+    # other weights as the guide (here the same checkpoint, named by its path): every checkpoint is guided
+    by_path = rescore(run_dir, cfg_scale=cfg.cfg_scale, sample_steps=2, num_val=3, guide_weight=1.0,
+                      guide_ckpt=run_dir / "checkpoints" / "step-0000002", log=lambda line: None)
+    assert [r["step"] for r in by_path] == [2, 4]
+    assert json.dumps(by_path[1], sort_keys=True) == json.dumps(guided_rows[0], sort_keys=True)  # NaN != NaN
+    with pytest.raises(UserError, match="--guide-step 2 and --guide-ckpt .*: pass one guide"):
+        rescore_main([str(run_dir), "--guide-step", "2", "--guide-ckpt", str(run_dir / "checkpoints" / "step-0000002")])
+    with pytest.raises(UserError, match="--guide-ckpt no/such: no such file or folder"):
+        rescore_main([str(run_dir), "--guide-ckpt", "no/such"])
     out = tmp_path / "r.json"
     assert rescore_main([str(run_dir), "--cfg-scale", str(cfg.cfg_scale), "--guide-step", "2", "--sample-steps", "2",
                          "--num-val", "3", "--out", str(out)]) == 0

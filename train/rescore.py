@@ -9,6 +9,7 @@ so sampler settings compare on the same training.
 With --guide-step N, each checkpoint after step N is also guided by the run's own checkpoint at step N: autoguidance
 (Karras et al. 2024), which moves each sampler step away from what the earlier, weaker model predicts by
 --guide-weight x (model - earlier model), on top of classifier-free guidance (`pixart_fast.diffusion.guided`).
+With --guide-ckpt, every checkpoint is guided by other weights of the same kind of model (a smaller or shorter run).
 
     python -m pixart_fast.train.rescore runs/stage2 --cfg-scale 2.5 --guide-step 1600
 """
@@ -30,9 +31,11 @@ CHECKS = ("colour", "position", "shape", "size", "accuracy")
 
 
 def rescore(run_dir: Path, cfg_scale: float, sample_steps: int = 20, num_val: int = 56, guide_step: int = 0,
-            guide_weight: float = 1.0, grids: Path | None = None, log=print) -> list[dict]:
+            guide_weight: float = 1.0, grids: Path | None = None, log=print,
+            guide_ckpt: Path | None = None) -> list[dict]:
     """[{"step": s, "scores": the trainer's evaluation of checkpoint s with these settings}, ...], oldest first,
-    over the run's intact checkpoints (after guide_step when it is > 0: the checkpoint at guide_step guides them).
+    over the run's intact checkpoints (after guide_step when it is > 0: the checkpoint at guide_step guides them;
+    guide_ckpt: these weights guide every checkpoint).
     grids: a folder for each checkpoint's sample grid, step-XXXXXXX.png as the trainer's samples/ has them."""
     folders = checkpoint_folders(run_dir)
     if not folders:
@@ -43,6 +46,9 @@ def rescore(run_dir: Path, cfg_scale: float, sample_steps: int = 20, num_val: in
     if stage_number not in (2, 3) or recorded.get("lora_rank"):
         raise UserError(f"{run_dir}: rescore reads the embedded text-to-image stages (2 and 3) that our trainer "
                         f"wrote; its checkpoints record stage {stage_number}")
+    guide_folder = guide_ckpt
+    if guide_step and guide_ckpt is not None:
+        raise UserError(f"--guide-step {guide_step} and --guide-ckpt {guide_ckpt}: pass one guide")
     if guide_step:
         guide_folder = guide_checkpoint(run_dir, guide_step)
         steps = {s: f for s, f in steps.items() if s > guide_step}
@@ -63,7 +69,7 @@ def rescore(run_dir: Path, cfg_scale: float, sample_steps: int = 20, num_val: in
             if model.config.in_channels != 3:
                 raise UserError(f"{run_dir}: rescore reads runs on the embedded data (pixel space, 3 channels); this "
                                 f"one has {model.config.in_channels} input channels (a run on extracted features)")
-            if guide_step:
+            if guide_folder is not None:
                 guide = load_guide(guide_folder, model, prediction)
             data = EmbeddedData(None, stage.embedded_set(cfg, model.config.input_size, 0, "val", num_val), text)
             diffusion = Diffusion(learn_sigma=model.config.learn_sigma, prediction=prediction)
@@ -91,6 +97,9 @@ def main(argv=None) -> int:
     p.add_argument("--guide-step", type=int, default=0,
                    help="autoguidance by the run's checkpoint at this step, for the checkpoints after it (default: "
                         "0, none)")
+    p.add_argument("--guide-ckpt", default=None,
+                   help="autoguidance by these weights instead, for every checkpoint: a weaker model of the same "
+                        "kind (another run's checkpoint; default: none)")
     p.add_argument("--guide-weight", type=float, default=1.0, help="autoguidance's weight (default: 1)")
     p.add_argument("--out", default=None, help="also write the scores to this JSON file")
     p.add_argument("--grids", default=None, help="also write each checkpoint's samples beside the truth to this "
@@ -104,8 +113,11 @@ def main(argv=None) -> int:
     if args.cfg_scale < 0 or args.guide_step < 0:
         raise UserError(f"--cfg-scale {args.cfg_scale} and --guide-step {args.guide_step} must be >= 0")
     print(f"| step | {' | '.join(CHECKS)} | background |\n" + "| --- " * (len(CHECKS) + 2) + "|")
+    if args.guide_ckpt is not None and not Path(args.guide_ckpt).exists():
+        raise UserError(f"--guide-ckpt {args.guide_ckpt}: no such file or folder")
     rows = rescore(Path(args.run), args.cfg_scale, args.sample_steps, args.num_val, args.guide_step,
-                   args.guide_weight, None if args.grids is None else Path(args.grids))
+                   args.guide_weight, None if args.grids is None else Path(args.grids),
+                   guide_ckpt=None if args.guide_ckpt is None else Path(args.guide_ckpt))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
