@@ -101,6 +101,11 @@ CONFIGS = {
     "PixArt-pixel-32-pd": PixArtConfig(input_size=32, patch_size=4, in_channels=3, hidden_size=144, depth=4,
                                        num_heads=2, caption_channels=64, max_tokens=32, num_classes=24,
                                        pixel_decoder=16),
+    # A guide for autoguidance of the embedded stage-2 networks (`sample --guide-ckpt`): half their width and depth
+    # (head dim 72 still), its captions and image size theirs. Trained briefly, it is bad in the way they are, only
+    # more so, which is what a guide should be (Karras et al. 2024).
+    "PixArt-pixel-32-xs": PixArtConfig(input_size=32, patch_size=4, in_channels=3, hidden_size=72, depth=2,
+                                       num_heads=1, caption_channels=64, max_tokens=32, num_classes=24),
     # Stage 3 of the embedded default: stage 2's network (its pixel decoder included) at twice the side (256
     # tokens, as a 256-px latent), multi-aspect, with micro-conditions; positions interpolated by 2 as PixArt does
     # from 512 to 1024 px, so stage-2 weights carry over unchanged.

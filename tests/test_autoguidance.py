@@ -171,3 +171,16 @@ def test_an_autoguided_arm_is_its_recipe_sampled_with_autoguidance():
         assert (guided.guide_step, guided.guide_weight, guided.cfg_scale) == (300, 1.0, AUTOGUIDED_CFG)
         assert replace(guided, guide_step=0, cfg_scale=plain.cfg_scale) == plain  # the same training
         assert step_flops(guided, 900) == step_flops(plain, 900)
+
+
+def test_the_small_guide_config_guides_the_embedded_networks(tmp_path):
+    """PixArt-pixel-32-xs, trained on its own, guides a checkpoint of the stage-2 recipe's network."""
+    ckpts = {}
+    for name in ("PixArt-pixel-32-pd", "PixArt-pixel-32-xs"):
+        cfg = replace(RECIPES[2], model=name, steps=1, batch_size=2, num_val=1, sample_steps=1, save_every=1,
+                      sample_every=0, kernels="torch", out=str(tmp_path / name))
+        ckpts[name] = train(cfg, progress=False)["checkpoint"]
+    png = tmp_path / "s.png"
+    assert sample_main(["--ckpt", ckpts["PixArt-pixel-32-pd"], "--prompt", "a red circle", "--out", str(png),
+                        "--steps", "2", "--cfg-scale", "2.5", "--guide-ckpt", ckpts["PixArt-pixel-32-xs"]]) == 0
+    assert png.exists()
