@@ -50,8 +50,8 @@ from pixart_fast.diffusion import Diffusion
 from pixart_fast.files import atomic_path
 from pixart_fast.loader import prefetch, to_device
 from pixart_fast.model import draw_tokens, keep_patches
-from .recipes import RECIPES, TrainConfig
 from pixart_fast.sample import load_guide
+from .recipes import RECIPES, TrainConfig
 from .run_folder import (claimed, guide_checkpoint, latest_checkpoint, load_trainer_state, load_weights,
                          newest_intact_checkpoint, recover_leftovers, save_checkpoint, trim_metrics,
                          verified_checkpoint)
@@ -563,8 +563,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
 
 def validate(run: Run, step: int, guides: dict) -> dict:
     """The EMA model's validation scores at `step`, on every rank (a sharded EMA needs all of them; rank 0 writes
-    the sample grid), autoguided after --guide-step by
-    the run's checkpoint of that step; guides caches that checkpoint's model for the run's later validations."""
+    the sample grid), autoguided after --guide-step by the run's checkpoint of that step; `guides` caches that
+    checkpoint's model for the run's later validations."""
     cfg, d = run.cfg, run.dist
     png = run.run_dir / "samples" / f"step-{step:07d}.png" if d.main else None
     if not cfg.guide_step or step <= cfg.guide_step:

@@ -112,9 +112,9 @@ def main(argv=None) -> int:
             raise UserError(f"{flag} {value}: must be >= 1")
     if args.cfg_scale < 0 or args.guide_step < 0:
         raise UserError(f"--cfg-scale {args.cfg_scale} and --guide-step {args.guide_step} must be >= 0")
-    print(f"| step | {' | '.join(CHECKS)} | background |\n" + "| --- " * (len(CHECKS) + 2) + "|")
     if args.guide_ckpt is not None and not Path(args.guide_ckpt).exists():
         raise UserError(f"--guide-ckpt {args.guide_ckpt}: no such file or folder")
+    print(f"| step | {' | '.join(CHECKS)} | background |\n" + "| --- " * (len(CHECKS) + 2) + "|")
     rows = rescore(Path(args.run), args.cfg_scale, args.sample_steps, args.num_val, args.guide_step,
                    args.guide_weight, None if args.grids is None else Path(args.grids),
                    guide_ckpt=None if args.guide_ckpt is None else Path(args.guide_ckpt))
