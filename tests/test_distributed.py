@@ -1,7 +1,7 @@
-"""Training under torchrun on the CPU (gloo, 127.0.0.1 only): 2 processes take the same steps as 1 process at the
-same global batch, rank 0 alone writes, a 2-process checkpoint resumes in 1 process, alignment ended by
---repa-steps keeps DDP going, FSDP2 agrees too, and so do 2 nodes of 1 process each (two torchrun launchers meeting
-at a rendezvous), resumed on 2 nodes."""
+"""Training under torchrun on the CPU (gloo, 127.0.0.1 only): 2 processes take the same steps as 1 process at the same
+global batch, rank 0 alone writes, a 2-process checkpoint resumes in 1 process, alignment ended by --repa-steps
+keeps DDP going, FSDP2 agrees too (its validation autoguided), and so do 2 nodes of 1 process each (two torchrun
+launchers meeting at a rendezvous), resumed on 2 nodes."""
 import json
 import os
 import shutil
@@ -19,6 +19,7 @@ from pixart_fast.cli import UserError
 from pixart_fast.distributed import Dist
 from pixart_fast.train.loop import train
 from pixart_fast.train.recipes import RECIPES
+from pixart_fast.train.rescore import rescore
 
 STEPS = 3
 FLAGS = dict(model="PixArt-pixel-tiny", steps=STEPS, batch_size=4, save_every=2, log_every=1, num_val=2,
@@ -130,9 +131,19 @@ def without_key_biases(state: dict) -> dict:
 
 
 def test_fsdp_equals_one_process_and_its_checkpoint_resumes_in_one(one_process, tmp_path):
-    torchrun(2, tmp_path / "fsdp", "--fsdp=true")
+    # its final validation is autoguided by the step-2 checkpoint: the guide stands beside the sharded EMA model
+    torchrun(2, tmp_path / "fsdp", "--fsdp=true", "--guide-step=2")
     for name in ("model", "ema"):
         assert max_diff(weights(tmp_path / "fsdp", STEPS, name), weights(one_process, STEPS, name)) <= ATOL, name
+    logged = [json.loads(line)["val"] for line in (tmp_path / "fsdp/stage2/metrics.jsonl").read_text().splitlines()
+              if '"val"' in line]
+    again = {grids: rescore(tmp_path / "fsdp/stage2", cfg_scale=RECIPES[2].cfg_scale, sample_steps=2, num_val=2,
+                            guide_step=guide_step, grids=tmp_path / grids, log=lambda line: None)[-1]
+             for guide_step, grids in ((2, "guided"), (0, "plain"))}  # in one process, unsharded
+    assert json.dumps(again["guided"]["scores"], sort_keys=True) == json.dumps(logged[-1], sort_keys=True)
+    name = f"step-{STEPS:07d}.png"  # the trainer's grid is the guided one
+    assert (tmp_path / "guided" / name).read_bytes() == (tmp_path / "fsdp/stage2/samples" / name).read_bytes()
+    assert (tmp_path / "plain" / name).read_bytes() != (tmp_path / "fsdp/stage2/samples" / name).read_bytes()
     resumed = replace(RECIPES[2], **FLAGS, out=str(tmp_path / "resumed"),
                       resume=str(tmp_path / "fsdp/stage2/checkpoints/step-0000002"))
     train(resumed, progress=False)
