@@ -61,7 +61,8 @@ def _mean_flat(x):
     return x.mean(dim=list(range(1, x.ndim)))
 
 
-def guided(model_fn: ModelFn, scale: float = 4.5, guide_fn: ModelFn | None = None, guide_weight: float = 0.0) -> ModelFn:
+def guided(model_fn: ModelFn, scale: float = 4.5, guide_fn: ModelFn | None = None,
+           guide_weight: float = 0.0) -> ModelFn:
     """Classifier-free guidance in one batched model call, optionally with autoguidance on top.
 
     model_fn(x2, t2) gets the batch twice, x2 = [x; x] (2B, C, H, W) and t2 = [t; t], and must treat the first

@@ -152,7 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--scale", type=int, default=4, help="upscale the written PNG by this factor (nearest)")
     args = p.parse_args(argv)
-    for flag, path in (("--ckpt", args.ckpt), ("--t5", args.t5), ("--vae", args.vae), ("--guide-ckpt", args.guide_ckpt)):
+    paths = (("--ckpt", args.ckpt), ("--t5", args.t5), ("--vae", args.vae), ("--guide-ckpt", args.guide_ckpt))
+    for flag, path in paths:
         if path is not None and not Path(path).exists():  # nothing is downloaded: a name is not a path
             raise UserError(f"{flag} {path}: no such file or folder (pass a local path; nothing is downloaded)")
     if not Path(args.out).resolve().parent.is_dir():

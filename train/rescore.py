@@ -113,7 +113,8 @@ def main(argv=None) -> int:
     if args.cfg_scale < 0 or args.guide_step < 0:
         raise UserError(f"--cfg-scale {args.cfg_scale} and --guide-step {args.guide_step} must be >= 0")
     if args.guide_ckpt is not None and not Path(args.guide_ckpt).exists():
-        raise UserError(f"--guide-ckpt {args.guide_ckpt}: no such file or folder")
+        raise UserError(f"--guide-ckpt {args.guide_ckpt}: no such file or folder (pass a local path; nothing is "
+                        "downloaded)")
     print(f"| step | {' | '.join(CHECKS)} | background |\n" + "| --- " * (len(CHECKS) + 2) + "|")
     rows = rescore(Path(args.run), args.cfg_scale, args.sample_steps, args.num_val, args.guide_step,
                    args.guide_weight, None if args.grids is None else Path(args.grids),
