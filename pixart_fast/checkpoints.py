@@ -361,8 +361,8 @@ def checkpoint_file(ckpt: Path, weights: str = "ema") -> Path:
 
 def training_metadata(path) -> dict:
     """What our trainer records in a checkpoint's safetensors metadata ({} for other files): "model" (the config
-    name), "step", "stage", "prediction" ("eps", "v" or "flow"), "tokenizer" and "t5_locality" (the embedded T5's); a LoRA
-    run's "lora_rank", "lora_alpha", "lora_targets" and "base"."""
+    name), "step", "stage", "prediction" ("eps", "v" or "flow"), "tokenizer", "t5_locality" and "t5_train_steps"
+    (the embedded T5's); a LoRA run's "lora_rank", "lora_alpha", "lora_targets" and "base"."""
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return {}

@@ -73,19 +73,19 @@ def generate(model: PixArt, text: TextEncoder, prompts: list[str], height: int, 
 def load_for_sampling(ckpt: Path, model_name: str | None = None, t5: str | None = None, tokenizer: str | None = None,
                       prediction: str | None = None, device="cpu", check=None) -> tuple[PixArt, TextEncoder, str]:
     """A checkpoint ready to sample: (model in eval mode on `device`, its text encoder, its prediction). Each None
-    takes what our trainer's checkpoint records (model config, prediction, the embedded T5's tokenizer and
-    locality), else eps and byte; t5: a local T5 folder instead of the embedded one. check(prediction), when given,
-    runs before the text encoder loads (to refuse a sampler that does not fit). One of our checkpoint folders
-    (step-XXXXXXX/) stands for its EMA weights."""
+    takes what our trainer's checkpoint records (model config, prediction, the embedded T5's tokenizer, locality
+    and training on caption text), else eps and byte; t5: a local T5 folder instead of the embedded one.
+    check(prediction), when given, runs before the text encoder loads (to refuse a sampler that does not fit). One
+    of our checkpoint folders (step-XXXXXXX/) stands for its EMA weights."""
     model, recorded = load_pixart_checkpoint(ckpt, model_name, device)
     prediction = prediction or recorded.get("prediction", "eps")
     if check is not None:
         check(prediction)
     tokenizer = tokenizer or recorded.get("tokenizer", "byte")
-    locality = recorded.get("t5_locality", 0.0)  # the embedded T5 the checkpoint was trained with
     length = model.config.max_tokens  # the caption length the model's null caption has (Σ: 300)
-    text = (TextEncoder.from_pretrained(t5, max_length=length) if t5 else
-            TextEncoder.embedded(tokenizer=tokenizer, max_length=length, locality=locality))
+    text = (TextEncoder.from_pretrained(t5, max_length=length) if t5 else  # else the embedded T5 it was trained with
+            TextEncoder.embedded(tokenizer=tokenizer, max_length=length, locality=recorded.get("t5_locality", 0.0),
+                                 train_steps=recorded.get("t5_train_steps", 0)))
     if text.caption_channels != model.config.caption_channels:
         raise UserError(f"the text encoder gives {text.caption_channels}-dim features but the model expects "
                         f"{model.config.caption_channels}: pass the T5 the model was trained with (--t5)")

@@ -9,20 +9,29 @@ ByT5 spends one token per UTF-8 byte plus EOS. The longest caption `pixart_fast.
 (120 tokens) and a typical one about 65, so the embedded default never truncates its own captions.
 """
 import json
+import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from pixart_fast.data import COLOURS, REGIONS, SHAPES, SIZES
+from pixart_fast.data import COLOURS, REGIONS, SHAPES, SIZES, random_scene
 from pixart_fast.files import atomic_path
 
 MAX_TOKENS = 120  # PixArt-alpha's caption length (the default): the null caption `y_embedding` has this many rows
+# What training on caption text teaches each word of a phrase about that phrase: its size ("medium" where none is
+# named), colour, shape and cell. Captions a step and the learning rate of that training:
+BINDING_CLASSES = (tuple(SIZES), tuple(COLOURS), SHAPES, REGIONS)
+BINDING_BATCH, BINDING_LR = 64, 3e-3
+SEPARATORS = (",", "and")
 
 
 def _length_tag(max_length: int) -> str:
@@ -47,6 +56,69 @@ def _distance_bias(model: T5EncoderModel, locality: float) -> None:
         attention.relative_attention_bias.weight.copy_(-locality * bias[:, None].expand(-1, attention.n_heads))
 
 
+def phrase_labels(tokens: list[str]) -> torch.Tensor:
+    """The classes training on caption text teaches a word-level caption's tokens: (len(tokens), 4) int64. Every
+    word of a phrase ('a small red circle at top left') gets that phrase's size, colour, shape and cell as indices
+    into BINDING_CLASSES (size "medium" where none is named); separators (',', 'and'), specials and what a phrase
+    does not say get -100, which is not taught. The labels come from the caption's own words."""
+    labels = torch.full((len(tokens), len(BINDING_CLASSES)), -100, dtype=torch.long)
+    start = 0
+    for end in range(len(tokens) + 1):
+        if end < len(tokens) and tokens[end] not in SEPARATORS and not tokens[end].startswith("<"):
+            continue
+        words = tokens[start:end]
+        if words:
+            size = next((w for w in words if w in SIZES), "medium")
+            region = " ".join(words[words.index("at") + 1:]) if "at" in words else None
+            found = (size, next((w for w in words if w in COLOURS), None), next((w for w in words if w in SHAPES),
+                     None), region)
+            for column, (classes, value) in enumerate(zip(BINDING_CLASSES, found)):
+                if value in classes:
+                    labels[start:end, column] = classes.index(value)
+        start = end + 1
+    return labels
+
+
+def binding_flops(config: T5Config, steps: int, max_length: int) -> int:
+    """Training FLOPs of `steps` steps of training on caption text (forward + backward = 3 x forward, every padded
+    token counted): per token and layer the attention projections, the gated MLP and the attention over the
+    caption, then the classes' linear head."""
+    d, inner = config.d_model, config.num_heads * config.d_kv
+    per_token = config.num_layers * (4 * d * inner + 3 * d * config.d_ff + 2 * max_length * inner)
+    per_token += d * sum(len(c) for c in BINDING_CLASSES)
+    return 3 * 2 * per_token * steps * BINDING_BATCH * max_length
+
+
+def _teach_binding(model: T5EncoderModel, tokenizer, steps: int, seed: int, max_length: int) -> None:
+    """Train `model` in place on caption text alone (captions `random_scene` writes, from their own stream seeded
+    by `seed`): every word learns its phrase's size, colour, shape and cell (`phrase_labels`) through a linear head
+    that is then dropped. One thread, so that every call on a machine gives the same weights; the global RNG is
+    untouched."""
+    sizes = [len(c) for c in BINDING_CLASSES]
+    rng, threads = np.random.default_rng([seed, 1]), torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Linear(model.config.d_model, sum(sizes))
+        model.train().requires_grad_(True)
+        opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=BINDING_LR, weight_decay=0.0)
+        torch.set_num_threads(1)
+        try:
+            for _ in range(steps):
+                captions = [random_scene(rng, 32, 32).caption for _ in range(BINDING_BATCH)]
+                tokens = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True,
+                                   return_tensors="pt")
+                labels = torch.stack([phrase_labels(tokenizer.convert_ids_to_tokens(ids)) for ids in tokens.input_ids])
+                hidden = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+                loss = sum(F.cross_entropy(logits.flatten(0, 1), labels[..., column].flatten(), ignore_index=-100)
+                           for column, logits in enumerate(head(hidden).split(sizes, dim=-1)))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        finally:
+            torch.set_num_threads(threads)
+    model.eval().requires_grad_(False)
+
+
 class TextEncoder:
     """A frozen T5 encoder and its tokenizer. encode(captions) -> (features (B, max_length, C) float32, mask
     (B, max_length) bool), on the encoder's device; C = `caption_channels`, max_length 120 (PixArt-alpha, the
@@ -54,14 +126,15 @@ class TextEncoder:
 
     `encode_cached` keeps the features of every caption it has seen (on the CPU), for the fixed caption sets
     a trainer encodes again and again; `save_cache` / `load_cache` keep them in a safetensors file.
-    `truncated` counts captions longer than max_length tokens that were cut (warned about once).
+    `truncated` counts captions longer than max_length tokens that were cut (warned about once). `training_flops`
+    and `training_seconds`: what training the embedded T5 on caption text cost (0 for a random or a loaded one).
     """
 
     def __init__(self, model: T5EncoderModel, tokenizer, name: str, max_length: int = MAX_TOKENS):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer, self.name, self.max_length = tokenizer, name, max_length
         self.caption_channels = model.config.d_model
-        self.truncated = 0
+        self.truncated, self.training_flops, self.training_seconds = 0, 0, 0.0
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # caption -> ((L, C), (L,)) on the CPU
 
     @classmethod
@@ -86,7 +159,7 @@ class TextEncoder:
     @classmethod
     def embedded(
         cls, seed: int = 0, d_model: int = 64, num_layers: int = 2, num_heads: int = 2, d_ff: int = 128, device="cpu",
-        tokenizer: str = "byte", max_length: int = MAX_TOKENS, locality: float = 0.0,
+        tokenizer: str = "byte", max_length: int = MAX_TOKENS, locality: float = 0.0, train_steps: int = 0,
     ) -> "TextEncoder":
         """The embedded default: a T5 v1.1-style encoder (gated-GELU MLP) with random weights fixed by seed,
         built without touching the global RNG, and ByT5's tokenizer (vocabulary 384: 3 specials, 256 bytes,
@@ -96,9 +169,15 @@ class TextEncoder:
         max_length: the caption length (default 120). locality > 0: the first layer's relative position bias (T5
         keeps it there, shared by all layers) falls by `locality` per token of distance instead of being random,
         so each token's features mix mostly its own phrase's words: a region word then carries its object's
-        colour and shape, which a trained T5 binds and a random one mixes with the other objects' words."""
+        colour and shape, which a trained T5 binds and a random one mixes with the other objects' words.
+        train_steps > 0 (word tokens only): the encoder is then trained on caption text alone for that many steps of
+        BINDING_BATCH captions (`_teach_binding`): every word learns its phrase's size, colour, shape and cell, as a
+        T5 trained on language binds modifiers to their noun, with no image seen."""
         if tokenizer not in ("byte", "word"):
             raise ValueError(f"tokenizer must be 'byte' or 'word', got {tokenizer!r}")
+        if train_steps < 0 or (train_steps and tokenizer != "word"):
+            raise ValueError(f"train_steps {train_steps}: the embedded T5 is trained on word tokens only (tokenizer "
+                             f"'word'), for >= 0 steps; got tokenizer {tokenizer!r}")
         tok = ByT5Tokenizer() if tokenizer == "byte" else cls.word_tokenizer()
         config = T5Config(
             vocab_size=384 if tokenizer == "byte" else len(tok), d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff,
@@ -109,10 +188,16 @@ class TextEncoder:
             model = T5EncoderModel(config)
         if locality:
             _distance_bias(model, locality)
+        start = time.perf_counter()
+        if train_steps:
+            _teach_binding(model, tok, train_steps, seed, max_length)
         name = f"embedded-t5-d{d_model}-l{num_layers}-h{num_heads}-f{d_ff}-seed{seed}"
         name += ("" if tokenizer == "byte" else f"-{tokenizer}") + (f"-local{locality:g}" if locality else "")
-        name += _length_tag(max_length)
-        return cls(model.to(device), tok, name=name, max_length=max_length)
+        name += (f"-trained{train_steps}" if train_steps else "") + _length_tag(max_length)
+        encoder = cls(model.to(device), tok, name=name, max_length=max_length)
+        encoder.training_flops = binding_flops(config, train_steps, max_length)
+        encoder.training_seconds = time.perf_counter() - start if train_steps else 0.0
+        return encoder
 
     @staticmethod
     def word_tokenizer() -> PreTrainedTokenizerFast:

@@ -60,8 +60,9 @@ def test_the_model_guided_by_itself_is_cfg_and_by_another_is_not():
 
 
 def test_rescore_reproduces_the_trainers_evaluation_and_guides_by_an_earlier_checkpoint(tmp_path, capsys):
+    # a text encoder trained on captions, which rescore and sample rebuild from what the checkpoints record
     cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", steps=4, batch_size=2, num_val=3, sample_steps=2,
-                  save_every=2, sample_every=2, kernels="torch", out=str(tmp_path))
+                  save_every=2, sample_every=2, kernels="torch", t5_train_steps=4, out=str(tmp_path))
     train(cfg, progress=False)
     run_dir = tmp_path / "stage2"
     logged = {r["step"]: r["val"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
@@ -123,7 +124,7 @@ def test_the_trainers_validation_autoguided_after_guide_step_equals_rescore(tmp_
     scores and grids are rescore's with the same settings, and a finished run started again scores the same."""
     cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", steps=6, batch_size=2, num_val=3, sample_steps=2,
                   save_every=2, sample_every=2, keep=1, cfg_scale=2.5, guide_step=2, guide_weight=1.5,
-                  kernels="torch", out=str(tmp_path))
+                  kernels="torch", t5_train_steps=0, out=str(tmp_path))
     train(cfg, progress=False)
     run_dir = tmp_path / "stage2"
     assert "step 4: EMA (autoguided by step 2)" in capsys.readouterr().out
@@ -178,7 +179,7 @@ def test_the_small_guide_config_guides_the_embedded_networks(tmp_path):
     ckpts = {}
     for name in ("PixArt-pixel-32-pd", "PixArt-pixel-32-xs"):
         cfg = replace(RECIPES[2], model=name, steps=1, batch_size=2, num_val=1, sample_steps=1, save_every=1,
-                      sample_every=0, kernels="torch", out=str(tmp_path / name))
+                      sample_every=0, kernels="torch", t5_train_steps=0, out=str(tmp_path / name))
         ckpts[name] = train(cfg, progress=False)["checkpoint"]
     png = tmp_path / "s.png"
     assert sample_main(["--ckpt", ckpts["PixArt-pixel-32-pd"], "--prompt", "a red circle", "--out", str(png),

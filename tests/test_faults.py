@@ -36,7 +36,7 @@ from pixart_fast.train.recipes import RECIPES
 from test_extract import encoders, picture  # noqa: F401 (encoders: the tiny VAE and T5 folders, a fixture)
 
 FAST = dict(model="PixArt-pixel-tiny", batch_size=4, log_every=1, save_every=1, num_val=2, sample_steps=2,
-            kernels="torch")
+            kernels="torch", t5_train_steps=0)
 
 
 def tiny(tmp_path, **kw):

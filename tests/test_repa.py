@@ -26,7 +26,7 @@ from test_token_levers import TINY3, model_and_inputs
 from test_train import assert_resume_is_bit_identical
 
 FAST = dict(model="PixArt-pixel-tiny", batch_size=2, num_val=2, sample_steps=2, sample_every=0, kernels="torch",
-            steps=3, log_every=1, save_every=2)
+            t5_train_steps=0, steps=3, log_every=1, save_every=2)
 SELF = dict(repa_depth=1, repa_target_depth=2)
 
 

@@ -256,7 +256,8 @@ def test_the_flop_count_without_levers_is_unchanged():
     assert forward_flops(cfg, mask_ratio=0.0) == forward_flops(cfg)
 
 
-FAST = dict(model="PixArt-pixel-tiny", batch_size=2, num_val=2, sample_steps=2, sample_every=0, kernels="torch", steps=4)
+FAST = dict(model="PixArt-pixel-tiny", batch_size=2, num_val=2, sample_steps=2, sample_every=0, kernels="torch",
+            t5_train_steps=0, steps=4)
 
 
 @pytest.mark.parametrize("levers", [dict(mask_ratio=0.5, unmasked_steps=2), dict(route_ratio=0.5, route_start=0)],
@@ -325,7 +326,7 @@ def test_a_levered_steady_state_step_reads_nothing_back_to_the_host(tmp_path, mo
     from pixart_fast.train.loop import batch_indices, setup, train_step
 
     cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", batch_size=4, kernels="torch", out=str(tmp_path),
-                  mask_ratio=0.5, route_ratio=0.5, route_start=0)
+                  mask_ratio=0.5, route_ratio=0.5, route_start=0, t5_train_steps=0)
     run = setup(cfg, distributed.Dist(), log=lambda *a: None)
     train_step(run, 0, False)
     ready = {}

@@ -15,7 +15,7 @@ from pixart_fast.train.loop import train
 from pixart_fast.train.stages import STAGES
 from pixart_fast.train.recipes import RECIPES
 
-FAST = dict(batch_size=4, log_every=1, save_every=2, num_val=3, sample_steps=2, kernels="torch")
+FAST = dict(batch_size=4, log_every=1, save_every=2, num_val=3, sample_steps=2, kernels="torch", t5_train_steps=0)
 
 
 def tiny(stage, tmp_path, **kw):
@@ -78,6 +78,25 @@ def test_the_stage2_recipes_network_trains_routed_resumes_and_samples(tmp_path):
         replace(cfg, mask_ratio=0.5)
     with pytest.raises(UserError, match="without a pixel decoder"):
         train(replace(tiny(1, tmp_path / "s1", steps=1), model="PixArt-pixel-32-pd"), progress=False)
+
+
+def test_a_text_encoder_trained_on_captions_is_recorded_and_rebuilt_for_sampling(tmp_path, capsys):
+    """--t5-train-steps: the run trains its embedded T5 first and says what it cost; the checkpoint records it, so
+    sampling rebuilds the same encoder (the same name, hence cache key, and the same features)."""
+    from pixart_fast.sample import load_for_sampling
+    from pixart_fast.text import TextEncoder
+
+    cfg = tiny(2, tmp_path, steps=2, t5_train_steps=4)
+    train(cfg, progress=False)
+    assert "embedded T5 trained on caption text: 4 steps" in capsys.readouterr().out
+    _, text, _ = load_for_sampling(tmp_path / "stage2/checkpoints/step-0000002")
+    length = CONFIGS[cfg.model].max_tokens
+    trained = TextEncoder.embedded(tokenizer="word", max_length=length, locality=cfg.t5_locality, train_steps=4)
+    assert text.name == trained.name and "trained4" in text.name
+    captions = ["a small red circle at top left and a large blue square at center"]
+    assert torch.equal(text.encode(captions)[0], trained.encode(captions)[0])
+    untrained = TextEncoder.embedded(tokenizer="word", max_length=length, locality=cfg.t5_locality)
+    assert not torch.equal(text.encode(captions)[0], untrained.encode(captions)[0])
 
 
 def test_stage2_starts_from_stage1_through_reparameterization(tmp_path):
@@ -160,7 +179,8 @@ def test_the_ablation_command_writes_its_table_and_plot(tmp_path):
     from pixart_fast.train.ablate import ablate
 
     # route_start 0 for every arm: from block 1 a two-block model has no middle block to route past
-    tiny = dict(model="PixArt-pixel-tiny", batch_size=2, kernels="torch", sample_steps=2, route_start=0)
+    tiny = dict(model="PixArt-pixel-tiny", batch_size=2, kernels="torch", sample_steps=2, route_start=0,
+                t5_train_steps=0)
     table = ablate(tmp_path, arms=("paper", "default", "mask"), seeds=2, steps=4, stage1_steps=2, eval_every=2,
                    num_val=2, fixed=(("colour", 0.0),), progress=False, **tiny)
     assert set(table) == {"paper", "default", "mask"}

@@ -21,7 +21,8 @@ from pixart_fast.train.run_folder import LOCK, claimed, recover_leftovers
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-FAST = dict(model="PixArt-pixel-tiny", batch_size=2, num_val=2, sample_steps=2, sample_every=0, kernels="torch")
+FAST = dict(model="PixArt-pixel-tiny", batch_size=2, num_val=2, sample_steps=2, sample_every=0, kernels="torch",
+            t5_train_steps=0)
 
 
 def tiny(out, **kw) -> TrainConfig:
@@ -55,6 +56,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *expected: str) -> 
     (["--caption-dropout", "1.5"], "--caption-dropout 1.5: must be >= 0 and <= 1", None),
     (["--batch-size", "3"], "--batch-size 3 does not split over 2 processes", {"WORLD_SIZE": "2"}),
     (["--init", "no/such/weights.pth"], "--init no/such/weights.pth: no such file or folder", None),
+    (["--t5-train-steps", "10", "--tokenizer", "byte"], "--t5-train-steps 10 with --tokenizer byte", None),
 ])
 def test_a_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, flags, expected, env):
     out = tmp_path / "runs"

@@ -61,7 +61,8 @@ class Arm:
 # variance and the VLB term, uniform timesteps, unweighted loss, AdamW with weight decay 0.03, eps 1e-10 and a
 # gradient-norm clip of 0.01, starting from a class-conditional stage 1 of one large object per image. Its lr is
 # the miniature's (1e-3, 20-step warm-up), not the paper's 2e-5: that is set for a 611 M-parameter model at batch
-# 256, and the toy at 2e-5 barely moves in its budget. The text encoder is every arm's (word tokens, locality 0.5).
+# 256, and the toy at 2e-5 barely moves in its budget. The text encoder is every arm's (word tokens, locality 0.5,
+# trained on caption text: its 1.1e11 FLOPs are spent once for every arm, as a pretrained T5's, and not counted).
 # No token routing: the paper has none.
 _PAPER = dict(prediction="eps", min_snr_gamma=0.0, min_snr_plus_one=False, lr=1e-3, warmup=20, grad_clip=0.01,
               route_ratio=0.0)

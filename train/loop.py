@@ -63,8 +63,8 @@ PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.
 TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup", "lr_decay", "grad_clip", "ema_decay",
               "caption_dropout", "precision", "seed", "data", "t5", "prediction", "min_snr_gamma", "min_snr_plus_one",
               "timestep_sampling", "logit_mean", "logit_std", "input_perturbation", "tokenizer", "t5_locality",
-              "optimizer", "lora_rank", "lora_alpha", "lora_targets", "mask_ratio", "unmasked_steps", "route_ratio",
-              "route_start", "route_end", "early_route_steps", "early_route_ratio", "early_route_start",
+              "t5_train_steps", "optimizer", "lora_rank", "lora_alpha", "lora_targets", "mask_ratio", "unmasked_steps",
+              "route_ratio", "route_start", "route_end", "early_route_steps", "early_route_ratio", "early_route_start",
               "repa_depth", "repa_second_depth", "repa_target_depth", "repa_target_offset", "repa_encoder",
               "repa_weight", "repa_projector_dim", "repa_steps", "repa_truth", "disperse_weight", "disperse_depth",
               "disperse_distance")
@@ -228,6 +228,10 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
             log(f"{flag} {ratio}: {cfg.model} has {depth} blocks, none between the first routed one ({start}) and "
                 "the last block, so no token is routed")
     data = stage.data(cfg, model)
+    text = getattr(data, "text", None)
+    if text is not None and text.training_flops:
+        log(f"embedded T5 trained on caption text: {cfg.t5_train_steps} steps, {text.training_flops:.3g} FLOPs, "
+            f"{text.training_seconds:.0f} s")
     if d.main:
         recover_leftovers(run_dir, log)
     resume = None

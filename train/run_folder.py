@@ -234,9 +234,9 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, skipped: i
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # what a sampler needs to know besides the weights: the config, what the model predicts, the embedded T5's
-    # tokenizer and attention bias
+    # tokenizer, attention bias and training on caption text
     meta = {"step": step, "model": cfg.model, "stage": cfg.stage, "prediction": cfg.prediction,
-            "tokenizer": cfg.tokenizer, "t5_locality": cfg.t5_locality}
+            "tokenizer": cfg.tokenizer, "t5_locality": cfg.t5_locality, "t5_train_steps": cfg.t5_train_steps}
     if lora.is_lora(model):
         meta.update(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets, base=str(base))
     save_safetensors(model_sd, tmp / "model.safetensors", meta)  # each file fsync'd, and the folder

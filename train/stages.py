@@ -157,7 +157,8 @@ class TextConditional(Stage):
     def text_encoder(self, cfg, model):
         length = model.config.max_tokens  # the caption length the model's null caption has (Σ: 300)
         text = (TextEncoder.from_pretrained(cfg.t5, max_length=length) if cfg.t5 else
-                TextEncoder.embedded(tokenizer=cfg.tokenizer, max_length=length, locality=cfg.t5_locality))
+                TextEncoder.embedded(tokenizer=cfg.tokenizer, max_length=length, locality=cfg.t5_locality,
+                                     train_steps=cfg.t5_train_steps))
         if text.caption_channels != model.config.caption_channels:
             raise UserError(f"text encoder gives {text.caption_channels}-dim features but {cfg.model} expects "
                              f"{model.config.caption_channels}; pick a matching --model or --t5")
