@@ -84,13 +84,15 @@ def test_a_text_encoder_trained_on_captions_is_recorded_and_rebuilt_for_sampling
     """--t5-train-steps: the run trains its embedded T5 first and says what it cost; the checkpoint records it, so
     sampling rebuilds the same encoder (the same name, hence cache key, and the same features)."""
     from pixart_fast.sample import load_for_sampling
-    from pixart_fast.text import TextEncoder
+    from pixart_fast.text import TextEncoder, binding_flops
 
     cfg = tiny(2, tmp_path, steps=2, t5_train_steps=4)
-    train(cfg, progress=False)
+    summary = train(cfg, progress=False)
     assert "embedded T5 trained on caption text: 4 steps" in capsys.readouterr().out
-    _, text, _ = load_for_sampling(tmp_path / "stage2/checkpoints/step-0000002")
     length = CONFIGS[cfg.model].max_tokens
+    assert summary["text_encoder_seconds"] > 0 and summary["text_encoder_flops"] == binding_flops(
+        TextEncoder.embedded(tokenizer="word").model.config, 4, length)
+    _, text, _ = load_for_sampling(tmp_path / "stage2/checkpoints/step-0000002")
     trained = TextEncoder.embedded(tokenizer="word", max_length=length, locality=cfg.t5_locality, train_steps=4)
     assert text.name == trained.name and "trained4" in text.name
     captions = ["a small red circle at top left and a large blue square at center"]

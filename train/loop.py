@@ -606,6 +606,9 @@ def _summary(run: Run, scores: dict, train_time: float, last: dict, final: Path,
                "world_size": run.dist.world_size, "train_seconds": round(train_time, 1), "final_loss": last.get("loss"),
                "skipped_steps": run.skipped, "ema_alignment_accuracy": scores.get("accuracy"), "ema_scores": scores,
                "checkpoint": str(final), "samples": str(png) if run.data.draws_samples else None}
+    text = getattr(run.data, "text", None)
+    if text is not None and text.training_flops:  # what training the embedded T5 on caption text cost, before step 1
+        summary.update(text_encoder_flops=text.training_flops, text_encoder_seconds=round(text.training_seconds, 1))
     if run.dist.main:
         with atomic_path(run.run_dir / "summary.json") as tmp:  # JSON has no NaN: a non-finite number is null
             tmp.write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
