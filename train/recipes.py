@@ -365,7 +365,7 @@ class TrainConfig:
 # the cross-attention decode spelling before meaning) and a T5 attention bias that falls with distance
 # (t5_locality 0.5: a random one leaves colour and region unbound in 2- and 3-object captions), then trained on
 # caption text alone for 100 steps (t5_train_steps: each word learns its phrase's size, colour, shape and cell, as a
-# trained T5 binds them; objects are placed by step 800 instead of 2400, and more are drawn right). Stage 2 routes
+# trained T5 binds them; position 0.5 by step 800 instead of 1600, and more objects drawn right). Stage 2 routes
 # 90 % of the tokens past every block but the last (TREAD; --route-ratio 0 turns it off) on the network with a
 # pixel decoder (PixArt-pixel-32-pd): routing alone stalls shapes, since the routed blocks seldom see a token's
 # neighbours, and the decoder's convolutions relate them again. In five minutes this draws all four checks right
