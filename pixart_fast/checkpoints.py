@@ -51,6 +51,8 @@ _FUSED = [("attn.qkv.", ("attn1.to_q.", "attn1.to_k.", "attn1.to_v.")),
           ("cross_attn.kv_linear.", ("attn2.to_k.", "attn2.to_v."))]
 # Official-only entries: recomputed (pos_embed) or absent from diffusers (y_embedding).
 NOT_IN_DIFFUSERS = ("pos_embed", "y_embedder.y_embedding")
+# In the checkpoint folders of a run whose embedded T5 was trained on caption text: that encoder's weights
+TEXT_ENCODER_FILE = "text_encoder.safetensors"
 
 
 def diffusers_config(config: PixArtConfig) -> dict:
@@ -357,6 +359,14 @@ def checkpoint_file(ckpt: Path, weights: str = "ema") -> Path:
     if ckpt.is_dir() and (ckpt / f"{weights}.safetensors").exists():
         return ckpt / f"{weights}.safetensors"
     return ckpt
+
+
+def stored_text_encoder(ckpt: Path) -> dict | None:
+    """The trained embedded T5's weights that our checkpoint folder `ckpt` (or its weights file) keeps, or None
+    (no such file: a T5 random or pretrained, or a checkpoint written before the weights were kept)."""
+    ckpt = Path(ckpt)
+    path = (ckpt if ckpt.is_dir() else ckpt.parent) / TEXT_ENCODER_FILE
+    return load_safetensors(path) if path.is_file() else None
 
 
 def training_metadata(path) -> dict:

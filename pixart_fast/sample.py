@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pixart_fast.checkpoints import checkpoint_file, load_pixart, training_metadata
+from pixart_fast.checkpoints import checkpoint_file, load_pixart, stored_text_encoder, training_metadata
 from pixart_fast.cli import UserError, run
 from pixart_fast.lora import load_lora
 from pixart_fast.diffusion import PREDICTIONS, SAMPLERS, Diffusion
@@ -74,7 +74,7 @@ def load_for_sampling(ckpt: Path, model_name: str | None = None, t5: str | None 
                       prediction: str | None = None, device="cpu", check=None) -> tuple[PixArt, TextEncoder, str]:
     """A checkpoint ready to sample: (model in eval mode on `device`, its text encoder, its prediction). Each None
     takes what our trainer's checkpoint records (model config, prediction, the embedded T5's tokenizer, locality
-    and training on caption text), else eps and byte; t5: a local T5 folder instead of the embedded one.
+    and training on caption text, with the trained T5's weights), else eps and byte; t5: a local T5 folder instead of the embedded one.
     check(prediction), when given, runs before the text encoder loads (to refuse a sampler that does not fit). One
     of our checkpoint folders (step-XXXXXXX/) stands for its EMA weights."""
     model, recorded = load_pixart_checkpoint(ckpt, model_name, device)
@@ -83,9 +83,11 @@ def load_for_sampling(ckpt: Path, model_name: str | None = None, t5: str | None 
         check(prediction)
     tokenizer = tokenizer or recorded.get("tokenizer", "byte")
     length = model.config.max_tokens  # the caption length the model's null caption has (Σ: 300)
-    text = (TextEncoder.from_pretrained(t5, max_length=length) if t5 else  # else the embedded T5 it was trained with
+    # else the embedded T5 it was trained with: the trained weights the checkpoint keeps, else rebuilt from the
+    # settings it records (a checkpoint written before the weights were kept: trained again, exact on this machine)
+    text = (TextEncoder.from_pretrained(t5, max_length=length) if t5 else
             TextEncoder.embedded(tokenizer=tokenizer, max_length=length, locality=recorded.get("t5_locality", 0.0),
-                                 train_steps=recorded.get("t5_train_steps", 0)))
+                                 train_steps=recorded.get("t5_train_steps", 0), weights=stored_text_encoder(ckpt)))
     if text.caption_channels != model.config.caption_channels:
         raise UserError(f"the text encoder gives {text.caption_channels}-dim features but the model expects "
                         f"{model.config.caption_channels}: pass the T5 the model was trained with (--t5)")

@@ -126,8 +126,9 @@ class TextEncoder:
 
     `encode_cached` keeps the features of every caption it has seen (on the CPU), for the fixed caption sets
     a trainer encodes again and again; `save_cache` / `load_cache` keep them in a safetensors file.
-    `truncated` counts captions longer than max_length tokens that were cut (warned about once). `training_flops`
-    and `training_seconds`: what training the embedded T5 on caption text cost (0 for a random or a loaded one).
+    `truncated` counts captions longer than max_length tokens that were cut (warned about once). `training_flops`:
+    what training the embedded T5 on caption text cost (0 for a random or a pretrained one; given its trained
+    weights, what they cost); `training_seconds`: the seconds that training took here (0 when given its weights).
     """
 
     def __init__(self, model: T5EncoderModel, tokenizer, name: str, max_length: int = MAX_TOKENS):
@@ -160,6 +161,7 @@ class TextEncoder:
     def embedded(
         cls, seed: int = 0, d_model: int = 64, num_layers: int = 2, num_heads: int = 2, d_ff: int = 128, device="cpu",
         tokenizer: str = "byte", max_length: int = MAX_TOKENS, locality: float = 0.0, train_steps: int = 0,
+        weights: dict | None = None,
     ) -> "TextEncoder":
         """The embedded default: a T5 v1.1-style encoder (gated-GELU MLP) with random weights fixed by seed,
         built without touching the global RNG, and ByT5's tokenizer (vocabulary 384: 3 specials, 256 bytes,
@@ -172,7 +174,9 @@ class TextEncoder:
         colour and shape, which a trained T5 binds and a random one mixes with the other objects' words.
         train_steps > 0 (word tokens only): the encoder is then trained on caption text alone for that many steps of
         BINDING_BATCH captions (`_teach_binding`): every word learns its phrase's size, colour, shape and cell, as a
-        T5 trained on language binds modifiers to their noun, with no image seen."""
+        T5 trained on language binds modifiers to their noun, with no image seen. weights: that training's result
+        (the state dict a run's checkpoints keep, `TEXT_ENCODER_FILE`), loaded instead of training again: the same
+        encoder on any machine, where training again is exact only on the machine that trained it."""
         if tokenizer not in ("byte", "word"):
             raise ValueError(f"tokenizer must be 'byte' or 'word', got {tokenizer!r}")
         if train_steps < 0 or (train_steps and tokenizer != "word"):
@@ -189,14 +193,18 @@ class TextEncoder:
         if locality:
             _distance_bias(model, locality)
         start = time.perf_counter()
-        if train_steps:
+        if weights is not None:
+            if not train_steps:
+                raise ValueError("weights are those of an encoder trained on caption text: pass its train_steps")
+            model.load_state_dict(weights)  # strict: the architecture above must be the one that was trained
+        elif train_steps:
             _teach_binding(model, tok, train_steps, seed, max_length)
         name = f"embedded-t5-d{d_model}-l{num_layers}-h{num_heads}-f{d_ff}-seed{seed}"
         name += ("" if tokenizer == "byte" else f"-{tokenizer}") + (f"-local{locality:g}" if locality else "")
         name += (f"-trained{train_steps}" if train_steps else "") + _length_tag(max_length)
         encoder = cls(model.to(device), tok, name=name, max_length=max_length)
         encoder.training_flops = binding_flops(config, train_steps, max_length)
-        encoder.training_seconds = time.perf_counter() - start if train_steps else 0.0
+        encoder.training_seconds = time.perf_counter() - start if train_steps and weights is None else 0.0
         return encoder
 
     @staticmethod

@@ -80,9 +80,13 @@ def test_the_stage2_recipes_network_trains_routed_resumes_and_samples(tmp_path):
         train(replace(tiny(1, tmp_path / "s1", steps=1), model="PixArt-pixel-32-pd"), progress=False)
 
 
-def test_a_text_encoder_trained_on_captions_is_recorded_and_rebuilt_for_sampling(tmp_path, capsys):
-    """--t5-train-steps: the run trains its embedded T5 first and says what it cost; the checkpoint records it, so
-    sampling rebuilds the same encoder (the same name, hence cache key, and the same features)."""
+def test_a_text_encoder_trained_on_captions_is_kept_and_loaded_for_sampling_and_resuming(tmp_path, capsys):
+    """--t5-train-steps: the run trains its embedded T5 first and says what it cost; each checkpoint keeps the
+    trained weights (in its manifest), and sampling and resuming load them rather than train again. A checkpoint
+    without them (written before they were kept) rebuilds the encoder from what it records: the same name, hence
+    cache key, and on this machine the same features."""
+    from pixart_fast.checkpoints import TEXT_ENCODER_FILE, save_safetensors
+    from pixart_fast.files import verify_manifest, write_manifest
     from pixart_fast.sample import load_for_sampling
     from pixart_fast.text import TextEncoder, binding_flops
 
@@ -92,13 +96,40 @@ def test_a_text_encoder_trained_on_captions_is_recorded_and_rebuilt_for_sampling
     length = CONFIGS[cfg.model].max_tokens
     assert summary["text_encoder_seconds"] > 0 and summary["text_encoder_flops"] == binding_flops(
         TextEncoder.embedded(tokenizer="word").model.config, 4, length)
-    _, text, _ = load_for_sampling(tmp_path / "stage2/checkpoints/step-0000002")
+    ckpt = tmp_path / "stage2/checkpoints/step-0000002"
+    assert TEXT_ENCODER_FILE in json.loads((ckpt / "manifest.json").read_text())["files"]
     trained = TextEncoder.embedded(tokenizer="word", max_length=length, locality=cfg.t5_locality, train_steps=4)
-    assert text.name == trained.name and "trained4" in text.name
     captions = ["a small red circle at top left and a large blue square at center"]
-    assert torch.equal(text.encode(captions)[0], trained.encode(captions)[0])
     untrained = TextEncoder.embedded(tokenizer="word", max_length=length, locality=cfg.t5_locality)
-    assert not torch.equal(text.encode(captions)[0], untrained.encode(captions)[0])
+    assert not torch.equal(trained.encode(captions)[0], untrained.encode(captions)[0])
+    stored = load_safetensors(ckpt / TEXT_ENCODER_FILE)
+    assert all(torch.equal(stored[k], v) for k, v in trained.model.state_dict().items())
+
+    # other weights in the file: what sampling and a resume read is the file, not a second training
+    changed = {k: v * 1.5 for k, v in stored.items()}
+    save_safetensors(changed, ckpt / TEXT_ENCODER_FILE)
+    write_manifest(ckpt)
+    _, text, _ = load_for_sampling(ckpt)
+    assert text.name == trained.name and "trained4" in text.name
+    assert not torch.equal(text.encode(captions)[0], trained.encode(captions)[0])
+    assert all(torch.equal(changed[k], v) for k, v in text.model.state_dict().items())
+    train(replace(cfg, steps=3, resume="latest"), progress=False)
+    assert f"4 steps, {summary['text_encoder_flops']:.3g} FLOPs, its weights from {ckpt}" in capsys.readouterr().out
+    resumed = load_safetensors(tmp_path / "stage2/checkpoints/step-0000003" / TEXT_ENCODER_FILE)
+    assert all(torch.equal(changed[k], v) for k, v in resumed.items())
+
+    # a resume that asks for another encoder trains it, and keeps that one
+    train(replace(cfg, steps=4, resume="latest", t5_train_steps=5), progress=False)
+    assert "embedded T5 trained on caption text: 5 steps" in capsys.readouterr().out
+    other = load_safetensors(tmp_path / "stage2/checkpoints/step-0000004" / TEXT_ENCODER_FILE)
+    five = TextEncoder.embedded(tokenizer="word", max_length=length, locality=cfg.t5_locality, train_steps=5)
+    assert all(torch.equal(other[k], v) for k, v in five.model.state_dict().items())
+
+    (ckpt / TEXT_ENCODER_FILE).unlink()  # as a checkpoint written before the weights were kept
+    write_manifest(ckpt)
+    assert verify_manifest(ckpt) == []
+    _, text, _ = load_for_sampling(ckpt)
+    assert text.name == trained.name and torch.equal(text.encode(captions)[0], trained.encode(captions)[0])
 
 
 def test_stage2_starts_from_stage1_through_reparameterization(tmp_path):

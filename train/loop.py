@@ -227,11 +227,6 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
         if ratio and cfg.routing(step, depth) is None:
             log(f"{flag} {ratio}: {cfg.model} has {depth} blocks, none between the first routed one ({start}) and "
                 "the last block, so no token is routed")
-    data = stage.data(cfg, model)
-    text = getattr(data, "text", None)
-    if text is not None and text.training_flops:
-        log(f"embedded T5 trained on caption text: {cfg.t5_train_steps} steps, {text.training_flops:.3g} FLOPs, "
-            f"{text.training_seconds:.0f} s")
     if d.main:
         recover_leftovers(run_dir, log)
     resume = None
@@ -241,6 +236,12 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
             log(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'}, starting a new run")
     elif cfg.resume:
         resume = verified_checkpoint(Path(cfg.resume))
+    data = stage.data(cfg, model, resume)
+    text = getattr(data, "text", None)
+    if text is not None and text.training_flops:
+        how = f"{text.training_seconds:.0f} s" if text.training_seconds else f"its weights from {resume}"
+        log(f"embedded T5 trained on caption text: {cfg.t5_train_steps} steps, {text.training_flops:.3g} FLOPs, "
+            + how)
     model.to(d.device)
     base = None  # LoRA: the frozen base weights, loaded again on a resume (checkpoints hold the adapters only)
     if resume is None or cfg.lora_rank:
@@ -476,7 +477,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSign
 
     def save(step: int, seconds: float) -> Path:  # seconds: the run's training time so far, every process's
         return save_checkpoint(run.run_dir, step, run.model, run.ema, run.opt, run.sched, run.skipped, cfg, d,
-                               run.base, seconds)
+                               run.base, seconds, getattr(run.data, "text", None))
 
     # rank 0: --report-to's tracker, resumed at run.start, and on a GPU of the table the MFU counter
     tracker = tracking.open_tracker(cfg.report_to, run.run_dir, cfg, run.start, log) if d.main else tracking.Tracker()

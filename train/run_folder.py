@@ -35,7 +35,8 @@ import torch
 from pixart_fast import distributed, lora
 from pixart_fast.align import PROJECTOR, SECOND_PROJECTOR
 from pixart_fast.cli import UserError
-from pixart_fast.checkpoints import load_safetensors, load_state_dict_strict, nonfinite_keys, save_safetensors
+from pixart_fast.checkpoints import (TEXT_ENCODER_FILE, load_safetensors, load_state_dict_strict, nonfinite_keys,
+                                    save_safetensors)
 from pixart_fast.files import atomic_path, fsync_dir, verify_manifest, write_manifest
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "trainer.pt")
@@ -208,13 +209,14 @@ def remove_checkpoint(folder: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, skipped: int, cfg,
-                    d: distributed.Dist, base: Path | None = None, seconds: float = 0.0) -> Path:
+                    d: distributed.Dist, base: Path | None = None, seconds: float = 0.0, text=None) -> Path:
     """Write checkpoints/step-XXXXXXX crash-safely: every file written and fsync'd in step-XXXXXXX.tmp, the
     manifest last, then the folder renamed into place (the rename fsync'd too); then all but the newest --keep
     checkpoints are deleted. Refuses weights holding NaN or inf. Every rank calls it (gathering sharded state is
     a collective); rank 0 writes whole, unsharded state dicts. skipped: the run's skipped steps so far. base: a
     LoRA run's frozen base weights (its files then hold the adapters only). seconds: the run's training time so
-    far, over all the processes that resumed it."""
+    far, over all the processes that resumed it. text: the run's text encoder; an embedded T5 trained on caption
+    text is kept as TEXT_ENCODER_FILE, so that sampling and resuming load the encoder the run trained with."""
     final = run_dir / "checkpoints" / f"step-{step:07d}"
     if lora.is_lora(model):
         model_sd, ema_sd = lora.adapter_state_dict(model), lora.adapter_state_dict(ema)
@@ -241,6 +243,9 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, skipped: i
         meta.update(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets, base=str(base))
     save_safetensors(model_sd, tmp / "model.safetensors", meta)  # each file fsync'd, and the folder
     save_safetensors(ema_sd, tmp / "ema.safetensors", meta)
+    if text is not None and cfg.t5_train_steps and cfg.t5 is None:
+        # cloned: T5 ties its token embedding to `shared`, and safetensors refuses tensors that share memory
+        save_safetensors({k: v.clone() for k, v in text.model.state_dict().items()}, tmp / TEXT_ENCODER_FILE, meta)
     with atomic_path(tmp / "trainer.pt") as path:
         state = {"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(), "skipped_steps": skipped,
                  "train_seconds": seconds, "config": asdict(cfg)}
