@@ -199,3 +199,11 @@ def test_training_on_caption_text_binds_each_word_to_its_phrase():
     assert not any(p.requires_grad for p in trained.model.parameters()) and not trained.model.training
     with pytest.raises(ValueError, match="word tokens only"):
         TextEncoder.embedded(train_steps=5)
+    # given the trained weights (as a checkpoint keeps them), the same encoder without training again
+    given = TextEncoder.embedded(tokenizer="word", max_length=32, locality=0.5, train_steps=60,
+                                 weights=trained.model.state_dict())
+    caption = ["a small red circle at top left and a large blue square at center"]
+    assert given.name == trained.name and torch.equal(given.encode(caption)[0], trained.encode(caption)[0])
+    assert given.training_seconds == 0 < trained.training_seconds and given.training_flops == trained.training_flops
+    with pytest.raises(ValueError, match="pass its train_steps"):
+        TextEncoder.embedded(tokenizer="word", max_length=32, locality=0.5, weights=trained.model.state_dict())
