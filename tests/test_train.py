@@ -80,11 +80,11 @@ def test_the_stage2_recipes_network_trains_routed_resumes_and_samples(tmp_path):
         train(replace(tiny(1, tmp_path / "s1", steps=1), model="PixArt-pixel-32-pd"), progress=False)
 
 
-def test_a_text_encoder_trained_on_captions_is_kept_and_loaded_for_sampling_and_resuming(tmp_path, capsys):
+def test_a_text_encoder_trained_on_captions_is_kept_and_loaded_where_its_checkpoint_goes(tmp_path, capsys):
     """--t5-train-steps: the run trains its embedded T5 first and says what it cost; each checkpoint keeps the
-    trained weights (in its manifest), and sampling and resuming load them rather than train again. A checkpoint
-    without them (written before they were kept) rebuilds the encoder from what it records: the same name, hence
-    cache key, and on this machine the same features."""
+    trained weights (in its manifest), and sampling, resuming and the next stage load them rather than train again.
+    A checkpoint without them (written before they were kept) rebuilds the encoder from what it records: the same
+    name, hence cache key, and on this machine the same features."""
     from pixart_fast.checkpoints import TEXT_ENCODER_FILE, save_safetensors
     from pixart_fast.files import verify_manifest, write_manifest
     from pixart_fast.sample import load_for_sampling
@@ -124,6 +124,12 @@ def test_a_text_encoder_trained_on_captions_is_kept_and_loaded_for_sampling_and_
     other = load_safetensors(tmp_path / "stage2/checkpoints/step-0000004" / TEXT_ENCODER_FILE)
     five = TextEncoder.embedded(tokenizer="word", max_length=length, locality=cfg.t5_locality, train_steps=5)
     assert all(torch.equal(other[k], v) for k, v in five.model.state_dict().items())
+
+    # the next stage, started from this one's weights, takes the encoder they were trained with
+    train(tiny(3, tmp_path, steps=1, t5_train_steps=5), progress=False)
+    assert "5 steps" in (log := capsys.readouterr().out) and "its weights from" in log and "stage2" in log
+    third = load_safetensors(tmp_path / "stage3/checkpoints/step-0000001" / TEXT_ENCODER_FILE)
+    assert all(torch.equal(other[k], v) for k, v in third.items())
 
     (ckpt / TEXT_ENCODER_FILE).unlink()  # as a checkpoint written before the weights were kept
     write_manifest(ckpt)

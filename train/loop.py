@@ -236,12 +236,6 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
             log(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'}, starting a new run")
     elif cfg.resume:
         resume = verified_checkpoint(Path(cfg.resume))
-    data = stage.data(cfg, model, resume)
-    text = getattr(data, "text", None)
-    if text is not None and text.training_flops:
-        how = f"{text.training_seconds:.0f} s" if text.training_seconds else f"its weights from {resume}"
-        log(f"embedded T5 trained on caption text: {cfg.t5_train_steps} steps, {text.training_flops:.3g} FLOPs, "
-            + how)
     model.to(d.device)
     base = None  # LoRA: the frozen base weights, loaded again on a resume (checkpoints hold the adapters only)
     if resume is None or cfg.lora_rank:
@@ -258,6 +252,14 @@ def setup(cfg: TrainConfig, d: distributed.Dist, log) -> Run:
             torch.manual_seed(cfg.seed)
             lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         log(f"{lora.adapter_summary(model)}; base weights {base}")
+    # the embedded T5 the checkpoint it resumes or starts from was trained with, where it keeps it and it fits
+    source = resume or base
+    data = stage.data(cfg, model, source)
+    text = getattr(data, "text", None)
+    if text is not None and text.training_flops:
+        how = f"{text.training_seconds:.0f} s" if text.training_seconds else f"its weights from {source}"
+        log(f"embedded T5 trained on caption text: {cfg.t5_train_steps} steps, {text.training_flops:.3g} FLOPs, "
+            + how)
     align = attach_alignment(cfg, model, d.device)  # before the EMA copy: the projector is averaged as any weight
     ema = lora.ema_copy(model)
     if resume is not None:

@@ -59,19 +59,20 @@ class Stage:
         """The stage's procedural dataset (pixart_fast.data); split "val" is the held-out stream."""
         raise NotImplementedError
 
-    def text_encoder(self, cfg: TrainConfig, model, resume: Path | None = None) -> TextEncoder | None:
-        """What turns the embedded captions into caption features (None: the stage reads no captions). resume: the
-        checkpoint folder the run resumes from, whose trained embedded T5 is loaded rather than trained again."""
+    def text_encoder(self, cfg: TrainConfig, model, source: Path | None = None) -> TextEncoder | None:
+        """What turns the embedded captions into caption features (None: the stage reads no captions). source: the
+        checkpoint the run resumes or starts from; the trained embedded T5 it keeps is loaded rather than trained
+        again, where the run asks for the same encoder."""
         return None
 
-    def data(self, cfg: TrainConfig, model, resume: Path | None = None) -> "EmbeddedData | FeatureData":
+    def data(self, cfg: TrainConfig, model, source: Path | None = None) -> "EmbeddedData | FeatureData":
         """The training data: the embedded sets, or the extracted features of --data after checking they fit.
-        resume: the checkpoint folder the run resumes from (see text_encoder)."""
+        source: the checkpoint the run resumes or starts from (see text_encoder)."""
         if cfg.data is None:
             size = model.config.input_size
             return EmbeddedData(self.embedded_set(cfg, size, cfg.seed, "train"),
                                 self.embedded_set(cfg, size, 0, "val", cfg.num_val),
-                                self.text_encoder(cfg, model, resume))
+                                self.text_encoder(cfg, model, source))
         if cfg.t5 is not None:
             raise UserError(f"--t5 {cfg.t5} encodes the embedded captions; the features in --data {cfg.data} hold "
                              "their captions' T5 features already: drop --t5")
@@ -157,12 +158,11 @@ class TextConditional(Stage):
             return embedded.AspectScenes(length, seed, split)
         return self._embedded_kind(length, seed, split, size=size)
 
-    def text_encoder(self, cfg, model, resume=None):
+    def text_encoder(self, cfg, model, source=None):
         length = model.config.max_tokens  # the caption length the model's null caption has (Σ: 300)
-        # a resumed run's trained T5 as its checkpoint keeps it, where the run still asks for that encoder
-        recorded = training_metadata(checkpoint_file(resume)) if resume is not None else {}
+        recorded = training_metadata(checkpoint_file(Path(source))) if source is not None else {}
         same = all(recorded.get(k) == getattr(cfg, k) for k in ("tokenizer", "t5_locality", "t5_train_steps"))
-        stored = stored_text_encoder(resume) if same and cfg.t5_train_steps and not cfg.t5 else None
+        stored = stored_text_encoder(source) if same and cfg.t5_train_steps and not cfg.t5 else None
         text = (TextEncoder.from_pretrained(cfg.t5, max_length=length) if cfg.t5 else
                 TextEncoder.embedded(tokenizer=cfg.tokenizer, max_length=length, locality=cfg.t5_locality,
                                      train_steps=cfg.t5_train_steps, weights=stored))
