@@ -74,9 +74,9 @@ def load_for_sampling(ckpt: Path, model_name: str | None = None, t5: str | None 
                       prediction: str | None = None, device="cpu", check=None) -> tuple[PixArt, TextEncoder, str]:
     """A checkpoint ready to sample: (model in eval mode on `device`, its text encoder, its prediction). Each None
     takes what our trainer's checkpoint records (model config, prediction, the embedded T5's tokenizer, locality
-    and training on caption text, with the trained T5's weights), else eps and byte; t5: a local T5 folder instead of the embedded one.
-    check(prediction), when given, runs before the text encoder loads (to refuse a sampler that does not fit). One
-    of our checkpoint folders (step-XXXXXXX/) stands for its EMA weights."""
+    and training on caption text, with the trained T5's weights), else eps and byte; t5: a local T5 folder instead
+    of the embedded one. check(prediction), when given, runs before the text encoder loads (to refuse a sampler
+    that does not fit). One of our checkpoint folders (step-XXXXXXX/) stands for its EMA weights."""
     model, recorded = load_pixart_checkpoint(ckpt, model_name, device)
     prediction = prediction or recorded.get("prediction", "eps")
     if check is not None:

@@ -216,7 +216,8 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, opt, sched, skipped: i
     a collective); rank 0 writes whole, unsharded state dicts. skipped: the run's skipped steps so far. base: a
     LoRA run's frozen base weights (its files then hold the adapters only). seconds: the run's training time so
     far, over all the processes that resumed it. text: the run's text encoder; an embedded T5 trained on caption
-    text is kept as TEXT_ENCODER_FILE, so that sampling and resuming load the encoder the run trained with."""
+    text is kept as TEXT_ENCODER_FILE, so that sampling, resuming and the next stage load the encoder the run
+    trained with."""
     final = run_dir / "checkpoints" / f"step-{step:07d}"
     if lora.is_lora(model):
         model_sd, ema_sd = lora.adapter_state_dict(model), lora.adapter_state_dict(ema)
