@@ -12,6 +12,7 @@ Every rank builds the same model from the same seed, draws the same global batch
 caption drops) and takes its own slice `Dist.slice(batch_size)`; DDP averages the gradients, so N processes
 at global batch B take the same steps as one process at batch B. Backend: nccl on CUDA, gloo on the CPU.
 """
+import gc
 import os
 from dataclasses import dataclass
 
@@ -65,9 +66,18 @@ class Dist:
         dist.all_reduce(both, op=dist.ReduceOp.MAX)  # the largest value, and minus the smallest
         return bool((both[:len(values)] == -both[len(values):]).all())
 
-    def close(self) -> None:
-        if self.owns_group:
-            dist.destroy_process_group()
+    def close(self, finished: bool) -> None:
+        """End the process group `setup` created. finished: every rank got here without an error; then each waits
+        for the others (so no collective is still under way anywhere), and what the run left in reference cycles
+        (sharded tensors, which hold the group's pending work) is freed while the interpreter is whole: freed at
+        its exit instead, gloo's threads abort the process. After an error the group ends at once: the other ranks
+        may never arrive."""
+        if not self.owns_group:
+            return
+        if finished:
+            dist.barrier()
+            gc.collect()
+        dist.destroy_process_group()
 
 
 def setup(device=None) -> Dist:

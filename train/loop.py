@@ -455,12 +455,15 @@ def train(cfg: TrainConfig, device: str | None = None, progress: bool = True) ->
     matmul_precision = torch.get_float32_matmul_precision()
     if d.device.type == "cuda":  # what stays fp32 (all of it with --precision fp32) runs its matmuls on TF32
         torch.set_float32_matmul_precision("high")
+    finished = False
     try:
         with StopSignals() as stop, claimed(Path(cfg.out) / f"stage{cfg.stage}") if d.main else nullcontext():
-            return _train(cfg, d, progress and d.main, stop)
+            summary = _train(cfg, d, progress and d.main, stop)
+        finished = True
+        return summary
     finally:
         torch.set_float32_matmul_precision(matmul_precision)
-        d.close()
+        d.close(finished)
 
 
 def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopSignals) -> dict:
