@@ -61,7 +61,7 @@ def test_the_model_guided_by_itself_is_cfg_and_by_another_is_not():
 
 def test_rescore_reproduces_the_trainers_evaluation_and_guides_by_an_earlier_checkpoint(tmp_path, capsys):
     # a text encoder trained on captions, which rescore and sample rebuild from what the checkpoints record
-    cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", steps=4, batch_size=2, num_val=3, sample_steps=2,
+    cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", route_end=2, steps=4, batch_size=2, num_val=3, sample_steps=2,
                   save_every=2, sample_every=2, kernels="torch", t5_train_steps=4, out=str(tmp_path))
     train(cfg, progress=False)
     run_dir = tmp_path / "stage2"
@@ -122,7 +122,7 @@ def test_rescore_reproduces_the_trainers_evaluation_and_guides_by_an_earlier_che
 def test_the_trainers_validation_autoguided_after_guide_step_equals_rescore(tmp_path, capsys):
     """--guide-step: validation after that step is guided by the run's checkpoint of it, which --keep keeps; the
     scores and grids are rescore's with the same settings, and a finished run started again scores the same."""
-    cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", steps=6, batch_size=2, num_val=3, sample_steps=2,
+    cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", route_end=2, steps=6, batch_size=2, num_val=3, sample_steps=2,
                   save_every=2, sample_every=2, keep=1, cfg_scale=2.5, guide_step=2, guide_weight=1.5,
                   kernels="torch", t5_train_steps=0, out=str(tmp_path))
     train(cfg, progress=False)
@@ -158,7 +158,7 @@ def test_the_trainers_validation_autoguided_after_guide_step_equals_rescore(tmp_
 ])
 def test_bad_guide_flags_fail_with_one_line(settings, expected, tmp_path):
     with pytest.raises(UserError, match=expected) as error:
-        replace(RECIPES[settings.get("stage", 2)], model="PixArt-pixel-tiny", steps=4, save_every=2,
+        replace(RECIPES[settings.get("stage", 2)], model="PixArt-pixel-tiny", route_end=2, steps=4, save_every=2,
                 **settings, out=str(tmp_path))
     assert "\n" not in str(error.value)
 
@@ -177,9 +177,10 @@ def test_an_autoguided_arm_is_its_recipe_sampled_with_autoguidance():
 def test_the_small_guide_config_guides_the_embedded_networks(tmp_path):
     """PixArt-pixel-32-xs, trained on its own, guides a checkpoint of the stage-2 recipe's network."""
     ckpts = {}
-    for name in ("PixArt-pixel-32-pd", "PixArt-pixel-32-xs"):
+    # the guide trains as the README says: its 2 blocks routed from block 0 to the default end (block 0)
+    for name, routing in (("PixArt-pixel-32-pd", {}), ("PixArt-pixel-32-xs", dict(route_start=0, route_end=0))):
         cfg = replace(RECIPES[2], model=name, steps=1, batch_size=2, num_val=1, sample_steps=1, save_every=1,
-                      sample_every=0, kernels="torch", t5_train_steps=0, out=str(tmp_path / name))
+                      sample_every=0, kernels="torch", t5_train_steps=0, out=str(tmp_path / name), **routing)
         ckpts[name] = train(cfg, progress=False)["checkpoint"]
     png = tmp_path / "s.png"
     assert sample_main(["--ckpt", ckpts["PixArt-pixel-32-pd"], "--prompt", "a red circle", "--out", str(png),

@@ -18,7 +18,7 @@ from pixart_fast.train.recipes import RECIPES
 from pixart_fast.train.run_folder import NoIntactCheckpoint
 
 FLAGS = dict(model="PixArt-pixel-tiny", batch_size=4, log_every=1, save_every=2, num_val=2, sample_steps=2,
-             kernels="torch", t5_train_steps=0)
+             kernels="torch", t5_train_steps=0, route_end=2)
 STEPS = 6
 
 

@@ -64,7 +64,7 @@ def test_the_ablations_repa_arm_aligns_to_its_seeds_encoder_and_counts_its_cost(
         train_encoder(EncoderConfig(out=str(tmp_path / "repa" / f"seed{seed}" / "encoder"), steps=2, seed=seed, **TINY),
                       progress=False)
     tiny = dict(model="PixArt-pixel-tiny", batch_size=2, kernels="torch", sample_steps=2, route_start=0,
-                t5_train_steps=0)
+                route_end=0, t5_train_steps=0)
     table = ablate(tmp_path, arms=("repa",), seeds=2, steps=2, eval_every=2, num_val=2, fixed=(("colour", 0.0),),
                    progress=False, **tiny)
     saved = json.loads((tmp_path / "ablation.json").read_text())

@@ -19,7 +19,7 @@ from pixart_fast.train.recipes import RECIPES
 from test_train import assert_resume_is_bit_identical
 
 FAST = dict(model="PixArt-pixel-tiny", batch_size=2, num_val=2, sample_steps=2, sample_every=0, kernels="torch",
-            t5_train_steps=0, log_every=1, save_every=2)
+            t5_train_steps=0, log_every=1, save_every=2, route_end=2)
 FLOW = dict(prediction="flow", timestep_sampling="logit-normal", min_snr_gamma=0.0)
 
 

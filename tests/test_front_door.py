@@ -87,7 +87,7 @@ NO_TRITON = textwrap.dedent("""
     except ModuleNotFoundError as e:
         print("refused:", e)
     plan_main(["--json"])
-    summary = train(replace(RECIPES[2], model="PixArt-pixel-tiny", steps=2, batch_size=2, num_val=2, sample_steps=2,
+    summary = train(replace(RECIPES[2], model="PixArt-pixel-tiny", route_end=2, steps=2, batch_size=2, num_val=2, sample_steps=2,
                             out=sys.argv[1]), progress=False)
     assert summary["steps"] == 2
     assert sys.modules.get("triton") is None

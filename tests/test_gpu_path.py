@@ -31,7 +31,7 @@ class CountSyncs:
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_a_steady_state_step_reads_nothing_back_to_the_host(stage, tmp_path, monkeypatch):
-    cfg = replace(RECIPES[stage], model="PixArt-pixel-tiny", batch_size=4, kernels="torch", out=str(tmp_path))
+    cfg = replace(RECIPES[stage], model="PixArt-pixel-tiny", route_end=2, batch_size=4, kernels="torch", out=str(tmp_path))
     run = setup(cfg, distributed.Dist(), log=lambda *a: None)
     train_step(run, 0, False)  # the first step may set things up
     # The batches are host work done ahead of the step (the embedded T5 reads its mask on the host): made first.
@@ -55,7 +55,7 @@ def test_a_steady_state_step_reads_nothing_back_to_the_host(stage, tmp_path, mon
 
 
 def test_a_non_finite_step_changes_nothing_on_the_device(tmp_path):
-    cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", batch_size=4, kernels="torch", t5_train_steps=0,
+    cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", route_end=2, batch_size=4, kernels="torch", t5_train_steps=0,
                   out=str(tmp_path))
     run = setup(cfg, distributed.Dist(), log=lambda *a: None)
     train_step(run, 0, False)

@@ -24,7 +24,7 @@ from pixart_fast.train.recipes import RECIPES
 
 STEPS = 12
 FLAGS = dict(model="PixArt-pixel-tiny", steps=STEPS, batch_size=4, save_every=1, keep=3, log_every=1, num_val=2,
-             sample_steps=2, kernels="torch", t5_train_steps=0)
+             sample_steps=2, kernels="torch", t5_train_steps=0, route_end=2)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 

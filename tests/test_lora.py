@@ -59,7 +59,9 @@ def sigma_folder(tmp_path_factory):
     return write_diffusers(random_pixart(SIGMA).state_dict(), CONFIGS[SIGMA], tmp_path_factory.mktemp("sigma") / "hf")
 
 
-FAST = dict(batch_size=4, log_every=1, save_every=2, num_val=3, sample_steps=2, kernels="torch", t5_train_steps=0)
+# the rate held: a 2-step run is then the first half of a 4-step one (the resume checks below)
+FAST = dict(batch_size=4, log_every=1, save_every=2, num_val=3, sample_steps=2, kernels="torch", t5_train_steps=0,
+            route_end=2, lr_decay=0.0)
 
 
 def lora_run(out, features, sigma_folder, **kw):

@@ -335,10 +335,10 @@ def test_the_schedule_scaled_by_a_ratio_an_ablation_measured(tmp_path, capsys):
     tiny = CONFIGS["PixArt-pixel-tiny"]
     ablate(tmp_path, arms=("paper", "default"), seeds=1, steps=2, stage1_steps=2, eval_every=2, num_val=2,
            progress=False, model="PixArt-pixel-tiny", batch_size=2, kernels="torch", sample_steps=2, route_start=0,
-           t5_train_steps=0)
+           route_end=0, t5_train_steps=0)
     # untrained, both arms sit at the paper arm's final position score from their first evaluation: the paper arm
     # paid its stage 1 on top of the same stage-2 steps, unrouted, where the default routes block 0 of the two
-    # (route_start 0 for every arm: from block 1 a two-block model has no middle block to route past)
+    # (blocks 0 to the default end, block 0, for every arm: the recipe's blocks 1-3 need four)
     paper = 2 * 2 * flops_per_image(tiny, vae_downsample=1)
     default = 2 * 2 * flops_per_image(tiny, vae_downsample=1, route_ratio=RECIPES[2].route_ratio, route_blocks=(0, 1))
     stage1 = 2 * 2 * flops_per_image(tiny, vae_downsample=1, class_conditional=True)

@@ -75,7 +75,7 @@ def test_changed_scenes_keep_everything_but_the_word():
 
 
 def test_the_command_probes_a_checkpoint(tmp_path, capsys):
-    cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", steps=2, batch_size=2, num_val=2, sample_steps=2,
+    cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", route_end=2, steps=2, batch_size=2, num_val=2, sample_steps=2,
                   kernels="torch", t5_train_steps=0, out=str(tmp_path))
     summary = train(cfg, progress=False)
     ckpt = f"{summary['checkpoint']}/ema.safetensors"

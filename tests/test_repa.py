@@ -26,7 +26,7 @@ from test_token_levers import TINY3, model_and_inputs
 from test_train import assert_resume_is_bit_identical
 
 FAST = dict(model="PixArt-pixel-tiny", batch_size=2, num_val=2, sample_steps=2, sample_every=0, kernels="torch",
-            t5_train_steps=0, steps=3, log_every=1, save_every=2)
+            t5_train_steps=0, steps=3, log_every=1, save_every=2, route_end=2)
 SELF = dict(repa_depth=1, repa_target_depth=2)
 
 
@@ -126,8 +126,8 @@ def test_the_truth_last_arm_aligns_the_block_every_token_runs():
     cfg = stage2_config(next(a for a in ARMS if a.name == "repa-truth-last"), 0, 800, 200, 8, {})
     depth = CONFIGS[cfg.model].depth
     ratio, (start, end) = cfg.routing(0, depth)
-    assert (ratio, start) == (RECIPES[2].route_ratio, RECIPES[2].route_start)  # the stage-2 recipe's routing
-    assert end == depth - 1 and cfg.repa_depth == depth and cfg.repa_truth
+    assert (ratio, start, end) == (0.9, 0, depth - 1)  # route-0.9-pd's routing: the last block runs every token
+    assert cfg.repa_depth == depth and cfg.repa_truth
 
 
 def test_the_hidden_state_forward_compiles_to_one_graph_with_the_same_gradients():
@@ -329,7 +329,7 @@ def test_two_aligned_depths_train_and_resume_bit_identically_and_stay_out_of_the
     import json
 
     cfg = replace(RECIPES[2], **FAST, repa_depth=2, repa_second_depth=1, repa_truth=True, route_ratio=0.5,
-                  route_start=0, route_end=2)
+                  route_start=0)
     assert_resume_is_bit_identical(cfg, tmp_path)
     lines = [json.loads(line) for line in (tmp_path / "a/stage2/metrics.jsonl").read_text().splitlines()]
     aligns = [m["align"] for m in lines if "loss" in m]
@@ -385,7 +385,7 @@ def test_alignment_to_the_truth_trains_and_resumes_bit_identically(tmp_path):
 def test_weight_zero_trains_bit_identically_to_no_alignment(tmp_path):
     # without clipping: the global gradient norm also sums the projector's (zero) gradients, in another grouping,
     # and can round one ulp apart, which moves every clipped gradient by about 1e-8
-    base = replace(RECIPES[2], **FAST, mask_ratio=0.5, route_start=0, grad_clip=1e9)  # routed on two blocks too
+    base = replace(RECIPES[2], **FAST, mask_ratio=0.5, grad_clip=1e9)  # routed on two blocks too
     train(replace(base, out=str(tmp_path / "off")), progress=False)
     train(replace(base, **SELF, repa_weight=0.0, out=str(tmp_path / "zero")), progress=False)
     for name in ("model.safetensors", "ema.safetensors"):
@@ -395,7 +395,7 @@ def test_weight_zero_trains_bit_identically_to_no_alignment(tmp_path):
 
 
 def test_resume_with_self_alignment_is_bit_identical(tmp_path):
-    cfg = replace(RECIPES[2], **FAST, **SELF, repa_target_offset=100, mask_ratio=0.5, route_ratio=0.5, route_start=0)
+    cfg = replace(RECIPES[2], **FAST, **SELF, repa_target_offset=100, mask_ratio=0.5, route_ratio=0.5)
     assert_resume_is_bit_identical(cfg, tmp_path)
     trainer = torch.load(tmp_path / "b/stage2/checkpoints/step-0000004/trainer.pt", weights_only=True)
     assert set(trainer["projector"]) == {"model", "ema"}

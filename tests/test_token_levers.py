@@ -160,7 +160,7 @@ def test_masking_keeps_round_1_minus_r_of_the_tokens_reproducibly(ratio):
 
 def test_the_trainers_draws_are_functions_of_seed_and_step():
     cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", steps=10, batch_size=4, mask_ratio=0.5, unmasked_steps=3,
-                  route_ratio=0.5, route_start=1)
+                  route_ratio=0.5, route_start=1, route_end=0)
     shape, everyone = (4, 3, 16, 16), slice(0, 4)
     one = token_levers(cfg, 2, shape, 2, 4, "cpu", everyone)
     assert one["keep"].shape == (4, 32) and one["grid"] == (8, 8) and one["route"].shape == (4, 16)
@@ -257,33 +257,39 @@ def test_the_flop_count_without_levers_is_unchanged():
 
 
 FAST = dict(model="PixArt-pixel-tiny", batch_size=2, num_val=2, sample_steps=2, sample_every=0, kernels="torch",
-            t5_train_steps=0, steps=4)
+            t5_train_steps=0, steps=4, route_end=2)
 
 
-@pytest.mark.parametrize("levers", [dict(mask_ratio=0.5, unmasked_steps=2), dict(route_ratio=0.5, route_start=0)],
+@pytest.mark.parametrize("levers", [dict(mask_ratio=0.5, unmasked_steps=2),
+                                    dict(route_ratio=0.5, route_start=0, route_end=1)],
                          ids=["mask", "route"])
 def test_the_trainer_trains_with_each_lever(levers, tmp_path):
-    summary = train(replace(RECIPES[2], **FAST, **levers, out=str(tmp_path)), progress=False)
+    summary = train(replace(RECIPES[2], **{**FAST, **levers}, out=str(tmp_path)), progress=False)
     assert summary["steps"] == 4 and summary["skipped_steps"] == 0 and summary["final_loss"] > 0
 
 
-def test_the_stage2_recipe_routes_nine_tenths_of_the_tokens_past_all_but_the_last_block(tmp_path, capsys):
+def test_the_stage2_recipe_routes_nine_tenths_of_the_tokens_past_all_but_the_first_block(tmp_path, capsys):
     assert RECIPES[2].route_ratio == 0.9 and RECIPES[1].route_ratio == RECIPES[3].route_ratio == 0.0
-    assert RECIPES[2].routing(0, CONFIGS[RECIPES[2].model].depth) == (0.9, (0, 3))  # the embedded default: blocks 0-2
-    assert RECIPES[2].routing(0, 28) == (0.9, (0, 27))  # PixArt-XL/2: the last block sees every token
-    assert replace(RECIPES[2], route_ratio=0.5, route_start=1).routing(0, 4) == (0.5, (1, 3))  # the route-0.5 arm's
-    assert replace(RECIPES[2], route_ratio=0.0).routing(0, 4) is None
-    # from block 1, a two-block model has no middle block: nothing is routed there, and the run says so
-    cfg = replace(RECIPES[2], route_start=1)
+    assert RECIPES[2].routing(0, CONFIGS[RECIPES[2].model].depth) == (0.9, (1, 4))  # the embedded default: blocks 1-3
+    assert RECIPES[2].routing(0, 28) == (0.9, (1, 4))  # sized for the 4-block network: on PixArt-XL/2 too
+    with pytest.raises(UserError, match=r"--route-start 1 --route-end 4: .* <= 2 \(the model's depth"):
+        RECIPES[2].routing(0, 2)  # a two-block model has no block 3: the user picks the blocks
+    old = replace(RECIPES[2], route_start=0, route_end=0)  # the route-0.9-pd arm's: every block but the last
+    assert old.routing(0, 4) == (0.9, (0, 3)) and old.routing(0, 28) == (0.9, (0, 27))
+    assert replace(RECIPES[2], route_ratio=0.5, route_end=0).routing(0, 4) == (0.5, (1, 3))  # the route-0.5 arm's
+    assert replace(RECIPES[2], route_ratio=0.0).routing(0, 2) is None
+    # from block 1 to the default end, a two-block model has no middle block: nothing is routed, and the run says so
+    cfg = replace(RECIPES[2], route_end=0)
     assert cfg.routing(0, 2) is None
-    summary = train(replace(cfg, **{**FAST, "steps": 1}, log_every=1, out=str(tmp_path)), progress=False)
+    summary = train(replace(cfg, **{**FAST, "steps": 1, "route_end": 0}, log_every=1, out=str(tmp_path)),
+                    progress=False)
     assert "PixArt-pixel-tiny has 2 blocks" in capsys.readouterr().out and summary["skipped_steps"] == 0
     assert token_levers(cfg, 0, (2, 3, 16, 16), 2, 2, "cpu", slice(None)) == {}
 
 
 def test_a_routing_schedule_routes_more_in_its_early_steps():
     cfg = replace(RECIPES[2], early_route_steps=3, early_route_ratio=0.75, early_route_start=0, route_ratio=0.25,
-                  route_start=1)
+                  route_start=1, route_end=0)
     assert [cfg.routing(step, 4) for step in (0, 2, 3, 9)] == [(0.75, (0, 3))] * 2 + [(0.25, (1, 3))] * 2
     assert replace(cfg, route_ratio=0.0).routing(3, 4) is None  # heavy routing first, then none
     assert replace(cfg, early_route_ratio=0.0).routing(0, 4) is None
@@ -326,7 +332,7 @@ def test_a_levered_steady_state_step_reads_nothing_back_to_the_host(tmp_path, mo
     from pixart_fast.train.loop import batch_indices, setup, train_step
 
     cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", batch_size=4, kernels="torch", out=str(tmp_path),
-                  mask_ratio=0.5, route_ratio=0.5, route_start=0, t5_train_steps=0)
+                  mask_ratio=0.5, route_ratio=0.5, route_start=0, route_end=0, t5_train_steps=0)
     run = setup(cfg, distributed.Dist(), log=lambda *a: None)
     train_step(run, 0, False)
     ready = {}

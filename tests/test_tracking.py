@@ -17,7 +17,7 @@ from pixart_fast.train.loop import train
 from pixart_fast.train.recipes import RECIPES
 
 FLAGS = dict(model="PixArt-pixel-tiny", steps=3, batch_size=4, save_every=2, log_every=1, num_val=2, sample_steps=2,
-             kernels="torch", t5_train_steps=0)
+             kernels="torch", t5_train_steps=0, route_end=2)
 
 
 def killed_and_resumed(out, report_to: str) -> list[dict]:

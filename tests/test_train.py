@@ -15,7 +15,8 @@ from pixart_fast.train.loop import train
 from pixart_fast.train.stages import STAGES
 from pixart_fast.train.recipes import RECIPES
 
-FAST = dict(batch_size=4, log_every=1, save_every=2, num_val=3, sample_steps=2, kernels="torch", t5_train_steps=0)
+FAST = dict(batch_size=4, log_every=1, save_every=2, num_val=3, sample_steps=2, kernels="torch", t5_train_steps=0,
+            route_end=2)
 
 
 def tiny(stage, tmp_path, **kw):
@@ -37,7 +38,10 @@ def test_each_stage_runs_end_to_end(stage, tmp_path):
 
 
 def assert_resume_is_bit_identical(cfg, tmp_path):
-    """cfg trained straight to step 4, and to step 2 then resumed to 4: the same weights and EMA, bit for bit."""
+    """cfg trained straight to step 4, and to step 2 then resumed to 4: the same weights and EMA, bit for bit. The
+    learning rate is held (--lr-decay 0): with a decay over a fraction of --steps, a 2-step run's rates are not a
+    4-step run's first two (a run stopped by a signal or a kill keeps its --steps: tests/test_kill.py)."""
+    cfg = replace(cfg, lr_decay=0.0)
     train(replace(cfg, out=str(tmp_path / "a"), steps=4), progress=False)
     first = replace(cfg, out=str(tmp_path / "b"), steps=2)
     train(first, progress=False)
@@ -65,9 +69,10 @@ def test_input_perturbation_is_drawn_per_step_and_resumes_bit_identically(tmp_pa
 def test_the_stage2_recipes_network_trains_routed_resumes_and_samples(tmp_path):
     from pixart_fast.sample import main as sample_main
 
-    cfg = replace(tiny(2, tmp_path, batch_size=2, sample_every=0), model=RECIPES[2].model)
+    cfg = replace(tiny(2, tmp_path, batch_size=2, sample_every=0, route_end=RECIPES[2].route_end),
+                  model=RECIPES[2].model)
     assert CONFIGS[cfg.model].pixel_decoder
-    assert cfg.routing(0, CONFIGS[cfg.model].depth) == (cfg.route_ratio, (cfg.route_start, 3))  # routed past 0-2
+    assert cfg.routing(0, CONFIGS[cfg.model].depth) == (cfg.route_ratio, (1, 4))  # routed past 1-3
     assert_resume_is_bit_identical(cfg, tmp_path)
     ckpt = tmp_path / "a/stage2/checkpoints/step-0000004/ema.safetensors"
     assert load_safetensors(ckpt)["pixel_decoder.conv3.weight"].abs().sum() > 0  # it left zero: the decoder trained
@@ -190,7 +195,7 @@ def test_cli_overrides_the_recipe():
 
 
 def test_the_learning_rate_warms_up_holds_and_decays(tmp_path):
-    train(tiny(2, tmp_path, steps=6, warmup=2, lr_decay=3, sample_every=0), progress=False)
+    train(tiny(2, tmp_path, steps=6, warmup=2, lr_decay=0.5, sample_every=0), progress=False)
     lines = [json.loads(line) for line in (tmp_path / "stage2/metrics.jsonl").read_text().splitlines()]
     # each line logs the rate of the next step: steps 0-5 run at 1/2, 1, 1, 1, 2/3, 1/3 of --lr, then 0
     expected = [1, 1, 1, 2 / 3, 1 / 3, 0]
@@ -217,9 +222,9 @@ def test_the_ablation_command_writes_its_table_and_plot(tmp_path):
     from pixart_fast.flops import flops_per_image
     from pixart_fast.train.ablate import ablate
 
-    # route_start 0 for every arm: from block 1 a two-block model has no middle block to route past
+    # blocks 0 to the default end (block 0) for every arm: the recipe's blocks 1-3 need four
     tiny = dict(model="PixArt-pixel-tiny", batch_size=2, kernels="torch", sample_steps=2, route_start=0,
-                t5_train_steps=0)
+                route_end=0, t5_train_steps=0)
     table = ablate(tmp_path, arms=("paper", "default", "mask"), seeds=2, steps=4, stage1_steps=2, eval_every=2,
                    num_val=2, fixed=(("colour", 0.0),), progress=False, **tiny)
     assert set(table) == {"paper", "default", "mask"}

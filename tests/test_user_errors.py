@@ -22,7 +22,7 @@ from pixart_fast.train.run_folder import LOCK, claimed, recover_leftovers
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 FAST = dict(model="PixArt-pixel-tiny", batch_size=2, num_val=2, sample_steps=2, sample_every=0, kernels="torch",
-            t5_train_steps=0)
+            t5_train_steps=0, route_end=2)
 
 
 def tiny(out, **kw) -> TrainConfig:
@@ -60,8 +60,8 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *expected: str) -> 
 ])
 def test_a_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, flags, expected, env):
     out = tmp_path / "runs"
-    done = command("pixart_fast.train", "--model", "PixArt-pixel-tiny", "--steps", "2", "--out", str(out), *flags,
-                   env=env)
+    done = command("pixart_fast.train", "--model", "PixArt-pixel-tiny", "--route-end", "2", "--steps", "2", "--out",
+                   str(out), *flags, env=env)
     assert_one_line_error(done, "error: " + expected)
     assert not out.exists()
 
@@ -134,7 +134,8 @@ def test_a_second_run_on_the_same_folder_fails_at_once_naming_the_first(tmp_path
     with claimed(run_dir):
         holder = (run_dir / LOCK).read_text()
         assert f"pid {os.getpid()} on " in holder
-        done = command("pixart_fast.train", "--model", "PixArt-pixel-tiny", "--steps", "2", "--out", str(tmp_path))
+        done = command("pixart_fast.train", "--model", "PixArt-pixel-tiny", "--route-end", "2", "--steps", "2", "--out",
+                       str(tmp_path))
         assert_one_line_error(done, f"{run_dir} is in use by another run (pid {os.getpid()} on ")
     assert not (run_dir / LOCK).exists()
 

@@ -63,27 +63,34 @@ class Arm:
 # the miniature's (1e-3, 20-step warm-up), not the paper's 2e-5: that is set for a 611 M-parameter model at batch
 # 256, and the toy at 2e-5 barely moves in its budget. The text encoder is every arm's (word tokens, locality 0.5,
 # trained on caption text: its 1.1e11 FLOPs are spent once for every arm, as a pretrained T5's, and not counted).
-# No token routing: the paper has none.
+# No token routing and no learning-rate decay: the paper has neither.
 _PAPER = dict(prediction="eps", min_snr_gamma=0.0, min_snr_plus_one=False, lr=1e-3, warmup=20, grad_clip=0.01,
-              route_ratio=0.0)
+              route_ratio=0.0, lr_decay=0.0)
 # The other levers are measured over the stage-2 recipe without routing (on the network without a pixel
-# decoder), each alone; each arm names its network and routing, so it stays the recipe it was when the default moves.
-_ALONE = dict(model="PixArt-pixel-32", route_ratio=0.0)
-_ROUTE_05 = dict(model="PixArt-pixel-32", route_ratio=0.5, route_start=1)  # the default before the pixel decoder
+# decoder), each alone; each arm names its network, routing and learning-rate schedule, so it stays the recipe it
+# was when the default moves.
+_ALONE = dict(model="PixArt-pixel-32", route_ratio=0.0, lr_decay=0.0)
+_ROUTE_05 = dict(_ALONE, route_ratio=0.5, route_start=1, route_end=0)  # the default before the pixel decoder
+# The default before the routing moved to blocks 1-3 with the learning rate down over the second half: 90 % of the
+# tokens past blocks 0-2 on the network with a pixel decoder, the learning rate held.
+_ROUTE_09_PD = dict(model="PixArt-pixel-32-pd", route_ratio=0.9, route_start=0, route_end=0, lr_decay=0.0)
 # The truth after the first block, with routing past blocks 1-3 so that block 0 runs every token.
-_TRUTH_FIRST = dict(route_start=1, route_end=4, repa_depth=1, repa_truth=True, repa_projector_dim=64)
+_TRUTH_FIRST = dict(_ROUTE_09_PD, route_start=1, route_end=4, repa_depth=1, repa_truth=True, repa_projector_dim=64)
 # The autoguided arms' sampler, picked among 13 settings on one checkpoint (docs/time-to-quality-log.md).
 AUTOGUIDED_CFG = 2.5
 ARMS = (
     Arm("paper", "the paper's recipe: eps + learned sigma + VLB, uniform t, clip 0.01, from a one-object stage 1",
         stage2=dict(_PAPER, model="PixArt-pixel-32"), stage1=dict(prediction="eps", min_snr_gamma=0.0, grad_clip=0.01)),
     Arm("no-route", "the stage-2 recipe from scratch without token routing (v, min-SNR 5, lr 2e-3)", stage2=_ALONE),
-    Arm("default", "the stage-2 recipe as it ships: route-0.9 on PixArt-pixel-32-pd, the network with a pixel decoder"),
+    Arm("default", "the stage-2 recipe as it ships: route-0.9-pd with the routing moved to blocks 1-3 (block 0 runs "
+        "every token) and the learning rate down to 0 over the second half of the steps"),
+    Arm("route-0.9-pd", "the default before that: nine tenths of the tokens routed past blocks 0-2 on "
+        "PixArt-pixel-32-pd, the network with a pixel decoder, the learning rate held", stage2=_ROUTE_09_PD),
     Arm("route-0.5", "no-route with half the tokens routed past blocks 1-2 (TREAD)", stage2=_ROUTE_05),
     Arm("route-0.75", "no-route with three quarters of the tokens routed past blocks 1-2",
         stage2=dict(_ROUTE_05, route_ratio=0.75)),
     Arm("route-0.9", "no-route with nine tenths of the tokens routed past blocks 0-2 (only the last block sees all)",
-        stage2=dict(_ALONE, route_ratio=0.9, route_start=0)),
+        stage2=dict(_ALONE, route_ratio=0.9, route_start=0, route_end=0)),
     Arm("route-early", "a routing schedule: route-0.9's routing for the first third of the steps, then route-0.5's",
         stage2=dict(_ROUTE_05, early_route_ratio=0.9, early_route_start=0), early_route_fraction=1 / 3),
     Arm("pixel-decoder", "route-0.5 on PixArt-pixel-32-pd: a 16-channel conv decoder in pixel space after the "
@@ -99,18 +106,19 @@ ARMS = (
     Arm("self-align", "self-representation alignment: block 2's states toward the EMA model's block 4, weight 0.5",
         stage2=dict(_ALONE, repa_depth=2, repa_target_depth=4)),
     Arm("repa", "REPA against the embedded data's encoder (pixart_fast.train.encoder, trained first and counted): "
-        "the default's routing moved to blocks 1-2, the states after the first block toward the encoder's patch "
+        "route-0.9-pd's routing moved to blocks 1-2, the states after the first block toward the encoder's patch "
         "features, weight 0.5",
-        stage2=dict(route_start=1, repa_depth=1), encoder=True),
+        stage2=dict(_ROUTE_09_PD, route_start=1, repa_depth=1), encoder=True),
     Arm("repa-truth", "repa with the renderer's per-pixel truth as the target (one-hot shape, size and colour of "
         "each pixel): no encoder to train or run",
-        stage2=dict(route_start=1, repa_depth=1, repa_truth=True)),
-    Arm("repa-truth-last", "the default's routing with the renderer's truth as the target of the states after the "
-        "last block, the one every token runs (a projector 64 wide): the default's step and a projector",
-        stage2=dict(repa_depth=4, repa_truth=True, repa_projector_dim=64)),
+        stage2=dict(_ROUTE_09_PD, route_start=1, repa_depth=1, repa_truth=True)),
+    Arm("repa-truth-last", "route-0.9-pd with the renderer's truth as the target of the states after the last "
+        "block, the one every token runs (a projector 64 wide): route-0.9-pd's step and a projector",
+        stage2=dict(_ROUTE_09_PD, repa_depth=4, repa_truth=True, repa_projector_dim=64)),
     Arm("repa-truth-both", "the truth as the target of the states after the first block and after the last (a "
         "projector 64 wide each): repa-truth's routing, blocks 1-2, so that both blocks run every token",
-        stage2=dict(route_start=1, repa_depth=4, repa_second_depth=1, repa_truth=True, repa_projector_dim=64)),
+        stage2=dict(_ROUTE_09_PD, route_start=1, repa_depth=4, repa_second_depth=1, repa_truth=True,
+                    repa_projector_dim=64)),
     Arm("repa-truth-first", "the truth as the target of the states after the first block, with the routing moved to "
         "blocks 1-3 so that the first is the one block every token runs (a projector 64 wide): repa-truth-last's step",
         stage2=_TRUTH_FIRST),

@@ -84,10 +84,10 @@ def step_seed(seed: int, step: int) -> int:
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
     """The learning rate of optimizer step `step` (0-based) as a fraction of --lr: a linear warm-up over --warmup
-    steps, then held, and over the run's last --lr-decay steps a linear decay toward 0."""
+    steps, then held, and over the last --lr-decay of the run's steps a linear decay toward 0."""
     factor = min(1.0, (step + 1) / max(1, cfg.warmup))
     if cfg.lr_decay:
-        factor *= min(1.0, (cfg.steps - step) / cfg.lr_decay)
+        factor *= min(1.0, (cfg.steps - step) / (cfg.lr_decay * cfg.steps))
     return factor
 
 
