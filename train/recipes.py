@@ -263,7 +263,8 @@ class TrainConfig:
         if not 0 <= start < end <= depth:
             flag = "--early-route-start" if early else "--route-start"
             raise UserError(f"{flag} {start} --route-end {self.route_end}: the routed blocks must be 0 <= start < "
-                            f"end <= {depth} (the model's depth; --route-end 0 means {depth - 1})")
+                            f"end <= {depth} (the model's depth; --route-end 0 means {depth - 1}); pick this "
+                            "model's blocks with --route-start and --route-end, or route none with --route-ratio 0")
         return ratio, (start, end)
 
     def _check_guide(self):
