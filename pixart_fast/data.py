@@ -2,7 +2,8 @@
 exactly what is in the image, so generated samples can be scored automatically (`pixart_fast.eval`).
 
     ShapeClasses  stage 1: one object, class = shape x colour (24 classes), 32 px, hard edges
-    ShapeScenes   stage 2: 1-3 objects in distinct cells of a 3x3 grid, captioned, 32 px, hard edges
+    ShapeScenes   stage 2: 1-3 objects (up to 4 in training) in distinct cells of a 3x3 grid, captioned, 32 px,
+                  hard edges
     AspectScenes  stage 3: like stage 2 but anti-aliased, 64-px base size in five aspect-ratio buckets
 
 Every dataset is map-style with a configurable virtual length. Sample i is a pure function of (seed, split, i):
@@ -35,6 +36,7 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 REGIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 # Object radius (half its bounding-box side) as a fraction of the cell side; "medium" is not named in captions.
 SIZES = {"small": 0.32, "medium": 0.39, "large": 0.46}
+MAX_OBJECTS = 4  # objects a scene can hold: a 4-object caption is at most 32 word tokens, EOS included
 # Stage-3 aspect-ratio buckets (height, width): sides divisible by 8, about 64 * 64 pixels each.
 BUCKETS = ((64, 64), (48, 80), (80, 48), (56, 72), (72, 56))
 
@@ -134,13 +136,16 @@ def pixel_truth(scene: Scene) -> np.ndarray:
     return truth
 
 
-def random_scene(rng: np.random.Generator, height: int, width: int, max_objects: int = 3) -> Scene:
-    """1..max_objects objects with distinct colours, each in its own cell of the 3x3 grid, drawn wholly inside
-    that cell (so objects never overlap). Radius: SIZES times the cell side, +-5 % jitter; the centre is jittered
-    as far as the cell allows."""
-    if not 1 <= max_objects <= 3:
-        raise ValueError(f"max_objects must be 1, 2 or 3 (longer captions overflow 120 ByT5 tokens), got {max_objects}")
-    n = int(rng.integers(1, max_objects + 1))
+def random_scene(rng: np.random.Generator, height: int, width: int, objects: tuple[int, ...] = (1, 2, 3)) -> Scene:
+    """A scene of n objects, n drawn uniformly from `objects` (the counts; one repeated is drawn more often), with
+    distinct colours, each in its own cell of the 3x3 grid, drawn wholly inside that cell (so objects never
+    overlap). Radius: SIZES times the cell side, +-5 % jitter; the centre is jittered as far as the cell allows.
+    Counts go up to MAX_OBJECTS: a 3-object caption fits 120 ByT5 tokens, a 4-object one 32 word tokens (EOS
+    included), the embedded models' caption length with the word tokenizer."""
+    if not objects or not all(1 <= n <= MAX_OBJECTS for n in objects):
+        raise ValueError(f"objects must be counts from 1 to {MAX_OBJECTS} (longer captions overflow 32 word tokens), "
+                         f"got {objects}")
+    n = int(objects[rng.integers(len(objects))])
     colours = rng.choice(list(COLOURS), n, replace=False)
     cells = rng.choice(len(REGIONS), n, replace=False)
     cell_h, cell_w = height / 3, width / 3
@@ -221,17 +226,18 @@ class ShapeClasses(_Procedural):
 
 
 class ShapeScenes(_Procedural):
-    """Stage 2: captioned scenes of 1..max_objects objects (see `random_scene`), size x size, hard edges.
-    Sample: {"image": (3, size, size), "caption": str, "truth": Scene}."""
+    """Stage 2: captioned scenes, each of a count of objects drawn from `objects` (see `random_scene`), size x
+    size, hard edges. Sample: {"image": (3, size, size), "caption": str, "truth": Scene}."""
 
     def __init__(
-        self, length: int = 100_000, seed: int = 0, split: str = "train", size: int = 32, max_objects: int = 3
+        self, length: int = 100_000, seed: int = 0, split: str = "train", size: int = 32,
+        objects: tuple[int, ...] = (1, 2, 3),
     ):
         super().__init__(length, seed, split)
-        self.size, self.max_objects = size, max_objects
+        self.size, self.objects = size, tuple(objects)
 
     def __getitem__(self, index: int) -> dict:
-        scene = random_scene(self._rng(index), self.size, self.size, self.max_objects)
+        scene = random_scene(self._rng(index), self.size, self.size, self.objects)
         return {"image": render(scene), "caption": scene.caption, "truth": scene}
 
 
@@ -242,14 +248,14 @@ class AspectScenes(_Procedural):
     micro-conditions. `bucket_ids()` gives each sample's bucket, so a batch can share one size."""
 
     def __init__(
-        self, length: int = 100_000, seed: int = 0, split: str = "train", buckets=BUCKETS, max_objects: int = 3,
-        supersample: int = 4,
+        self, length: int = 100_000, seed: int = 0, split: str = "train", buckets=BUCKETS,
+        objects: tuple[int, ...] = (1, 2, 3), supersample: int = 4,
     ):
         super().__init__(length, seed, split)
         for h, w in buckets:
             if h % 8 or w % 8:
                 raise ValueError(f"bucket {(h, w)} has a side not divisible by 8; patch and grid sizes need it")
-        self.buckets, self.max_objects, self.supersample = tuple(buckets), max_objects, supersample
+        self.buckets, self.objects, self.supersample = tuple(buckets), tuple(objects), supersample
 
     def bucket_ids(self) -> np.ndarray:
         """(length,) int64: the bucket index of every sample."""
@@ -257,7 +263,7 @@ class AspectScenes(_Procedural):
 
     def __getitem__(self, index: int) -> dict:
         h, w = self.buckets[index % len(self.buckets)]
-        scene = random_scene(self._rng(index), h, w, self.max_objects)
+        scene = random_scene(self._rng(index), h, w, self.objects)
         return {
             "image": render(scene, self.supersample),
             "caption": scene.caption,

@@ -51,8 +51,8 @@ def test_bad_arguments_are_refused():
         ShapeScenes(split="test")
     with pytest.raises(ValueError, match="divisible by 8"):
         AspectScenes(buckets=((64, 60),))
-    with pytest.raises(ValueError, match="max_objects"):
-        ShapeScenes(max_objects=4)[0]
+    with pytest.raises(ValueError, match="objects must be counts from 1 to 4"):
+        ShapeScenes(objects=(1, 5))[0]
     with pytest.raises(ValueError, match="unknown shape"):
         shape_coverage("star", 5, 5, 3, 10, 10)
 
@@ -87,6 +87,14 @@ def test_stage1_scenes_have_stage2_objects_and_the_class_names_the_first():
         radii.append(named.radius / (32 / 3))
     assert counts == {1, 2, 3}
     assert min(radii) >= 0.95 * min(SIZES.values()) and max(radii) <= 1.05 * max(SIZES.values())
+
+
+def test_scene_object_counts_are_drawn_from_the_listed_ones():
+    counts = [len(ShapeScenes(length=400, objects=(1, 3, 4, 4))[i]["truth"].objects) for i in range(400)]
+    assert set(counts) == {1, 3, 4}
+    assert 150 <= counts.count(4) <= 250  # half of 400, drawn
+    four = next(ShapeScenes(length=400, objects=(4,))[i] for i in range(400))
+    assert len(four["truth"].objects) == 4 and len(four["caption"].replace(",", " ,").split()) <= 31  # + EOS: 32
 
 
 def test_stage2_scenes_match_their_captions():

@@ -280,3 +280,13 @@ def test_weights_without_a_pixel_decoder_seed_a_model_with_one(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(seeded(x, torch.tensor([3, 700]), y), plain(x, torch.tensor([3, 700]), y),
                                    rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_scene_objects_set_the_training_scenes_and_the_held_out_ones_stay_one_to_three(stage):
+    cfg = replace(RECIPES[stage], scene_objects="4")
+    train_set = STAGES[stage].embedded_set(cfg, 32, 0, "train", 20)
+    held_out = STAGES[stage].embedded_set(cfg, 32, 0, "val", 60)
+    assert {len(train_set[i]["truth"].objects) for i in range(20)} == {4}
+    assert {len(held_out[i]["truth"].objects) for i in range(60)} == {1, 2, 3}
+    assert config_from_args(["--stage", str(stage), "--scene-objects", "1,3,4,4"]).objects == (1, 3, 4, 4)

@@ -57,6 +57,10 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *expected: str) -> 
     (["--batch-size", "3"], "--batch-size 3 does not split over 2 processes", {"WORLD_SIZE": "2"}),
     (["--init", "no/such/weights.pth"], "--init no/such/weights.pth: no such file or folder", None),
     (["--t5-train-steps", "10", "--tokenizer", "byte"], "--t5-train-steps 10 with --tokenizer byte", None),
+    (["--scene-objects", "1,5"], "--scene-objects 1,5: pass object counts from 1 to 4", None),
+    (["--scene-objects", "1,4", "--tokenizer", "byte", "--t5-train-steps", "0"],
+     "--scene-objects 1,4 with --tokenizer byte", None),
+    (["--stage", "1", "--scene-objects", "4"], "--scene-objects 4: it sets the embedded caption scenes", None),
 ])
 def test_a_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, flags, expected, env):
     out = tmp_path / "runs"

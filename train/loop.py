@@ -61,13 +61,13 @@ PREFETCH_DEPTH, PREFETCH_WORKERS = 4, 2  # batches built ahead of the step, by t
 PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # "auto": see autocast_dtype
 # Settings that shape the run's trajectory: resuming with other values is allowed, but warned about.
 TRAJECTORY = ("model", "batch_size", "lr", "weight_decay", "adam_eps", "warmup", "lr_decay", "grad_clip", "ema_decay",
-              "caption_dropout", "precision", "seed", "data", "t5", "prediction", "min_snr_gamma", "min_snr_plus_one",
-              "timestep_sampling", "logit_mean", "logit_std", "input_perturbation", "tokenizer", "t5_locality",
-              "t5_train_steps", "optimizer", "lora_rank", "lora_alpha", "lora_targets", "mask_ratio", "unmasked_steps",
-              "route_ratio", "route_start", "route_end", "early_route_steps", "early_route_ratio", "early_route_start",
-              "repa_depth", "repa_second_depth", "repa_target_depth", "repa_target_offset", "repa_encoder",
-              "repa_weight", "repa_projector_dim", "repa_steps", "repa_truth", "disperse_weight", "disperse_depth",
-              "disperse_distance")
+              "caption_dropout", "scene_objects", "precision", "seed", "data", "t5", "prediction", "min_snr_gamma",
+              "min_snr_plus_one", "timestep_sampling", "logit_mean", "logit_std", "input_perturbation", "tokenizer",
+              "t5_locality", "t5_train_steps", "optimizer", "lora_rank", "lora_alpha", "lora_targets", "mask_ratio",
+              "unmasked_steps", "route_ratio", "route_start", "route_end", "early_route_steps", "early_route_ratio",
+              "early_route_start", "repa_depth", "repa_second_depth", "repa_target_depth", "repa_target_offset",
+              "repa_encoder", "repa_weight", "repa_projector_dim", "repa_steps", "repa_truth", "disperse_weight",
+              "disperse_depth", "disperse_distance")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from pixart_fast.cli import UserError
+from pixart_fast.data import MAX_OBJECTS
 from pixart_fast.lora import DEFAULT_ALPHA, DEFAULT_TARGETS
 from pixart_fast.memory import OPTIMIZERS
 from pixart_fast.model import CONFIGS
@@ -56,6 +57,11 @@ class TrainConfig:
     fsdp: bool = _field(False, "under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP")
     kernels: str = _field("auto", "auto (Triton on CUDA, PyTorch on CPU), triton or torch; stage 1's DiT runs its patchify "
                                   "/ unpatchify on them, its blocks stay PyTorch", choices=("auto", "triton", "torch"))
+    scene_objects: str = _field("1,2,3", "embedded stages 2 and 3: the object counts of the training scenes, one "
+                                         "drawn uniformly per scene from this comma-separated list (repeat a count "
+                                         "to draw it more often: 1,3,4,4 draws half the scenes with 4 objects); the "
+                                         "held-out scenes, which are scored, hold 1-3. Counts over 3 need "
+                                         "--tokenizer word (a 4-object caption is up to 32 word tokens)")
     stage1_scenes: bool = _field(False, "stage 1 on the embedded data: stage 2's scenes (1-3 objects of stage-2 sizes, "
                                         "each in a cell of a 3x3 grid), the class naming the first and the others "
                                         "distractors; off: one large object anywhere (the paper's ImageNet stage in "
@@ -235,12 +241,33 @@ class TrainConfig:
         if self.t5_train_steps and self.tokenizer != "word":
             raise UserError(f"--t5-train-steps {self.t5_train_steps} with --tokenizer {self.tokenizer}: the embedded "
                             "T5 learns its phrases from word tokens; pass --tokenizer word")
+        self._check_scene_objects()
         if self.lora_rank and self.stage == 1:
             raise UserError("--lora-rank adapts a text-conditioned PixArt (stages 2 and 3); stage 1 trains a DiT "
                             "from scratch")
         self._check_alignment()
         self._check_dispersion()
         self._check_guide()
+
+    @property
+    def objects(self) -> tuple[int, ...]:
+        """--scene-objects as the counts it lists (checked by __post_init__)."""
+        return tuple(int(n) for n in self.scene_objects.split(","))
+
+    def _check_scene_objects(self):
+        """--scene-objects: counts of 1 to MAX_OBJECTS, on the embedded caption scenes, over 3 with word tokens."""
+        words = self.scene_objects.split(",")
+        if not all(w.strip().isdigit() and 1 <= int(w) <= MAX_OBJECTS for w in words):
+            raise UserError(f"--scene-objects {self.scene_objects}: pass object counts from 1 to {MAX_OBJECTS}, "
+                            "comma-separated, e.g. 1,3,4,4")
+        if self.objects == (1, 2, 3):
+            return
+        if self.stage == 1 or self.data is not None:
+            raise UserError(f"--scene-objects {self.scene_objects}: it sets the embedded caption scenes of stages 2 "
+                            "and 3 (no --data); stage 1 and extracted features have their own")
+        if max(self.objects) > 3 and self.tokenizer != "word":
+            raise UserError(f"--scene-objects {self.scene_objects} with --tokenizer {self.tokenizer}: captions of "
+                            "more than 3 objects overflow 120 byte tokens; pass --tokenizer word")
 
     def aligns(self, step: int) -> bool:
         """Whether step `step` (0-based) trains with representation alignment: --repa-depth, within --repa-steps."""

@@ -154,9 +154,10 @@ class TextConditional(Stage):
         self.number, self.previous, self._embedded_kind = number, number - 1, embedded_kind
 
     def embedded_set(self, cfg, size, seed, split, length=100_000):
+        objects = cfg.objects if split == "train" else (1, 2, 3)  # the held-out scenes, which are scored: 1-3
         if self._embedded_kind is embedded.AspectScenes:  # multi-aspect: its buckets set the sizes
-            return embedded.AspectScenes(length, seed, split)
-        return self._embedded_kind(length, seed, split, size=size)
+            return embedded.AspectScenes(length, seed, split, objects=objects)
+        return self._embedded_kind(length, seed, split, size=size, objects=objects)
 
     def text_encoder(self, cfg, model, source=None):
         length = model.config.max_tokens  # the caption length the model's null caption has (Σ: 300)
