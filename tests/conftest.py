@@ -5,6 +5,8 @@ decoration time whether a kernel is compiled or interpreted.
 """
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -13,9 +15,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config):
-    import pytest
-
     from pixart_fast.kernels.backend import INTERPRETER_PROBLEM  # after TRITON_INTERPRET is set
 
     if INTERPRETER_PROBLEM:
         raise pytest.UsageError(INTERPRETER_PROBLEM)
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """For tests of commands that load a checkpoint with kernels "auto" (rescore, probe): on a CPU that is the PyTorch
+    reference, as a user's run has it, not the Triton interpreter, which takes minutes a sampled grid. The kernels
+    are checked against PyTorch in their own tests."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -59,7 +59,8 @@ def test_the_model_guided_by_itself_is_cfg_and_by_another_is_not():
                                    expected)
 
 
-def test_rescore_reproduces_the_trainers_evaluation_and_guides_by_an_earlier_checkpoint(tmp_path, capsys):
+def test_rescore_reproduces_the_trainers_evaluation_and_guides_by_an_earlier_checkpoint(tmp_path, capsys,
+                                                                                        reference_kernels):
     # a text encoder trained on captions, which rescore and sample rebuild from what the checkpoints record
     cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", route_end=2, steps=4, batch_size=2, num_val=3, sample_steps=2,
                   save_every=2, sample_every=2, kernels="torch", t5_train_steps=4, out=str(tmp_path))
@@ -119,7 +120,7 @@ def test_rescore_reproduces_the_trainers_evaluation_and_guides_by_an_earlier_che
         rescore_main([str(run_dir), "--guide-step", "2"])
 
 
-def test_the_trainers_validation_autoguided_after_guide_step_equals_rescore(tmp_path, capsys):
+def test_the_trainers_validation_autoguided_after_guide_step_equals_rescore(tmp_path, capsys, reference_kernels):
     """--guide-step: validation after that step is guided by the run's checkpoint of it, which --keep keeps; the
     scores and grids are rescore's with the same settings, and a finished run started again scores the same."""
     cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", route_end=2, steps=6, batch_size=2, num_val=3, sample_steps=2,
@@ -174,7 +175,7 @@ def test_an_autoguided_arm_is_its_recipe_sampled_with_autoguidance():
         assert step_flops(guided, 900) == step_flops(plain, 900)
 
 
-def test_the_small_guide_config_guides_the_embedded_networks(tmp_path):
+def test_the_small_guide_config_guides_the_embedded_networks(tmp_path, reference_kernels):
     """PixArt-pixel-32-xs, trained on its own, guides a checkpoint of the stage-2 recipe's network."""
     ckpts = {}
     # the guide trains as the README says: its 2 blocks routed from block 0 to the default end (block 0)

@@ -74,12 +74,12 @@ def test_changed_scenes_keep_everything_but_the_word():
         changed(s, "colour")
 
 
-def test_the_command_probes_a_checkpoint(tmp_path, capsys):
+def test_the_command_probes_a_checkpoint(tmp_path, capsys, reference_kernels):
     cfg = replace(RECIPES[2], model="PixArt-pixel-tiny", route_end=2, steps=2, batch_size=2, num_val=2, sample_steps=2,
                   kernels="torch", t5_train_steps=0, out=str(tmp_path))
     summary = train(cfg, progress=False)
     ckpt = f"{summary['checkpoint']}/ema.safetensors"
-    # two sampler steps: under the Triton interpreter (tests/conftest.py) each model call is slow
+    # two sampler steps: each model call runs for every timestep and held-out scene
     assert main([ckpt, "--num-val", "3", "--timesteps", "100,500", "--steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "v-prediction, 3 held-out scenes" in out
