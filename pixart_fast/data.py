@@ -2,8 +2,8 @@
 exactly what is in the image, so generated samples can be scored automatically (`pixart_fast.eval`).
 
     ShapeClasses  stage 1: one object, class = shape x colour (24 classes), 32 px, hard edges
-    ShapeScenes   stage 2: 1-3 objects (up to 4 in training) in distinct cells of a 3x3 grid, captioned, 32 px,
-                  hard edges
+    ShapeScenes   stage 2: 1-3 objects (training may draw other counts, up to 4) in distinct cells of a 3x3 grid,
+                  captioned, 32 px, hard edges
     AspectScenes  stage 3: like stage 2 but anti-aliased, 64-px base size in five aspect-ratio buckets
 
 Every dataset is map-style with a configurable virtual length. Sample i is a pure function of (seed, split, i):
