@@ -36,6 +36,7 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 REGIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 # Object radius (half its bounding-box side) as a fraction of the cell side; "medium" is not named in captions.
 SIZES = {"small": 0.32, "medium": 0.39, "large": 0.46}
+OBJECTS = (1, 2, 3)  # the object counts of a scene, one drawn uniformly; the held-out scenes always have these
 MAX_OBJECTS = 4  # objects a scene can hold: a 4-object caption is at most 32 word tokens, EOS included
 # Stage-3 aspect-ratio buckets (height, width): sides divisible by 8, about 64 * 64 pixels each.
 BUCKETS = ((64, 64), (48, 80), (80, 48), (56, 72), (72, 56))
@@ -136,7 +137,7 @@ def pixel_truth(scene: Scene) -> np.ndarray:
     return truth
 
 
-def random_scene(rng: np.random.Generator, height: int, width: int, objects: tuple[int, ...] = (1, 2, 3)) -> Scene:
+def random_scene(rng: np.random.Generator, height: int, width: int, objects: tuple[int, ...] = OBJECTS) -> Scene:
     """A scene of n objects, n drawn uniformly from `objects` (the counts; one repeated is drawn more often), with
     distinct colours, each in its own cell of the 3x3 grid, drawn wholly inside that cell (so objects never
     overlap). Radius: SIZES times the cell side, +-5 % jitter; the centre is jittered as far as the cell allows.
@@ -231,7 +232,7 @@ class ShapeScenes(_Procedural):
 
     def __init__(
         self, length: int = 100_000, seed: int = 0, split: str = "train", size: int = 32,
-        objects: tuple[int, ...] = (1, 2, 3),
+        objects: tuple[int, ...] = OBJECTS,
     ):
         super().__init__(length, seed, split)
         self.size, self.objects = size, tuple(objects)
@@ -249,7 +250,7 @@ class AspectScenes(_Procedural):
 
     def __init__(
         self, length: int = 100_000, seed: int = 0, split: str = "train", buckets=BUCKETS,
-        objects: tuple[int, ...] = (1, 2, 3), supersample: int = 4,
+        objects: tuple[int, ...] = OBJECTS, supersample: int = 4,
     ):
         super().__init__(length, seed, split)
         for h, w in buckets:

@@ -7,6 +7,8 @@ from pixart_fast.data import (
     BACKGROUND, BUCKETS, CLASS_NAMES, COLOURS, NUM_CLASSES, REGIONS, SHAPES, SIZES, AspectScenes,
     Scene, ShapeClasses, ShapeObject, ShapeScenes, pixel_truth, render, shape_coverage,
 )
+from pixart_fast.model import CONFIGS
+from pixart_fast.text import TextEncoder
 
 
 def _rgb(colour):
@@ -93,8 +95,11 @@ def test_scene_object_counts_are_drawn_from_the_listed_ones():
     counts = [len(ShapeScenes(length=400, objects=(1, 3, 4, 4))[i]["truth"].objects) for i in range(400)]
     assert set(counts) == {1, 3, 4}
     assert 150 <= counts.count(4) <= 250  # half of 400, drawn
-    four = next(ShapeScenes(length=400, objects=(4,))[i] for i in range(400))
-    assert len(four["truth"].objects) == 4 and len(four["caption"].replace(",", " ,").split()) <= 31  # + EOS: 32
+    assert len(ShapeScenes(length=1, objects=(4,))[0]["truth"].objects) == 4
+    # the longest 4-object caption (every size named, two-word regions) fits the embedded models' 32 word tokens
+    longest = Scene(32, 32, tuple(ShapeObject(c, "triangle", 5, 5, 3, r, "small") for c, r in
+                                  zip(COLOURS, ("top left", "top right", "bottom left", "bottom right"))))
+    assert len(TextEncoder.word_tokenizer()(longest.caption)["input_ids"]) == CONFIGS["PixArt-pixel-32-pd"].max_tokens
 
 
 def test_stage2_scenes_match_their_captions():

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from pixart_fast.cli import UserError
-from pixart_fast.data import MAX_OBJECTS
+from pixart_fast.data import MAX_OBJECTS, OBJECTS
 from pixart_fast.lora import DEFAULT_ALPHA, DEFAULT_TARGETS
 from pixart_fast.memory import OPTIMIZERS
 from pixart_fast.model import CONFIGS
@@ -57,11 +57,12 @@ class TrainConfig:
     fsdp: bool = _field(False, "under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP")
     kernels: str = _field("auto", "auto (Triton on CUDA, PyTorch on CPU), triton or torch; stage 1's DiT runs its patchify "
                                   "/ unpatchify on them, its blocks stay PyTorch", choices=("auto", "triton", "torch"))
-    scene_objects: str = _field("1,2,3", "embedded stages 2 and 3: the object counts of the training scenes, one "
-                                         "drawn uniformly per scene from this comma-separated list (repeat a count "
-                                         "to draw it more often: 1,3,4,4 draws half the scenes with 4 objects); the "
-                                         "held-out scenes, which are scored, hold 1-3. Counts over 3 need "
-                                         "--tokenizer word (a 4-object caption is up to 32 word tokens)")
+    scene_objects: str = _field(",".join(map(str, OBJECTS)),
+                                "embedded stages 2 and 3: the object counts of the training scenes, one drawn "
+                                "uniformly per scene from this comma-separated list (repeat a count to draw it more "
+                                "often: 1,3,4,4 draws half the scenes with 4 objects); the held-out scenes, which are "
+                                "scored, hold 1-3. Counts over 3 need --tokenizer word (a 4-object caption is up to "
+                                "32 word tokens)")
     stage1_scenes: bool = _field(False, "stage 1 on the embedded data: stage 2's scenes (1-3 objects of stage-2 sizes, "
                                         "each in a cell of a 3x3 grid), the class naming the first and the others "
                                         "distractors; off: one large object anywhere (the paper's ImageNet stage in "
@@ -257,10 +258,10 @@ class TrainConfig:
     def _check_scene_objects(self):
         """--scene-objects: counts of 1 to MAX_OBJECTS, on the embedded caption scenes, over 3 with word tokens."""
         words = self.scene_objects.split(",")
-        if not all(w.strip().isdigit() and 1 <= int(w) <= MAX_OBJECTS for w in words):
+        if not all(w.strip().isdecimal() and 1 <= int(w) <= MAX_OBJECTS for w in words):
             raise UserError(f"--scene-objects {self.scene_objects}: pass object counts from 1 to {MAX_OBJECTS}, "
                             "comma-separated, e.g. 1,3,4,4")
-        if self.objects == (1, 2, 3):
+        if self.objects == OBJECTS:
             return
         if self.stage == 1 or self.data is not None:
             raise UserError(f"--scene-objects {self.scene_objects}: it sets the embedded caption scenes of stages 2 "

@@ -154,7 +154,7 @@ class TextConditional(Stage):
         self.number, self.previous, self._embedded_kind = number, number - 1, embedded_kind
 
     def embedded_set(self, cfg, size, seed, split, length=100_000):
-        objects = cfg.objects if split == "train" else (1, 2, 3)  # the held-out scenes, which are scored: 1-3
+        objects = cfg.objects if split == "train" else embedded.OBJECTS  # the held-out scenes are scored
         if self._embedded_kind is embedded.AspectScenes:  # multi-aspect: its buckets set the sizes
             return embedded.AspectScenes(length, seed, split, objects=objects)
         return self._embedded_kind(length, seed, split, size=size, objects=objects)
