@@ -13,6 +13,7 @@ caption drops) and takes its own slice `Dist.slice(batch_size)`; DDP averages th
 at global batch B take the same steps as one process at batch B. Backend: nccl on CUDA, gloo on the CPU.
 """
 import gc
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -118,7 +119,10 @@ def wrap(model: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:
     if d.world_size == 1:
         return model
     device_ids = [d.device.index] if d.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)  # buffers are constants
+    # The buffers are constants: no sync before each forward (torch 2.13 renamed the switch and deprecated the old)
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=device_ids, **no_sync)
 
 
 def shard_like(ema: torch.nn.Module, fsdp: bool) -> None:
